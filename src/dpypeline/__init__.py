@@ -1,0 +1,9 @@
+"""dpypeline: a durable ingest service that runs a pipeline exactly once in effect on
+every complete new file."""
+
+from __future__ import annotations
+
+from dpypeline.api import Pipeline
+from dpypeline.pipeline import Job, JobContext, Task
+
+__all__ = ["Job", "JobContext", "Pipeline", "Task"]

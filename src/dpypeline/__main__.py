@@ -1,0 +1,5 @@
+import sys
+
+from dpypeline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,433 @@
+"""The pipeline configuration: YAML read safely, validated into frozen pydantic models.
+
+A bad config must stop start-up with a message the operator can act on without
+reading code, so the loader remembers the line of every key and list item and every
+problem is reported as ``<file>:<line>: <field.path>: <what is wrong>`` - all of them
+at once, not only the first. The file is data, never code: only a ``SafeLoader``
+subclass reads it, so tags such as ``!!python/object`` are refused.
+
+Task modules are not imported here; whoever imports them uses
+:meth:`PipelineConfig.where` to point at the offending line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from dpypeline.durations import Duration
+from dpypeline.errors import ConfigError
+
+Loc = tuple[str | int, ...]
+_JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_VARIABLE = re.compile(r"\$\$|\$\{([^}]*)(\}?)")
+_VARIABLE_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+_FIELD_NAMES = {"with_": "with", "class_": "class"}  # Python names -> the YAML keys used in locs
+
+
+def _absolute(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths in the file mean "next to the config file", wherever the service runs."""
+    base = Path((info.context or {}).get("base_dir") or Path.cwd())
+    return Path(os.path.normpath(base / value.expanduser()))
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+AbsPath = Annotated[Path, AfterValidator(_absolute)]
+LogFormat = Literal["auto", "json", "console", "journald"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class WatchConfig(_Section):
+    path: AbsPath
+    patterns: list[str] = ["**/*"]
+    ignore_patterns: list[str] = [".*", "*.tmp", "*.part"]
+    case_sensitive: bool = True
+    mode: Literal["auto", "inotify", "poll"] = "auto"
+    poll_interval: Duration = 30.0
+    settle: Duration = 2.0
+    rescan_interval: Duration = 600.0  # 0 disables the safety-net scan
+
+
+class TaskConfig(_Section):
+    task: str  # a built-in name or a dotted path; resolved (and checked) where tasks are imported
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+
+
+class JobConfig(_Section):
+    name: str
+    tasks: list[TaskConfig] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _job_name(cls, value: str) -> str:
+        if not _JOB_NAME.fullmatch(value):
+            raise ValueError(
+                f"bad job name {value!r} (use letters, digits, '_', '.' and '-' only; "
+                "it names the job in the queue and in logs)"
+            )
+        return value
+
+
+class BackoffConfig(_Section):
+    initial: Duration = 10.0
+    factor: float = Field(default=2.0, ge=1)
+    max: Duration = 600.0
+
+
+class RetryConfig(_Section):
+    max_attempts: int = Field(default=5, ge=1)
+    backoff: BackoffConfig = BackoffConfig()
+    job_timeout: Duration | None = 7200.0  # None: no timeout
+
+    @field_validator("job_timeout")
+    @classmethod
+    def _zero_means_none(cls, value: float | None) -> float | None:
+        return value or None
+
+
+class ClusterConfig(_Section):
+    class_: str = Field(default="dask.distributed.LocalCluster", alias="class")
+    options: dict[str, Any] = {}
+    scale: dict[str, Any] | None = None
+
+
+class ExecutorConfig(_Section):
+    kind: Literal["serial", "dask"] = "serial"
+    address: str | None = None
+    cluster: ClusterConfig | None = None
+    workers_per_event: int = Field(default=1, ge=1)
+
+
+class ObjectStoreConfig(_Section):
+    credentials: AbsPath | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class LoggingConfig(_Section):
+    format: Annotated[LogFormat, BeforeValidator(_lower)] = "auto"
+    level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"  # INFO works too
+
+
+class _DuplicateJob(ValueError):
+    """Carries the location below ``jobs`` so the error points at the second name's line."""
+
+    def __init__(self, message: str, sub_loc: Loc) -> None:
+        super().__init__(message)
+        self.sub_loc = sub_loc
+
+
+class PipelineConfig(_Section):
+    """One pipeline file, validated; it also answers "which line was that?" for later errors."""
+
+    name: str = Field(min_length=1)
+    cache_dir: AbsPath
+    monitor: bool = True
+    retention: Duration = 30 * 86400.0  # how long jobs of files gone from disk stay in the ledger
+    watch: list[WatchConfig] = Field(min_length=1)
+    executor: ExecutorConfig = ExecutorConfig()
+    retry: RetryConfig = RetryConfig()
+    objectstores: dict[str, ObjectStoreConfig] = {}
+    setup: list[TaskConfig] = []
+    jobs: list[JobConfig] = Field(min_length=1)
+    logging: LoggingConfig = LoggingConfig()
+    source: Path | None = None  # set by load_config; not a key of the file
+    _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("jobs")
+    @classmethod
+    def _unique_job_names(cls, jobs: list[JobConfig]) -> list[JobConfig]:
+        first: dict[str, int] = {}
+        for index, job in enumerate(jobs):
+            if job.name in first:
+                raise _DuplicateJob(
+                    f"duplicate job name {job.name!r} (also jobs[{first[job.name]}].name); "
+                    "each job's name identifies its queue entries",
+                    (index, "name"),
+                )
+            first[job.name] = index
+        return jobs
+
+    def line_of(self, *loc: str | int) -> int | None:
+        """The line of the key or item at *loc* (or of its nearest parent that has one)."""
+        return _line(self._lines, tuple(_FIELD_NAMES.get(str(p), p) for p in loc))
+
+    def where(self, *loc: str | int) -> str:
+        """``pipeline.yaml:12: jobs[0].tasks[1].task`` - the prefix of an error about *loc*."""
+        return _where(self.source, self._lines, tuple(_FIELD_NAMES.get(str(p), p) for p in loc))
+
+
+def _line(lines: Mapping[Loc, int], loc: Loc) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _where(source: Path | None, lines: Mapping[Loc, int], loc: Loc) -> str:
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if source is None:
+        return field
+    line = _line(lines, loc)
+    prefix = f"{source.name}:{line}" if line is not None else source.name
+    return f"{prefix}: {field}" if field else prefix
+
+
+# --- reading YAML ---------------------------------------------------------------------------
+
+
+class _LineDict(dict[Any, Any]):
+    lines: dict[Any, int]
+
+
+class _LineList(list[Any]):
+    lines: list[int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers where each key and item is and refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys from a `<<` merge may be overridden; that is the point
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key; the base class reports it
+                if first is not None:
+                    problem = f"duplicate key {key!r} (first on line {first})"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, problem, key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Any:
+    data = _LineDict()
+    yield data
+    data.update(loader.construct_mapping(node))
+    data.lines = {loader.construct_object(k): k.start_mark.line + 1 for k, _ in node.value}
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Any:
+    data = _LineList()
+    yield data
+    data.extend(loader.construct_sequence(node))
+    data.lines = [item.start_mark.line + 1 for item in node.value]
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+# YAML 1.1 (PyYAML) reads `1.0e20` as a string; the fill values in task options need floats.
+_LineLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _prepare(value: Any, loc: Loc, env: _Env) -> Any:
+    """Plain dicts/lists with ``${VAR}`` expanded; records line numbers on the way down."""
+    if isinstance(value, dict):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if isinstance(value, _LineDict):
+                env.lines[(*loc, key)] = value.lines[key]
+            out[key] = _prepare(item, (*loc, key), env)
+        return out
+    if isinstance(value, list):
+        for index, line in enumerate(getattr(value, "lines", [])):
+            env.lines[(*loc, index)] = line
+        return [_prepare(item, (*loc, index), env) for index, item in enumerate(value)]
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda match: env.substitute(match, loc), value)
+    return value
+
+
+class _Env:
+    """Expansion state: the variables, the lines recorded so far and the problems found."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.lines: dict[Loc, int] = {}
+        self.problems: list[tuple[Loc, str]] = []
+
+    def substitute(self, match: re.Match[str], loc: Loc) -> str:
+        if match[0] == "$$":
+            return "$"
+        spec = _VARIABLE_NAME.fullmatch(match[1])
+        if not match[2] or spec is None:
+            hint = "write ${NAME}, ${NAME:-default}, or $$ for a literal $"
+            self.problems.append((loc, f"bad variable reference {match[0]!r} ({hint})"))
+            return match[0]
+        name, default = spec[1], spec[2]
+        if self.environ.get(name) or (default is None and name in self.environ):
+            return self.environ[name]
+        if default is not None:
+            return default
+        hint = f"set it, or give a default: ${{{name}:-value}}"
+        self.problems.append((loc, f"environment variable {name} is not set ({hint})"))
+        return match[0]
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> PipelineConfig:
+    """Read, expand and validate the pipeline file; ConfigError lists every problem found."""
+    source = Path(os.path.abspath(path))
+    try:
+        with open(source, "rb") as stream:
+            data = yaml.load(stream, Loader=_LineLoader)  # a SafeLoader subclass
+    except FileNotFoundError:
+        hint = "pass -c FILE or set DPYPELINE_CONFIG"
+        raise ConfigError(f"config file not found: {path} ({hint})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source.name}{line}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source.name}: invalid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{source.name}: the file is empty (it needs at least watch and jobs)")
+    config = _build(data, base_dir=source.parent, name=source.stem, environ=environ, source=source)
+    problems: list[tuple[Loc, str]] = []
+    for i, watch in enumerate(config.watch):
+        if not watch.path.exists():
+            problem = f"watch directory does not exist: {watch.path} (create it or fix"
+        elif not watch.path.is_dir():
+            problem = f"watch path is not a directory: {watch.path} (fix"
+        else:
+            continue
+        problems.append((("watch", i, "path"), f"{problem} watch[{i}].path)"))
+    if problems:
+        raise _report(problems, source, config._lines)
+    return config
+
+
+def config_from_dict(
+    data: dict[str, Any],
+    *,
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """Validate a config given as Python data; relative paths are relative to *base_dir* (cwd)."""
+    return _build(data, base_dir=base_dir or Path.cwd(), name="pipeline", environ=environ)
+
+
+def _build(
+    data: Any,
+    *,
+    base_dir: Path,
+    name: str,
+    environ: Mapping[str, str] | None,
+    source: Path | None = None,
+) -> PipelineConfig:
+    """Expand, fill in the defaults that depend on where the file is, and validate."""
+    environ = os.environ if environ is None else environ
+    env = _Env(environ)
+    if source is not None:
+        env.lines[()] = 1
+    if not isinstance(data, dict):
+        kind = "list" if isinstance(data, list) else type(data).__name__
+        problem = f"the config must be a mapping of keys (name, watch, jobs, ...), not a {kind}"
+        raise _report([((), problem)], source, env.lines)
+    try:
+        data = _prepare(data, (), env)
+    except RecursionError:
+        raise _report(
+            [((), "nested too deeply (a recursive anchor?)")], source, env.lines
+        ) from None
+    if env.problems:
+        raise _report(env.problems, source, env.lines)
+    problems: list[tuple[Loc, str]] = []
+    if "source" in data:  # a model field, but one only the loader may set
+        problems.append((("source",), f"unknown key ({_allowed(())})"))
+        del data["source"]
+    data.setdefault("name", name)
+    data.setdefault("cache_dir", environ.get("CACHE_DIR") or base_dir / ".dpypeline")
+    try:
+        config = PipelineConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems += [_describe(error) for error in exc.errors()]
+    if problems:
+        raise _report(problems, source, env.lines)
+    config = config.model_copy(update={"source": source})
+    config._lines = env.lines
+    return config
+
+
+def _report(
+    problems: list[tuple[Loc, str]], source: Path | None, lines: dict[Loc, int]
+) -> ConfigError:
+    """One line per problem, in file order, each starting with ``file:line: field``."""
+    report = []
+    for loc, text in sorted(problems, key=lambda problem: _line(lines, problem[0]) or 0):
+        where = _where(source, lines, loc)
+        report.append(f"{where}: {text}" if where else text)
+    return ConfigError("\n".join(report))
+
+
+def _describe(error: Any) -> tuple[Loc, str]:
+    """Where a pydantic error is, in YAML keys, and what it says in the operator's terms."""
+    loc: Loc = tuple(error["loc"])
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _DuplicateJob):
+        loc += cause.sub_loc
+    if loc[-1:] == ("[key]",):  # a mapping key that is not a string, e.g. `1:`
+        return loc[:-1], "keys must be strings"
+    if error["type"] == "extra_forbidden":
+        return loc, f"unknown key ({_allowed(loc[:-1])})"
+    if error["type"] == "missing":
+        return loc, "required key is missing"
+    return loc, str(cause) if isinstance(cause, ValueError) else error["msg"]
+
+
+def _allowed(loc: Loc) -> str:
+    """The keys allowed in the section at *loc*, for the hint after an unknown key."""
+    kind: Any = PipelineConfig
+    for part in loc:
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            fields = {f.alias or n: f.annotation for n, f in kind.model_fields.items()}
+            kind = fields.get(str(part))
+        elif get_origin(kind) in (list, dict):
+            kind = get_args(kind)[-1]
+        if get_origin(kind) in (Union, types.UnionType):  # `X | None` -> X
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+        return "this section takes no keys"
+    keys = [f.alias or n for n, f in kind.model_fields.items() if n != "source"]
+    return "allowed: " + ", ".join(keys)

@@ -1,0 +1,48 @@
+"""The exceptions of dpypeline: one base class, failure kinds as types.
+
+The worker decides what to do with a failed job from the exception's type alone:
+``PermanentError`` ends the job ``dead`` at once, ``SkipFile`` ends it ``skipped``,
+anything else is treated as transient and retried with backoff until
+``retry.max_attempts``.
+"""
+
+from __future__ import annotations
+
+
+class DpypelineError(Exception):
+    """Base class of every error dpypeline raises on purpose."""
+
+
+class ConfigError(DpypelineError):
+    """The pipeline configuration is invalid; the message names the field and line.
+
+    Start-up stops with exit code 2 (a restart would not help).
+    """
+
+
+class StateError(DpypelineError):
+    """CACHE_DIR or its database cannot be used (network filesystem, permissions, corruption)."""
+
+
+class TaskError(DpypelineError):
+    """Base for failures raised from task code."""
+
+
+class PermanentError(TaskError):
+    """Retrying cannot help (corrupt input, schema mismatch, bad credentials): the job goes ``dead``."""
+
+
+class TransientError(TaskError):
+    """Retrying later may help (network, throttling): the job waits out its backoff."""
+
+
+class SkipFile(TaskError):  # noqa: N818 - it is a verdict, not a failure
+    """The file should not be processed (vanished, superseded): the job ends ``skipped``."""
+
+
+class JobTimeout(BaseException):
+    """Raised inside a job that ran past ``retry.job_timeout``.
+
+    It derives from BaseException so that task code with a broad ``except Exception``
+    cannot swallow it.
+    """

@@ -1,0 +1,135 @@
+"""Jobs and tasks: what runs on a file, and how tasks are found and chained.
+
+As in the original dpypeline, the first task of a job receives the file path (str) and
+each next task receives the previous task's return value as its first argument; ``with:``
+gives keyword arguments. A task that declares a ``context`` parameter also receives the
+``JobContext``. Tasks are plain functions: a built-in short name (``open_dataset``) or a
+dotted path (``mypkg.tasks.fix_units``); only the tasks named in a config are imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpypeline.config import ObjectStoreConfig, PipelineConfig
+from dpypeline.errors import ConfigError
+from dpypeline.tasks import BUILTINS
+
+
+def resolve_task(name: str) -> Callable[..., Any]:
+    """The function a task name refers to. Raises ImportError/AttributeError with a
+    message that says what was looked for."""
+    target = BUILTINS.get(name, name)
+    module_name, sep, attr = target.partition(":")
+    if not sep:
+        module_name, _, attr = target.rpartition(".")
+    if not module_name or not attr:
+        raise ImportError(
+            f"'{name}' is neither a built-in task ({', '.join(sorted(BUILTINS))}) "
+            "nor a dotted path such as mypkg.tasks.fix_units")
+    module = importlib.import_module(module_name)
+    try:
+        func = getattr(module, attr)
+    except AttributeError:
+        raise AttributeError(f"module '{module_name}' has no task '{attr}'") from None
+    if not callable(func):
+        raise TypeError(f"'{name}' is not callable")
+    return func  # type: ignore[no-any-return]
+
+
+class Task:
+    """One step of a job: a function and its keyword arguments."""
+
+    def __init__(self, func: Callable[..., Any] | str, /, **kwargs: Any) -> None:
+        self.func = resolve_task(func) if isinstance(func, str) else func
+        self.kwargs = kwargs
+        self.name = func if isinstance(func, str) else _qualified_name(func)
+        try:
+            params = inspect.signature(self.func).parameters
+        except (TypeError, ValueError):  # some builtins have no signature
+            params = {}  # type: ignore[assignment]
+        self.wants_context = "context" in params
+
+    def __call__(self, value: Any, context: JobContext | None = None) -> Any:
+        if self.wants_context:
+            return self.func(value, context=context, **self.kwargs)
+        return self.func(value, **self.kwargs)
+
+    def run_setup(self, context: SetupContext) -> Any:
+        if self.wants_context:
+            return self.func(context=context, **self.kwargs)
+        return self.func(**self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, {self.kwargs!r})"
+
+
+@dataclass
+class Job:
+    """A named chain of tasks run on every stable file."""
+
+    name: str
+    tasks: list[Task]
+
+    def run(self, path: str, context: JobContext | None = None) -> Any:
+        value: Any = path
+        for task in self.tasks:
+            value = task(value, context)
+        return value
+
+
+@dataclass
+class SetupContext:
+    objectstores: Mapping[str, ObjectStoreConfig] = field(default_factory=dict)
+    log: Any = None
+
+
+@dataclass
+class JobContext:
+    """What a task may want to know about the job it runs in."""
+
+    job_id: int
+    attempt: int
+    path: str
+    relpath: str
+    root: str
+    job: str
+    log: Any
+    objectstores: Mapping[str, ObjectStoreConfig] = field(default_factory=dict)
+
+
+def _qualified_name(func: Callable[..., Any]) -> str:
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+
+
+def import_tasks(config: PipelineConfig) -> tuple[list[Job], list[Task]]:
+    """Import every task the config names. Task modules next to the config file are
+    importable (the config's directory is put on ``sys.path``). Raises ConfigError naming
+    the field and line of each task that cannot be imported."""
+    if config.source is not None:
+        config_dir = str(Path(config.source).resolve().parent)
+        if config_dir not in sys.path:
+            sys.path.insert(0, config_dir)
+    problems: list[str] = []
+
+    def load(tc: Any, *loc: str | int) -> Task | None:
+        try:
+            return Task(tc.task, **tc.with_)
+        except Exception as exc:  # any import-time failure of user code is a config problem
+            problems.append(f"{config.where(*loc, 'task')}: cannot import task: {exc}")
+            return None
+
+    jobs = []
+    for j, jc in enumerate(config.jobs):
+        tasks = [load(tc, "jobs", j, "tasks", t) for t, tc in enumerate(jc.tasks)]
+        jobs.append(Job(jc.name, [t for t in tasks if t is not None]))
+    setup = [load(tc, "setup", s) for s, tc in enumerate(config.setup)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return jobs, [t for t in setup if t is not None]

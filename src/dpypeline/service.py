@@ -1,0 +1,313 @@
+"""The service lifecycle on one screen: start, one loop, close.
+
+``Service.run`` opens the ledger, recovers from whatever stopped the last run, runs the
+setup tasks, starts the watcher and the scan thread, then loops: drain observations →
+settle → enqueue → promote retries → admit → collect finished jobs → start new ones →
+health. ``step(now)`` is one pass of that loop, so tests can drive it directly.
+
+Signal handlers only set flags (anything more is unsafe in a handler); the loop reacts:
+the first SIGTERM/SIGINT stops taking work and lets the running job finish, a second
+one puts the running job back at the head of the queue and stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from enum import StrEnum
+from types import FrameType
+from typing import Any
+
+from dpypeline.config import PipelineConfig
+from dpypeline.executors import SerialExecutor
+from dpypeline.ledger import Ledger
+from dpypeline.logs import get_logger
+from dpypeline.pipeline import Job, SetupContext, Task
+from dpypeline.settle import Settler, StableFile
+from dpypeline.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
+from dpypeline.worker import Worker
+
+log = get_logger("dpypeline.service")
+
+HEALTH_EVERY = 5.0
+PRUNE_EVERY = 3600.0
+MAX_SLEEP = 1.0
+
+
+class Status(StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class StuckJob(RuntimeError):
+    """A job ignored its timeout; only a restart of the process can reclaim its thread."""
+
+
+class Service:
+    def __init__(self, config: PipelineConfig, jobs: list[Job], setup: list[Task] | None = None,
+                 *, once: bool | None = None) -> None:
+        self.config, self.jobs, self.setup = config, jobs, setup or []
+        self.once = (not config.monitor) if once is None else once
+        self.job_names = [job.name for job in jobs]
+        self.status = Status.CREATED
+        self.problems: list[str] = []
+        self.stuck = False
+        self._stop_requested = self._stop_now = False
+        self._inbox = Inbox()
+        self._settler = Settler()
+        self._pending_scans = 0
+        self._next: dict[str, float] = {}
+        self._ledger: Ledger | None = None
+        self._watcher: Watcher | None = None
+        self._scanner: Scanner | None = None
+        self._specs: list[WatchSpec] = []
+        self._executor = SerialExecutor(self._inbox.wake)
+        self._worker: Worker | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, loop until done (``once``) or stopped, close. Returns the exit code."""
+        self.start()
+        previous = self._install_signal_handlers()
+        try:
+            while self.step():
+                self._sleep()
+            if self.stuck:
+                raise StuckJob("a job did not stop after its timeout")
+            return 0
+        finally:
+            self._restore_signal_handlers(previous)
+            self.close("stuck job" if self.stuck else "stopped")
+
+    def start(self) -> None:
+        """Either fully succeeds or closes what it opened, marks itself failed and re-raises."""
+        self.status = Status.STARTING
+        cfg = self.config
+        now = time.time()
+        try:
+            self._ledger = Ledger(cfg.cache_dir, service=True)
+            rec = self._ledger.recover(cfg.retry.max_attempts, now)
+            if rec.resumed or rec.dead:
+                log.warning("jobs_recovered", resumed=rec.resumed, dead=rec.dead,
+                            reason="jobs were running when the service last stopped")
+            self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
+            ctx = SetupContext(objectstores=cfg.objectstores, log=log)
+            for task in self.setup:
+                task.run_setup(ctx)
+                log.info("setup_done", task=task.name)
+            self._specs = build_specs(list(cfg.watch))
+            self._watcher = Watcher(self._specs, self._inbox)
+            self._watcher.start()
+            self._scanner = Scanner(self._specs, self._inbox)
+            self._scanner.start()
+            for spec in self._specs:
+                self._request_scan(spec.index, "startup")
+                self._schedule(spec, now)
+        except BaseException:
+            self.status = Status.FAILED
+            self.close("start-up failed")
+            raise
+        self.status = Status.RUNNING
+        log.info("service_ready", name=cfg.name, cache_dir=str(cfg.cache_dir), once=self.once,
+                 watches=[{"path": s.root, "mode": s.mode, "fs": s.fstype} for s in self._specs],
+                 jobs=self.job_names)
+
+    def close(self, reason: str = "stopped") -> None:
+        """Idempotent; always ends ``stopped`` (or ``failed``)."""
+        if self.status in (Status.STOPPED,):
+            return
+        if self._scanner is not None:
+            self._scanner.stop()
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+        if self.status is not Status.FAILED:
+            self.status = Status.STOPPED
+        log.info("service_stopped", reason=reason)
+
+    def request_stop(self) -> None:
+        if self._stop_requested:
+            self._stop_now = True
+        self._stop_requested = True
+        self._inbox.wake.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.request_stop()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def step(self, now: float | None = None) -> bool:
+        """One pass of the loop. Returns False when the service should stop."""
+        assert self._ledger is not None and self._worker is not None
+        now = time.time() if now is None else now
+        ledger, worker = self._ledger, self._worker
+        self._inbox.wake.clear()
+        for obs in self._inbox.drain():
+            self._observe(obs, now)
+        self._periodic(now)
+        self._enqueue(self._settler.poll(now), now)
+        next_retry = ledger.next_retry_at()
+        if next_retry is not None and next_retry <= now:
+            ledger.promote_due(now)
+        worker.collect(now)
+        for job_id in self._executor.enforce_timeouts(now):
+            log.error("job_stuck", job_id=job_id, reason="the job ignored its timeout; the"
+                      " service restarts to reclaim the worker")
+            worker.abandon_stuck(job_id, now)
+            self.stuck = True
+            return False
+        if self._stop_requested:
+            if self.status is Status.RUNNING:
+                self.status = Status.STOPPING
+                log.info("service_stopping", running=len(worker.active_claims()))
+            if self._stop_now and worker.busy():
+                worker.release_all(now)
+                self._executor.interrupt()
+                self._executor.close()
+            return worker.busy()
+        ledger.admit()
+        while self._executor.capacity() > 0 and (claim := ledger.claim(now)) is not None:
+            worker.start(claim, now)
+        if self.once and self._drained():
+            log.info("service_drained", **ledger.counts())
+            return False
+        return True
+
+    def _drained(self) -> bool:
+        assert self._ledger is not None and self._worker is not None
+        return (self._pending_scans == 0 and len(self._settler) == 0
+                and not self._worker.busy() and not self._ledger.has_unfinished())
+
+    def _observe(self, obs: Observation, now: float) -> None:
+        if obs.kind == "overflow":
+            log.warning("watch_overflow", reason=obs.reason, action="rescanning every watch")
+            for spec in self._specs:
+                self._request_scan(spec.index, "overflow")
+            return
+        spec = self._specs[obs.watch]
+        settle = spec.config.settle
+        if obs.kind == "writing":
+            self._settler.note(obs.path, spec.root, settle, now, eligible=spec.mode == "poll")
+        elif obs.kind == "complete":
+            self._settler.note(obs.path, spec.root, settle, now, eligible=True)
+        elif obs.kind == "deleted":
+            self._settler.forget(obs.path)
+        elif obs.kind == "directory":
+            self._request_scan(spec.index, "new directory", obs.path)
+        elif obs.kind == "scanned":
+            self._pending_scans -= 1
+            self._reconcile(spec, obs, now)
+
+    def _reconcile(self, spec: WatchSpec, obs: Observation, now: float) -> None:
+        """Hand the files a scan found, and the ledger does not know, to the settler."""
+        assert self._ledger is not None
+        files = obs.files
+        new = [files[i] for i in self._ledger.unknown(files, self.job_names)]
+        for f in new:
+            self._settler.note(f.path, spec.root, spec.config.settle, now, eligible=True,
+                               sig=(f.size, f.mtime_ns))
+        if obs.reason != "poll" or new:
+            log.info("scan_done", watch=spec.root, reason=obs.reason, files=len(files),
+                     new=len(new))
+        if obs.full and obs.reason in ("startup", "rescan") and \
+                now >= self._next.get("prune", 0.0):
+            self._next["prune"] = now + PRUNE_EVERY
+            removed = self._ledger.prune(now, self.config.retention,
+                                         present={f.path for f in files})
+            if removed:
+                log.info("ledger_pruned", removed=removed)
+
+    def _enqueue(self, stable: list[StableFile], now: float) -> None:
+        assert self._ledger is not None
+        by_root: dict[str, list[StableFile]] = defaultdict(list)
+        for f in stable:
+            by_root[f.root].append(f)
+        for root, files in by_root.items():
+            added = self._ledger.enqueue(files, root, self.job_names, "watch", now)
+            if added:
+                log.info("files_enqueued", watch=root, files=len(files), jobs=added)
+
+    def _request_scan(self, watch: int, reason: str, subdir: str | None = None) -> None:
+        assert self._scanner is not None
+        self._pending_scans += 1
+        self._scanner.request(watch, reason, subdir)
+
+    def _schedule(self, spec: WatchSpec, now: float) -> None:
+        if spec.config.rescan_interval:
+            self._next[f"rescan{spec.index}"] = now + spec.config.rescan_interval
+        if spec.mode == "poll":
+            self._next[f"poll{spec.index}"] = now + spec.config.poll_interval
+        self._next.setdefault("health", now + HEALTH_EVERY)
+
+    def _periodic(self, now: float) -> None:
+        for spec in self._specs:
+            key = f"rescan{spec.index}"
+            if key in self._next and now >= self._next[key]:
+                self._next[key] = now + spec.config.rescan_interval
+                self._request_scan(spec.index, "rescan")
+            key = f"poll{spec.index}"
+            if key in self._next and now >= self._next[key]:
+                self._next[key] = now + spec.config.poll_interval
+                if self._pending_scans == 0:
+                    self._request_scan(spec.index, "poll")
+        if now >= self._next.get("health", 0.0):
+            self._next["health"] = now + HEALTH_EVERY
+            self.check_health(now)
+
+    def check_health(self, now: float) -> list[str]:
+        """Repair what can be repaired; what is left makes the service unhealthy."""
+        problems: list[str] = []
+        if self._watcher is not None:
+            repaired, problems = self._watcher.check()
+            for index in repaired:
+                log.warning("watch_restarted", watch=self._specs[index].root,
+                            action="rescanning: events may have been missed")
+                self._request_scan(index, "rescan")
+        if self._scanner is not None and not self._scanner.is_alive():
+            problems.append("the scan thread has stopped")
+        if self._executor.is_overdue(now):
+            problems.append("a job is running past retry.job_timeout")
+        if problems != self.problems:
+            (log.error if problems else log.info)("health_changed", problems=problems)
+        self.problems = problems
+        return problems
+
+    def _sleep(self) -> None:
+        now = time.time()
+        deadlines = [d for d in (
+            self._settler.next_deadline(),
+            self._ledger.next_retry_at() if self._ledger else None,
+            self._executor.next_deadline(),
+            *self._next.values(),
+        ) if d is not None]
+        timeout = min([MAX_SLEEP, *(d - now for d in deadlines)])
+        if timeout > 0:
+            self._inbox.wake.wait(timeout)
+
+
+def reexec() -> None:
+    """Replace this process with a fresh copy of itself (same PID, same arguments)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)

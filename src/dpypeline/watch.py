@@ -1,0 +1,278 @@
+"""Adapter around watchdog, plus the scan thread: everything that notices files.
+
+Nothing here decides anything: observations (``Observation``) go into one thread-safe
+inbox that the service loop drains. The observer thread only filters by pattern and
+enqueues; it never sleeps or stats (the original slept a second per file there).
+
+Covered traps of watchdog (SPEC §1):
+- an inotify queue overflow is only logged by watchdog: a logging hook turns it into an
+  ``overflow`` observation, and the service rescans;
+- an emitter thread can die (e.g. its root was removed) while the observer lives on:
+  ``check`` finds dead emitters and re-schedules them, reporting what it could not fix;
+- a watch that cannot be set up (inotify limits) falls back to polling, loudly;
+- files present at start are not reported: the service scans at start;
+- only inotify reports close-after-write: ``poll`` watches scan every ``poll_interval``
+  on this module's scan thread (cheaper than watchdog's PollingObserver, which keeps and
+  diffs a full snapshot with inode maps) and rely on the settle time alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+
+from dpypeline.config import WatchConfig
+from dpypeline.fsinfo import filesystem_type, is_network_fstype
+from dpypeline.patterns import PathMatcher
+from dpypeline.scan import FileVersion, scan
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["writing", "complete", "deleted", "directory", "overflow", "scanned"]
+
+EVENT_TYPES: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
+    FileAttribEvent, DirCreatedEvent, DirMovedEvent,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    kind: Kind
+    watch: int  # index into the configured watches; -1 for all of them
+    path: str = ""
+    files: tuple[FileVersion, ...] = ()  # for "scanned"
+    full: bool = False  # for "scanned": the whole watch was walked
+    reason: str = ""
+
+
+@dataclass
+class WatchSpec:
+    """One configured watch and how it is observed."""
+
+    index: int
+    config: WatchConfig
+    root: str
+    matcher: PathMatcher
+    mode: Literal["inotify", "poll"]
+    fstype: str
+    observed: ObservedWatch | None = None
+    last_poll: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def relative(self, path: str) -> str | None:
+        if path.startswith(self.root + os.sep):
+            return path[len(self.root) + 1:]
+        return None
+
+
+def build_specs(watches: list[WatchConfig]) -> list[WatchSpec]:
+    specs = []
+    for i, w in enumerate(watches):
+        root = os.path.realpath(w.path)
+        fstype = filesystem_type(root)
+        mode = w.mode if w.mode != "auto" else ("poll" if is_network_fstype(fstype) else "inotify")
+        matcher = PathMatcher(w.patterns, w.ignore_patterns, w.case_sensitive)
+        specs.append(WatchSpec(i, w, root, matcher, mode, fstype))
+    return specs
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs on watchdog's dispatcher thread: filter, enqueue, wake the loop. Nothing else."""
+
+    def __init__(self, spec: WatchSpec, inbox: Inbox) -> None:
+        self.spec, self.inbox = spec, inbox
+
+    def _file(self, kind: Kind, path: str) -> None:
+        rel = self.spec.relative(path)
+        if rel is not None and self.spec.matcher.matches(rel):
+            self.inbox.put(Observation(kind, self.spec.index, path))
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        src = os.fsdecode(event.src_path)
+        if isinstance(event, DirMovedEvent | DirCreatedEvent):
+            path = os.fsdecode(event.dest_path) if isinstance(event, DirMovedEvent) else src
+            if self.spec.relative(path) is not None:
+                self.inbox.put(Observation("directory", self.spec.index, path))
+        elif isinstance(event, FileMovedEvent):
+            self.inbox.put(Observation("deleted", self.spec.index, src))
+            self._file("complete", os.fsdecode(event.dest_path))
+        elif isinstance(event, FileClosedEvent | FileAttribEvent):
+            self._file("complete", src)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self._file("writing", src)
+        elif isinstance(event, FileDeletedEvent):
+            self.inbox.put(Observation("deleted", self.spec.index, src))
+
+
+class Inbox:
+    """The loop's mailbox: observations from any thread, and a wake-up event."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Observation] = queue.SimpleQueue()
+        self.wake = threading.Event()
+
+    def put(self, obs: Observation) -> None:
+        self._q.put(obs)
+        self.wake.set()
+
+    def drain(self, limit: int = 100_000) -> list[Observation]:
+        out: list[Observation] = []
+        try:
+            while len(out) < limit:
+                out.append(self._q.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog only logs an inotify overflow; turn that log record into a rescan."""
+
+    def __init__(self, inbox: Inbox) -> None:
+        super().__init__(logging.WARNING)
+        self.inbox = inbox
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in str(record.msg).lower():
+            self.inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
+
+
+class Watcher:
+    """The inotify observer of all ``inotify`` watches, kept alive by ``check``."""
+
+    def __init__(self, specs: list[WatchSpec], inbox: Inbox) -> None:
+        self.specs, self.inbox = specs, inbox
+        self._observer: BaseObserver | None = None
+        self._hook = _OverflowHook(inbox)
+
+    def start(self) -> None:
+        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._hook)
+        self._observer = Observer()
+        for spec in self.specs:
+            if spec.mode == "inotify":
+                self._schedule(spec)
+        self._observer.start()
+
+    def _schedule(self, spec: WatchSpec) -> None:
+        assert self._observer is not None
+        try:
+            spec.observed = self._observer.schedule(
+                _Handler(spec, self.inbox), spec.root, recursive=True, event_filter=EVENT_TYPES
+            )
+        except OSError as exc:
+            log.error(
+                "watch %s cannot use inotify (%s); polling it every %ss instead. Raise "
+                "fs.inotify.max_user_watches / max_user_instances to restore events.",
+                spec.root, exc, spec.config.poll_interval,
+            )
+            spec.mode, spec.observed = "poll", None
+
+    def check(self) -> tuple[list[int], list[str]]:
+        """Find dead parts and repair what can be repaired. Returns the watches that were
+        re-established (they need a rescan: events were missed) and the problems left."""
+        if self._observer is None:
+            return [], []
+        if not self._observer.is_alive():
+            return [], ["the watchdog observer thread has stopped"]
+        alive = {e.watch for e in self._observer.emitters if e.is_alive()}
+        repaired, problems = [], []
+        for spec in self.specs:
+            if spec.mode != "inotify" or spec.observed in alive:
+                continue
+            if spec.observed is not None:
+                try:
+                    self._observer.unschedule(spec.observed)
+                except KeyError:
+                    pass
+                spec.observed = None
+            if not os.path.isdir(spec.root):
+                problems.append(f"watched directory {spec.root} is gone")
+                continue
+            self._schedule(spec)
+            repaired.append(spec.index)
+        return repaired, problems
+
+    def stop(self) -> None:
+        logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._hook)
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
+
+
+class Scanner(threading.Thread):
+    """Walks watched trees off the loop's thread: start-up and periodic reconciliation,
+    new subdirectories, and the polls of ``poll`` watches. Results go to the inbox."""
+
+    def __init__(self, specs: list[WatchSpec], inbox: Inbox) -> None:
+        super().__init__(name="dpypeline-scan", daemon=True)
+        self.specs, self.inbox = specs, inbox
+        self._requests: queue.SimpleQueue[tuple[int, str | None, str] | None] = (
+            queue.SimpleQueue())
+
+    def request(self, watch: int, reason: str, subdir: str | None = None) -> None:
+        self._requests.put((watch, subdir, reason))
+
+    def stop(self) -> None:
+        self._requests.put(None)
+
+    def run(self) -> None:
+        while (req := self._requests.get()) is not None:
+            watch, subdir, reason = req
+            spec = self.specs[watch]
+            try:
+                self.inbox.put(self._scan(spec, subdir, reason))
+            except Exception:  # a failed walk must not end the thread (and the rescans)
+                log.exception("scan of %s failed; it will be retried", subdir or spec.root)
+
+    def _scan(self, spec: WatchSpec, subdir: str | None, reason: str) -> Observation:
+        if subdir is not None:
+            rel = spec.relative(subdir) or ""
+            sub = PrefixMatcher(spec.matcher, rel)
+            result = scan(subdir, sub)  # type: ignore[arg-type]
+            return Observation("scanned", spec.index, subdir, tuple(result.files), reason=reason)
+        result = scan(spec.root, spec.matcher)
+        files = result.files
+        if reason == "poll":
+            now = {f.path: (f.size, f.mtime_ns) for f in files}
+            changed = [f for f in files if spec.last_poll.get(f.path) != now[f.path]]
+            spec.last_poll = now
+            files = changed
+        else:
+            spec.last_poll = {f.path: (f.size, f.mtime_ns) for f in files}
+        for path, err in result.errors:
+            log.warning("cannot read %s while scanning %s: %s", path, spec.root, err)
+        return Observation("scanned", spec.index, spec.root, tuple(files), full=True,
+                           reason=reason)
+
+
+class PrefixMatcher:
+    """A watch's matcher for a walk that starts in one of its subdirectories."""
+
+    def __init__(self, matcher: PathMatcher, prefix: str) -> None:
+        self._m, self._prefix = matcher, prefix + "/" if prefix else ""
+
+    def matches(self, relpath: str) -> bool:
+        return self._m.matches(self._prefix + relpath)
+
+    def could_contain(self, reldir: str) -> bool:
+        return self._m.could_contain(self._prefix + reldir)

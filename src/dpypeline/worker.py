@@ -1,0 +1,150 @@
+"""From a claimed job to its recorded outcome: the pre-run checks, the job's context, how
+an exception is classified, and the backoff. The executor runs the function; the ledger
+records the result; this module decides what the result means.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dpypeline.config import PipelineConfig, RetryConfig
+from dpypeline.errors import JobTimeout, PermanentError, SkipFile
+from dpypeline.executors import Finished, SerialExecutor
+from dpypeline.ledger import Claim, JobState, Ledger
+from dpypeline.logs import get_logger
+from dpypeline.pipeline import Job, JobContext
+
+log = get_logger("dpypeline.worker")
+
+MAX_ERROR = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    state: JobState
+    error: str | None = None
+    not_before: float | None = None
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
+
+
+def backoff(attempt: int, retry: RetryConfig) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+    b = retry.backoff
+    return float(min(b.initial * b.factor ** max(attempt - 1, 0), b.max))
+
+
+def decide(exc: BaseException, claim: Claim, retry: RetryConfig, now: float) -> Decision:
+    """Turn a failed attempt into the job's next state."""
+    rec = claim.record
+    if isinstance(exc, SkipFile):
+        return Decision(JobState.SKIPPED, f"skipped: {exc}")
+    if isinstance(exc, FileNotFoundError) and not os.path.exists(rec.path):
+        return Decision(JobState.SKIPPED, f"skipped: {rec.path} vanished while it was processed")
+    if isinstance(exc, PermanentError):
+        return Decision(JobState.DEAD, f"{describe(exc)} (permanent; fix the cause, then run:"
+                                       f" dpypeline retry {rec.id})")
+    if isinstance(exc, JobTimeout):
+        reason = f"timed out after {retry.job_timeout:g}s (retry.job_timeout)"
+    else:
+        reason = describe(exc)
+    if rec.attempts >= retry.max_attempts:
+        return Decision(JobState.DEAD, f"failed {rec.attempts} of {retry.max_attempts} attempts;"
+                                       f" last: {reason}. Fix the cause, then run:"
+                                       f" dpypeline retry {rec.id}")
+    return Decision(JobState.RETRYING, reason, now + backoff(rec.attempts, retry))
+
+
+class Worker:
+    """Starts claimed jobs on the executor and records how they end."""
+
+    def __init__(self, config: PipelineConfig, jobs: list[Job], ledger: Ledger,
+                 executor: SerialExecutor) -> None:
+        self.config, self.ledger, self.executor = config, ledger, executor
+        self.jobs = {job.name: job for job in jobs}
+        self._active: dict[int, tuple[Claim, Any]] = {}
+
+    def busy(self) -> bool:
+        return bool(self._active)
+
+    def active_claims(self) -> list[Claim]:
+        return [claim for claim, _ in self._active.values()]
+
+    def start(self, claim: Claim, now: float) -> None:
+        rec = claim.record
+        jlog = log.bind(job_id=rec.id, file=rec.path, job=rec.job, attempt=rec.attempts)
+        try:
+            st = os.stat(rec.path)
+        except FileNotFoundError:
+            return self._record(claim, Decision(JobState.SKIPPED, "skipped: the file vanished"
+                                                " before it was processed"), jlog, now)
+        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+            return self._record(claim, Decision(
+                JobState.SKIPPED, "skipped: superseded by a newer version of the file"
+                f" (size {st.st_size}); that version gets its own job"), jlog, now)
+        job = self.jobs.get(rec.job)
+        if job is None:
+            return self._record(claim, Decision(
+                JobState.SKIPPED, f"skipped: job '{rec.job}' is no longer in the config"),
+                jlog, now)
+        context = JobContext(
+            job_id=rec.id, attempt=rec.attempts, path=rec.path,
+            relpath=os.path.relpath(rec.path, rec.root), root=rec.root, job=rec.job,
+            log=jlog, objectstores=self.config.objectstores,
+        )
+        self._active[rec.id] = (claim, jlog)
+        jlog.debug("job_started")
+        self.executor.submit(rec.id, lambda: job.run(rec.path, context),
+                             self.config.retry.job_timeout, now)
+        return None
+
+    def collect(self, now: float) -> int:
+        """Record every finished job; returns how many finished."""
+        finished = self.executor.completed()
+        for f in finished:
+            self._finish(f, now)
+        return len(finished)
+
+    def _finish(self, f: Finished, now: float) -> None:
+        claim, jlog = self._active.pop(f.job_id)
+        if f.error is None:
+            decision = Decision(JobState.DONE)
+        else:
+            decision = decide(f.error, claim, self.config.retry, now)
+        self._record(claim, decision, jlog, now, duration=f.duration, exc=f.error)
+
+    def abandon_stuck(self, job_id: int, now: float) -> None:
+        """A job that ignored its timeout: record the attempt as failed (its thread cannot
+        be reclaimed; the service restarts after this)."""
+        claim, jlog = self._active.pop(job_id)
+        decision = decide(JobTimeout(), claim, self.config.retry, now)
+        self._record(claim, decision, jlog, now)
+
+    def release_all(self, now: float) -> None:
+        """A stop that cannot wait: running jobs go back to the head of the queue."""
+        for job_id in list(self._active):
+            claim, jlog = self._active.pop(job_id)
+            self.ledger.release(claim, now)
+            jlog.warning("job_released", state=JobState.QUEUED.value,
+                         reason="the service was stopped during the job; it will run again")
+
+    def _record(self, claim: Claim, d: Decision, jlog: Any, now: float, *,
+                duration: float | None = None, exc: BaseException | None = None) -> None:
+        self.ledger.finish(claim, d.state, now, error=d.error, not_before=d.not_before)
+        fields: dict[str, Any] = {"state": d.state.value}
+        if duration is not None:
+            fields["duration"] = round(duration, 4)
+        if d.error:
+            fields["error"] = d.error
+        if d.not_before is not None:
+            fields["retry_in"] = round(d.not_before - now, 1)
+        level = {JobState.DONE: "info", JobState.RETRYING: "warning",
+                 JobState.SKIPPED: "warning"}.get(d.state, "error")
+        if exc is not None and d.state is JobState.DEAD:
+            fields["exc_info"] = exc
+        getattr(jlog, level)(f"job_{d.state.value}", **fields)

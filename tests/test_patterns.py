@@ -198,3 +198,8 @@ def test_hundreds_of_patterns_and_ignores_combine() -> None:
     assert matcher.matches("run199/a/b/f.nc")
     assert not matcher.matches("run200/a/f.nc")
     assert not matcher.matches("run5/a/f.nc.tmp7/g.nc")
+
+
+def test_blank_patterns_match_and_ignore_nothing() -> None:
+    assert not PathMatcher([""], [], case_sensitive=True).matches("f.nc")
+    assert PathMatcher(["*.nc"], ["", "/"], case_sensitive=True).matches("f.nc")

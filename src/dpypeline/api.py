@@ -19,16 +19,25 @@ class Pipeline:
     entry; the other keyword arguments are the YAML's top-level sections.
     """
 
-    def __init__(self, watch: Sequence[str | os.PathLike[str] | dict[str, Any]] = (),
-                 jobs: Sequence[Job] = (), *, setup: Sequence[Task] = (),
-                 config: PipelineConfig | None = None, **sections: Any) -> None:
+    def __init__(
+        self,
+        watch: Sequence[str | os.PathLike[str] | dict[str, Any]] = (),
+        jobs: Sequence[Job] = (),
+        *,
+        setup: Sequence[Task] = (),
+        config: PipelineConfig | None = None,
+        **sections: Any,
+    ) -> None:
         self.jobs, self.setup = list(jobs), list(setup)
         if config is None:
             data: dict[str, Any] = {
-                "name": "pipeline", **sections,
+                "name": "pipeline",
+                **sections,
                 "watch": [w if isinstance(w, dict) else {"path": str(w)} for w in watch],
-                "jobs": [{"name": j.name, "tasks": [{"task": t.name} for t in j.tasks]}
-                         for j in self.jobs],
+                "jobs": [
+                    {"name": j.name, "tasks": [{"task": t.name} for t in j.tasks]}
+                    for j in self.jobs
+                ],
             }
             data.setdefault("cache_dir", os.environ.get("CACHE_DIR") or ".dpypeline")
             config = config_from_dict(data, base_dir=Path.cwd())

@@ -15,7 +15,6 @@ import sys
 import time
 from datetime import UTC, datetime
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 from dpypeline.config import PipelineConfig, load_config
@@ -30,22 +29,34 @@ def _config_path(arg: str | None) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpypeline", description=(
-        "Run a pipeline exactly once in effect on every complete new file."))
+    p = argparse.ArgumentParser(
+        prog="dpypeline",
+        description=("Run a pipeline exactly once in effect on every complete new file."),
+    )
     p.add_argument("--version", action="version", version=f"dpypeline {version('dpypeline')}")
-    p.add_argument("-i", dest="legacy_config", metavar="FILE",
-                   help="the original dpypeline's form: same as `run -c FILE`")
+    p.add_argument(
+        "-i",
+        dest="legacy_config",
+        metavar="FILE",
+        help="the original dpypeline's form: same as `run -c FILE`",
+    )
     sub = p.add_subparsers(dest="command")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("-c", "--config", help="pipeline YAML (default: $DPYPELINE_CONFIG, "
-                        "then ./pipeline.yaml)")
+        sp.add_argument(
+            "-c",
+            "--config",
+            help="pipeline YAML (default: $DPYPELINE_CONFIG, then ./pipeline.yaml)",
+        )
         return sp
 
     run = command("run", "run the service")
-    run.add_argument("--once", action="store_true",
-                     help="process what is there (and what arrives meanwhile), then exit")
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="process what is there (and what arrives meanwhile), then exit",
+    )
     command("validate", "parse the config, import every task, check paths and credentials")
     status = command("status", "counts per state, oldest waiting job, recent errors")
     status.add_argument("--json", action="store_true")
@@ -95,11 +106,13 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     try:
         return service.run()
     except StuckJob:
+        if service.stop_requested:
+            return EXIT_FAILURE
         reexec()  # does not return: the same command starts over in this process
         return EXIT_FAILURE
     except (ConfigError, StateError):
         raise
-    except Exception as exc:  # the last word on an unexpected failure, for the journal
+    except Exception as exc:  # noqa: BLE001 - the last word on an unexpected failure, for the journal
         logs.get_logger().exception("service_failed", error=str(exc))
         return EXIT_FAILURE
 
@@ -113,9 +126,11 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     require_local_filesystem(parent, "CACHE_DIR")
     if not os.access(parent, os.W_OK):
         raise StateError(f"CACHE_DIR {config.cache_dir} is not writable by this user")
-    print(f"ok: {config.name}: {len(config.watch)} watch(es), "
-          f"{len(jobs)} job(s) of {sum(len(j.tasks) for j in jobs)} task(s), "
-          f"{len(setup)} setup task(s); state in {config.cache_dir}")
+    print(
+        f"ok: {config.name}: {len(config.watch)} watch(es), "
+        f"{len(jobs)} job(s) of {sum(len(j.tasks) for j in jobs)} task(s), "
+        f"{len(setup)} setup task(s); state in {config.cache_dir}"
+    )
     return EXIT_OK
 
 
@@ -128,10 +143,20 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _job_dict(r: JobRecord) -> dict[str, Any]:
-    return {"id": r.id, "state": r.state.value, "job": r.job, "path": r.path, "size": r.size,
-            "mtime_ns": r.mtime_ns, "attempts": r.attempts, "error": r.error,
-            "source": r.source, "created": _iso(r.created), "updated": _iso(r.updated),
-            "retry_at": _iso(r.not_before)}
+    return {
+        "id": r.id,
+        "state": r.state.value,
+        "job": r.job,
+        "path": r.path,
+        "size": r.size,
+        "mtime_ns": r.mtime_ns,
+        "attempts": r.attempts,
+        "error": r.error,
+        "source": r.source,
+        "created": _iso(r.created),
+        "updated": _iso(r.updated),
+        "retry_at": _iso(r.not_before),
+    }
 
 
 def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
@@ -144,19 +169,21 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
         ledger.close()
     pid = service_pid(config.cache_dir)
     report: dict[str, Any] = {
-        **counts, "name": config.name, "cache_dir": str(config.cache_dir),
-        "service_pid": pid, "oldest_waiting": _job_dict(oldest) if oldest else None,
+        **counts,
+        "name": config.name,
+        "cache_dir": str(config.cache_dir),
+        "service_pid": pid,
+        "oldest_waiting": _job_dict(oldest) if oldest else None,
         "recent_errors": [_job_dict(r) for r in errors],
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
-    print(f"{config.name}: service {'running, pid %s' % pid if pid else 'not running'}")
+    print(f"{config.name}: service {f'running, pid {pid}' if pid else 'not running'}")
     print("  " + "  ".join(f"{s.value} {counts[s.value]}" for s in JobState))
     if oldest:
         age = time.time() - oldest.created
-        print(f"  oldest waiting: #{oldest.id} {oldest.path} ({oldest.state.value}, "
-              f"{age:.0f}s)")
+        print(f"  oldest waiting: #{oldest.id} {oldest.path} ({oldest.state.value}, {age:.0f}s)")
     for r in errors:
         print(f"  #{r.id} {r.state.value}: {r.path}: {r.error}")
     return EXIT_OK
@@ -198,17 +225,24 @@ def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:
     try:
         for raw in args.paths:
             path = os.path.realpath(raw)
-            root, watch = next(((r, w) for r, w in roots
-                                if path == r or path.startswith(r + os.sep)), (None, None))
+            root, watch = next(
+                ((r, w) for r, w in roots if path == r or path.startswith(r + os.sep)), (None, None)
+            )
             if root is None or watch is None:
-                print(f"not queued: {raw} is not under any watched directory "
-                      f"({', '.join(r for r, _ in roots)})", file=sys.stderr)
+                print(
+                    f"not queued: {raw} is not under any watched directory "
+                    f"({', '.join(r for r, _ in roots)})",
+                    file=sys.stderr,
+                )
                 failed += 1
                 continue
             if os.path.isdir(path):
                 matcher = PathMatcher(watch.patterns, watch.ignore_patterns, watch.case_sensitive)
-                files = [f for f in scan(root, matcher).files
-                         if path == root or f.path.startswith(path + os.sep)]
+                files = [
+                    f
+                    for f in scan(root, matcher).files
+                    if path == root or f.path.startswith(path + os.sep)
+                ]
             else:
                 try:
                     st = os.stat(path)
@@ -222,10 +256,18 @@ def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     running = service_pid(config.cache_dir)
-    print(f"{added} new job(s) from {offered} file(s); "
-          f"{'the service picks them up now' if running else 'they run when the service starts'}")
+    print(
+        f"{added} new job(s) from {offered} file(s); "
+        f"{'the service picks them up now' if running else 'they run when the service starts'}"
+    )
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "status": cmd_status, "jobs": cmd_jobs,
-            "retry": cmd_retry, "enqueue": cmd_enqueue}
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "status": cmd_status,
+    "jobs": cmd_jobs,
+    "retry": cmd_retry,
+    "enqueue": cmd_enqueue,
+}

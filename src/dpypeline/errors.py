@@ -29,14 +29,14 @@ class TaskError(DpypelineError):
 
 
 class PermanentError(TaskError):
-    """Retrying cannot help (corrupt input, schema mismatch, bad credentials): the job goes ``dead``."""
+    """Retrying cannot help (corrupt input, schema mismatch, bad credentials): ``dead`` at once."""
 
 
 class TransientError(TaskError):
     """Retrying later may help (network, throttling): the job waits out its backoff."""
 
 
-class SkipFile(TaskError):  # noqa: N818 - it is a verdict, not a failure
+class SkipFile(TaskError):
     """The file should not be processed (vanished, superseded): the job ends ``skipped``."""
 
 

@@ -20,7 +20,11 @@ from typing import Any
 
 from dpypeline.errors import JobTimeout
 
-STUCK_GRACE = 10.0  # seconds a timed-out job gets to unwind before it is declared stuck
+STUCK_GRACE = 10.0  # at most this long a timed-out job gets to unwind before it is stuck
+
+
+def _grace(timeout: float) -> float:
+    return min(STUCK_GRACE, max(1.0, timeout))
 
 
 @dataclass
@@ -54,8 +58,7 @@ class SerialExecutor:
     def in_flight(self) -> list[int]:
         return [self._running.job_id] if self._running is not None else []
 
-    def submit(self, job_id: int, fn: Callable[[], Any], timeout: float | None,
-               now: float) -> None:
+    def submit(self, job_id: int, fn: Callable[[], Any], timeout: float | None, now: float) -> None:
         if self._running is not None:
             raise RuntimeError("the serial executor runs one job at a time")
         result: list[Finished] = []
@@ -64,7 +67,7 @@ class SerialExecutor:
             t0 = time.perf_counter()
             try:
                 value = fn()
-            except BaseException as exc:  # reported to the loop, which classifies it
+            except BaseException as exc:  # noqa: BLE001 - reported to the loop, which classifies it
                 result.append(Finished(job_id, error=exc, duration=time.perf_counter() - t0))
             else:
                 result.append(Finished(job_id, value=value, duration=time.perf_counter() - t0))
@@ -88,7 +91,7 @@ class SerialExecutor:
             return None
         if r.interrupted_at is None:
             return r.started + r.timeout
-        return r.interrupted_at + STUCK_GRACE
+        return r.interrupted_at + _grace(r.timeout)
 
     def enforce_timeouts(self, now: float) -> list[int]:
         """Interrupt jobs past their timeout; return the ids of jobs that ignored it."""
@@ -99,11 +102,13 @@ class SerialExecutor:
             r.interrupted_at = now
             _raise_in_thread(r.thread, JobTimeout)
             return []
-        return [r.job_id] if now >= r.interrupted_at + STUCK_GRACE else []
+        return [r.job_id] if now >= r.interrupted_at + _grace(r.timeout) else []
 
     def is_overdue(self, now: float) -> bool:
         r = self._running
-        return bool(r and r.timeout is not None and now >= r.started + r.timeout + STUCK_GRACE)
+        return bool(
+            r and r.timeout is not None and now >= r.started + r.timeout + _grace(r.timeout)
+        )
 
     def interrupt(self) -> None:
         """Stop the running job now (a second stop signal)."""
@@ -125,4 +130,5 @@ class SerialExecutor:
 def _raise_in_thread(thread: threading.Thread, exc: type[BaseException]) -> None:
     if thread.ident is not None and thread.is_alive():
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
+            ctypes.c_ulong(thread.ident), ctypes.py_object(exc)
+        )

@@ -189,12 +189,25 @@ class Ledger:
             self._db.execute("PRAGMA temp_store=MEMORY")
             self._db.executescript(SCHEMA)
             self.ready: ReadyQueue | None = ReadyQueue(self.cache_dir) if service else None
-        except (OSError, sqlite3.Error) as exc:
+        except BaseException as exc:
+            self._abandon()
+            if not isinstance(exc, (OSError, sqlite3.Error)):
+                raise
             raise StateError(
                 f"cannot open the state database in {self.cache_dir}: {exc}. Check that the "
                 "directory is writable by this user and on a local disk; to start over, stop the "
                 "service and delete it (every file will be processed again)."
             ) from exc
+
+    def _abandon(self) -> None:
+        """Undo a failed open, above all the service lock: left held, it would refuse every
+        later start in this process as "another dpypeline service"."""
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def close(self) -> None:
         if self.ready is not None:
@@ -338,11 +351,16 @@ class Ledger:
                 return db.execute(sql, (now,)).rowcount
             return sum(db.execute(sql + " AND id = ?", (now, i)).rowcount for i in job_ids)
 
-    def prune(self, now: float, retention: float, present: set[str] | None = None) -> int:
+    def prune(
+        self, now: float, retention: float, present: set[str] | None = None,
+        root: str | None = None,
+    ) -> int:
         """Forget finished jobs older than ``retention`` whose version was superseded by a
         newer one or, when ``present`` (the paths on disk) is given, whose file is gone.
         The rows of files still on disk are kept: they are what stops a rescan from
-        processing them again."""
+        processing them again. ``root`` limits the "gone" test to the jobs of that watch
+        root, for when ``present`` lists one watch only: the files of the other watches
+        are not gone, and forgetting them would process them again."""
         if self.ready is not None:
             self.ready.prune()
         cutoff = now - retention
@@ -354,9 +372,10 @@ class Ledger:
                 " AND newer.job = jobs.job AND newer.id > jobs.id)", (*terminal, cutoff),
             ).rowcount
             if present is not None:
+                scope, params = ("", ()) if root is None else (" AND root = ?", (root,))
                 gone = [(row[0],) for row in db.execute(
-                    "SELECT id, path FROM jobs WHERE state IN (?, ?, ?) AND finished < ?",
-                    (*terminal, cutoff)) if row[1] not in present]
+                    "SELECT id, path FROM jobs WHERE state IN (?, ?, ?) AND finished < ?" + scope,
+                    (*terminal, cutoff, *params)) if row[1] not in present]
                 db.executemany("DELETE FROM jobs WHERE id = ?", gone)
                 removed += len(gone)
         return removed

@@ -14,8 +14,17 @@ from typing import Any, TextIO
 
 import structlog
 
-NOISY = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "asyncio", "distributed",
-         "persistqueue", "watchdog")
+NOISY = (
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "fsspec",
+    "urllib3",
+    "asyncio",
+    "distributed",
+    "persistqueue",
+    "watchdog",
+)
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
@@ -29,8 +38,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

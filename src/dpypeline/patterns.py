@@ -20,12 +20,13 @@ Anchoring (as in ``.gitignore``)
     called ``tmp``.
 
 Ignoring
-    A path is taken when it matches at least one of ``patterns`` (an empty list matches
-    nothing) and none of ``ignore_patterns``. An ignore pattern without a ``/`` is tested
-    against every component of the path, so ``.*`` ignores ``.hidden/f.nc`` as well as
-    ``d/.f.nc.XYZ`` (rsync's temporary names). One with a ``/`` is tested against the whole
-    path and against each of its parent directories: ignoring a directory ignores
-    everything under it, which lets a walk prune it (:meth:`PathMatcher.could_contain`).
+    A path is taken when it matches at least one of ``patterns`` and none of
+    ``ignore_patterns``; an empty list, or an empty pattern, matches nothing. An ignore
+    pattern without a ``/`` is tested against every component of the path, so ``.*`` ignores
+    ``.hidden/f.nc`` as well as ``d/.f.nc.XYZ`` (rsync's temporary names). One with a ``/``
+    is tested against the whole path and against each of its parent directories: ignoring a
+    directory ignores everything under it, which lets a walk prune it
+    (:meth:`PathMatcher.could_contain`).
 
 ``case_sensitive=False`` makes every comparison case-insensitive.
 
@@ -112,7 +113,9 @@ def _compile_patterns(patterns: list[str], flags: int) -> re.Pattern[str] | None
     paths: list[str] = []
     for pattern in patterns:
         segs, anchored, dir_only = _split(pattern)
-        if not segs or segs == ["**"]:
+        if not segs:
+            continue
+        if segs == ["**"]:
             paths.append(".+")
         elif not anchored and not dir_only:
             names.append(_translate_segment(segs[0]))
@@ -144,7 +147,9 @@ def _compile_ignores(patterns: list[str], flags: int) -> re.Pattern[str] | None:
         segs, anchored, dir_only = _split(pattern)
         if len(segs) > 1 and segs[-1] == "**":
             segs, dir_only = segs[:-1], True  # "a/**" ignores what "a/" ignores
-        if not segs or segs == ["**"]:
+        if not segs:
+            continue
+        if segs == ["**"]:
             names.append("[^/]+")
         elif not anchored:
             (dir_names if dir_only else names).append(_translate_segment(segs[0]))

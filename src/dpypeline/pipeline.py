@@ -32,7 +32,8 @@ def resolve_task(name: str) -> Callable[..., Any]:
     if not module_name or not attr:
         raise ImportError(
             f"'{name}' is neither a built-in task ({', '.join(sorted(BUILTINS))}) "
-            "nor a dotted path such as mypkg.tasks.fix_units")
+            "nor a dotted path such as mypkg.tasks.fix_units"
+        )
     module = importlib.import_module(module_name)
     try:
         func = getattr(module, attr)
@@ -40,7 +41,7 @@ def resolve_task(name: str) -> Callable[..., Any]:
         raise AttributeError(f"module '{module_name}' has no task '{attr}'") from None
     if not callable(func):
         raise TypeError(f"'{name}' is not callable")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 class Task:
@@ -51,10 +52,9 @@ class Task:
         self.kwargs = kwargs
         self.name = func if isinstance(func, str) else _qualified_name(func)
         try:
-            params = inspect.signature(self.func).parameters
+            self.wants_context = "context" in inspect.signature(self.func).parameters
         except (TypeError, ValueError):  # some builtins have no signature
-            params = {}  # type: ignore[assignment]
-        self.wants_context = "context" in params
+            self.wants_context = False
 
     def __call__(self, value: Any, context: JobContext | None = None) -> Any:
         if self.wants_context:
@@ -121,7 +121,7 @@ def import_tasks(config: PipelineConfig) -> tuple[list[Job], list[Task]]:
     def load(tc: Any, *loc: str | int) -> Task | None:
         try:
             return Task(tc.task, **tc.with_)
-        except Exception as exc:  # any import-time failure of user code is a config problem
+        except Exception as exc:  # noqa: BLE001 - any import-time failure of user code is a config problem
             problems.append(f"{config.where(*loc, 'task')}: cannot import task: {exc}")
             return None
 

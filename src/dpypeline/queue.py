@@ -47,8 +47,9 @@ class ReadyQueue:
             timeout=30.0,
         )
         # persist-queue has no option for this; both attributes are its two connections.
-        for conn in {id(c): c for c in (self._q._putter, self._q._getter)}.values():
-            conn.execute("PRAGMA synchronous=NORMAL")
+        for conn in (self._q._putter, self._q._getter):
+            if conn is not None:
+                conn.execute("PRAGMA synchronous=NORMAL")
 
     def put(self, job_id: int) -> None:
         self._q.put({"job_id": job_id})

@@ -52,8 +52,14 @@ class StuckJob(RuntimeError):
 
 
 class Service:
-    def __init__(self, config: PipelineConfig, jobs: list[Job], setup: list[Task] | None = None,
-                 *, once: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        jobs: list[Job],
+        setup: list[Task] | None = None,
+        *,
+        once: bool | None = None,
+    ) -> None:
         self.config, self.jobs, self.setup = config, jobs, setup or []
         self.once = (not config.monitor) if once is None else once
         self.job_names = [job.name for job in jobs]
@@ -97,8 +103,12 @@ class Service:
             self._ledger = Ledger(cfg.cache_dir, service=True)
             rec = self._ledger.recover(cfg.retry.max_attempts, now)
             if rec.resumed or rec.dead:
-                log.warning("jobs_recovered", resumed=rec.resumed, dead=rec.dead,
-                            reason="jobs were running when the service last stopped")
+                log.warning(
+                    "jobs_recovered",
+                    resumed=rec.resumed,
+                    dead=rec.dead,
+                    reason="jobs were running when the service last stopped",
+                )
             self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
             ctx = SetupContext(objectstores=cfg.objectstores, log=log)
             for task in self.setup:
@@ -117,9 +127,14 @@ class Service:
             self.close("start-up failed")
             raise
         self.status = Status.RUNNING
-        log.info("service_ready", name=cfg.name, cache_dir=str(cfg.cache_dir), once=self.once,
-                 watches=[{"path": s.root, "mode": s.mode, "fs": s.fstype} for s in self._specs],
-                 jobs=self.job_names)
+        log.info(
+            "service_ready",
+            name=cfg.name,
+            cache_dir=str(cfg.cache_dir),
+            once=self.once,
+            watches=[{"path": s.root, "mode": s.mode, "fs": s.fstype} for s in self._specs],
+            jobs=self.job_names,
+        )
 
     def close(self, reason: str = "stopped") -> None:
         """Idempotent; always ends ``stopped`` (or ``failed``)."""
@@ -136,6 +151,10 @@ class Service:
         if self.status is not Status.FAILED:
             self.status = Status.STOPPED
         log.info("service_stopped", reason=reason)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
 
     def request_stop(self) -> None:
         if self._stop_requested:
@@ -159,7 +178,8 @@ class Service:
 
     def step(self, now: float | None = None) -> bool:
         """One pass of the loop. Returns False when the service should stop."""
-        assert self._ledger is not None and self._worker is not None
+        assert self._ledger is not None
+        assert self._worker is not None
         now = time.time() if now is None else now
         ledger, worker = self._ledger, self._worker
         self._inbox.wake.clear()
@@ -172,8 +192,11 @@ class Service:
             ledger.promote_due(now)
         worker.collect(now)
         for job_id in self._executor.enforce_timeouts(now):
-            log.error("job_stuck", job_id=job_id, reason="the job ignored its timeout; the"
-                      " service restarts to reclaim the worker")
+            log.error(
+                "job_stuck",
+                job_id=job_id,
+                reason="the job ignored its timeout; the service restarts to reclaim the worker",
+            )
             worker.abandon_stuck(job_id, now)
             self.stuck = True
             return False
@@ -195,9 +218,14 @@ class Service:
         return True
 
     def _drained(self) -> bool:
-        assert self._ledger is not None and self._worker is not None
-        return (self._pending_scans == 0 and len(self._settler) == 0
-                and not self._worker.busy() and not self._ledger.has_unfinished())
+        assert self._ledger is not None
+        assert self._worker is not None
+        return (
+            self._pending_scans == 0
+            and len(self._settler) == 0
+            and not self._worker.busy()
+            and not self._ledger.has_unfinished()
+        )
 
     def _observe(self, obs: Observation, now: float) -> None:
         if obs.kind == "overflow":
@@ -225,16 +253,18 @@ class Service:
         files = obs.files
         new = [files[i] for i in self._ledger.unknown(files, self.job_names)]
         for f in new:
-            self._settler.note(f.path, spec.root, spec.config.settle, now, eligible=True,
-                               sig=(f.size, f.mtime_ns))
+            self._settler.note(
+                f.path, spec.root, spec.config.settle, now, eligible=True, sig=(f.size, f.mtime_ns)
+            )
         if obs.reason != "poll" or new:
-            log.info("scan_done", watch=spec.root, reason=obs.reason, files=len(files),
-                     new=len(new))
-        if obs.full and obs.reason in ("startup", "rescan") and \
-                now >= self._next.get("prune", 0.0):
+            log.info(
+                "scan_done", watch=spec.root, reason=obs.reason, files=len(files), new=len(new)
+            )
+        if obs.full and obs.reason in ("startup", "rescan") and now >= self._next.get("prune", 0.0):
             self._next["prune"] = now + PRUNE_EVERY
-            removed = self._ledger.prune(now, self.config.retention,
-                                         present={f.path for f in files})
+            removed = self._ledger.prune(
+                now, self.config.retention, present={f.path for f in files}
+            )
             if removed:
                 log.info("ledger_pruned", removed=removed)
 
@@ -281,8 +311,11 @@ class Service:
         if self._watcher is not None:
             repaired, problems = self._watcher.check()
             for index in repaired:
-                log.warning("watch_restarted", watch=self._specs[index].root,
-                            action="rescanning: events may have been missed")
+                log.warning(
+                    "watch_restarted",
+                    watch=self._specs[index].root,
+                    action="rescanning: events may have been missed",
+                )
                 self._request_scan(index, "rescan")
         if self._scanner is not None and not self._scanner.is_alive():
             problems.append("the scan thread has stopped")
@@ -295,12 +328,16 @@ class Service:
 
     def _sleep(self) -> None:
         now = time.time()
-        deadlines = [d for d in (
-            self._settler.next_deadline(),
-            self._ledger.next_retry_at() if self._ledger else None,
-            self._executor.next_deadline(),
-            *self._next.values(),
-        ) if d is not None]
+        deadlines = [
+            d
+            for d in (
+                self._settler.next_deadline(),
+                self._ledger.next_retry_at() if self._ledger else None,
+                self._executor.next_deadline(),
+                *self._next.values(),
+            )
+            if d is not None
+        ]
         timeout = min([MAX_SLEEP, *(d - now for d in deadlines)])
         if timeout > 0:
             self._inbox.wake.wait(timeout)

@@ -18,6 +18,7 @@ Covered traps of watchdog (SPEC §1):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -37,8 +38,8 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.inotify import InotifyObserver
 
 from dpypeline.config import WatchConfig
 from dpypeline.fsinfo import filesystem_type, is_network_fstype
@@ -50,8 +51,14 @@ log = logging.getLogger(__name__)
 Kind = Literal["writing", "complete", "deleted", "directory", "overflow", "scanned"]
 
 EVENT_TYPES: list[type[FileSystemEvent]] = [
-    FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
-    FileAttribEvent, DirCreatedEvent, DirMovedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    FileAttribEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
 ]
 
 
@@ -80,7 +87,7 @@ class WatchSpec:
 
     def relative(self, path: str) -> str | None:
         if path.startswith(self.root + os.sep):
-            return path[len(self.root) + 1:]
+            return path[len(self.root) + 1 :]
         return None
 
 
@@ -110,11 +117,13 @@ class _Handler(FileSystemEventHandler):
         src = os.fsdecode(event.src_path)
         if isinstance(event, DirMovedEvent | DirCreatedEvent):
             path = os.fsdecode(event.dest_path) if isinstance(event, DirMovedEvent) else src
-            if self.spec.relative(path) is not None:
+            if path and self.spec.relative(path) is not None:
                 self.inbox.put(Observation("directory", self.spec.index, path))
-        elif isinstance(event, FileMovedEvent):
-            self.inbox.put(Observation("deleted", self.spec.index, src))
-            self._file("complete", os.fsdecode(event.dest_path))
+        elif isinstance(event, FileMovedEvent):  # src or dest is "" when outside the tree
+            if src:
+                self.inbox.put(Observation("deleted", self.spec.index, src))
+            if event.dest_path:
+                self._file("complete", os.fsdecode(event.dest_path))
         elif isinstance(event, FileClosedEvent | FileAttribEvent):
             self._file("complete", src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
@@ -166,7 +175,9 @@ class Watcher:
 
     def start(self) -> None:
         logging.getLogger("watchdog.observers.inotify_c").addHandler(self._hook)
-        self._observer = Observer()
+        # Full events: a file moved in from outside the tree is a move (complete), not a
+        # creation (which would wait for a close that never comes).
+        self._observer = InotifyObserver(generate_full_events=True)
         for spec in self.specs:
             if spec.mode == "inotify":
                 self._schedule(spec)
@@ -182,7 +193,9 @@ class Watcher:
             log.error(
                 "watch %s cannot use inotify (%s); polling it every %ss instead. Raise "
                 "fs.inotify.max_user_watches / max_user_instances to restore events.",
-                spec.root, exc, spec.config.poll_interval,
+                spec.root,
+                exc,
+                spec.config.poll_interval,
             )
             spec.mode, spec.observed = "poll", None
 
@@ -199,10 +212,8 @@ class Watcher:
             if spec.mode != "inotify" or spec.observed in alive:
                 continue
             if spec.observed is not None:
-                try:
+                with contextlib.suppress(KeyError):
                     self._observer.unschedule(spec.observed)
-                except KeyError:
-                    pass
                 spec.observed = None
             if not os.path.isdir(spec.root):
                 problems.append(f"watched directory {spec.root} is gone")
@@ -226,8 +237,7 @@ class Scanner(threading.Thread):
     def __init__(self, specs: list[WatchSpec], inbox: Inbox) -> None:
         super().__init__(name="dpypeline-scan", daemon=True)
         self.specs, self.inbox = specs, inbox
-        self._requests: queue.SimpleQueue[tuple[int, str | None, str] | None] = (
-            queue.SimpleQueue())
+        self._requests: queue.SimpleQueue[tuple[int, str | None, str] | None] = queue.SimpleQueue()
 
     def request(self, watch: int, reason: str, subdir: str | None = None) -> None:
         self._requests.put((watch, subdir, reason))
@@ -261,8 +271,7 @@ class Scanner(threading.Thread):
             spec.last_poll = {f.path: (f.size, f.mtime_ns) for f in files}
         for path, err in result.errors:
             log.warning("cannot read %s while scanning %s: %s", path, spec.root, err)
-        return Observation("scanned", spec.index, spec.root, tuple(files), full=True,
-                           reason=reason)
+        return Observation("scanned", spec.index, spec.root, tuple(files), full=True, reason=reason)
 
 
 class PrefixMatcher:

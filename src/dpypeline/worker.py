@@ -47,24 +47,30 @@ def decide(exc: BaseException, claim: Claim, retry: RetryConfig, now: float) -> 
     if isinstance(exc, FileNotFoundError) and not os.path.exists(rec.path):
         return Decision(JobState.SKIPPED, f"skipped: {rec.path} vanished while it was processed")
     if isinstance(exc, PermanentError):
-        return Decision(JobState.DEAD, f"{describe(exc)} (permanent; fix the cause, then run:"
-                                       f" dpypeline retry {rec.id})")
+        return Decision(
+            JobState.DEAD,
+            f"{describe(exc)} (permanent; fix the cause, then run: dpypeline retry {rec.id})",
+        )
     if isinstance(exc, JobTimeout):
         reason = f"timed out after {retry.job_timeout:g}s (retry.job_timeout)"
     else:
         reason = describe(exc)
     if rec.attempts >= retry.max_attempts:
-        return Decision(JobState.DEAD, f"failed {rec.attempts} of {retry.max_attempts} attempts;"
-                                       f" last: {reason}. Fix the cause, then run:"
-                                       f" dpypeline retry {rec.id}")
+        return Decision(
+            JobState.DEAD,
+            f"failed {rec.attempts} of {retry.max_attempts} attempts;"
+            f" last: {reason}. Fix the cause, then run:"
+            f" dpypeline retry {rec.id}",
+        )
     return Decision(JobState.RETRYING, reason, now + backoff(rec.attempts, retry))
 
 
 class Worker:
     """Starts claimed jobs on the executor and records how they end."""
 
-    def __init__(self, config: PipelineConfig, jobs: list[Job], ledger: Ledger,
-                 executor: SerialExecutor) -> None:
+    def __init__(
+        self, config: PipelineConfig, jobs: list[Job], ledger: Ledger, executor: SerialExecutor
+    ) -> None:
         self.config, self.ledger, self.executor = config, ledger, executor
         self.jobs = {job.name: job for job in jobs}
         self._active: dict[int, tuple[Claim, Any]] = {}
@@ -81,26 +87,46 @@ class Worker:
         try:
             st = os.stat(rec.path)
         except FileNotFoundError:
-            return self._record(claim, Decision(JobState.SKIPPED, "skipped: the file vanished"
-                                                " before it was processed"), jlog, now)
+            return self._record(
+                claim,
+                Decision(JobState.SKIPPED, "skipped: the file vanished before it was processed"),
+                jlog,
+                now,
+            )
         if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
-            return self._record(claim, Decision(
-                JobState.SKIPPED, "skipped: superseded by a newer version of the file"
-                f" (size {st.st_size}); that version gets its own job"), jlog, now)
+            return self._record(
+                claim,
+                Decision(
+                    JobState.SKIPPED,
+                    "skipped: superseded by a newer version of the file"
+                    f" (size {st.st_size}); that version gets its own job",
+                ),
+                jlog,
+                now,
+            )
         job = self.jobs.get(rec.job)
         if job is None:
-            return self._record(claim, Decision(
-                JobState.SKIPPED, f"skipped: job '{rec.job}' is no longer in the config"),
-                jlog, now)
+            return self._record(
+                claim,
+                Decision(JobState.SKIPPED, f"skipped: job '{rec.job}' is no longer in the config"),
+                jlog,
+                now,
+            )
         context = JobContext(
-            job_id=rec.id, attempt=rec.attempts, path=rec.path,
-            relpath=os.path.relpath(rec.path, rec.root), root=rec.root, job=rec.job,
-            log=jlog, objectstores=self.config.objectstores,
+            job_id=rec.id,
+            attempt=rec.attempts,
+            path=rec.path,
+            relpath=os.path.relpath(rec.path, rec.root),
+            root=rec.root,
+            job=rec.job,
+            log=jlog,
+            objectstores=self.config.objectstores,
         )
         self._active[rec.id] = (claim, jlog)
         jlog.debug("job_started")
-        self.executor.submit(rec.id, lambda: job.run(rec.path, context),
-                             self.config.retry.job_timeout, now)
+        self.executor.submit(
+            rec.id, lambda: job.run(rec.path, context), self.config.retry.job_timeout, now
+        )
         return None
 
     def collect(self, now: float) -> int:
@@ -130,11 +156,22 @@ class Worker:
         for job_id in list(self._active):
             claim, jlog = self._active.pop(job_id)
             self.ledger.release(claim, now)
-            jlog.warning("job_released", state=JobState.QUEUED.value,
-                         reason="the service was stopped during the job; it will run again")
+            jlog.warning(
+                "job_released",
+                state=JobState.QUEUED.value,
+                reason="the service was stopped during the job; it will run again",
+            )
 
-    def _record(self, claim: Claim, d: Decision, jlog: Any, now: float, *,
-                duration: float | None = None, exc: BaseException | None = None) -> None:
+    def _record(
+        self,
+        claim: Claim,
+        d: Decision,
+        jlog: Any,
+        now: float,
+        *,
+        duration: float | None = None,
+        exc: BaseException | None = None,
+    ) -> None:
         self.ledger.finish(claim, d.state, now, error=d.error, not_before=d.not_before)
         fields: dict[str, Any] = {"state": d.state.value}
         if duration is not None:
@@ -143,8 +180,11 @@ class Worker:
             fields["error"] = d.error
         if d.not_before is not None:
             fields["retry_in"] = round(d.not_before - now, 1)
-        level = {JobState.DONE: "info", JobState.RETRYING: "warning",
-                 JobState.SKIPPED: "warning"}.get(d.state, "error")
+        level = {
+            JobState.DONE: "info",
+            JobState.RETRYING: "warning",
+            JobState.SKIPPED: "warning",
+        }.get(d.state, "error")
         if exc is not None and d.state is JobState.DEAD:
             fields["exc_info"] = exc
         getattr(jlog, level)(f"job_{d.state.value}", **fields)

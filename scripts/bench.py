@@ -1,0 +1,662 @@
+"""The benchmark suite: each figure as a ratio against a baseline measured in the same run.
+
+Usage: python scripts/bench.py [--quick] [--only NAME ...] [--json FILE] [--dir DIR]
+
+Every benchmark works in a fresh temporary directory under ``--dir`` (default: $TMPDIR, else
+the system's temporary directory), and its baseline runs in the same place, interleaved with
+the measurement, so the disk, the page cache and the machine's noise are shared and cancel
+in the ratio. Times come from ``time.perf_counter``; each side is the best of 1 to 3 runs
+depending on its cost. ``--quick`` runs small sizes in well under a minute: it shows that
+the benchmarks still work, not how fast anything is.
+
+  enqueue_one             durable enqueue of one event per transaction (Ledger.enqueue)
+                          vs raw sqlite3 (WAL, synchronous=FULL), one INSERT per transaction
+  backfill_enqueue        new files through Ledger.unknown + Ledger.enqueue in batches of 1000
+                          vs raw sqlite3, 100 rows per transaction
+  claim_complete          Ledger.admit/claim/finish as the service loop calls them
+                          vs raw sqlite3 claim + ack, two transactions per item
+  claim_complete_history  the same with a large finished history in the ledger
+                          vs claim_complete (empty history), same run
+  reconcile_known         scan() + Ledger.unknown() over a tree the ledger knows entirely
+                          vs os.scandir walk + stat, known set loaded from SQLite, set difference
+  ingest_noop_once        `dpypeline run --once` on files already present, no-op task, end to end
+                          (baseline shown: `python -c pass` start-up)
+
+The table's ratio is ours/baseline: for rates higher is better, for times lower is better;
+the column says which. Exit status: 0 when every selected benchmark ran (whether or not it
+met its target), 1 when one failed to run, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpypeline.fsinfo import filesystem_type
+from dpypeline.ledger import Ledger, JobState
+from dpypeline.patterns import PathMatcher
+from dpypeline.scan import FileVersion, scan
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+from bench_scan import build_tree  # noqa: E402  (a sibling script, not a package)
+
+NAMES = (
+    "enqueue_one",
+    "backfill_enqueue",
+    "claim_complete",
+    "claim_complete_history",
+    "reconcile_known",
+    "ingest_noop_once",
+)
+
+# name -> (full size, quick size)
+SIZES = {
+    "enqueue_one": (2_000, 200),
+    "backfill_enqueue": (100_000, 5_000),
+    "claim_complete": (2_000, 200),
+    "history": (1_000_000, 20_000),
+    "reconcile_known": (100_000, 5_000),
+    "ingest_noop_once": (20_000, 500),
+}
+
+JOB = "job"
+MTIME0 = 1_700_000_000_000_000_000  # a plausible st_mtime_ns
+IGNORE = [".*", "*.tmp", "*.part"]  # the config's default ignore_patterns
+
+
+@dataclass
+class Result:
+    name: str
+    ours: float
+    unit: str
+    baseline: float | None
+    baseline_unit: str
+    ratio: float | None  # ours / baseline
+    ratio_kind: str  # "rate": higher is better; "time": lower is better; "": no ratio
+    target: str
+    met: bool | None
+    n: int
+    repeats: int
+    seconds: float = 0.0  # wall time of the whole benchmark, set-up included
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    base: Path
+    quick: bool
+    cache: dict[str, Any] = field(default_factory=dict)  # results shared between benchmarks
+
+    def size(self, key: str) -> int:
+        full, quick = SIZES[key]
+        return quick if self.quick else full
+
+    def repeats(self, full: int) -> int:
+        return 1 if self.quick else full
+
+
+@contextlib.contextmanager
+def workdir(ctx: Context, name: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=f"dpypeline-bench-{name}-", dir=ctx.base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def interleaved(repeats: int, *runs: Callable[[], float]) -> list[float]:
+    """Run each callable ``repeats`` times, alternating between them; the best (lowest)
+    time of each, in the order given."""
+    best = [math.inf] * len(runs)
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            best[i] = min(best[i], run())
+    return best
+
+
+def versions(n: int, root: str = "/data/inbox", start: int = 0) -> list[FileVersion]:
+    """``n`` distinct file versions, 1000 to a directory, in natural order."""
+    return [FileVersion(f"{root}/d{i // 1000}/f{i}.nc", 1000 + i % 7, MTIME0 + i)
+            for i in range(start, start + n)]
+
+
+# -- raw sqlite3: the baselines -------------------------------------------------------------
+
+RAW_TABLE = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    job TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    UNIQUE (path, size, mtime_ns, job)
+);
+CREATE INDEX jobs_by_state ON jobs (state, id);
+"""
+RAW_INSERT = ("INSERT OR IGNORE INTO jobs (path, size, mtime_ns, job, state, created)"
+              " VALUES (?, ?, ?, ?, 'queued', ?)")
+
+
+def raw_db(path: Path) -> sqlite3.Connection:
+    """A connection set up as the ledger's is: WAL, synchronous=FULL, explicit transactions."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(RAW_TABLE)
+    return db
+
+
+def raw_rows(files: list[FileVersion], now: float) -> list[tuple[str, int, int, str, float]]:
+    return [(f.path, f.size, f.mtime_ns, JOB, now) for f in files]
+
+
+# -- 1. enqueue_one -----------------------------------------------------------------------
+
+
+def bench_enqueue_one(ctx: Context) -> Result:
+    n = ctx.size("enqueue_one")
+    files = versions(n)
+    root = "/data/inbox"
+
+    def ours() -> float:
+        with workdir(ctx, "enqueue_one") as d:
+            ledger = Ledger(d / "cache")
+            try:
+                start = time.perf_counter()
+                for f in files:
+                    ledger.enqueue([f], root, [JOB], "watch", time.time())
+                elapsed = time.perf_counter() - start
+                assert ledger.counts()["queued"] == n
+            finally:
+                ledger.close()
+            return elapsed
+
+    def baseline() -> float:
+        with workdir(ctx, "enqueue_one-raw") as d:
+            db = raw_db(d / "raw.db")
+            try:
+                rows = raw_rows(files, 0.0)
+                start = time.perf_counter()
+                for row in rows:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute(RAW_INSERT, (*row[:4], time.time()))
+                    db.execute("COMMIT")
+                elapsed = time.perf_counter() - start
+            finally:
+                db.close()
+            return elapsed
+
+    repeats = ctx.repeats(3)
+    base_s, ours_s = interleaved(repeats, baseline, ours)
+    ratio = base_s / ours_s  # rate ratio
+    return Result("enqueue_one", n / ours_s, "events/s", n / base_s, "rows/s", ratio, "rate",
+                  ">= 0.5x", ratio >= 0.5, n, repeats)
+
+
+# -- 2. backfill_enqueue --------------------------------------------------------------------
+
+
+def bench_backfill_enqueue(ctx: Context) -> Result:
+    n = ctx.size("backfill_enqueue")
+    files = versions(n)
+    root = "/data/inbox"
+    batch = 1000
+    split: dict[str, float] = {}
+
+    def ours() -> float:
+        with workdir(ctx, "backfill") as d:
+            ledger = Ledger(d / "cache")
+            try:
+                now = time.time()
+                start = time.perf_counter()
+                new = [files[i] for i in ledger.unknown(files, [JOB])]
+                mid = time.perf_counter()
+                added = 0
+                for i in range(0, len(new), batch):
+                    added += ledger.enqueue(new[i:i + batch], root, [JOB], "scan", now)
+                elapsed = time.perf_counter() - start
+                assert added == n, added
+            finally:
+                ledger.close()
+            if elapsed < split.get("total", math.inf):
+                split.update(total=elapsed, unknown=mid - start, enqueue=elapsed - (mid - start))
+            return elapsed
+
+    def baseline() -> float:
+        with workdir(ctx, "backfill-raw") as d:
+            db = raw_db(d / "raw.db")
+            try:
+                rows = raw_rows(files, time.time())
+                start = time.perf_counter()
+                for i in range(0, len(rows), 100):
+                    db.execute("BEGIN IMMEDIATE")
+                    db.executemany(RAW_INSERT, rows[i:i + 100])
+                    db.execute("COMMIT")
+                elapsed = time.perf_counter() - start
+            finally:
+                db.close()
+            return elapsed
+
+    repeats = ctx.repeats(2)
+    base_s, ours_s = interleaved(repeats, baseline, ours)
+    rate = n / ours_s
+    result = Result("backfill_enqueue", rate, "files/s", n / base_s, "rows/s", base_s / ours_s,
+                    "rate", ">= 50000 files/s", rate >= 50_000, n, repeats)
+    result.notes.append(f"unknown() {split['unknown']:.3f} s + enqueue() in batches of {batch}"
+                        f" {split['enqueue']:.3f} s")
+    return result
+
+
+# -- 3./4. claim_complete, with and without history -----------------------------------------
+
+
+def _insert_history(db_path: Path, count: int) -> float:
+    """Add ``count`` finished jobs straight into the ledger's own table, in one transaction."""
+    start = time.perf_counter()
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous=OFF")
+        now = time.time() - 86400
+        rows = ((f"/data/history/y{i // 100_000}/d{i // 1000}/f{i:07d}.nc", 1000, MTIME0 + i,
+                 JOB, "/data/history", now, now, now, now) for i in range(count))
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO jobs (path, size, mtime_ns, job, root, state, attempts, source,"
+            " created, updated, started, finished)"
+            " VALUES (?, ?, ?, ?, ?, 'done', 1, 'scan', ?, ?, ?, ?)", rows)
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return time.perf_counter() - start
+
+
+def _claim_loop(ledger: Ledger, n: int, start_index: int, *, admit_each_step: bool) -> float:
+    """Enqueue ``n`` jobs (not timed), then claim and finish them all; the seconds taken.
+
+    ``admit_each_step`` calls ``admit()`` before every claim, as ``Service.step`` does;
+    otherwise only when the ready queue has run dry."""
+    ledger.enqueue(versions(n, start=start_index), "/data/inbox", [JOB], "scan", time.time())
+    done = 0
+    start = time.perf_counter()
+    while True:
+        if admit_each_step:
+            ledger.admit()
+        claim = ledger.claim(time.time())
+        if claim is None:
+            if admit_each_step or ledger.admit() == 0:
+                break
+            continue
+        ledger.finish(claim, JobState.DONE, time.time())
+        done += 1
+    elapsed = time.perf_counter() - start
+    assert done == n, (done, n)
+    return elapsed
+
+
+def _raw_claim_loop(d: Path, n: int) -> float:
+    db = raw_db(d / "raw.db")
+    try:
+        db.execute("BEGIN")
+        db.executemany(RAW_INSERT, raw_rows(versions(n), time.time()))
+        db.execute("COMMIT")
+        done = 0
+        start = time.perf_counter()
+        while True:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1 WHERE id ="
+                " (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
+                " RETURNING id").fetchone()
+            db.execute("COMMIT")
+            if row is None:
+                break
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE jobs SET state = 'done' WHERE id = ?", row)
+            db.execute("COMMIT")
+            done += 1
+        elapsed = time.perf_counter() - start
+        assert done == n, (done, n)
+    finally:
+        db.close()
+    return elapsed
+
+
+def _claim_complete_empty(ctx: Context) -> dict[str, float]:
+    """Best seconds for n jobs: the ledger as the service drives it, the same admitting only
+    when the ready queue is empty, and the raw baseline. Computed once per run."""
+    if "claim_empty" in ctx.cache:
+        return ctx.cache["claim_empty"]  # type: ignore[no-any-return]
+    n = ctx.size("claim_complete")
+
+    def ours(admit_each_step: bool) -> Callable[[], float]:
+        def run() -> float:
+            with workdir(ctx, "claim") as d:
+                Ledger(d / "cache").close()  # the same steps as with history, minus its rows
+                ledger = Ledger(d / "cache", service=True)
+                try:
+                    return _claim_loop(ledger, n, 0, admit_each_step=admit_each_step)
+                finally:
+                    ledger.close()
+        return run
+
+    def baseline() -> float:
+        with workdir(ctx, "claim-raw") as d:
+            return _raw_claim_loop(d, n)
+
+    repeats = ctx.repeats(2)
+    base_s, ours_s, batch_s = interleaved(repeats, baseline, ours(True), ours(False))
+    ctx.cache["claim_empty"] = {"n": n, "repeats": repeats, "baseline": base_s,
+                                "ours": ours_s, "ours_batched_admit": batch_s}
+    return ctx.cache["claim_empty"]  # type: ignore[no-any-return]
+
+
+def bench_claim_complete(ctx: Context) -> Result:
+    m = _claim_complete_empty(ctx)
+    n = int(m["n"])
+    ratio = m["baseline"] / m["ours"]
+    result = Result("claim_complete", n / m["ours"], "jobs/s", n / m["baseline"], "items/s",
+                    ratio, "rate", ">= 0.4x", ratio >= 0.4, n, int(m["repeats"]))
+    result.notes.append(
+        f"admit() before every claim, as Service.step calls it; admitting only when the ready"
+        f" queue is empty: {n / m['ours_batched_admit']:,.0f} jobs/s"
+        f" ({m['baseline'] / m['ours_batched_admit']:.2f}x)")
+    return result
+
+
+def bench_claim_complete_history(ctx: Context) -> Result:
+    empty = _claim_complete_empty(ctx)
+    n = int(empty["n"])
+    history = ctx.size("history")
+    repeats = int(empty["repeats"])
+    with workdir(ctx, "claim-history") as d:
+        Ledger(d / "cache").close()  # creates the real schema
+        fill_s = _insert_history(d / "cache" / "dpypeline.db", history)
+        ledger = Ledger(d / "cache", service=True)
+        try:
+            best = min(_claim_loop(ledger, n, r * n, admit_each_step=True)
+                       for r in range(repeats))
+        finally:
+            ledger.close()
+    ratio = empty["ours"] / best
+    result = Result("claim_complete_history", n / best, "jobs/s", n / empty["ours"],
+                    "jobs/s (empty)", ratio, "rate", ">= 0.8x", ratio >= 0.8, n, repeats)
+    result.notes.append(f"{history:,} finished jobs in history (inserted in {fill_s:.1f} s);"
+                        " baseline is claim_complete's ledger figure from this run")
+    return result
+
+
+# -- 5. reconcile_known ---------------------------------------------------------------------
+
+
+def walk_versions(root: str) -> set[tuple[str, int, int]]:
+    """The baseline walk: list every directory, stat every file, keep (path, size, mtime)."""
+    found = set()
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    found.add((entry.path, st.st_size, st.st_mtime_ns))
+    return found
+
+
+def bench_reconcile_known(ctx: Context) -> Result:
+    n = ctx.size("reconcile_known")
+    split: dict[str, float] = {}
+    with workdir(ctx, "reconcile") as d:
+        root = str(d / "tree")
+        os.mkdir(root)
+        build_s = time.perf_counter()
+        dirs = build_tree(root, n, 1000)
+        build_s = time.perf_counter() - build_s
+        matcher = PathMatcher(["**/*.nc"], IGNORE, case_sensitive=True)
+        ledger = Ledger(d / "cache")
+        db = sqlite3.connect(d / "cache" / "dpypeline.db", isolation_level=None)
+        try:
+            files = scan(root, matcher).files
+            assert len(files) == n, len(files)
+            for i in range(0, n, 10_000):
+                ledger.enqueue(files[i:i + 10_000], root, [JOB], "scan", time.time())
+            db.execute("UPDATE jobs SET state = 'done', attempts = 1, finished = updated")
+
+            def ours() -> float:
+                start = time.perf_counter()
+                result = scan(root, matcher)
+                mid = time.perf_counter()
+                missing = ledger.unknown(result.files, [JOB])
+                elapsed = time.perf_counter() - start
+                assert not missing and len(result.files) == n
+                if elapsed < split.get("total", math.inf):
+                    split.update(total=elapsed, scan=mid - start, unknown=elapsed - (mid - start))
+                return elapsed
+
+            def baseline() -> float:
+                start = time.perf_counter()
+                on_disk = walk_versions(root)
+                known = set(db.execute(
+                    "SELECT path, size, mtime_ns FROM jobs WHERE job = ?", (JOB,)))
+                new = on_disk - known
+                elapsed = time.perf_counter() - start
+                assert not new and len(on_disk) == n
+                return elapsed
+
+            repeats = ctx.repeats(3)
+            base_s, ours_s = interleaved(repeats, baseline, ours)
+        finally:
+            db.close()
+            ledger.close()
+    ratio = ours_s / base_s
+    result = Result("reconcile_known", ours_s, "s", base_s, "s", ratio, "time", "<= 5x",
+                    ratio <= 5.0, n, repeats)
+    result.notes.append(f"scan() {split['scan']:.3f} s + unknown() {split['unknown']:.3f} s;"
+                        f" {n:,} files in {dirs} directories (built in {build_s:.1f} s),"
+                        " warm cache")
+    return result
+
+
+# -- 6. ingest_noop_once --------------------------------------------------------------------
+
+PIPELINE_YAML = """\
+name: bench
+cache_dir: {cache}
+monitor: false
+watch:
+  - path: {inbox}
+    patterns: ["**/*.nc"]
+    settle: 100ms
+jobs:
+  - name: noop
+    tasks:
+      - task: bench_tasks.noop
+logging: {{format: json, level: info}}
+"""
+
+
+def python_startup(repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_ingest_noop_once(ctx: Context) -> Result:
+    n = ctx.size("ingest_noop_once")
+    timeout = 120.0 if ctx.quick else 300.0
+    startup_s = python_startup(3)
+    with workdir(ctx, "ingest") as d:
+        inbox = d / "inbox"
+        inbox.mkdir()
+        build_tree(str(inbox), n, 1000)
+        config = d / "pipeline.yaml"
+        config.write_text(PIPELINE_YAML.format(cache=d / "cache", inbox=inbox))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
+        env.pop("DPYPELINE_CONFIG", None)
+        env.pop("CACHE_DIR", None)
+        cmd = [sys.executable, "-m", "dpypeline"]
+        log_path = d / "service.log"
+        with open(log_path, "wb") as log:
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run([*cmd, "run", "--once", "-c", str(config)], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                      check=False)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"`dpypeline run --once` did not finish {n} files in"
+                                   f" {timeout:.0f} s") from None
+            wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"`dpypeline run --once` exited {proc.returncode}:\n{tail}")
+        status = subprocess.run([*cmd, "status", "--json", "-c", str(config)], env=env,
+                                capture_output=True, text=True, timeout=60, check=True)
+        counts = json.loads(status.stdout)
+        if counts.get("done") != n:
+            raise RuntimeError(f"expected done == {n}, status says "
+                               f"{ {k: counts.get(k) for k in ('queued', 'running', 'retrying', 'done', 'dead', 'skipped')} }")
+        log_lines = sum(1 for _ in log_path.open("rb"))
+    rate = n / wall
+    result = Result("ingest_noop_once", rate, "files/s", startup_s, "s python start-up", None,
+                    "", ">= 500 files/s", rate >= 500, n, 1)
+    result.notes.append(f"{wall:.2f} s from launch to exit for {n:,} files (status: done"
+                        f" {n:,}); {log_lines:,} log lines; settle 100ms")
+    return result
+
+
+BENCHMARKS: dict[str, Callable[[Context], Result]] = {
+    "enqueue_one": bench_enqueue_one,
+    "backfill_enqueue": bench_backfill_enqueue,
+    "claim_complete": bench_claim_complete,
+    "claim_complete_history": bench_claim_complete_history,
+    "reconcile_known": bench_reconcile_known,
+    "ingest_noop_once": bench_ingest_noop_once,
+}
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _figure(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit.startswith("s"):
+        return f"{value:.3f} {unit}"
+    return f"{value:,.0f} {unit}"
+
+
+def _ratio(r: Result) -> str:
+    if r.ratio is None:
+        return "n/a"
+    return f"{r.ratio:.2f}x {'rate' if r.ratio_kind == 'rate' else 'time'}"
+
+
+def _target(r: Result) -> str:
+    if r.ratio_kind == "rate" and "x" in r.target:
+        return f"{r.target} rate (higher better)"
+    if r.ratio_kind == "time":
+        return f"{r.target} time (lower better)"
+    return r.target
+
+
+def table(results: list[Result], failures: dict[str, str]) -> str:
+    header = ("benchmark", "ours", "baseline", "ratio", "target", "met")
+    rows = [(r.name, _figure(r.ours, r.unit), _figure(r.baseline, r.baseline_unit), _ratio(r),
+             _target(r), "yes" if r.met else "NO") for r in results]
+    rows += [(name, "FAILED", "", "", "", "") for name in failures]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
+                        help=f"run only these ({', '.join(NAMES)})")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results here")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the temporary directories go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    selected = [name for name in NAMES if not args.only or name in args.only]
+    base = args.dir.resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    fstype = filesystem_type(base)
+    ctx = Context(base=base, quick=args.quick)
+
+    print(f"dpypeline benchmarks ({'quick' if args.quick else 'full'}): Python"
+          f" {platform.python_version()}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs;"
+          f" temporary directories in {base} ({fstype})", flush=True)
+    if fstype in ("tmpfs", "ramfs"):
+        print("warning: a memory filesystem makes fsync free; the figures say little about a"
+              " disk", flush=True)
+
+    started = time.perf_counter()
+    results: list[Result] = []
+    failures: dict[str, str] = {}
+    for name in selected:
+        print(f"  {name} ...", end="", flush=True)
+        t0 = time.perf_counter()
+        try:
+            result = BENCHMARKS[name](ctx)
+        except Exception as exc:
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            print(" FAILED", flush=True)
+            traceback.print_exc()
+            continue
+        result.seconds = time.perf_counter() - t0
+        results.append(result)
+        print(f" {result.seconds:.1f} s", flush=True)
+    total = time.perf_counter() - started
+
+    print()
+    print(table(results, failures))
+    print()
+    for r in results:
+        what = f"n={r.n:,}, best of {r.repeats}"
+        print(f"{r.name}: {what}; " + "; ".join(r.notes) if r.notes else f"{r.name}: {what}")
+    for name, error in failures.items():
+        print(f"{name}: FAILED: {error}")
+    print(f"\ntotal {total:.1f} s")
+
+    if args.json:
+        report = {
+            "quick": args.quick, "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(), "dir": str(base),
+            "fstype": fstype, "seconds": total,
+            "results": [asdict(r) for r in results], "failures": failures,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

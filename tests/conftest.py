@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+SHARED = ROOT.parent / "shared"
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test with ``message`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def write_config(directory: Path, data: dict[str, Any], name: str = "pipeline.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def runs(log: Path) -> list[tuple[str, int, int]]:
+    """(relative path, job id, attempt) of every recorded task run."""
+    if not log.exists():
+        return []
+    return [
+        (rel, int(jid), int(att))
+        for rel, jid, att, _ in (line.split("\t") for line in log.read_text().splitlines())
+    ]
+
+
+def env_for_subprocess() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("CACHE_DIR", None)
+    env.pop("DPYPELINE_CONFIG", None)
+    return env
+
+
+def dpypeline(
+    *args: str, timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpypeline", *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+        env=env_for_subprocess(),
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"dpypeline {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def status(config: Path) -> dict[str, Any]:
+    proc = dpypeline("status", "-c", str(config), "--json", check=True)
+    return json.loads(proc.stdout)
+
+
+def jobs(config: Path, state: str | None = None) -> list[dict[str, Any]]:
+    args = ["jobs", "-c", str(config), "--json", "--limit", "100000"]
+    if state:
+        args += ["--state", state]
+    return json.loads(dpypeline(*args, check=True).stdout)
+
+
+class ServiceProcess:
+    """``dpypeline run`` as a real child process, with its stderr kept in a file."""
+
+    def __init__(self, config: Path, *extra: str) -> None:
+        self.config = config
+        self.log = config.parent / "service.log"
+        self._err = self.log.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dpypeline", "run", "-c", str(config), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            env=env_for_subprocess(),
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_for(
+            lambda: (
+                any(e.get("event") == "service_ready" for e in self.events())
+                or self.proc.poll() is not None
+            ),
+            timeout,
+            message="service_ready",
+        )
+        if self.proc.poll() is not None:
+            pytest.fail(f"service exited {self.proc.returncode}:\n{self.log.read_text()}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._err.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._err.close()
+
+
+@pytest.fixture
+def service_processes() -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves dpypeline threads running (a service not closed)."""
+    before = set(threading.enumerate())
+    yield
+
+    def leaked() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and t.name.startswith("dpypeline")
+        ]
+
+    deadline = time.monotonic() + 5
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not leaked(), f"threads left running: {leaked()}"

@@ -1,0 +1,58 @@
+"""Tasks used by the tests' pipelines: each records every run it makes to a log file, and
+behaves according to the file's name so one pipeline can mix good and bad inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from dpypeline import JobContext
+from dpypeline.errors import PermanentError, TransientError
+
+
+def _record(log: str, context: JobContext) -> None:
+    line = f"{context.relpath}\t{context.job_id}\t{context.attempt}\t{context.job}\n"
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record(path: str, log: str, delay: float = 0.0, context: JobContext | None = None) -> str:
+    """Record the run; sleep ``delay`` first (a job that takes time)."""
+    assert context is not None
+    if delay:
+        time.sleep(delay)
+    _record(log, context)
+    return path
+
+
+def behave(path: str, log: str, context: JobContext | None = None) -> str:
+    """By file name: ``crash`` kills the process, ``hang`` blocks forever where no
+    exception can reach it, ``spin`` loops in Python, ``flaky`` fails its first two
+    attempts, ``bad`` raises a plain error, ``corrupt`` a permanent one."""
+    assert context is not None
+    name = os.path.basename(path)
+    if "crash" in name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "hang" in name:
+        threading.Event().wait()
+    if "spin" in name:
+        while True:
+            pass
+    if "flaky" in name and context.attempt < 3:
+        raise TransientError(f"flaky failure on attempt {context.attempt}")
+    if "bad" in name:
+        raise ValueError(f"cannot make sense of {name}")
+    if "corrupt" in name:
+        raise PermanentError(f"{name} is corrupt")
+    _record(log, context)
+    return path
+
+
+def noop(path: str) -> str:
+    return path

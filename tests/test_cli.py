@@ -1,0 +1,146 @@
+"""The command line's contract: exit codes, messages that name the field and line, and the
+original dpypeline's forms."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, dpypeline, env_for_subprocess, runs, write_config
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> dict:
+    (tmp_path / "inbox").mkdir()
+    return {
+        "cache_dir": str(tmp_path / "state"),
+        "watch": [{"path": str(tmp_path / "inbox"), "settle": "100ms"}],
+        "jobs": [
+            {
+                "name": "work",
+                "tasks": [{"task": "taskbox.record", "with": {"log": str(tmp_path / "runs.log")}}],
+            }
+        ],
+        "logging": {"format": "json"},
+    }
+
+
+def _broken(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
+JOB = "jobs:\n  - name: a\n    tasks:\n      - task: {task}\n"
+WATCH = "watch:\n  - path: {inbox}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (WATCH + "    setle: 2s\n" + JOB, ["broken.yaml:3", "watch[0].setle"]),
+        (
+            WATCH + "    settle: soon\n" + JOB,
+            ["broken.yaml:3", "watch[0].settle", "not a duration"],
+        ),
+        (
+            WATCH.replace("{inbox}", "{inbox}/missing") + JOB,
+            ["broken.yaml:2", "watch[0].path", "does not exist"],
+        ),
+        (
+            WATCH + JOB.replace("{task}", "taskbox.nope"),
+            ["broken.yaml:6", "jobs[0].tasks[0].task", "no task 'nope'"],
+        ),
+        (
+            WATCH + JOB.replace("{task}", "no_such_module.f"),
+            ["broken.yaml:6", "jobs[0].tasks[0].task", "No module named 'no_such_module'"],
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_config_errors_exit_2_naming_field_and_line(
+    tmp_path: Path, text: str, expected: list[str], command: str
+) -> None:
+    (tmp_path / "inbox").mkdir()
+    cfg = _broken(tmp_path, text.format(inbox=tmp_path / "inbox", task="taskbox.noop"))
+    proc = dpypeline(command, "-c", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    for fragment in expected:
+        assert fragment in proc.stderr
+
+
+def test_missing_config_file_exits_2_and_says_how_to_give_one(tmp_path: Path) -> None:
+    proc = dpypeline("status", "-c", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2
+    assert "nope.yaml" in proc.stderr
+
+
+def test_validate_accepts_a_good_config(tmp_path: Path, good: dict) -> None:
+    cfg = write_config(tmp_path, good)
+    proc = dpypeline("validate", "-c", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok: pipeline: 1 watch(es), 1 job(s) of 1 task(s)")
+
+
+def test_original_i_form_runs_the_service_and_version_prints(tmp_path: Path, good: dict) -> None:
+    good["monitor"] = False
+    cfg = write_config(tmp_path, good)
+    (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
+    proc = dpypeline("-i", str(cfg), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [r[0] for r in runs(tmp_path / "runs.log")] == ["a.nc"]
+    version = dpypeline("--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("dpypeline ")
+
+
+def test_status_json_has_the_counts_and_config_from_environment(tmp_path: Path, good: dict) -> None:
+    good["monitor"] = False
+    cfg = write_config(tmp_path, good)
+    for name in ("a.nc", "b.nc"):
+        (tmp_path / "inbox" / name).write_bytes(b"x")
+    assert dpypeline("run", "-c", str(cfg)).returncode == 0
+    report = json.loads(dpypeline("status", "-c", str(cfg), "--json").stdout)
+    assert {k: report[k] for k in ("queued", "running", "retrying", "done", "dead", "skipped")} == {
+        "queued": 0,
+        "running": 0,
+        "retrying": 0,
+        "done": 2,
+        "dead": 0,
+        "skipped": 0,
+    }
+    assert report["service_pid"] is None
+
+
+def test_retry_without_ids_is_a_usage_error(tmp_path: Path, good: dict) -> None:
+    cfg = write_config(tmp_path, good)
+    assert dpypeline("retry", "-c", str(cfg)).returncode == 2
+
+
+def test_the_readme_example_runs_and_converts_every_file(tmp_path: Path) -> None:
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples", work / "examples")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpypeline", "run", "--once", "-c", "examples/gsod-celsius.yaml"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_for_subprocess(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    inputs = sorted(p.name for p in (work / "examples/data/gsod-2023").glob("*.csv"))
+    outputs = sorted(p.name for p in (work / "output/gsod-celsius").glob("*.csv"))
+    assert outputs == inputs
+    src = pd.read_csv(work / "examples/data/gsod-2023" / inputs[0])
+    out = pd.read_csv(work / "output/gsod-celsius" / inputs[0])
+    valid = src["TEMP"] != 9999.9
+    expected = ((src.loc[valid, "TEMP"] - 32) * 5 / 9).round(2)
+    assert (out.loc[valid, "TEMP"] - expected).abs().max() < 1e-9

@@ -1,0 +1,202 @@
+"""The watcher and settle rules, with real inotify events in tmp_path and the service
+loop running in a thread of this process."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import runs, wait_for, write_config
+from dpypeline.config import load_config
+from dpypeline.ledger import Ledger
+from dpypeline.pipeline import import_tasks
+from dpypeline.service import Service
+
+
+class Running:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.result: list[Any] = []
+        self.thread = threading.Thread(
+            target=lambda: self.result.append(service.run()), name="test-service"
+        )
+
+    def counts(self) -> dict[str, int]:
+        ledger = Ledger(self.service.config.cache_dir)
+        try:
+            return ledger.counts()
+        finally:
+            ledger.close()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Iterator[Any]:
+    """Start a service over tmp_path/inbox; yields (inbox, log, start)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    log = tmp_path / "runs.log"
+    started: list[Running] = []
+
+    def start(**watch: Any) -> Running:
+        cfg = write_config(
+            tmp_path,
+            {
+                "cache_dir": str(tmp_path / "state"),
+                "watch": [{"path": str(inbox), "settle": "300ms", "rescan_interval": 0, **watch}],
+                "jobs": [
+                    {
+                        "name": "record",
+                        "tasks": [{"task": "taskbox.record", "with": {"log": str(log)}}],
+                    }
+                ],
+                "logging": {"format": "json"},
+            },
+        )
+        config = load_config(cfg)
+        jobs, setup = import_tasks(config)
+        running = Running(Service(config, jobs, setup, once=False))
+        running.thread.start()
+        wait_for(lambda: running.service.status.value == "running", message="service running")
+        started.append(running)
+        return running
+
+    yield inbox, log, start
+    for running in started:
+        running.service.request_stop()
+        running.thread.join(20)
+        assert not running.thread.is_alive()
+
+
+def test_file_written_slowly_is_taken_only_after_close_and_once(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    svc = start()
+    target = inbox / "slow.nc"
+    with target.open("wb") as f:
+        for _ in range(8):  # 1.6 s of writing, far longer than the 300 ms settle time
+            f.write(b"x" * 1000)
+            f.flush()
+            time.sleep(0.2)
+            assert runs(log) == [], "a file still being written was taken"
+    wait_for(lambda: runs(log), message="the slow file to be processed")
+    time.sleep(0.8)
+    assert [r[0] for r in runs(log)] == ["slow.nc"]
+    assert svc.counts()["done"] == 1
+
+
+def test_file_renamed_into_place_is_processed_once_and_temp_name_never(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    start()
+    tmp = inbox / ".data.nc.Xy12ab"  # rsync's temp name; ignored by the default ".*"
+    tmp.write_bytes(b"payload" * 100)
+    time.sleep(0.6)
+    os.rename(tmp, inbox / "data.nc")
+    wait_for(lambda: runs(log), message="the renamed file to be processed")
+    time.sleep(0.6)
+    assert [r[0] for r in runs(log)] == ["data.nc"]
+
+
+def test_file_moved_in_from_outside_the_tree_is_processed(pipeline: Any, tmp_path: Path) -> None:
+    inbox, log, start = pipeline
+    start()
+    outside = tmp_path / "staging.nc"
+    outside.write_bytes(b"1" * 500)
+    os.rename(outside, inbox / "moved.nc")
+    wait_for(lambda: runs(log), message="the moved-in file")
+    assert [r[0] for r in runs(log)] == ["moved.nc"]
+
+
+def test_files_in_new_nested_directories_are_processed(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    start()
+    deep = inbox / "2024" / "01" / "daily"
+    deep.mkdir(parents=True)
+    (deep / "a.nc").write_bytes(b"a")  # written right after mkdir: races the new watch
+    (inbox / "2024" / "b.nc").write_bytes(b"b")
+    wait_for(lambda: len(runs(log)) >= 2, message="files in new directories")
+    time.sleep(0.5)
+    assert sorted(r[0] for r in runs(log)) == ["2024/01/daily/a.nc", "2024/b.nc"]
+
+
+def test_directory_moved_in_with_files_is_processed(pipeline: Any, tmp_path: Path) -> None:
+    inbox, log, start = pipeline
+    start()
+    staged = tmp_path / "batch"
+    staged.mkdir()
+    for i in range(3):
+        (staged / f"f{i}.nc").write_bytes(b"z" * (i + 1))
+    os.rename(staged, inbox / "batch")
+    wait_for(lambda: len(runs(log)) >= 3, message="files of a moved-in directory")
+    time.sleep(0.5)
+    assert sorted(r[0] for r in runs(log)) == ["batch/f0.nc", "batch/f1.nc", "batch/f2.nc"]
+
+
+def test_ignored_and_unmatched_files_are_never_processed(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    start(patterns=["**/*.nc"], ignore_patterns=["*.tmp", ".*", "scratch/**"])
+    (inbox / "keep.nc").write_bytes(b"k")
+    (inbox / "notes.txt").write_bytes(b"t")
+    (inbox / "part.nc.tmp").write_bytes(b"p")
+    (inbox / ".hidden.nc").write_bytes(b"h")
+    (inbox / "scratch").mkdir()
+    (inbox / "scratch" / "x.nc").write_bytes(b"x")
+    wait_for(lambda: runs(log), message="the matching file")
+    time.sleep(1.0)
+    assert [r[0] for r in runs(log)] == ["keep.nc"]
+
+
+def test_files_present_at_start_are_processed_in_natural_path_order(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    names = ["f10.nc", "f2.nc", "f1.nc", "sub/f3.nc", "f20.nc"]
+    for name in names:
+        (inbox / name).parent.mkdir(exist_ok=True)
+        (inbox / name).write_bytes(name.encode())
+    start()
+    wait_for(lambda: len(runs(log)) == 5, message="files present at start")
+    assert [r[0] for r in runs(log)] == ["f1.nc", "f2.nc", "f10.nc", "f20.nc", "sub/f3.nc"]
+
+
+def test_a_modified_file_is_a_new_version_and_an_unchanged_one_is_not(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    svc = start()
+    f = inbox / "v.nc"
+    f.write_bytes(b"one")
+    wait_for(lambda: len(runs(log)) == 1, message="first version")
+    os.utime(f)  # touch: new mtime -> new version
+    f.chmod(0o600)  # metadata only, same (size, mtime): not a new version
+    f.write_bytes(b"second version")
+    wait_for(lambda: len(runs(log)) == 2, message="second version")
+    time.sleep(0.8)
+    assert len(runs(log)) == 2
+    assert svc.counts()["done"] == 2
+
+
+def test_poll_mode_takes_stable_files_without_close_events(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    svc = start(mode="poll", poll_interval="200ms")
+    assert svc.service._specs[0].mode == "poll"
+    (inbox / "p.nc").write_bytes(b"polled")
+    wait_for(lambda: runs(log), message="the polled file")
+    time.sleep(0.6)
+    assert [r[0] for r in runs(log)] == ["p.nc"]
+
+
+def test_a_dead_watch_emitter_is_restarted_and_the_gap_rescanned(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    svc = start()
+    watcher = svc.service._watcher
+    assert watcher is not None
+    emitters = list(watcher._observer.emitters)  # type: ignore[union-attr]
+    for emitter in emitters:
+        emitter.stop()  # the emitter thread ends while the observer lives on
+        emitter.join(5)
+    (inbox / "missed.nc").write_bytes(b"written while nothing watched")
+    svc.service._next["health"] = 0.0  # the next loop pass checks health
+    svc.service._inbox.wake.set()
+    wait_for(lambda: runs(log), message="the file written while the emitter was dead")
+    assert [r[0] for r in runs(log)] == ["missed.nc"]

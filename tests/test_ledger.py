@@ -92,8 +92,13 @@ def _child(cache: Path, body: str) -> subprocess.Popen[str]:
         from dpypeline.scan import FileVersion
         ledger = Ledger(Path({str(cache)!r}), service=True)
     """) + textwrap.dedent(body)
-    return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 # -- one job per file version -----------------------------------------------------------------
@@ -108,14 +113,17 @@ def test_same_version_enqueued_twice_makes_one_job(service: Ledger) -> None:
 
 
 def test_version_known_to_the_service_is_not_added_again_by_a_cli_process(
-    service: Ledger, open_ledger: Callable[..., Ledger],
+    service: Ledger,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     service.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
     cli = open_ledger()
     assert cli.enqueue([fv("a.nc"), fv("new.nc")], ROOT, ["ingest"], "cli", 2.0) == 1
     assert service.enqueue([fv("new.nc")], ROOT, ["ingest"], "watch", 3.0) == 0
     assert sorted((r.path, r.source) for r in service.jobs()) == [
-        (f"{ROOT}/a.nc", "watch"), (f"{ROOT}/new.nc", "cli")]
+        (f"{ROOT}/a.nc", "watch"),
+        (f"{ROOT}/new.nc", "cli"),
+    ]
 
 
 def test_new_mtime_or_size_is_a_new_version_with_its_own_job(service: Ledger) -> None:
@@ -124,7 +132,10 @@ def test_new_mtime_or_size_is_a_new_version_with_its_own_job(service: Ledger) ->
     assert service.enqueue([fv("a.nc", 101, 2_000)], ROOT, ["ingest"], "watch", 3.0) == 1
     assert service.enqueue([fv("a.nc", 100, 1_000)], ROOT, ["ingest"], "watch", 4.0) == 0
     assert sorted((r.size, r.mtime_ns) for r in service.jobs()) == [
-        (100, 1_000), (100, 2_000), (101, 2_000)]
+        (100, 1_000),
+        (100, 2_000),
+        (101, 2_000),
+    ]
 
 
 def test_enqueue_counts_only_new_jobs_one_per_job_name(service: Ledger) -> None:
@@ -139,11 +150,21 @@ def test_job_ids_follow_the_order_files_are_given_in(service: Ledger) -> None:
     service.enqueue([fv("0.nc")], ROOT, ["x"], "scan", 2.0)
     by_id = sorted(service.jobs(limit=100), key=lambda r: r.id)
     assert [(r.path.rsplit("/", 1)[1], r.job) for r in by_id] == [
-        ("c.nc", "x"), ("c.nc", "y"), ("a.nc", "x"), ("a.nc", "y"), ("b.nc", "x"), ("b.nc", "y"),
-        ("0.nc", "x")]
+        ("c.nc", "x"),
+        ("c.nc", "y"),
+        ("a.nc", "x"),
+        ("a.nc", "y"),
+        ("b.nc", "x"),
+        ("b.nc", "y"),
+        ("0.nc", "x"),
+    ]
     first = by_id[0]
     assert (first.state, first.attempts, first.root, first.created) == (
-        JobState.QUEUED, 0, ROOT, 1.0)
+        JobState.QUEUED,
+        0,
+        ROOT,
+        1.0,
+    )
 
 
 # -- claiming -----------------------------------------------------------------------------
@@ -180,24 +201,31 @@ def test_admit_keeps_the_ready_window_bounded_and_in_ledger_order(service: Ledge
 
 
 def test_attempt_is_committed_before_the_job_runs(
-    service: Ledger, cache: Path, open_ledger: Callable[..., Ledger],
+    service: Ledger,
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     service.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
     service.admit()
     claim = service.claim(5.0)
     assert claim is not None
     assert (claim.record.state, claim.record.attempts, claim.record.started) == (
-        JobState.RUNNING, 1, 5.0)
+        JobState.RUNNING,
+        1,
+        5.0,
+    )
     # Another connection (another process) already sees the counted attempt.
-    assert raw_rows(cache, "SELECT state, attempts, started FROM jobs WHERE id = ?",
-                    (claim.record.id,)) == [("running", 1, 5.0)]
+    assert raw_rows(
+        cache, "SELECT state, attempts, started FROM jobs WHERE id = ?", (claim.record.id,)
+    ) == [("running", 1, 5.0)]
     seen = open_ledger().get(claim.record.id)
     assert seen is not None
     assert (seen.state, seen.attempts) == (JobState.RUNNING, 1)
 
 
 def test_finish_records_the_outcome_and_clears_the_ready_entry(
-    service: Ledger, cache: Path,
+    service: Ledger,
+    cache: Path,
 ) -> None:
     service.enqueue([fv("a.nc"), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
     a, b = claim_all(service, 2.0)
@@ -208,7 +236,10 @@ def test_finish_records_the_outcome_and_clears_the_ready_entry(
     assert dead is not None
     assert (done.state, done.finished, done.error) == (JobState.DONE, 3.0, None)
     assert (dead.state, dead.finished, dead.error) == (
-        JobState.DEAD, 4.0, "corrupt input: fix the file, then retry")
+        JobState.DEAD,
+        4.0,
+        "corrupt input: fix the file, then retry",
+    )
     assert service.ready is not None
     assert service.ready.pending_job_ids() == set()
     assert len(service.ready) == 0
@@ -231,8 +262,7 @@ def test_failed_job_waits_out_its_backoff_without_blocking_the_jobs_behind_it(
 
     waiting = service.get(a.record.id)
     assert waiting is not None
-    assert (waiting.state, waiting.not_before, waiting.attempts) == (
-        JobState.RETRYING, 100.0, 1)
+    assert (waiting.state, waiting.not_before, waiting.attempts) == (JobState.RETRYING, 100.0, 1)
     assert service.next_retry_at() == 100.0
 
     # The others run meanwhile; the failed job is not handed out before its time.
@@ -287,21 +317,25 @@ def test_retrying_job_is_not_claimable_from_a_stale_ready_entry(service: Ledger)
 def _crash_after_claiming(cache: Path, files: list[str]) -> int:
     """A real service process that enqueues ``files``, claims the first job and is killed
     (SIGKILL) while "running" it. Returns the claimed job id."""
-    child = _child(cache, f"""
+    child = _child(
+        cache,
+        f"""
         ledger.enqueue([FileVersion('{ROOT}/' + n, 100, 1000) for n in {files!r}],
                        '{ROOT}', ['ingest'], 'watch', 1.0)
         ledger.admit()
         claim = ledger.claim(2.0)
         print(claim.record.id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    """)
+    """,
+    )
     out, err = child.communicate(timeout=30)
     assert child.returncode == -signal.SIGKILL, err
     return int(out.split()[0])
 
 
 def test_job_running_when_the_service_was_killed_runs_again_first(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     job_id = _crash_after_claiming(cache, ["a.nc", "b.nc"])
     assert service_pid(cache) is None  # the kernel dropped the lock with the process
@@ -316,7 +350,8 @@ def test_job_running_when_the_service_was_killed_runs_again_first(
 
 
 def test_job_running_at_a_stop_without_release_is_queued_again(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     first = Ledger(cache, service=True)
     first.enqueue([fv("a.nc"), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
@@ -332,7 +367,8 @@ def test_job_running_at_a_stop_without_release_is_queued_again(
 
 
 def test_ready_queue_lost_entirely_is_rebuilt_from_the_ledger(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     first = Ledger(cache, service=True)
     first.enqueue([fv("a.nc"), fv("b.nc"), fv("c.nc")], ROOT, ["ingest"], "watch", 1.0)
@@ -348,7 +384,8 @@ def test_ready_queue_lost_entirely_is_rebuilt_from_the_ledger(
 
 
 def test_job_that_keeps_killing_the_service_goes_dead_after_max_attempts(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     max_attempts = 3
     job_id = _crash_after_claiming(cache, ["poison.nc", "good.nc"])
@@ -377,7 +414,8 @@ def test_job_that_keeps_killing_the_service_goes_dead_after_max_attempts(
 
 
 def test_recover_with_attempts_left_does_not_kill_jobs(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     first = Ledger(cache, service=True)
     first.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
@@ -391,14 +429,16 @@ def test_recover_with_attempts_left_does_not_kill_jobs(
 
 
 def test_stale_ready_entry_is_acked_and_skipped_by_claim(
-    service: Ledger, cache: Path,
+    service: Ledger,
+    cache: Path,
 ) -> None:
     service.enqueue([fv("a.nc"), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
     service.admit()
     a_id = min(r.id for r in service.jobs())
     # The job ended through another path while its id waited in the ready queue.
-    raw_write(cache, "UPDATE jobs SET state = 'skipped', error = 'superseded' WHERE id = ?",
-              (a_id,))
+    raw_write(
+        cache, "UPDATE jobs SET state = 'skipped', error = 'superseded' WHERE id = ?", (a_id,)
+    )
     b = service.claim(2.0)
     assert b is not None
     assert names([b]) == ["b.nc"]
@@ -413,7 +453,8 @@ def test_stale_ready_entry_is_acked_and_skipped_by_claim(
 
 
 def test_duplicate_ready_entries_never_hand_out_a_job_twice(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     first = Ledger(cache, service=True)
     first.enqueue([fv("a.nc"), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
@@ -435,7 +476,8 @@ def test_duplicate_ready_entries_never_hand_out_a_job_twice(
 
 
 def test_release_puts_the_job_back_first_and_refunds_the_attempt(
-    service: Ledger, cache: Path,
+    service: Ledger,
+    cache: Path,
 ) -> None:
     service.enqueue([fv("a.nc"), fv("b.nc"), fv("c.nc")], ROOT, ["ingest"], "watch", 1.0)
     service.admit()
@@ -445,8 +487,9 @@ def test_release_puts_the_job_back_first_and_refunds_the_attempt(
     assert b is not None
     service.release(b, 3.0)
     service.release(a, 3.0)
-    assert raw_rows(cache, "SELECT state, attempts FROM jobs WHERE id IN (?, ?)",
-                    (a.record.id, b.record.id)) == [("queued", 0), ("queued", 0)]
+    assert raw_rows(
+        cache, "SELECT state, attempts FROM jobs WHERE id IN (?, ?)", (a.record.id, b.record.id)
+    ) == [("queued", 0), ("queued", 0)]
     taken = claim_all(service, 4.0)
     assert names(taken) == ["a.nc", "b.nc", "c.nc"]
     assert [c.record.attempts for c in taken] == [1, 1, 1]
@@ -469,8 +512,14 @@ def test_retry_by_id_revives_that_dead_job_with_a_fresh_attempt_count(service: L
     assert service.retry([b], 5.0) == 1
     revived = service.get(b)
     assert revived is not None
-    assert (revived.state, revived.attempts, revived.error, revived.not_before,
-            revived.finished, revived.updated) == (JobState.QUEUED, 0, None, None, None, 5.0)
+    assert (
+        revived.state,
+        revived.attempts,
+        revived.error,
+        revived.not_before,
+        revived.finished,
+        revived.updated,
+    ) == (JobState.QUEUED, 0, None, None, None, 5.0)
     assert service.get(a).state is JobState.DEAD  # type: ignore[union-attr]
     taken = claim_all(service, 6.0)
     assert [(c.record.id, c.record.attempts) for c in taken] == [(b, 1)]
@@ -487,8 +536,14 @@ def test_retry_all_revives_every_dead_job_and_nothing_else(service: Ledger) -> N
     assert service.retry(None, 7.0) == 2
     after = {r.id: r for r in service.jobs(limit=100)}
     assert {i for i in after if after[i] != before[i]} == set(dead)
-    assert service.counts() == {"queued": 2, "running": 1, "retrying": 1, "done": 1, "dead": 0,
-                                "skipped": 0}
+    assert service.counts() == {
+        "queued": 2,
+        "running": 1,
+        "retrying": 1,
+        "done": 1,
+        "dead": 0,
+        "skipped": 0,
+    }
 
 
 def test_retry_of_a_job_that_is_not_dead_changes_nothing(service: Ledger) -> None:
@@ -503,7 +558,8 @@ def test_retry_of_a_job_that_is_not_dead_changes_nothing(service: Ledger) -> Non
 
 
 def test_retry_from_the_cli_is_run_by_the_service(
-    service: Ledger, open_ledger: Callable[..., Ledger],
+    service: Ledger,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     (job_id,) = _dead_jobs(service, ["a.nc"])
     assert open_ledger().retry([job_id], 5.0) == 1
@@ -515,7 +571,8 @@ def test_retry_from_the_cli_is_run_by_the_service(
 
 
 def test_cli_enqueue_while_the_service_runs_is_admitted_and_claimed(
-    service: Ledger, open_ledger: Callable[..., Ledger],
+    service: Ledger,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     service.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
     (a,) = claim_all(service, 2.0)
@@ -539,7 +596,8 @@ def test_cli_ledger_cannot_touch_the_ready_queue(open_ledger: Callable[..., Ledg
 
 
 def test_second_service_on_one_cache_dir_is_refused(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     assert service_pid(cache) is None  # never started
     first = Ledger(cache, service=True)
@@ -559,12 +617,16 @@ def test_second_service_on_one_cache_dir_is_refused(
 
 
 def test_service_lock_held_by_another_process_names_its_pid(
-    cache: Path, open_ledger: Callable[..., Ledger],
+    cache: Path,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
-    child = _child(cache, """
+    child = _child(
+        cache,
+        """
         print('ready', flush=True)
         sys.stdin.read()
-    """)
+    """,
+    )
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
@@ -606,8 +668,14 @@ def test_unknown_reports_versions_missing_any_job_in_input_order(service: Ledger
     service.enqueue([fv("both.nc")], ROOT, ["zarr", "upload"], "watch", 1.0)
     service.enqueue([fv("half.nc")], ROOT, ["zarr"], "watch", 1.0)
     service.enqueue([fv("other-job.nc")], ROOT, ["checksum"], "watch", 1.0)
-    files = [fv("new2.nc"), fv("both.nc"), fv("half.nc"), fv("both.nc", mtime_ns=9),
-             fv("other-job.nc"), fv("new1.nc")]
+    files = [
+        fv("new2.nc"),
+        fv("both.nc"),
+        fv("half.nc"),
+        fv("both.nc", mtime_ns=9),
+        fv("other-job.nc"),
+        fv("new1.nc"),
+    ]
     assert service.unknown(files, ["zarr", "upload"]) == [0, 2, 3, 4, 5]
     assert service.unknown(files, ["zarr"]) == [0, 3, 4, 5]
     assert service.unknown([], ["zarr"]) == []
@@ -617,7 +685,8 @@ def test_unknown_reports_versions_missing_any_job_in_input_order(service: Ledger
 
 
 def test_unknown_handles_a_50k_file_scan(
-    service: Ledger, open_ledger: Callable[..., Ledger],
+    service: Ledger,
+    open_ledger: Callable[..., Ledger],
 ) -> None:
     files = [fv(f"y{i // 1000}/f{i}.nc", size=i, mtime_ns=i) for i in range(50_000)]
     assert service.enqueue(files[::2], ROOT, ["ingest"], "scan", 1.0) == 25_000
@@ -677,8 +746,13 @@ def test_prune_forgets_vanished_files_only_when_present_paths_are_given(
 
 def test_prune_of_one_watch_leaves_the_jobs_of_other_watches(service: Ledger) -> None:
     service.enqueue([FileVersion("/a/x.nc", 1, 1)], "/a", ["ingest"], "watch", 0.0)
-    service.enqueue([FileVersion("/b/y.nc", 1, 1), FileVersion("/b/gone.nc", 1, 1)], "/b",
-                    ["ingest"], "watch", 0.0)
+    service.enqueue(
+        [FileVersion("/b/y.nc", 1, 1), FileVersion("/b/gone.nc", 1, 1)],
+        "/b",
+        ["ingest"],
+        "watch",
+        0.0,
+    )
     _run_all(service, 10.0)
     assert service.prune(now=100.0, retention=50.0, present={"/b/y.nc"}, root="/b") == 1
     assert sorted(r.path for r in service.jobs()) == ["/a/x.nc", "/b/y.nc"]
@@ -694,8 +768,14 @@ def test_prune_never_forgets_unfinished_jobs(service: Ledger) -> None:
     service.finish(retrying, JobState.RETRYING, 1.0, error="flaky", not_before=1e9)
     service.enqueue([fv(f"{s}.nc", mtime_ns=2) for s in states], ROOT, ["ingest"], "watch", 2.0)
     assert service.prune(now=1e6, retention=1.0, present=set()) == 0
-    assert service.counts() == {"queued": 4, "running": 1, "retrying": 1, "done": 0, "dead": 0,
-                                "skipped": 0}
+    assert service.counts() == {
+        "queued": 4,
+        "running": 1,
+        "retrying": 1,
+        "done": 0,
+        "dead": 0,
+        "skipped": 0,
+    }
 
 
 def test_prune_deletes_acked_ready_queue_rows(service: Ledger, cache: Path) -> None:
@@ -734,19 +814,23 @@ def _vm_steps(cache: Path, sql: str, params: tuple) -> int:
 
 def test_admit_query_reads_an_index_not_the_whole_table(service: Ledger, cache: Path) -> None:
     service.enqueue([fv(f"{i}.nc") for i in range(50)], ROOT, ["ingest"], "watch", 0.0)
-    plan = " | ".join(row[3] for row in raw_rows(cache, "EXPLAIN QUERY PLAN " + ADMIT_QUERY,
-                                                  (256,)))
+    plan = " | ".join(
+        row[3] for row in raw_rows(cache, "EXPLAIN QUERY PLAN " + ADMIT_QUERY, (256,))
+    )
     assert "USING INDEX" in plan
     assert "jobs_to_admit" in plan or "jobs_by_state (state=?)" in plan
-    for sql in ("UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'",
-                "UPDATE jobs SET state = 'queued' WHERE state = 'retrying' AND not_before <= ?",
-                "SELECT min(not_before) FROM jobs WHERE state = 'retrying' AND ? = 1"):
+    for sql in (
+        "UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'",
+        "UPDATE jobs SET state = 'queued' WHERE state = 'retrying' AND not_before <= ?",
+        "SELECT min(not_before) FROM jobs WHERE state = 'retrying' AND ? = 1",
+    ):
         plan = " | ".join(row[3] for row in raw_rows(cache, "EXPLAIN QUERY PLAN " + sql, (1,)))
         assert plan.startswith("SEARCH jobs"), (sql, plan)
 
 
 def test_finished_history_does_not_add_work_to_admitting_jobs(
-    service: Ledger, cache: Path,
+    service: Ledger,
+    cache: Path,
 ) -> None:
     service.enqueue([fv(f"w{i}.nc") for i in range(5)], ROOT, ["ingest"], "watch", 0.0)
     small = _vm_steps(cache, ADMIT_QUERY, (256,))

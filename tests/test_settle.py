@@ -41,7 +41,8 @@ def test_file_still_being_written_is_never_emitted(settler: Settler, tmp_path: P
 
 
 def test_complete_unchanged_file_is_emitted_once_after_its_settle_time(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     f = write(tmp_path / "a.nc", b"12345")
     settler.note(f, ROOT, 2.0, 10.0, eligible=True)
@@ -56,7 +57,8 @@ def test_complete_unchanged_file_is_emitted_once_after_its_settle_time(
 
 
 def test_repeated_eligible_notes_of_an_unchanged_file_keep_the_first_deadline(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     f = write(tmp_path / "a.nc")
     settler.note(f, ROOT, 2.0, 0.0, eligible=True)
@@ -89,7 +91,8 @@ def test_mtime_change_alone_restarts_the_clock(settler: Settler, tmp_path: Path)
 
 
 def test_eligible_note_with_a_new_signature_restarts_the_clock(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     path = tmp_path / "a.nc"
     write(path, b"1234")
@@ -114,7 +117,8 @@ def test_file_that_vanished_during_settle_is_dropped(settler: Settler, tmp_path:
 
 
 def test_eligible_note_of_a_missing_file_is_not_tracked(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     settler.note(str(tmp_path / "missing.nc"), ROOT, 2.0, 0.0, eligible=True)
     assert len(settler) == 0
@@ -122,7 +126,8 @@ def test_eligible_note_of_a_missing_file_is_not_tracked(
 
 
 def test_missing_file_drops_a_candidate_that_was_being_written(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     path = tmp_path / "a.nc"
     f = write(path)
@@ -141,7 +146,8 @@ def test_directory_is_dropped(settler: Settler, tmp_path: Path) -> None:
 
 
 def test_file_replaced_by_a_directory_during_settle_is_dropped(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     path = tmp_path / "a.nc"
     f = write(path)
@@ -169,7 +175,8 @@ def test_write_after_close_waits_for_the_next_close(settler: Settler, tmp_path: 
 
 
 def test_write_after_close_waits_even_when_the_file_looks_unchanged(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     f = write(tmp_path / "a.nc")
     settler.note(f, ROOT, 2.0, 0.0, eligible=True)
@@ -181,7 +188,8 @@ def test_write_after_close_waits_even_when_the_file_looks_unchanged(
 
 
 def test_files_come_out_in_deadline_order_then_note_order(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     files = {n: write(tmp_path / f"{n}.nc", n.encode()) for n in ("a", "b", "c", "d", "e")}
     settler.note(files["a"], ROOT, 5.0, 0.0, eligible=True)  # due 5
@@ -191,11 +199,17 @@ def test_files_come_out_in_deadline_order_then_note_order(
     settler.note(files["e"], ROOT, 0.5, 2.0, eligible=True)  # due 2.5
     assert settler.next_deadline() == 2.5
     assert [s.path for s in settler.poll(10.0)] == [
-        files["e"], files["c"], files["b"], files["d"], files["a"]]
+        files["e"],
+        files["c"],
+        files["b"],
+        files["d"],
+        files["a"],
+    ]
 
 
 def test_each_candidate_keeps_its_own_root_and_settle_time(
-    settler: Settler, tmp_path: Path,
+    settler: Settler,
+    tmp_path: Path,
 ) -> None:
     fast = write(tmp_path / "one" / "f.nc")
     slow = write(tmp_path / "two" / "s.nc")
@@ -251,8 +265,9 @@ def test_candidates_not_yet_due_cost_no_stat(tmp_path: Path) -> None:
     settler = Settler(counting_stat)
     f = write(tmp_path / "a.nc")
     for i in range(10_000):
-        settler.note(f"{tmp_path}/scanned{i}.nc", ROOT, 60.0, 0.0, eligible=True,
-                     sig=(4, 1_000_000_000))
+        settler.note(
+            f"{tmp_path}/scanned{i}.nc", ROOT, 60.0, 0.0, eligible=True, sig=(4, 1_000_000_000)
+        )
     settler.note(f, ROOT, 1.0, 0.0, eligible=True, sig=(4, 1_000_000_000))
     assert calls == []  # a scan's signature is used as is
     assert settler.poll(1.0) == [stable(f, 4)]

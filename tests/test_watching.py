@@ -200,3 +200,17 @@ def test_a_dead_watch_emitter_is_restarted_and_the_gap_rescanned(pipeline: Any) 
     svc.service._inbox.wake.set()
     wait_for(lambda: runs(log), message="the file written while the emitter was dead")
     assert [r[0] for r in runs(log)] == ["missed.nc"]
+
+
+def test_periodic_rescan_does_not_take_a_file_whose_writer_paused(pipeline: Any) -> None:
+    inbox, log, start = pipeline
+    start(rescan_interval="2500ms")  # a rescan mid-pause: longer than settle, not stale
+    target = inbox / "paused.nc"
+    with target.open("wb") as f:
+        for _ in range(5):  # 5 s of writing: at least one rescan sees the open file
+            f.write(b"y" * 100)
+            f.flush()
+            time.sleep(1.0)
+            assert runs(log) == [], "the rescan took a file that was still open for writing"
+    wait_for(lambda: runs(log), message="the file after its close")
+    assert [r[0] for r in runs(log)] == ["paused.nc"]

@@ -52,7 +52,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     UNIQUE (path, size, mtime_ns, job)
 );
-CREATE INDEX IF NOT EXISTS jobs_to_admit ON jobs (id) WHERE state = 'queued' AND admitted = 0;
 CREATE INDEX IF NOT EXISTS jobs_retrying ON jobs (not_before) WHERE state = 'retrying';
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
 """
@@ -147,7 +146,8 @@ def _lock_service(cache_dir: Path) -> int:
         os.close(fd)
         raise StateError(
             f"another dpypeline service (pid {holder}) is already using CACHE_DIR {cache_dir};"
-            " stop it first, or give this pipeline its own cache_dir") from None
+            " stop it first, or give this pipeline its own cache_dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
@@ -181,7 +181,9 @@ class Ledger:
             if service:
                 self._lock = _lock_service(self.cache_dir)
             self._db = sqlite3.connect(
-                self.cache_dir / DB_FILE, timeout=30.0, isolation_level=None,
+                self.cache_dir / DB_FILE,
+                timeout=30.0,
+                isolation_level=None,
                 check_same_thread=False,
             )
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -235,14 +237,17 @@ class Ledger:
     # -- writes ---------------------------------------------------------------------------
 
     def enqueue(
-        self, files: Iterable[FileVersionLike], root: str, jobs: Sequence[str],
-        source: str, now: float,
+        self,
+        files: Iterable[FileVersionLike],
+        root: str,
+        jobs: Sequence[str],
+        source: str,
+        now: float,
     ) -> int:
         """Add a job per (file version, job name) unless that version is known. Returns how
         many jobs are new. Files keep the order given (ids grow in that order)."""
         rows = (
-            (f.path, f.size, f.mtime_ns, job, root, source, now, now)
-            for f in files for job in jobs
+            (f.path, f.size, f.mtime_ns, job, root, source, now, now) for f in files for job in jobs
         )
         with self._tx() as db:
             before = db.total_changes
@@ -270,8 +275,10 @@ class Ledger:
                 "UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'", (now,)
             ).rowcount
             pending = queue.pending_job_ids()
-            admitted = [r[0] for r in db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 1")]
+            admitted = [
+                r[0]
+                for r in db.execute("SELECT id FROM jobs WHERE state = 'queued' AND admitted = 1")
+            ]
             lost = [(i,) for i in admitted if i not in pending]
             db.executemany("UPDATE jobs SET admitted = 0 WHERE id = ?", lost)
         queue.prune()
@@ -282,7 +289,8 @@ class Ledger:
         with self._tx() as db:
             return db.execute(
                 "UPDATE jobs SET state = 'queued', admitted = 0, updated = ?"
-                " WHERE state = 'retrying' AND not_before <= ?", (now, now),
+                " WHERE state = 'retrying' AND not_before <= ?",
+                (now, now),
             ).rowcount
 
     def admit(self, window: int = ADMIT_WINDOW) -> int:
@@ -292,9 +300,13 @@ class Ledger:
         room = window - len(queue)
         if room <= 0:
             return 0
-        ids = [r[0] for r in self._db.execute(
-            "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 0 ORDER BY id LIMIT ?",
-            (room,))]
+        ids = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 0 ORDER BY id LIMIT ?",
+                (room,),
+            )
+        ]
         for job_id in ids:
             queue.put(job_id)
         if ids:
@@ -309,7 +321,8 @@ class Ledger:
             with self._tx() as db:
                 changed = db.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, started = ?,"
-                    " updated = ? WHERE id = ? AND state = 'queued'", (now, now, item.job_id),
+                    " updated = ? WHERE id = ? AND state = 'queued'",
+                    (now, now, item.job_id),
                 ).rowcount
             if changed:
                 record = self.get(item.job_id)
@@ -319,8 +332,13 @@ class Ledger:
         return None
 
     def finish(
-        self, claim: Claim, state: JobState, now: float, *,
-        error: str | None = None, not_before: float | None = None,
+        self,
+        claim: Claim,
+        state: JobState,
+        now: float,
+        *,
+        error: str | None = None,
+        not_before: float | None = None,
     ) -> None:
         """Record how an attempt ended: done, retrying (with ``not_before``), dead or skipped."""
         with self._tx() as db:
@@ -337,7 +355,8 @@ class Ledger:
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), updated = ?"
-                " WHERE id = ? AND state = 'running'", (now, claim.record.id),
+                " WHERE id = ? AND state = 'running'",
+                (now, claim.record.id),
             )
         self._queue().put_back_first(claim.item)
 
@@ -345,14 +364,19 @@ class Ledger:
         """Move ``dead`` jobs (the given ids, or all with None) back to ``queued`` with a
         fresh attempt count."""
         with self._tx() as db:
-            sql = ("UPDATE jobs SET state = 'queued', attempts = 0, admitted = 0, error = NULL,"
-                   " not_before = NULL, finished = NULL, updated = ? WHERE state = 'dead'")
+            sql = (
+                "UPDATE jobs SET state = 'queued', attempts = 0, admitted = 0, error = NULL,"
+                " not_before = NULL, finished = NULL, updated = ? WHERE state = 'dead'"
+            )
             if job_ids is None:
                 return db.execute(sql, (now,)).rowcount
             return sum(db.execute(sql + " AND id = ?", (now, i)).rowcount for i in job_ids)
 
     def prune(
-        self, now: float, retention: float, present: set[str] | None = None,
+        self,
+        now: float,
+        retention: float,
+        present: set[str] | None = None,
         root: str | None = None,
     ) -> int:
         """Forget finished jobs older than ``retention`` whose version was superseded by a
@@ -369,13 +393,20 @@ class Ledger:
             removed = db.execute(
                 "DELETE FROM jobs WHERE state IN (?, ?, ?) AND finished < ? AND EXISTS ("
                 " SELECT 1 FROM jobs AS newer WHERE newer.path = jobs.path"
-                " AND newer.job = jobs.job AND newer.id > jobs.id)", (*terminal, cutoff),
+                " AND newer.job = jobs.job AND newer.id > jobs.id)",
+                (*terminal, cutoff),
             ).rowcount
             if present is not None:
                 scope, params = ("", ()) if root is None else (" AND root = ?", (root,))
-                gone = [(row[0],) for row in db.execute(
-                    "SELECT id, path FROM jobs WHERE state IN (?, ?, ?) AND finished < ?" + scope,
-                    (*terminal, cutoff, *params)) if row[1] not in present]
+                gone = [
+                    (row[0],)
+                    for row in db.execute(
+                        "SELECT id, path FROM jobs WHERE state IN (?, ?, ?) AND finished < ?"
+                        + scope,
+                        (*terminal, cutoff, *params),
+                    )
+                    if row[1] not in present
+                ]
                 db.executemany("DELETE FROM jobs WHERE id = ?", gone)
                 removed += len(gone)
         return removed
@@ -391,16 +422,25 @@ class Ledger:
         db = self._db
         db.execute("BEGIN")
         try:
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS scanned"
-                       " (i INTEGER PRIMARY KEY, path TEXT, size INTEGER, mtime_ns INTEGER)")
+            db.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS scanned"
+                " (i INTEGER PRIMARY KEY, path TEXT, size INTEGER, mtime_ns INTEGER)"
+            )
             db.execute("DELETE FROM temp.scanned")
-            db.executemany("INSERT INTO temp.scanned VALUES (?, ?, ?, ?)",
-                           ((i, f.path, f.size, f.mtime_ns) for i, f in enumerate(files)))
+            db.executemany(
+                "INSERT INTO temp.scanned VALUES (?, ?, ?, ?)",
+                ((i, f.path, f.size, f.mtime_ns) for i, f in enumerate(files)),
+            )
             marks = ",".join("?" * len(jobs))
-            found = [row[0] for row in db.execute(
-                "SELECT s.i FROM temp.scanned AS s WHERE (SELECT count(*) FROM jobs AS j"
-                " WHERE j.path = s.path AND j.size = s.size AND j.mtime_ns = s.mtime_ns"
-                f" AND j.job IN ({marks})) < ? ORDER BY s.i", (*jobs, len(jobs)))]
+            found = [
+                row[0]
+                for row in db.execute(
+                    "SELECT s.i FROM temp.scanned AS s WHERE (SELECT count(*) FROM jobs AS j"
+                    " WHERE j.path = s.path AND j.size = s.size AND j.mtime_ns = s.mtime_ns"
+                    f" AND j.job IN ({marks})) < ? ORDER BY s.i",
+                    (*jobs, len(jobs)),
+                )
+            ]
             db.execute("DELETE FROM temp.scanned")
         finally:
             db.execute("COMMIT")
@@ -430,21 +470,25 @@ class Ledger:
         """The most recent jobs first (optionally of one state)."""
         if state is None:
             cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+                f"SELECT {_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,)
+            )
         else:
             cur = self._db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?",
-                (state.value, limit))
+                (state.value, limit),
+            )
         return [_record(row) for row in cur]
 
     def oldest_waiting(self) -> JobRecord | None:
         row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'retrying')"
-            " ORDER BY id LIMIT 1").fetchone()
+            f"SELECT {_COLUMNS} FROM jobs WHERE state IN ('queued', 'retrying') ORDER BY id LIMIT 1"
+        ).fetchone()
         return _record(row) if row else None
 
     def recent_errors(self, limit: int = 5) -> list[JobRecord]:
         cur = self._db.execute(
             f"SELECT {_COLUMNS} FROM jobs WHERE error IS NOT NULL AND state IN"
-            " ('dead', 'retrying', 'skipped') ORDER BY updated DESC LIMIT ?", (limit,))
+            " ('dead', 'retrying', 'skipped') ORDER BY updated DESC LIMIT ?",
+            (limit,),
+        )
         return [_record(row) for row in cur]

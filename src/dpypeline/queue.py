@@ -76,9 +76,7 @@ class ReadyQueue:
         """Job ids of entries not yet acked (ready or taken)."""
         pending = {AckStatus.inited, AckStatus.ready, AckStatus.unack}
         return {
-            int(row["data"]["job_id"])
-            for row in self._q.queue()
-            if str(row["status"]) in pending
+            int(row["data"]["job_id"]) for row in self._q.queue() if str(row["status"]) in pending
         }
 
     def prune(self, max_delete: int = 10_000) -> None:

@@ -248,11 +248,23 @@ class Service:
             self._reconcile(spec, obs, now)
 
     def _reconcile(self, spec: WatchSpec, obs: Observation, now: float) -> None:
-        """Hand the files a scan found, and the ledger does not know, to the settler."""
+        """Hand the files a scan found, and the ledger does not know, to the settler.
+
+        A file inotify reports as being written stays so: a periodic scan must not declare
+        it complete behind the writer's back (a writer pausing longer than ``settle``).
+        Scans made because events were lost (overflow, a new directory written before its
+        watch existed, a restarted watch) decide by themselves, and so does a periodic scan
+        for a file silent for a whole ``rescan_interval`` (created by a hard link, say, so
+        no close will ever come)."""
         assert self._ledger is not None
         files = obs.files
         new = [files[i] for i in self._ledger.unknown(files, self.job_names)]
+        trust_events = spec.mode == "inotify" and obs.reason == "rescan"
+        stale = max(spec.config.rescan_interval, spec.config.settle)
         for f in new:
+            quiet = self._settler.quiet_for(f.path, now)
+            if trust_events and quiet is not None and quiet < stale:
+                continue
             self._settler.note(
                 f.path, spec.root, spec.config.settle, now, eligible=True, sig=(f.size, f.mtime_ns)
             )
@@ -260,10 +272,11 @@ class Service:
             log.info(
                 "scan_done", watch=spec.root, reason=obs.reason, files=len(files), new=len(new)
             )
-        if obs.full and obs.reason in ("startup", "rescan") and now >= self._next.get("prune", 0.0):
-            self._next["prune"] = now + PRUNE_EVERY
+        prune_key = f"prune{spec.index}"
+        if obs.full and obs.reason in ("startup", "rescan") and now >= self._next.get(prune_key, 0):
+            self._next[prune_key] = now + PRUNE_EVERY
             removed = self._ledger.prune(
-                now, self.config.retention, present={f.path for f in files}
+                now, self.config.retention, present={f.path for f in files}, root=spec.root
             )
             if removed:
                 log.info("ledger_pruned", removed=removed)
@@ -316,7 +329,7 @@ class Service:
                     watch=self._specs[index].root,
                     action="rescanning: events may have been missed",
                 )
-                self._request_scan(index, "rescan")
+                self._request_scan(index, "watch restarted")
         if self._scanner is not None and not self._scanner.is_alive():
             problems.append("the scan thread has stopped")
         if self._executor.is_overdue(now):

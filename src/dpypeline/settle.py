@@ -54,7 +54,13 @@ class Settler:
         return path in self._candidates
 
     def note(
-        self, path: str, root: str, settle: float, now: float, *, eligible: bool,
+        self,
+        path: str,
+        root: str,
+        settle: float,
+        now: float,
+        *,
+        eligible: bool,
         sig: tuple[int, int] | None = None,
     ) -> None:
         """Record an observation of ``path``. ``eligible=False`` means "being written".
@@ -79,6 +85,11 @@ class Settler:
             c.eligible, c.sig, c.since = True, sig, now
         if c.eligible:
             heapq.heappush(self._due, (now + settle, next(self._order), path))
+
+    def quiet_for(self, path: str, now: float) -> float | None:
+        """Seconds since ``path`` was last seen changing, or None if it is not tracked."""
+        c = self._candidates.get(path)
+        return None if c is None else now - c.since
 
     def forget(self, path: str) -> None:
         self._candidates.pop(path, None)

@@ -1,0 +1,66 @@
+"""An inotify queue overflow must lead to a rescan, never to silence (watchdog only logs it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ServiceProcess, runs, status, wait_for, write_config
+
+MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+@pytest.fixture
+def tiny_inotify_queue() -> Iterator[None]:
+    """Shrink the kernel's per-instance event queue (read when an inotify instance is made,
+    so only the service started inside this fixture gets it)."""
+    if not os.access(MAX_QUEUED, os.W_OK):
+        pytest.skip(f"needs root to lower {MAX_QUEUED} (CI runs as root)")
+    old = MAX_QUEUED.read_text()
+    MAX_QUEUED.write_text("16")
+    try:
+        yield
+    finally:
+        MAX_QUEUED.write_text(old)
+
+
+@pytest.mark.slow
+def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost(
+    tmp_path: Path, tiny_inotify_queue: None, service_processes: list[ServiceProcess]
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    log = tmp_path / "runs.log"
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox), "settle": "100ms", "rescan_interval": 0}],
+            "jobs": [
+                {"name": "work", "tasks": [{"task": "taskbox.record", "with": {"log": str(log)}}]}
+            ],
+            "logging": {"format": "json"},
+        },
+    )
+    svc = ServiceProcess(cfg)
+    service_processes.append(svc)
+    svc.wait_ready()
+    wait_for(
+        lambda: any(e.get("event") == "scan_done" for e in svc.events()),
+        message="the start-up scan",
+    )
+    svc.signal(signal.SIGSTOP)  # events pile up in the kernel while nobody reads them
+    n = 300
+    for i in range(n):
+        (inbox / f"f{i}.nc").write_bytes(b"x")
+    svc.signal(signal.SIGCONT)
+    wait_for(lambda: len(runs(log)) == n, timeout=60, message="every file after the overflow")
+    events = [e["event"] for e in svc.events()]
+    assert "watch_overflow" in events
+    assert status(cfg)["done"] == n
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(30) == 0

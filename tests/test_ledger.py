@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from dpypeline.cachedir import service_pid
 from dpypeline.errors import StateError
-from dpypeline.ledger import Claim, JobState, Ledger, Recovery, service_pid
+from dpypeline.ledger import Claim, JobState, Ledger, Recovery
 from dpypeline.queue import DB_FILE
 from dpypeline.scan import FileVersion
 
@@ -188,8 +189,12 @@ def test_admit_keeps_the_ready_window_bounded_and_in_ledger_order(service: Ledge
     first = service.claim(2.0)
     assert first is not None
     service.finish(first, JobState.DONE, 3.0)
-    assert service.admit(window=4) == 1
-    order = [first]
+    assert service.admit(window=4) == 0  # 3 of 4 still ready: more than half, no batch yet
+    second = service.claim(3.0)
+    assert second is not None
+    service.finish(second, JobState.DONE, 3.0)
+    assert service.admit(window=4) == 2  # down to half: refilled to the window
+    order = [first, second]
     while True:
         service.admit(window=4)
         c = service.claim(4.0)

@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any
 
+from dpypeline.cachedir import service_pid
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
-from dpypeline.ledger import JobRecord, JobState, Ledger, service_pid
+from dpypeline.ledger import JobRecord, JobState, Ledger
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 

@@ -17,10 +17,8 @@ reaches ``dead`` after ``max_attempts``.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,8 +26,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from dpypeline.cachedir import lock_service, prepare_cache_dir
 from dpypeline.errors import StateError
-from dpypeline.fsinfo import require_local_filesystem
 from dpypeline.queue import DB_FILE, QueueItem, ReadyQueue
 
 SCHEMA = """
@@ -126,49 +124,6 @@ class Recovery:
     dead: int
 
 
-def prepare_cache_dir(cache_dir: Path) -> None:
-    """Create CACHE_DIR private to its owner, and refuse one on a network filesystem."""
-    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    require_local_filesystem(cache_dir, "CACHE_DIR")
-    info = cache_dir.stat()
-    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
-        cache_dir.chmod(0o700)
-
-
-def _lock_service(cache_dir: Path) -> int:
-    """Hold an exclusive lock on CACHE_DIR for the life of the service process: two
-    services on one CACHE_DIR would run every job twice. The kernel drops it at exit."""
-    fd = os.open(cache_dir / "service.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StateError(
-            f"another dpypeline service (pid {holder}) is already using CACHE_DIR {cache_dir};"
-            " stop it first, or give this pipeline its own cache_dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
-
-
-def service_pid(cache_dir: Path) -> int | None:
-    """The pid of the service using CACHE_DIR, or None when none runs."""
-    try:
-        fd = os.open(Path(cache_dir) / "service.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
-    return None
-
-
 class Ledger:
     """Job states in SQLite. ``service=True`` also locks CACHE_DIR for this process and
     opens the ready queue (persist-queue supports one process only)."""
@@ -179,7 +134,7 @@ class Ledger:
         try:
             prepare_cache_dir(self.cache_dir)
             if service:
-                self._lock = _lock_service(self.cache_dir)
+                self._lock = lock_service(self.cache_dir)
             self._db = sqlite3.connect(
                 self.cache_dir / DB_FILE,
                 timeout=30.0,
@@ -295,11 +250,13 @@ class Ledger:
 
     def admit(self, window: int = ADMIT_WINDOW) -> int:
         """Move the oldest unadmitted ``queued`` jobs into the ready queue, keeping at most
-        ``window`` entries there, so ids reach the queue in ledger order."""
+        ``window`` entries there, so ids reach the queue in ledger order. Nothing happens
+        while the queue is still more than half full: admitting in batches keeps the cost
+        of the ``admitted`` flag off the per-job path."""
         queue = self._queue()
-        room = window - len(queue)
-        if room <= 0:
+        if len(queue) > window // 2:
             return 0
+        room = window - len(queue)
         ids = [
             r[0]
             for r in self._db.execute(
@@ -319,15 +276,13 @@ class Ledger:
         queue = self._queue()
         while (item := queue.get()) is not None:
             with self._tx() as db:
-                changed = db.execute(
+                row = db.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, started = ?,"
-                    " updated = ? WHERE id = ? AND state = 'queued'",
+                    f" updated = ? WHERE id = ? AND state = 'queued' RETURNING {_COLUMNS}",
                     (now, now, item.job_id),
-                ).rowcount
-            if changed:
-                record = self.get(item.job_id)
-                assert record is not None
-                return Claim(record=record, item=item)
+                ).fetchone()
+            if row is not None:
+                return Claim(record=_record(row), item=item)
             queue.ack(item)  # a stale entry: the job was finished or retried meanwhile
         return None
 

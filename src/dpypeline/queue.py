@@ -25,6 +25,7 @@ import persistqueue.serializers.json
 from persistqueue.sqlackqueue import AckStatus
 
 DB_FILE = "dpypeline.db"
+PRUNE_EVERY_ACKS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,7 @@ class ReadyQueue:
             timeout=30.0,
         )
         # persist-queue has no option for this; both attributes are its two connections.
+        self._acked = 0
         for conn in (self._q._putter, self._q._getter):
             if conn is not None:
                 conn.execute("PRAGMA synchronous=NORMAL")
@@ -64,6 +66,9 @@ class ReadyQueue:
 
     def ack(self, item: QueueItem) -> None:
         self._q.ack(id=item.queue_id)
+        self._acked += 1
+        if self._acked >= PRUNE_EVERY_ACKS:
+            self.prune()
 
     def put_back_first(self, item: QueueItem) -> None:
         """Return an entry to the head of the queue: only for jobs interrupted by a stop."""
@@ -79,9 +84,11 @@ class ReadyQueue:
             int(row["data"]["job_id"]) for row in self._q.queue() if str(row["status"]) in pending
         }
 
-    def prune(self, max_delete: int = 10_000) -> None:
-        """Delete acked entries (persist-queue keeps them, and its ``get`` slows down)."""
-        self._q.clear_acked_data(max_delete=max_delete, keep_latest=0, clear_ack_failed=True)
+    def prune(self) -> None:
+        """Delete acked entries: persist-queue keeps them, and its ``get`` walks past every
+        one of them (0.03 ms per get+ack with none kept, 3 ms with 100k)."""
+        self._acked = 0
+        self._q.clear_acked_data(max_delete=0, keep_latest=0, clear_ack_failed=True)
 
     def close(self) -> None:
         self._q.close()

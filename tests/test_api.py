@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 from dpypeline import Job, Pipeline, Task
 from dpypeline.ledger import Ledger
@@ -50,3 +52,46 @@ def test_pipeline_from_yaml_loads_and_imports_tasks() -> None:
         "gsod_tasks.write_csv",
     ]
     assert pipeline.jobs[0].tasks[2].wants_context
+
+
+def test_setup_tasks_run_once_before_any_job(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.txt").write_text("a")
+    calls: list[str] = []
+
+    def make_bucket(bucket: str) -> None:
+        calls.append(f"setup {bucket}")
+
+    def work(path: str) -> str:
+        calls.append(f"job {Path(path).name}")
+        return path
+
+    pipeline = Pipeline(
+        watch=[{"path": str(inbox), "settle": "100ms"}],
+        jobs=[Job("work", [Task(work)])],
+        setup=[Task(make_bucket, bucket="nemo")],
+        cache_dir=str(tmp_path / "state"),
+    )
+    assert pipeline.run(once=True) == 0
+    assert calls == ["setup nemo", "job a.txt"]
+
+
+def test_a_failing_setup_task_stops_start_up_and_runs_no_job(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.txt").write_text("a")
+    ran: list[str] = []
+
+    def broken_setup() -> None:
+        raise ConnectionError("object store unreachable")
+
+    pipeline = Pipeline(
+        watch=[str(inbox)],
+        jobs=[Job("work", [Task(ran.append)])],
+        setup=[Task(broken_setup)],
+        cache_dir=str(tmp_path / "state"),
+    )
+    with pytest.raises(ConnectionError, match="unreachable"):
+        pipeline.run(once=True)
+    assert ran == []

@@ -64,3 +64,63 @@ def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost(
     assert status(cfg)["done"] == n
     svc.signal(signal.SIGTERM)
     assert svc.wait(30) == 0
+
+
+MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
+
+
+@pytest.mark.slow
+def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    if not os.access(MAX_WATCHES, os.W_OK):
+        pytest.skip(f"needs root to lower {MAX_WATCHES} (CI runs as root)")
+    inbox = tmp_path / "inbox"
+    for sub in ("a", "b", "c"):
+        (inbox / sub).mkdir(parents=True)
+    log = tmp_path / "runs.log"
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [
+                {
+                    "path": str(inbox),
+                    "settle": "100ms",
+                    "poll_interval": "200ms",
+                    "rescan_interval": 0,
+                }
+            ],
+            "jobs": [
+                {"name": "work", "tasks": [{"task": "taskbox.record", "with": {"log": str(log)}}]}
+            ],
+            "logging": {"format": "json"},
+        },
+    )
+    old = MAX_WATCHES.read_text()
+    MAX_WATCHES.write_text("1")  # not even one watch per directory of the tree
+    try:
+        svc = ServiceProcess(cfg)
+        service_processes.append(svc)
+        svc.wait_ready()
+        wait_for(
+            lambda: any(e.get("event") == "scan_done" for e in svc.events()),
+            message="the start-up scan",
+        )
+    finally:
+        MAX_WATCHES.write_text(old)
+    # watchdog drops the subdirectories it cannot watch without a word; the health check
+    # counts the kernel's watches, finds the gap and polls instead
+    wait_for(
+        lambda: any(e.get("event") == "watch_incomplete" for e in svc.events()),
+        timeout=30,
+        message="the missing watches to be noticed",
+    )
+    [incomplete] = [e for e in svc.events() if e.get("event") == "watch_incomplete"]
+    assert incomplete["watches_held"] < incomplete["directories"] == 4
+    assert "polling" in incomplete["action"]
+    (inbox / "b" / "late.nc").write_bytes(b"x")
+    wait_for(lambda: runs(log), message="the file, found by polling")
+    assert [r[0] for r in runs(log)] == ["b/late.nc"]
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(30) == 0

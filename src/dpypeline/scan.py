@@ -54,6 +54,7 @@ class ScanResult:
     files: list[FileVersion] = field(default_factory=list)
     errors: list[tuple[str, OSError]] = field(default_factory=list)
     vanished: int = 0
+    directories: int = 0  # listed (the root included): what a recursive watch must cover
 
 
 def _number(match: re.Match[str]) -> str:
@@ -99,6 +100,7 @@ def scan(root: str | os.PathLike[str], matcher: PathMatcher) -> ScanResult:
         directory, prefix, encoded_prefix = stack.pop()
         try:
             with os.scandir(directory) as entries:
+                result.directories += 1
                 for entry in entries:
                     name = entry.name
                     rel = prefix + name

@@ -259,7 +259,7 @@ class Service:
         assert self._ledger is not None
         files = obs.files
         new = [files[i] for i in self._ledger.unknown(files, self.job_names)]
-        trust_events = spec.mode == "inotify" and obs.reason == "rescan"
+        trust_events = spec.mode == "inotify" and obs.reason in ("rescan", "watch check")
         stale = max(spec.config.rescan_interval, spec.config.settle)
         for f in new:
             quiet = self._settler.quiet_for(f.path, now)
@@ -322,14 +322,20 @@ class Service:
         """Repair what can be repaired; what is left makes the service unhealthy."""
         problems: list[str] = []
         if self._watcher is not None:
-            repaired, problems = self._watcher.check()
-            for index in repaired:
+            health = self._watcher.check()
+            problems = health.problems
+            for index in health.restarted:
                 log.warning(
                     "watch_restarted",
                     watch=self._specs[index].root,
                     action="rescanning: events may have been missed",
                 )
                 self._request_scan(index, "watch restarted")
+            for index in health.recount:
+                self._request_scan(index, "watch check")
+            for index in health.polling:
+                self._schedule(self._specs[index], now)
+                self._request_scan(index, "watch check")
         if self._scanner is not None and not self._scanner.is_alive():
             problems.append("the scan thread has stopped")
         if self._executor.is_overdue(now):

@@ -43,10 +43,11 @@ from watchdog.observers.inotify import InotifyObserver
 
 from dpypeline.config import WatchConfig
 from dpypeline.fsinfo import filesystem_type, is_network_fstype
+from dpypeline.logs import get_logger
 from dpypeline.patterns import PathMatcher
 from dpypeline.scan import FileVersion, scan
 
-log = logging.getLogger(__name__)
+log = get_logger("dpypeline.watch")
 
 Kind = Literal["writing", "complete", "deleted", "directory", "overflow", "scanned"]
 
@@ -83,6 +84,7 @@ class WatchSpec:
     mode: Literal["inotify", "poll"]
     fstype: str
     observed: ObservedWatch | None = None
+    directories: int = 0  # found by the last full scan
     last_poll: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def relative(self, path: str) -> str | None:
@@ -172,16 +174,17 @@ class Watcher:
         self.specs, self.inbox = specs, inbox
         self._observer: BaseObserver | None = None
         self._hook = _OverflowHook(inbox)
+        self._short = 0  # consecutive checks that found fewer watches than directories
 
     def start(self) -> None:
         logging.getLogger("watchdog.observers.inotify_c").addHandler(self._hook)
         # Full events: a file moved in from outside the tree is a move (complete), not a
         # creation (which would wait for a close that never comes).
         self._observer = InotifyObserver(generate_full_events=True)
+        self._observer.start()  # first: then a watch that fails raises from its schedule()
         for spec in self.specs:
             if spec.mode == "inotify":
                 self._schedule(spec)
-        self._observer.start()
 
     def _schedule(self, spec: WatchSpec) -> None:
         assert self._observer is not None
@@ -191,21 +194,57 @@ class Watcher:
             )
         except OSError as exc:
             log.error(
-                "watch %s cannot use inotify (%s); polling it every %ss instead. Raise "
-                "fs.inotify.max_user_watches / max_user_instances to restore events.",
-                spec.root,
-                exc,
-                spec.config.poll_interval,
+                "watch_failed",
+                watch=spec.root,
+                error=str(exc),
+                action=f"polling it every {spec.config.poll_interval:g}s instead; raise the"
+                " sysctls fs.inotify.max_user_watches / max_user_instances to restore events",
             )
             spec.mode, spec.observed = "poll", None
 
-    def check(self) -> tuple[list[int], list[str]]:
-        """Find dead parts and repair what can be repaired. Returns the watches that were
-        re-established (they need a rescan: events were missed) and the problems left."""
+    def check(self) -> WatchHealth:
+        """Find dead parts and repair what can be repaired: re-establish dead emitters, and
+        poll instead when the kernel holds fewer watches than there are directories."""
+        health = WatchHealth()
         if self._observer is None:
-            return [], []
+            return health
         if not self._observer.is_alive():
-            return [], ["the watchdog observer thread has stopped"]
+            health.problems.append("the watchdog observer thread has stopped")
+            return health
+        health.restarted, health.problems = self._revive_emitters()
+        self._check_coverage(health)
+        return health
+
+    def _check_coverage(self, health: WatchHealth) -> None:
+        """watchdog skips, silently, any subdirectory it cannot watch (inotify's watch limit
+        reached, say), so count the watches the kernel really holds for this process."""
+        inotify = [s for s in self.specs if s.mode == "inotify"]
+        held = inotify_watch_count()
+        expected = sum(s.directories for s in inotify)
+        if held is None or held >= expected:
+            self._short = 0
+            return
+        self._short += 1
+        if self._short == 1:  # maybe directories were removed since the scan: count again
+            health.recount += [s.index for s in inotify]
+            return
+        log.error(
+            "watch_incomplete",
+            watches_held=held,
+            directories=expected,
+            action="polling every watch instead of inotify; raise the sysctl"
+            " fs.inotify.max_user_watches and restart to restore events",
+        )
+        for spec in inotify:
+            if spec.observed is not None and self._observer is not None:
+                with contextlib.suppress(KeyError):
+                    self._observer.unschedule(spec.observed)
+            spec.mode, spec.observed = "poll", None
+            health.polling.append(spec.index)
+        self._short = 0
+
+    def _revive_emitters(self) -> tuple[list[int], list[str]]:
+        assert self._observer is not None
         alive = {e.watch for e in self._observer.emitters if e.is_alive()}
         repaired, problems = [], []
         for spec in self.specs:
@@ -230,6 +269,31 @@ class Watcher:
             self._observer = None
 
 
+@dataclass
+class WatchHealth:
+    restarted: list[int] = field(default_factory=list)  # re-established: events were missed
+    recount: list[int] = field(default_factory=list)  # to rescan before judging coverage
+    polling: list[int] = field(default_factory=list)  # watches switched to polling
+    problems: list[str] = field(default_factory=list)  # what could not be repaired
+
+
+def inotify_watch_count() -> int | None:
+    """Watches held by this process's inotify instances, from /proc (None if unknown)."""
+    count = 0
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                    continue
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    count += sum(1 for line in info if line.startswith("inotify wd:"))
+            except OSError:
+                continue
+    except OSError:
+        return None
+    return count
+
+
 class Scanner(threading.Thread):
     """Walks watched trees off the loop's thread: start-up and periodic reconciliation,
     new subdirectories, and the polls of ``poll`` watches. Results go to the inbox."""
@@ -252,7 +316,12 @@ class Scanner(threading.Thread):
             try:
                 self.inbox.put(self._scan(spec, subdir, reason))
             except Exception:  # a failed walk must not end the thread (and the rescans)
-                log.exception("scan of %s failed; it will be retried", subdir or spec.root)
+                log.exception(
+                    "scan_failed",
+                    watch=spec.root,
+                    path=subdir or spec.root,
+                    action="the next scan retries it",
+                )
 
     def _scan(self, spec: WatchSpec, subdir: str | None, reason: str) -> Observation:
         if subdir is not None:
@@ -261,6 +330,7 @@ class Scanner(threading.Thread):
             result = scan(subdir, sub)  # type: ignore[arg-type]
             return Observation("scanned", spec.index, subdir, tuple(result.files), reason=reason)
         result = scan(spec.root, spec.matcher)
+        spec.directories = result.directories
         files = result.files
         if reason == "poll":
             now = {f.path: (f.size, f.mtime_ns) for f in files}
@@ -270,7 +340,13 @@ class Scanner(threading.Thread):
         else:
             spec.last_poll = {f.path: (f.size, f.mtime_ns) for f in files}
         for path, err in result.errors:
-            log.warning("cannot read %s while scanning %s: %s", path, spec.root, err)
+            log.warning(
+                "scan_unreadable",
+                watch=spec.root,
+                path=path,
+                error=str(err),
+                action="files below it are not seen until it is readable",
+            )
         return Observation("scanned", spec.index, spec.root, tuple(files), full=True, reason=reason)
 
 

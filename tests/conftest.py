@@ -164,3 +164,6 @@ def no_leaked_threads() -> Iterator[None]:
     while leaked() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not leaked(), f"threads left running: {leaked()}"
+
+
+pytest_plugins = ["s3server"]

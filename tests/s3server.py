@@ -1,0 +1,77 @@
+"""A real S3 server on loopback for the tests: moto's server, one per test session, reset
+between tests (as s3fs's own tests do). Its state lives in this process, so stopping and
+starting the server on the same port simulates an outage without losing buckets."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+KEY, SECRET = "test-token-not-a-secret", "test-secret-not-a-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    port: int
+    server: ThreadedMotoServer
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=10).close()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def credentials_file(self, directory: Path, name: str = "s3.json") -> Path:
+        """The original dpypeline's credentials format, private to its owner."""
+        path = directory / name
+        path.write_text(
+            json.dumps({"token": KEY, "secret": SECRET, "endpoint_url": self.endpoint_url})
+        )
+        path.chmod(0o600)
+        return path
+
+    def storage_options(self) -> dict[str, object]:
+        return {
+            "key": KEY,
+            "secret": SECRET,
+            "client_kwargs": {"endpoint_url": self.endpoint_url},
+            "use_listings_cache": False,
+            "skip_instance_cache": True,
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    port = free_port()
+    srv = S3Server(port, ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+    srv.server.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> S3Server:
+    s3_server.reset()
+    return s3_server

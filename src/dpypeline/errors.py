@@ -46,3 +46,9 @@ class JobTimeout(BaseException):
     It derives from BaseException so that task code with a broad ``except Exception``
     cannot swallow it.
     """
+
+
+class Unavailable(TransientError):
+    """A service the job needs (the object store, say) is unreachable: an outage, not the
+    file's fault. The job goes back to the queue without spending an attempt, and the worker
+    pauses, with growing waits, until the service answers again."""

@@ -9,7 +9,7 @@ import threading
 import time
 
 from dpypeline import JobContext
-from dpypeline.errors import PermanentError, TransientError
+from dpypeline.errors import PermanentError, TransientError, Unavailable
 
 
 def _record(log: str, context: JobContext) -> None:
@@ -50,6 +50,15 @@ def behave(path: str, log: str, context: JobContext | None = None) -> str:
         raise ValueError(f"cannot make sense of {name}")
     if "corrupt" in name:
         raise PermanentError(f"{name} is corrupt")
+    _record(log, context)
+    return path
+
+
+def needs_service(path: str, log: str, down: str, context: JobContext | None = None) -> str:
+    """Raise Unavailable while the file ``down`` exists (a service outage)."""
+    assert context is not None
+    if os.path.exists(down):
+        raise Unavailable("object store unreachable (connection refused)")
     _record(log, context)
     return path
 

@@ -323,3 +323,34 @@ def test_once_drains_including_files_arriving_meanwhile_and_exits_0(tmp_path: Pa
     thread.join()
     assert proc.returncode == 0, proc.stderr
     assert sorted(r[0] for r in runs(log)) == ["a0.nc", "a1.nc", "a2.nc", "late.nc"]
+
+
+def test_an_outage_pauses_the_service_without_spending_attempts(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    down = tmp_path / "store-is-down"
+    down.touch()
+    cfg, inbox, log = make_pipeline(
+        tmp_path,
+        task="taskbox.needs_service",
+        down=str(down),
+        retry={"max_attempts": 2, "backoff": {"initial": "200ms", "max": "1s"}},
+    )
+    for name in ("a.nc", "b.nc", "c.nc"):
+        (inbox / name).write_bytes(b"x")
+    svc = ServiceProcess(cfg)
+    service_processes.append(svc)
+    svc.wait_ready()
+    wait_for(
+        lambda: sum(e.get("event") == "service_paused" for e in svc.events()) >= 4,
+        message="several pauses, more than max_attempts",
+    )
+    counts = status(cfg)
+    assert counts["dead"] == counts["done"] == 0
+    assert all(j["attempts"] == 0 for j in jobs(cfg) if j["state"] == "queued")
+    down.unlink()  # the service is back
+    wait_for(lambda: status(cfg)["done"] == 3, message="every job after the outage")
+    assert [r[0] for r in runs(log)] == ["a.nc", "b.nc", "c.nc"]  # order kept
+    assert all(j["attempts"] == 1 for j in jobs(cfg))
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(30) == 0

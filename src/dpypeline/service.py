@@ -210,7 +210,11 @@ class Service:
                 self._executor.close()
             return worker.busy()
         ledger.admit()
-        while self._executor.capacity() > 0 and (claim := ledger.claim(now)) is not None:
+        while (
+            now >= worker.paused_until
+            and self._executor.capacity() > 0
+            and (claim := ledger.claim(now)) is not None
+        ):
             worker.start(claim, now)
         if self.once and self._drained():
             log.info("service_drained", **ledger.counts())
@@ -353,6 +357,9 @@ class Service:
                 self._settler.next_deadline(),
                 self._ledger.next_retry_at() if self._ledger else None,
                 self._executor.next_deadline(),
+                self._worker.paused_until
+                if self._worker and self._worker.paused_until > now
+                else None,
                 *self._next.values(),
             )
             if d is not None

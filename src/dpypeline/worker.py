@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpypeline.config import PipelineConfig, RetryConfig
-from dpypeline.errors import JobTimeout, PermanentError, SkipFile
+from dpypeline.errors import ConfigError, JobTimeout, PermanentError, SkipFile, Unavailable
 from dpypeline.executors import Finished, SerialExecutor
 from dpypeline.ledger import Claim, JobState, Ledger
 from dpypeline.logs import get_logger
@@ -46,7 +46,7 @@ def decide(exc: BaseException, claim: Claim, retry: RetryConfig, now: float) -> 
         return Decision(JobState.SKIPPED, f"skipped: {exc}")
     if isinstance(exc, FileNotFoundError) and not os.path.exists(rec.path):
         return Decision(JobState.SKIPPED, f"skipped: {rec.path} vanished while it was processed")
-    if isinstance(exc, PermanentError):
+    if isinstance(exc, PermanentError | ConfigError):  # a task's own settings are wrong
         return Decision(
             JobState.DEAD,
             f"{describe(exc)} (permanent; fix the cause, then run: dpypeline retry {rec.id})",
@@ -74,6 +74,8 @@ class Worker:
         self.config, self.ledger, self.executor = config, ledger, executor
         self.jobs = {job.name: job for job in jobs}
         self._active: dict[int, tuple[Claim, Any]] = {}
+        self.paused_until = 0.0  # no new job before this: a service they need is down
+        self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
 
     def busy(self) -> bool:
         return bool(self._active)
@@ -138,11 +140,34 @@ class Worker:
 
     def _finish(self, f: Finished, now: float) -> None:
         claim, jlog = self._active.pop(f.job_id)
+        if isinstance(f.error, Unavailable):
+            return self._pause(claim, f.error, jlog, now)
+        self._outages = 0
         if f.error is None:
             decision = Decision(JobState.DONE)
         else:
             decision = decide(f.error, claim, self.config.retry, now)
         self._record(claim, decision, jlog, now, duration=f.duration, exc=f.error)
+        return None
+
+    def _pause(self, claim: Claim, exc: Unavailable, jlog: Any, now: float) -> None:
+        """An outage is not the file's fault: the job goes back to the head of the queue
+        without spending an attempt, and no job starts until the pause is over. Pauses grow
+        like the retry backoff while the outage lasts, so an outage of any length costs no
+        attempts and no hot loop."""
+        self._outages += 1
+        wait = backoff(self._outages, self.config.retry)
+        self.paused_until = now + wait
+        self.ledger.release(claim, now)
+        jlog.warning(
+            "service_paused",
+            state=JobState.QUEUED.value,
+            error=describe(exc),
+            retry_in=round(wait, 1),
+            outages=self._outages,
+            action="the job waits at the head of the queue; nothing to do if the"
+            " service comes back",
+        )
 
     def abandon_stuck(self, job_id: int, now: float) -> None:
         """A job that ignored its timeout: record the attempt as failed (its thread cannot

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -75,3 +76,35 @@ def s3_server() -> Iterator[S3Server]:
 def s3(s3_server: S3Server) -> S3Server:
     s3_server.reset()
     return s3_server
+
+
+@pytest.fixture
+def s3_auth(s3: S3Server) -> Iterator[dict[str, tuple[str, str]]]:
+    """moto checks signatures and IAM policies: "writer" may use S3, "nobody" may not."""
+
+    def reset_auth(count: str) -> None:
+        request = urllib.request.Request(
+            f"{s3.endpoint_url}/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+
+    reset_auth("5")  # the next five requests (setting up the users) need no auth
+    iam = boto3.client(
+        "iam", endpoint_url=s3.endpoint_url, region_name="us-east-1",
+        aws_access_key_id="setup", aws_secret_access_key="setup",
+    )  # fmt: skip
+    keys = {}
+    try:
+        for user in ("writer", "nobody"):
+            iam.create_user(UserName=user)
+            access = iam.create_access_key(UserName=user)["AccessKey"]
+            keys[user] = (access["AccessKeyId"], access["SecretAccessKey"])
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                                                          "Resource": "*"}]}  # fmt: skip
+        iam.put_user_policy(UserName="writer", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        yield keys
+    finally:
+        reset_auth("inf")

@@ -120,9 +120,18 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.fsinfo import require_local_filesystem
+    from dpypeline.objectstore import load_credentials
     from dpypeline.pipeline import import_tasks
 
     jobs, setup = import_tasks(config)
+    problems = []
+    for name, store in config.objectstores.items():
+        try:
+            load_credentials(name, store)
+        except ConfigError as exc:
+            problems.append(f"{config.where('objectstores', name)}: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
     if not os.access(parent, os.W_OK):
@@ -130,7 +139,8 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     print(
         f"ok: {config.name}: {len(config.watch)} watch(es), "
         f"{len(jobs)} job(s) of {sum(len(j.tasks) for j in jobs)} task(s), "
-        f"{len(setup)} setup task(s); state in {config.cache_dir}"
+        f"{len(setup)} setup task(s), {len(config.objectstores)} object store(s);"
+        f" state in {config.cache_dir}"
     )
     return EXIT_OK
 

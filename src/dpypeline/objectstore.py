@@ -1,0 +1,371 @@
+"""Named S3 endpoints: their credentials, their s3fs options, and S3 failures in dpypeline's terms.
+
+This is the one module that knows s3fs and botocore. Tasks get a filesystem or storage
+options here, and wrap their S3 calls in :func:`classify_errors`, which turns what
+s3fs/botocore/aiohttp raise into the failure kinds the worker acts on: bad credentials,
+missing permission or a missing bucket are :class:`PermanentError` (the job is ``dead`` at
+once, with a reason that says what to fix); an unreachable, failing or throttling store is
+:class:`Unavailable` (the worker pauses; no attempt is spent). Anything else propagates
+unchanged. Secrets never appear in a message, repr or log line made here.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import functools
+import json
+import os
+import re
+import socket
+import stat
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpypeline.config import ObjectStoreConfig
+from dpypeline.errors import ConfigError, DpypelineError, PermanentError, Unavailable
+
+if TYPE_CHECKING:
+    import s3fs
+
+__all__ = [
+    "Credentials",
+    "classify_errors",
+    "filesystem",
+    "load_credentials",
+    "s3_error_code",
+    "split_url",
+    "storage_options",
+    "translate_error",
+]
+
+# An outage should fail an operation within seconds, not minutes: the worker's own backoff
+# decides when to try again. botocore tries each request twice, s3fs each call twice.
+CLIENT_CONFIG: dict[str, Any] = {
+    "connect_timeout": 5,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 2, "mode": "standard"},
+}
+S3FS_TRIES = 2
+
+FILE_FORMAT = '{"token": ACCESS_KEY_ID, "secret": SECRET_KEY, "endpoint_url": "https://…"}'
+_ENV_HINT = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
+
+_CREDENTIAL_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+     "InvalidClientTokenId", "TokenRefreshRequired", "AuthorizationHeaderMalformed"}
+)  # fmt: skip
+_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem"})
+_BUSY_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+     "RequestTimeout", "ServiceUnavailable", "InternalError"}
+)  # fmt: skip
+_NETWORK_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """An access key pair and where to use it; ``source`` says where it came from."""
+
+    key: str
+    secret: str = field(repr=False)
+    endpoint_url: str | None = None
+    region: str | None = None
+    source: str = f"the environment ({_ENV_HINT})"
+
+    def __repr__(self) -> str:
+        return (
+            f"Credentials(key={_mask(self.key)!r}, secret=<hidden>, "
+            f"endpoint_url={self.endpoint_url!r}, region={self.region!r}, source={self.source!r})"
+        )
+
+    __str__ = __repr__
+
+
+def _mask(key: str) -> str:
+    shown = key[:4] if len(key) >= 12 else ""
+    return f"{shown}…({len(key)} chars)"
+
+
+def load_credentials(
+    name: str, cfg: ObjectStoreConfig, environ: Mapping[str, str] = os.environ
+) -> Credentials:
+    """The credentials of objectstore *name*: from its ``credentials`` file (the original
+    dpypeline's JSON, ``token`` being the access key id), else from the AWS environment
+    variables. The config's ``endpoint_url``/``region`` win over the file's.
+
+    Raises ConfigError naming the objectstore and the file, never echoing its content.
+    """
+    if cfg.credentials is not None:
+        found = _read_file(name, Path(cfg.credentials))
+    else:
+        key, secret = environ.get("AWS_ACCESS_KEY_ID"), environ.get("AWS_SECRET_ACCESS_KEY")
+        if not key or not secret:
+            raise ConfigError(
+                f"objectstore '{name}' has no credentials: set its `credentials:` to a JSON file"
+                f" {FILE_FORMAT}, or set {_ENV_HINT} in the service's environment"
+            )
+        found = Credentials(
+            key,
+            secret,
+            environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"),
+            environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
+        )
+    return replace(
+        found,
+        endpoint_url=cfg.endpoint_url or found.endpoint_url,
+        region=cfg.region or found.region,
+    )
+
+
+def _read_file(name: str, path: Path) -> Credentials:
+    where = f"objectstore '{name}': credentials file {path}"
+    try:  # O_NONBLOCK: a FIFO in its place must not hang start-up
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where} does not exist (under systemd, LoadCredential= puts it in"
+            " $CREDENTIALS_DIRECTORY)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as stream:
+        st = os.fstat(stream.fileno())  # the file we read, not whatever the name points to now
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{where} is not a regular file")
+        if mode & 0o077:
+            raise ConfigError(
+                f"{where} is accessible by group or others (mode {mode:04o}); a secret must be"
+                f" private to the service's user: run `chmod 600 {path}`, or let systemd hand"
+                " the service a private copy with LoadCredential="
+            )
+        raw = stream.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        at = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        # "from None": a JSONDecodeError carries the whole document, secret included
+        raise ConfigError(f"{where} is not valid JSON{at}; expected {FILE_FORMAT}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} is not a JSON object; expected {FILE_FORMAT}")
+    missing = [k for k in ("token", "secret") if not (isinstance(data.get(k), str) and data[k])]
+    if missing:
+        raise ConfigError(
+            f"{where} lacks {' and '.join(missing)} (non-empty strings); expected {FILE_FORMAT}"
+        )
+    optional = {k: data.get(k) for k in ("endpoint_url", "region")}
+    wrong = [k for k, v in optional.items() if v is not None and not isinstance(v, str)]
+    if wrong:
+        raise ConfigError(f"{where}: {', '.join(wrong)} must be a string")
+    return Credentials(
+        data["token"], data["secret"], optional["endpoint_url"], optional["region"], str(path)
+    )
+
+
+def _config(objectstores: Mapping[str, ObjectStoreConfig], name: str) -> ObjectStoreConfig:
+    try:
+        return objectstores[name]
+    except KeyError:
+        known = ", ".join(f"'{n}'" for n in sorted(objectstores)) or "none"
+        raise ConfigError(
+            f"unknown objectstore '{name}' (the config defines: {known}; add it under"
+            " `objectstores:`)"
+        ) from None
+
+
+def storage_options(objectstores: Mapping[str, ObjectStoreConfig], name: str) -> dict[str, Any]:
+    """fsspec/s3fs options for objectstore *name* (``storage_options=`` of xarray and zarr).
+
+    The listing cache is off: s3fs would otherwise serve a stale listing of a store that
+    another writer changed. The dict holds the secret: pass it on, never log it.
+    """
+    creds = load_credentials(name, _config(objectstores, name))
+    client_kwargs: dict[str, Any] = {}
+    if creds.endpoint_url:
+        client_kwargs["endpoint_url"] = creds.endpoint_url
+    if creds.region:
+        client_kwargs["region_name"] = creds.region
+    return {
+        "key": creds.key,
+        "secret": creds.secret,
+        "client_kwargs": client_kwargs,
+        "config_kwargs": _client_config(),  # a fresh dict: callers may adjust it
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+    }
+
+
+def _client_config() -> dict[str, Any]:
+    from botocore.config import Config
+
+    config = copy.deepcopy(CLIENT_CONFIG)
+    if "request_checksum_calculation" in Config.OPTION_DEFAULTS:
+        # botocore >= 1.36 adds CRC checksum headers to every upload by default, which
+        # S3-compatible stores (Ceph, MinIO, Caringo …) may reject; send them only where
+        # the API requires them. Uploads carry their own Content-MD5 (tasks/upload.py).
+        config["request_checksum_calculation"] = "when_required"
+        config["response_checksum_validation"] = "when_required"
+    return config
+
+
+def filesystem(objectstores: Mapping[str, ObjectStoreConfig], name: str) -> s3fs.S3FileSystem:
+    """A fresh s3fs filesystem for objectstore *name* (never a cached instance)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage_options(objectstores, name))
+    fs.retries = S3FS_TRIES  # a class attribute in s3fs, not an option (default 5)
+    return fs
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/key/x`` → ``("bucket", "key/x")``; ConfigError for anything else."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("s3", "s3a"):
+        raise ConfigError(f"not an S3 URL: {url!r} (expected s3://BUCKET/KEY)")
+    bucket, _, key = rest.partition("/")
+    check_bucket(bucket)
+    return bucket, key
+
+
+def check_bucket(bucket: str) -> str:
+    """*bucket* if it is a valid bucket name (3-63 of a-z 0-9 . - _), else ConfigError."""
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ConfigError(
+            f"not a valid bucket name: {bucket!r} (3 to 63 lowercase letters, digits, dots,"
+            " hyphens; starting and ending with a letter or digit)"
+        )
+    return bucket
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code (``NoSuchBucket``, ``404`` …) behind *exc*, if S3 answered at all."""
+    found = _client_error(exc)
+    return found[0] if found else None
+
+
+@contextmanager
+def classify_errors(
+    what: str, *, objectstore: str | None = None, config: ObjectStoreConfig | None = None
+) -> Iterator[None]:
+    """Translate failures of the S3 operations inside into dpypeline errors.
+
+    *what* completes "… while {what}", e.g. ``"writing s3://b/x.zarr"``; *objectstore* and
+    *config* only make the messages more precise. The original exception stays the cause.
+    """
+    try:
+        yield
+    except DpypelineError:
+        raise
+    except Exception as exc:
+        translated = translate_error(exc, what, objectstore=objectstore, config=config)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def translate_error(
+    exc: BaseException,
+    what: str,
+    *,
+    objectstore: str | None = None,
+    config: ObjectStoreConfig | None = None,
+) -> DpypelineError | None:
+    """The dpypeline error for *exc* (see :func:`classify_errors`), or None to let it pass."""
+    store = f"the object store '{objectstore}'" if objectstore else "the object store"
+    if config is None:
+        check = "the token and secret"
+    elif config.credentials is not None:
+        check = f"the token and secret in {config.credentials}"
+    else:
+        check = _ENV_HINT
+    client = _client_error(exc)
+    if client is not None:
+        code, status, bucket = client
+        answer = f"{status} {code}" if str(status) != code else code
+        if code in _CREDENTIAL_CODES:
+            return PermanentError(
+                f"{store} refused the credentials ({answer}) while {what}: check {check}"
+            )
+        if code in _DENIED_CODES or status == 403:
+            return PermanentError(
+                f"{store} denied access ({answer}) while {what}: check {check}, and that"
+                " they are allowed to use this bucket"
+            )
+        if code == "NoSuchBucket":
+            name = f"bucket '{bucket}'" if bucket else "the bucket"
+            return PermanentError(
+                f"{name} does not exist on {store} (NoSuchBucket) while {what}: create it"
+                " (e.g. with a create_bucket setup task) or fix the bucket name"
+            )
+        if code in _BUSY_CODES or status >= 500 or status == 429:
+            return Unavailable(
+                f"{store} is unavailable ({answer}) while {what}; waiting until it answers"
+            )
+        return None
+    network = next((e for e in _chain(exc) if _is_network_error(e)), None)
+    if network is not None:
+        detail = str(network) or type(network).__name__
+        where = f" at {config.endpoint_url}" if config is not None and config.endpoint_url else ""
+        return Unavailable(
+            f"{store}{where} is unreachable ({type(network).__name__}: {detail}) while {what};"
+            " waiting until it answers"
+        )
+    if isinstance(exc, PermissionError):
+        return PermanentError(f"permission denied while {what}: {exc}")
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """*exc* and every exception it was raised from or during, each once."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+
+
+def _client_error(exc: BaseException) -> tuple[str, int, str | None] | None:
+    """(code, HTTP status, bucket) of the first botocore ClientError behind *exc*."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            error = response["Error"]
+            code = str(error.get("Code") or "")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if not status and code.isdigit():
+                status = int(code)
+            return code, int(status), error.get("BucketName")
+    return None
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    if isinstance(exc, _network_errors()):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
+
+
+@functools.cache
+def _network_errors() -> tuple[type[BaseException], ...]:
+    import aiohttp
+    import botocore.exceptions as boto
+
+    return (
+        boto.HTTPClientError,  # ReadTimeoutError, ConnectionClosedError, …
+        boto.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, …
+        aiohttp.ClientConnectionError,  # refused, reset, DNS, server disconnected
+        aiohttp.ClientPayloadError,
+        ConnectionError,
+        TimeoutError,  # also asyncio's and fsspec's FSTimeoutError
+        socket.gaierror,
+    )

@@ -1,0 +1,109 @@
+"""NetCDF → Zarr throughput: our tasks against a hand-written xarray append on the same files.
+
+    python scripts/bench_zarr.py [--quick] [--dir DIR]
+
+For each case (local store, moto S3 store on loopback; small GYRE files, large refined
+ones) the same files are appended to a fresh store twice by each side, alternately:
+ours = `open_dataset(chunks={time_counter: 1})` → `to_zarr(append_dim=...)` (the built-in
+tasks, with their checks, lock and commit protocol); baseline = the hand-written
+`xr.open_dataset(f).to_zarr(store, append_dim=...)`. The figure is files/s, best of two,
+and the ratio ours/baseline (higher is better; the target is >= 0.9x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import xarray as xr
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_nemo import make_series  # noqa: E402
+
+from dpypeline.tasks.netcdf import open_dataset  # noqa: E402
+from dpypeline.tasks.zarr import to_zarr  # noqa: E402
+
+DIM = "time_counter"
+CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
+
+
+def ours(files: list[Path], store: str, options: dict | None) -> None:
+    for f in files:
+        to_zarr(
+            open_dataset(str(f), chunks={DIM: 1}), store, append_dim=DIM, storage_options=options
+        )
+
+
+def hand_written(files: list[Path], store: str, options: dict | None) -> None:
+    for i, f in enumerate(files):
+        ds = xr.open_dataset(f, decode_times=CODER)
+        if i == 0:
+            ds.to_zarr(store, mode="w", storage_options=options, zarr_format=2)
+        else:
+            ds.to_zarr(store, append_dim=DIM, storage_options=options, zarr_format=2)
+
+
+def timed(fn: Callable[..., None], files: list[Path], store: str, options: dict | None) -> float:
+    t0 = time.perf_counter()
+    fn(files, store, options)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small files, local and S3 only")
+    parser.add_argument("--dir", default=None, help="where to put the files (default: tmp)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-zarr-", dir=args.dir))
+    server = None
+    try:
+        from moto.server import ThreadedMotoServer
+
+        from dpypeline.objectstore import filesystem  # noqa: F401 - the same options path
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        s3 = {
+            "key": "bench",
+            "secret": "bench",
+            "use_listings_cache": False,
+            "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
+        }
+        import s3fs
+
+        s3fs.S3FileSystem(**s3).mkdir("bench-bucket")
+        sizes = [("small", 12)] if args.quick else [("small", 12), ("large", 6)]
+        rows = []
+        for size, n in sizes:
+            files = make_series(work / size, n, size=size)
+            for where, options in (("local", None), ("moto S3", s3)):
+                best = {"ours": float("inf"), "baseline": float("inf")}
+                for run in range(2):
+                    for name, fn in (("ours", ours), ("baseline", hand_written)):
+                        if where == "local":
+                            store = str(work / f"{size}-{name}-{run}.zarr")
+                        else:
+                            store = f"s3://bench-bucket/{size}-{name}-{run}.zarr"
+                        best[name] = min(best[name], timed(fn, files, store, options))
+                rows.append((f"{where}, {n} {size} files", n / best["ours"], n / best["baseline"]))
+        print(f"{'case':<28} {'ours files/s':>13} {'baseline files/s':>17} {'ratio':>7}")
+        for case, o, b in rows:
+            print(f"{case:<28} {o:>13.2f} {b:>17.2f} {o / b:>6.2f}x")
+        print("ratio = ours / hand-written xarray (files/s; target >= 0.9x)")
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

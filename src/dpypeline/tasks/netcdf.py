@@ -1,0 +1,147 @@
+"""NetCDF input: ``open_dataset`` and ``clean_dataset``, the first tasks of an ingest job.
+
+``open_dataset`` turns "this file is not NetCDF" (empty, truncated, text) into a
+:class:`PermanentError` that names the file, so a bad upload ends ``dead`` with a reason at
+once instead of being retried. ``clean_dataset`` is the original dpypeline's missing/fill
+value handling, made safe for ``to_zarr``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dpypeline.errors import ConfigError, PermanentError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+ENGINES = ("netcdf4", "h5netcdf")
+
+
+class _LibraryLock:
+    """The process's lock around the HDF5 and netCDF-C libraries, which are not
+    thread-safe. xarray locks only part of what it asks of them (not the metadata it reads
+    while opening a file): concurrent opens in threads fail with "HDF error" or crash the
+    process. Opening and every later read of data (xarray's ``lock``) hold this lock.
+    Reentrant, since xarray takes it again inside an open; pickled (dask ships tasks), it
+    is the receiving process's lock."""
+
+    _lock = threading.RLock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __reduce__(self) -> tuple[type[_LibraryLock], tuple[()]]:
+        return (_LibraryLock, ())
+
+
+_LIBRARY_LOCK = _LibraryLock()
+
+
+def open_dataset(
+    path: str,
+    *,
+    engine: str | None = None,
+    chunks: dict[str, int] | None = None,
+    use_cftime: bool | None = None,
+    **kwargs: Any,
+) -> xr.Dataset:
+    """Open a NetCDF file lazily with xarray.
+
+    ``engine``: ``netcdf4`` or ``h5netcdf`` (needs h5py); None lets xarray choose.
+    ``chunks``: dask chunks, e.g. ``{time_counter: 1}``; None reads with numpy.
+    ``use_cftime``: None decodes times of standard calendars to numpy datetime64 and keeps
+    every other calendar (NEMO's ``360_day``, ``noleap`` …) as cftime objects; True always
+    uses cftime. Times keep their ``units`` and ``calendar`` encoding, which ``to_zarr``
+    writes back unchanged. Other keyword arguments go to :func:`xarray.open_dataset`.
+
+    A missing file raises FileNotFoundError (the worker skips files that vanished). A file
+    that is empty, truncated or not NetCDF at all raises PermanentError naming the file.
+    """
+    import xarray as xr
+
+    if engine is not None and engine not in ENGINES:
+        raise ConfigError(
+            f"open_dataset: engine must be one of {', '.join(ENGINES)}, not {engine!r}"
+        )
+    if os.stat(path).st_size == 0:
+        raise PermanentError(f"{path} is empty (0 bytes), not a NetCDF file: re-send the file")
+    kwargs.setdefault("decode_times", xr.coders.CFDatetimeCoder(use_cftime=use_cftime))
+    kwargs.setdefault("lock", _LIBRARY_LOCK)
+    try:
+        with _LIBRARY_LOCK:
+            return xr.open_dataset(path, engine=engine, chunks=chunks, **kwargs)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except PermissionError as exc:
+        raise PermanentError(
+            f"{path} cannot be read (permission denied): fix its permissions, then"
+            " `dpypeline retry` the job"
+        ) from exc
+    except ImportError as exc:
+        raise ConfigError(f"open_dataset: engine {engine!r} is not usable here: {exc}") from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        # netCDF4 says "NetCDF: Unknown file format" / "HDF error" (truncated HDF5), h5py
+        # "file signature not found" / "truncated file", xarray's engine guess ValueError.
+        detail = (str(exc).splitlines() or [""])[0]
+        raise PermanentError(
+            f"{path} is not readable NetCDF ({type(exc).__name__}: {detail}); it may be"
+            " truncated or not NetCDF at all: re-send the file"
+        ) from exc
+
+
+def clean_dataset(
+    ds: xr.Dataset,
+    *,
+    missing_value: float | None = None,
+    fill_value: float | None = None,
+    threshold: float | None = None,
+) -> xr.Dataset:
+    """Missing and fill values as the original dpypeline handled them, for float data
+    variables only (coordinates and integer, boolean, text or time variables are left alone).
+
+    - ``missing_value``: values equal to it become NaN (compared in the variable's own dtype,
+      so ``1.0e20`` matches NEMO's float32 ``1e20``).
+    - ``threshold``: as in the original, a tolerance around ``missing_value``: values with
+      ``|x - missing_value| < threshold`` become NaN too. It needs ``missing_value``.
+    - ``fill_value``: the ``_FillValue`` NaN is written as in the output (None keeps the
+      source's, e.g. NEMO's ``1e20``).
+
+    The ``missing_value`` attribute and encoding are removed from the variables touched:
+    missing values are NaN once decoded, and a ``missing_value`` that differs from the
+    ``_FillValue`` makes xarray's writers raise. Returns a new dataset; ``ds`` is unchanged.
+    """
+    if threshold is not None and missing_value is None:
+        raise ConfigError("clean_dataset: threshold is a tolerance around missing_value; set both")
+    if threshold is not None and not threshold > 0:
+        raise ConfigError(f"clean_dataset: threshold must be positive, not {threshold}")
+    out = ds.copy()
+    for name, da in ds.data_vars.items():
+        if da.dtype.kind != "f":
+            continue
+        cleaned = da.copy(deep=False)
+        if missing_value is not None:
+            target = np.asarray(missing_value, dtype=da.dtype)
+            missing = da == target
+            if threshold is not None:
+                missing = missing | (abs(da - target) < threshold)
+            cleaned = cleaned.where(~missing)
+        cleaned.attrs = {k: v for k, v in da.attrs.items() if k != "missing_value"}
+        cleaned.encoding = {k: v for k, v in da.encoding.items() if k != "missing_value"}
+        if fill_value is not None:
+            cleaned.encoding["_FillValue"] = np.asarray(fill_value, dtype=da.dtype)[()]
+        out[name] = cleaned
+    return out

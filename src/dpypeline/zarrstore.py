@@ -1,0 +1,451 @@
+"""Zarr stores that stay correct through replays, crashes and concurrent jobs.
+
+The store-level pieces of the ``to_zarr`` task (``dpypeline.tasks.zarr``), as plain
+functions: where a store is (:func:`locate`), the lock that keeps writers apart
+(:func:`store_lock`), the store's state read afresh under it (:func:`open_store`), and the
+crash-consistency protocol:
+
+- The group attribute ``dpypeline_committed`` is the number of complete steps along the
+  append dimension, written last (:func:`commit`). Steps ``[0, committed)`` are the truth;
+  anything beyond them in any array is the leftover of a write that died, and
+  :func:`repair` cuts every array back to ``committed`` before the next write.
+- A store with ``dpypeline_append_dim`` but no ``dpypeline_committed`` died while being
+  created: :func:`write_new` deletes its arrays (the group last, so the store stays
+  recognisable until then) and creates it again.
+- Region writes into a template overwrite whole chunks in place, then record the steps in
+  ``dpypeline_written``; a replay writes the same chunks again.
+- Writes cover whole chunks only (:func:`misaligned`): a partial chunk would be a
+  read-modify-write of a chunk that also holds committed steps. Each chunk is replaced
+  atomically (a local file renamed into place, an S3 PUT): old or new, never torn.
+
+:func:`failpoint` kills the process with SIGKILL at a named point of a write when the
+environment variable ``DPYPELINE_FAILPOINT`` names it (and, if
+``DPYPELINE_FAILPOINT_ONCE_FILE`` names a file, only if that file exists: it is deleted
+first, so only the first run dies). It is inert unless the variable is set; the crash
+tests use it to stop a write exactly between two of its steps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dpypeline.errors import ConfigError, PermanentError
+
+if TYPE_CHECKING:
+    import xarray as xr
+    import zarr
+    from zarr.abc.store import Store as ZarrStore
+
+COMMITTED = "dpypeline_committed"
+APPEND_DIM = "dpypeline_append_dim"
+WRITTEN = "dpypeline_written"
+MARKERS = (COMMITTED, APPEND_DIM, WRITTEN)
+# What xarray needs to encode a variable as a store holds it. The rest of a NetCDF
+# source's encoding (chunksizes, zlib, shuffle, contiguous, source …) means nothing to Zarr.
+CF_ENCODING = ("dtype", "units", "calendar", "_FillValue", "missing_value", "scale_factor",
+               "add_offset", "coordinates")  # fmt: skip
+CHUNK_BYTES = 64 * 2**20
+_GROUP_METADATA = frozenset({".zgroup", ".zattrs", ".zmetadata", "zarr.json"})
+
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+_S3_STORES: dict[tuple[str, str], ZarrStore] = {}
+
+
+def failpoint(name: str) -> None:
+    """Die here by SIGKILL if ``$DPYPELINE_FAILPOINT`` is ``name`` (see the module doc)."""
+    if os.environ.get("DPYPELINE_FAILPOINT") != name:
+        return
+    once = os.environ.get("DPYPELINE_FAILPOINT_ONCE_FILE")
+    if once:
+        try:
+            os.unlink(once)
+        except FileNotFoundError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store's normalised URL (an absolute path for a local store) and, for S3, the
+    s3fs options to reach it (they hold the secret: never logged or shown)."""
+
+    url: str
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def remote(self) -> bool:
+        return self.url.startswith("s3://")
+
+    @property
+    def lock_key(self) -> str:
+        """The store lock's name, the same in every process (for ``distributed.Lock``)."""
+        return f"dpypeline-zarr:{self.url}"
+
+    def open(self) -> ZarrStore:
+        """The zarr store. An S3 store's client is made once per process and kept: each
+        new s3fs client would open (and leak) an HTTP session of its own."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if not self.remote:
+            return LocalStore(self.url)
+        key = (self.url, json.dumps(self.storage_options, sort_keys=True, default=str))
+        with _LOCKS_GUARD:
+            if key not in _S3_STORES:
+                from dpypeline.objectstore import S3FS_TRIES
+
+                store = FsspecStore.from_url(
+                    self.url, storage_options=dict(self.storage_options or {})
+                )
+                store.fs.retries = S3FS_TRIES  # an outage must surface within seconds
+                _S3_STORES[key] = store
+            return _S3_STORES[key]
+
+
+def locate(store: str, storage_options: Mapping[str, Any] | None = None) -> Location:
+    """The :class:`Location` of a local path (``file://`` allowed) or ``s3://bucket/key``.
+    s3fs's listing and instance caches are always off: a cached listing would hide what
+    another writer, or a crashed attempt, left in the store."""
+    if store.startswith(("s3://", "s3a://")):
+        options = {**(storage_options or {}), "use_listings_cache": False}
+        options["skip_instance_cache"] = True
+        return Location("s3://" + store.split("://", 1)[1].strip("/"), options)
+    if store.startswith("file://"):
+        store = store.removeprefix("file://")
+    elif "://" in store:
+        raise ConfigError(f"to_zarr: store must be a local path or s3://bucket/key, not {store!r}")
+    return Location(os.path.abspath(os.path.expanduser(store)))
+
+
+@contextmanager
+def store_lock(location: Location) -> Iterator[None]:
+    """Hold the store's lock for a whole read-check-write-commit sequence.
+
+    Two appends that interleave would both see the same committed length and write the
+    same steps. Within a process, a ``threading.Lock`` per store URL serialises the jobs of
+    a threaded executor; for a local store an ``flock`` on ``STORE.lock`` beside it also
+    keeps other processes out. The Dask executor takes ``distributed.Lock(location.lock_key)``
+    around the task, which covers S3 stores written from several machines.
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(location.url, threading.Lock())
+    with lock:
+        if location.remote:
+            yield
+            return
+        os.makedirs(os.path.dirname(location.url), exist_ok=True)
+        fd = os.open(location.url + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+
+@dataclass
+class StoreState:
+    """An open store: its group, arrays and their dimension names."""
+
+    zstore: ZarrStore
+    group: zarr.Group
+    arrays: dict[str, zarr.Array]
+    dims: dict[str, tuple[str, ...]]
+
+    @property
+    def zarr_format(self) -> int:
+        return int(self.group.metadata.zarr_format)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def along(self, dim: str) -> dict[str, zarr.Array]:
+        """The arrays that have dimension ``dim``."""
+        return {n: a for n, a in self.arrays.items() if dim in self.dims[n]}
+
+    def length(self, name: str, dim: str) -> int:
+        return int(self.arrays[name].shape[self.dims[name].index(dim)])
+
+
+def open_store(zstore: ZarrStore, url: str) -> StoreState | None:
+    """The store's state, read afresh: never from consolidated metadata, which may be
+    stale, and with one listing rather than zarr's probing of every member. None where a
+    new store may be created: nothing there yet, or a group without arrays. Anything else
+    that is not a Zarr group is refused, never overwritten."""
+    import zarr
+    from zarr.core.sync import sync
+
+    found = sync(_top_level(zstore))
+    try:
+        group = zarr.open_group(zstore, mode="r+", use_consolidated=False)
+    except FileNotFoundError:  # zarr's GroupNotFoundError derives from it
+        if set(found) - _GROUP_METADATA:
+            raise PermanentError(
+                f"{url} exists and is not a Zarr store ({', '.join(sorted(found)[:5])} …):"
+                " choose another store, or remove it"
+            ) from None
+        return None
+    fmt = group.metadata.zarr_format
+    arrays = {}
+    for name in sorted(set(found) - _GROUP_METADATA):
+        try:
+            arrays[name] = zarr.open_array(zstore, path=name, mode="r+", zarr_format=fmt)
+        except FileNotFoundError:  # not an array (a subgroup, a stray file): not ours
+            continue
+    if not arrays:
+        return None
+    dims = {name: array_dims(a) for name, a in arrays.items()}
+    return StoreState(zstore, group, arrays, dims)
+
+
+async def _top_level(zstore: ZarrStore) -> list[str]:
+    return [key async for key in zstore.list_dir("")]
+
+
+def array_dims(array: zarr.Array) -> tuple[str, ...]:
+    """Dimension names as xarray records them (``dimension_names`` in Zarr 3,
+    ``_ARRAY_DIMENSIONS`` in Zarr 2)."""
+    names: Any = getattr(array.metadata, "dimension_names", None)
+    names = names or array.attrs.get("_ARRAY_DIMENSIONS") or ()
+    return tuple(str(n) for n in names)
+
+
+def committed_length(state: StoreState, dim: str) -> int:
+    """The number of complete steps along ``dim``: the commit marker or, for a store
+    written by something else, the common length of its arrays."""
+    if COMMITTED in state.attrs:
+        return int(state.attrs[COMMITTED])
+    lengths = {name: state.length(name, dim) for name in state.along(dim)}
+    if len(set(lengths.values())) > 1:
+        raise PermanentError(
+            f"the arrays of the store differ in length along {dim} ({lengths}) and it"
+            " has no dpypeline commit marker, so which steps are complete is unknown: repair"
+            " it by hand, or write to a new store"
+        )
+    return next(iter(lengths.values()), 0)
+
+
+def repair(state: StoreState, dim: str, committed: int) -> dict[str, int]:
+    """Cut every array back to ``committed`` steps along ``dim``, deleting the chunks a
+    crashed write left beyond. Returns the arrays cut, with the lengths they had."""
+    cut = {}
+    for name in state.along(dim):
+        length = state.length(name, dim)
+        if length < committed:
+            raise PermanentError(
+                f"array {name!r} has {length} steps along {dim} but the commit marker says"
+                f" {committed} are complete: the store was changed by something else; repair"
+                " it by hand, or write to a new store"
+            )
+        if length > committed:
+            resize(state, name, dim, committed)
+            cut[name] = length
+    return cut
+
+
+def resize(state: StoreState, name: str, dim: str, length: int) -> None:
+    array = state.arrays[name]
+    shape = list(array.shape)
+    shape[state.dims[name].index(dim)] = length
+    array.resize(tuple(shape))
+
+
+def grow(state: StoreState, dim: str, length: int) -> None:
+    """Resize every array along ``dim`` to ``length`` (failpoint ``before_resize`` first)."""
+    failpoint("before_resize")
+    for name in state.along(dim):
+        resize(state, name, dim, length)
+
+
+def misaligned(state: StoreState, dim: str, start: int, stop: int, length: int) -> dict[str, int]:
+    """The arrays whose chunks along ``dim`` the write ``[start, stop)`` would cut, with
+    their chunk size. A write may end inside a chunk only where the array ends
+    (``length``): that chunk holds nothing else."""
+    bad = {}
+    for name, array in state.along(dim).items():
+        size = int(array.chunks[state.dims[name].index(dim)])
+        if start % size or (stop % size and stop != length):
+            bad[name] = size
+    return bad
+
+
+def commit(state: StoreState, attrs: Mapping[str, Any], consolidated: bool) -> None:
+    """The commit point of a write: the markers (failpoint ``before_commit`` first)."""
+    failpoint("before_commit")
+    save_group(state, attrs, consolidated)
+
+
+def save_group(state: StoreState, attrs: Mapping[str, Any], consolidated: bool) -> None:
+    """Update the group's attributes and, in the same write, its consolidated metadata
+    (what readers open the store with), made from the arrays as this write left them
+    rather than by reading the whole store back. Without ``consolidated``, a consolidated
+    copy left from earlier is removed, so that no reader is served a stale one."""
+    import dataclasses
+
+    import zarr
+    from zarr.core.group import AsyncGroup, ConsolidatedMetadata
+    from zarr.core.sync import sync
+
+    metadata = state.group.metadata
+    if consolidated:
+        members = {name: array.metadata for name, array in state.arrays.items()}
+        metadata = dataclasses.replace(
+            metadata,
+            consolidated_metadata=ConsolidatedMetadata(metadata=members),  # type: ignore[arg-type]
+        )
+    group = zarr.Group(AsyncGroup(metadata=metadata, store_path=state.group.store_path))
+    state.group = group.update_attributes(dict(attrs))
+    if not consolidated and state.zarr_format == 2:
+        sync(state.zstore.delete(".zmetadata"))
+
+
+def write_new(
+    ds: xr.Dataset,
+    zstore: ZarrStore,
+    state: StoreState | None,
+    zarr_format: int,
+    *,
+    chunks: Mapping[str, int],
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write ``ds`` as a new store with group attributes ``ds.attrs | attrs``, replacing
+    ``state``'s arrays (a crashed creation) if given; encodings by :func:`new_encoding`."""
+    if state is not None:  # arrays first: until the group goes, the store is recognisable
+        for array in state.arrays:
+            del state.group[array]
+    out = ds.copy()
+    out.encoding = {}
+    for name in list(out.variables):
+        var = out.variables[name]
+        encoding = new_encoding(var, chunks)
+        if var.chunks is not None:
+            var = var.chunk(dict(zip(var.dims, encoding["chunks"], strict=True)))
+        var.encoding = encoding
+        out[name] = var
+    out.attrs = {k: v for k, v in ds.attrs.items() if k not in MARKERS} | dict(attrs)
+    out.to_zarr(zstore, mode="w", consolidated=False, zarr_format=zarr_format)
+
+
+def new_encoding(var: xr.Variable, chunks: Mapping[str, int]) -> dict[str, Any]:
+    """A new array's encoding: the source's CF encoding (units, calendar, dtype, fill
+    value …) and chunks from ``chunks``, else the dask chunks, else whole dimensions split
+    until a chunk is at most ``CHUNK_BYTES`` (a NetCDF file's own chunks are sized for
+    HDF5 on a disk, far too small for objects in S3)."""
+    enc = {k: var.encoding[k] for k in CF_ENCODING if k in var.encoding}
+    if "dtype" in var.encoding and "_FillValue" not in var.encoding:
+        enc["_FillValue"] = None  # the source file had none: do not invent one
+    fill, missing = enc.get("_FillValue"), enc.get("missing_value")
+    if fill is not None and missing is not None and not np.array_equal(fill, missing, True):
+        del enc["missing_value"]  # xarray refuses both; the data are masked (NaN) already
+    dask = dict(zip(var.dims, (c[0] for c in var.chunks), strict=True)) if var.chunks else {}
+    sizes = [
+        chunks.get(str(d)) or dask.get(d) or n for d, n in zip(var.dims, var.shape, strict=True)
+    ]
+    free = [i for i, d in enumerate(var.dims) if str(d) not in chunks and d not in dask]
+    while (
+        free
+        and max(sizes[i] for i in free) > 1
+        and np.prod(sizes) * var.dtype.itemsize > CHUNK_BYTES
+    ):
+        largest = max(free, key=lambda i: sizes[i])
+        sizes[largest] = -(-sizes[largest] // 2)
+    enc["chunks"] = tuple(max(1, n) for n in sizes)
+    return enc
+
+
+def open_lazy(state: StoreState) -> xr.Dataset:
+    """The store as xarray decodes it, every variable lazy (no index is loaded): the
+    variables' dtypes and encodings for the checks and for encoding new data. From the
+    consolidated metadata when it lists the same arrays (shapes may be stale there: data
+    are read from ``state.arrays``), else from the arrays themselves."""
+    import xarray as xr
+
+    def open_(consolidated: bool) -> xr.Dataset:
+        return xr.open_zarr(
+            state.zstore,
+            consolidated=consolidated,
+            chunks=None,
+            zarr_format=state.zarr_format,
+            create_default_indexes=False,
+            decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
+        )
+
+    try:
+        ds = open_(consolidated=True)
+        if set(map(str, ds.variables)) == set(state.arrays):
+            return ds
+    except (FileNotFoundError, KeyError, ValueError):  # no consolidated metadata
+        pass
+    return open_(consolidated=False)
+
+
+def encode_like(var: xr.Variable, stored: xr.Variable) -> xr.Variable:
+    """``var`` encoded as the store encodes ``stored`` (units, calendar, dtype, fill
+    value), lazily if it is a dask array."""
+    from xarray.conventions import encode_cf_variable
+
+    v = var.copy(deep=False)
+    v.encoding = {k: stored.encoding[k] for k in CF_ENCODING if k in stored.encoding}
+    v.encoding.pop("coordinates", None)  # a dataset-level matter, not this variable's
+    return encode_cf_variable(v)
+
+
+def raw(var: xr.Variable, stored: xr.Variable) -> np.ndarray:
+    return np.asarray(encode_like(var, stored).values)
+
+
+def write_array(
+    var: xr.Variable, stored: xr.Variable, state: StoreState, name: str, *, dim: str, start: int
+) -> None:
+    """``var`` encoded like the store's ``stored``, into array ``name`` from ``start`` along
+    ``dim``. Alignment was checked, so every chunk is written whole, never read back."""
+    array = state.arrays[name]
+    where = _region(state, name, dim, start, var.sizes[dim])
+    encoded = encode_like(var, stored)
+    if encoded.chunks is None:
+        array[where] = encoded.values
+        return
+    import dask.array
+
+    source = encoded.data.rechunk(array.chunks)  # one dask task per store chunk
+    dask.array.store(source, array, regions=where, lock=False)  # type: ignore[arg-type]
+
+
+def same(
+    var: xr.Variable, stored: xr.Variable, state: StoreState, name: str, *,
+    dim: str | None = None, start: int = 0,
+) -> bool:  # fmt: skip
+    """Whether ``var`` is what the store holds (from ``start`` along ``dim``), compared as
+    stored, NaN equal to NaN."""
+    new = raw(var, stored)
+    old = np.asarray(state.arrays[name][_region(state, name, dim, start, var.sizes.get(dim, 0))])
+    nan = new.dtype.kind in "fc" and old.dtype.kind in "fc"
+    return new.shape == old.shape and bool(np.array_equal(new, old, equal_nan=nan))
+
+
+def decode_values(values: np.ndarray, stored: xr.Variable) -> list[str]:
+    """Raw values of ``stored`` as a reader sees them (dates for times), for messages."""
+    import xarray as xr
+
+    attrs = {k: stored.encoding[k] for k in ("units", "calendar") if k in stored.encoding}
+    coder = xr.coders.CFDatetimeCoder(use_cftime=True)
+    var = xr.conventions.decode_cf_variable(
+        "v", xr.Variable("i", values, attrs), decode_times=coder
+    )
+    return [str(v) for v in var.values]
+
+
+def _region(
+    state: StoreState, name: str, dim: str | None, start: int, size: int
+) -> tuple[slice, ...]:
+    return tuple(slice(start, start + size) if d == dim else slice(None) for d in state.dims[name])

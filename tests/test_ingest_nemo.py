@@ -1,0 +1,299 @@
+"""The main job end to end: `dpypeline run` ingests NEMO files into a Zarr store on a real
+S3 server (moto on loopback), through outages and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import s3fs
+import xarray as xr
+
+from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from s3server import S3Server
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_nemo import make_series
+
+pytestmark = pytest.mark.slow
+BUCKET = "nemo-test"
+STORE = f"s3://{BUCKET}/gyre_T.zarr"
+
+
+def nemo_config(tmp_path: Path, s3: S3Server, **extra: Any) -> tuple[Path, Path]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    creds = s3.credentials_file(tmp_path)
+    data: dict[str, Any] = {
+        "cache_dir": str(tmp_path / "state"),
+        "watch": [{"path": str(inbox), "patterns": ["*.nc"], "settle": "200ms"}],
+        "retry": {"max_attempts": 3, "backoff": {"initial": "1s", "max": "4s"}},
+        "objectstores": {"moto": {"credentials": str(creds)}},
+        "setup": [{"task": "create_bucket", "with": {"objectstore": "moto", "bucket": BUCKET}}],
+        "jobs": [
+            {
+                "name": "to-zarr",
+                "tasks": [
+                    {"task": "open_dataset", "with": {"chunks": {"time_counter": 1}}},
+                    {
+                        "task": "to_zarr",
+                        "with": {
+                            "objectstore": "moto",
+                            "store": STORE,
+                            "append_dim": "time_counter",
+                        },
+                    },
+                ],
+            }
+        ],
+        "logging": {"format": "json"},
+    }
+    data.update(extra)
+    return write_config(tmp_path, data), inbox
+
+
+def read_store(s3: S3Server) -> xr.Dataset:
+    return xr.open_zarr(
+        STORE,
+        storage_options=s3.storage_options(),
+        consolidated=None,
+        decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
+    )
+
+
+def expected(files: list[Path]) -> xr.Dataset:
+    coder = xr.coders.CFDatetimeCoder(use_cftime=True)
+    return xr.concat(
+        [xr.open_dataset(f, decode_times=coder) for f in files],
+        "time_counter",
+        data_vars="minimal",
+        coords="minimal",
+        compat="override",
+    )
+
+
+def assert_store_is(store: xr.Dataset, files: list[Path]) -> None:
+    want = expected(files)
+    assert list(store.time_counter.values) == list(want.time_counter.values)
+    assert store.time_counter.encoding["calendar"] == "360_day"
+    for name, var in want.data_vars.items():
+        if "time_counter" in var.dims:
+            np.testing.assert_array_equal(store[name].values, var.values, err_msg=name)
+
+
+def test_s3_outage_of_30s_mid_ingest_costs_no_job(
+    tmp_path: Path, s3: S3Server, service_processes: list[ServiceProcess]
+) -> None:
+    cfg, inbox = nemo_config(tmp_path, s3)
+    files = make_series(tmp_path / "made", 8)
+    svc = ServiceProcess(cfg)
+    service_processes.append(svc)
+    svc.wait_ready()
+    for f in files[:3]:
+        shutil.copy(f, inbox / f".{f.name}.part")
+        (inbox / f".{f.name}.part").rename(inbox / f.name)
+    wait_for(lambda: status(cfg)["done"] >= 2, timeout=60, message="two files ingested")
+    s3.stop()
+    try:
+        for f in files[3:]:  # the rest arrive during the outage
+            shutil.copy(f, inbox / f".{f.name}.part")
+            (inbox / f".{f.name}.part").rename(inbox / f.name)
+        time.sleep(30)
+        during = status(cfg)
+        assert during["dead"] == 0
+    finally:
+        s3.start()
+    wait_for(lambda: status(cfg)["done"] == 8, timeout=120, message="all files after the outage")
+    assert status(cfg)["dead"] == 0
+    paused = [e for e in svc.events() if e.get("event") == "service_paused"]
+    assert paused, "the outage was never noticed"
+    assert all(j["attempts"] <= 2 for j in jobs(cfg))
+    assert_store_is(read_store(s3), files)
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(30) == 0
+
+
+def _partial_overlap(files: list[Path], out: Path) -> Path:
+    coder = xr.coders.CFDatetimeCoder(use_cftime=True)
+    parts = [xr.open_dataset(f, decode_times=coder) for f in (files[1], files[5])]
+    xr.concat(
+        parts, "time_counter", data_vars="minimal", coords="minimal", compat="override"
+    ).to_netcdf(out)
+    return out
+
+
+def test_bad_inputs_end_dead_with_clear_reasons_and_good_files_go_on(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    open_creds = s3.credentials_file(tmp_path, "open.json")
+    open_creds.chmod(0o644)
+    cfg, inbox = nemo_config(
+        tmp_path, s3, monitor=False, retry={"max_attempts": 2, "backoff": {"initial": "200ms"}}
+    )
+    data = yaml_load(cfg)
+    data["objectstores"]["open"] = {"credentials": str(open_creds)}
+    data["jobs"].append(
+        {
+            "name": "open-creds",
+            "tasks": [
+                {
+                    "task": "upload_file",
+                    "with": {"objectstore": "open", "bucket": BUCKET, "prefix": "raw"},
+                }
+            ],
+        }
+    )
+    write_config(tmp_path, data)
+    files = make_series(tmp_path / "made", 6)
+    for f in files[:4]:
+        shutil.copy(f, inbox / f.name)
+    (inbox / "zero.nc").write_bytes(b"")
+    (inbox / "text.nc").write_text("this is not NetCDF\n")
+    truncated = files[4].read_bytes()
+    (inbox / "truncated.nc").write_bytes(truncated[: len(truncated) // 2])
+    u_file = make_series(tmp_path / "u", 1, grid="U", start_year=20)[0]
+    shutil.copy(u_file, inbox / "z-schema-U.nc")
+    _partial_overlap(files, inbox / "z-overlap.nc")
+
+    proc = dpypeline("run", "-c", str(cfg), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    zarr_jobs = {Path(j["path"]).name: j for j in jobs(cfg) if j["job"] == "to-zarr"}
+    for f in files[:4]:
+        assert zarr_jobs[f.name]["state"] == "done", zarr_jobs[f.name]
+    for name in ("zero.nc", "text.nc", "truncated.nc"):
+        assert zarr_jobs[name]["state"] == "dead", zarr_jobs[name]
+        assert zarr_jobs[name]["attempts"] == 1  # permanent: no retry
+        assert name in zarr_jobs[name]["error"]
+        assert "re-send" in zarr_jobs[name]["error"]
+    assert zarr_jobs["z-schema-U.nc"]["state"] == "dead"
+    assert "permanent" in zarr_jobs["z-schema-U.nc"]["error"]
+    assert zarr_jobs["z-overlap.nc"]["state"] == "dead"
+    assert "overlap" in zarr_jobs["z-overlap.nc"]["error"].lower()
+    opened = [j for j in jobs(cfg) if j["job"] == "open-creds"]
+    assert len(opened) == 9
+    for j in opened:
+        assert j["state"] == "dead"
+        assert "chmod 600" in j["error"]
+        assert str(open_creds) in j["error"]
+    assert_store_is(read_store(s3), files[:4])
+
+
+def test_wrong_credentials_end_dead_with_the_403_and_never_show_the_secret(
+    tmp_path: Path, s3: S3Server, s3_auth: dict[str, tuple[str, str]]
+) -> None:
+    key, secret = s3_auth["writer"]
+    stores = {}
+    for name, sec in (("good", secret), ("wrong", "not-the-secret")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"token": key, "secret": sec, "endpoint_url": s3.endpoint_url}))
+        path.chmod(0o600)
+        stores[name] = {"credentials": str(path)}
+    cfg, inbox = nemo_config(
+        tmp_path,
+        s3,
+        monitor=False,
+        objectstores=stores,
+        setup=[{"task": "create_bucket", "with": {"objectstore": "good", "bucket": BUCKET}}],
+        jobs=[
+            {
+                "name": f"upload-{name}",
+                "tasks": [
+                    {
+                        "task": "upload_file",
+                        "with": {"objectstore": name, "bucket": BUCKET, "prefix": name},
+                    }
+                ],
+            }
+            for name in stores
+        ],
+    )
+    for f in make_series(tmp_path / "made", 2):
+        shutil.copy(f, inbox / f.name)
+    proc = dpypeline("run", "-c", str(cfg), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for j in jobs(cfg):
+        by_job.setdefault(j["job"], []).append(j)
+    assert [j["state"] for j in by_job["upload-good"]] == ["done", "done"]
+    for j in by_job["upload-wrong"]:
+        assert (j["state"], j["attempts"]) == ("dead", 1)
+        assert "403" in j["error"]
+        assert str(tmp_path / "wrong.json") in j["error"]
+    everything = json.dumps(jobs(cfg)) + proc.stderr
+    assert secret not in everything
+    assert "not-the-secret" not in everything
+
+
+def yaml_load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return dict(yaml.safe_load(path.read_text()))
+
+
+def test_validate_refuses_a_credentials_file_readable_by_others(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    cfg, _ = nemo_config(tmp_path, s3)
+    creds = tmp_path / "s3.json"
+    creds.chmod(0o644)
+    proc = dpypeline("validate", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert str(creds) in proc.stderr
+    assert "chmod 600" in proc.stderr
+    creds.chmod(0o600)
+    assert dpypeline("validate", "-c", str(cfg)).returncode == 0
+
+
+def test_replays_and_retry_never_duplicate_a_step(tmp_path: Path, s3: S3Server) -> None:
+    cfg, inbox = nemo_config(tmp_path, s3, monitor=False)
+    files = make_series(tmp_path / "made", 3)
+    for f in files:
+        shutil.copy(f, inbox / f.name)
+    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    # the same file again under another name (a replay), then a forced retry of a done job
+    shutil.copy(files[1], inbox / "again.nc")
+    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    fs = s3fs.S3FileSystem(**s3.storage_options())
+    assert fs.exists(f"{BUCKET}/gyre_T.zarr")
+    assert_store_is(read_store(s3), files)
+    [again] = [j for j in jobs(cfg) if j["path"].endswith("again.nc")]
+    assert again["state"] == "done"
+
+
+def test_the_readme_main_job_ingests_into_a_local_zarr_store(tmp_path: Path) -> None:
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples", work / "examples")
+    made = make_series(work / "inbox" / "nemo", 6)
+    proc = dpypeline_in(work, "run", "--once", "-c", "examples/netcdf-to-zarr.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = xr.open_zarr(
+        work / "output" / "nemo_T.zarr", decode_times=xr.coders.CFDatetimeCoder(use_cftime=True)
+    )
+    want = expected(made)
+    assert list(store.time_counter.values) == list(want.time_counter.values)
+    for name in ("toce", "soce", "e3t"):
+        np.testing.assert_array_equal(store[name].values, want[name].values, err_msg=name)
+
+
+def dpypeline_in(cwd: Path, *args: str) -> Any:
+    import subprocess
+
+    from conftest import env_for_subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "dpypeline", *args],
+        cwd=cwd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_for_subprocess(),
+    )

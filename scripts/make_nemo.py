@@ -3,7 +3,7 @@
 Usage: python scripts/make_nemo.py OUTDIR --files N [--grid T] [--start-year 1]
                                    [--size small|large] [--nx NX --ny NY] [--source FILE]
 
-File i is the source file (by default the GYRE yearly mean in ../shared/data/nemo-gyre) with
+File i is the source file (by default the GYRE yearly mean in examples/data/nemo-gyre) with
 ``time_counter``, ``time_centered`` and their bounds moved to year ``start_year + i`` of the
 file's own calendar (360 days a year for GYRE), named like the source with the dates changed
 (``nemo4.0-GYRE_1y_00020101_00021230_grid_T.nc``). Everything else the source carries is kept:
@@ -34,7 +34,10 @@ import netCDF4
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "nemo-gyre"
+# Real GYRE output (NEMO 4.0, grids T and U), from the xnemogcm project's test data (MIT
+# licence, examples/data/nemo-gyre/LICENSE-xnemogcm); kept in the repository so a fresh
+# checkout can make its sample data.
+DATA = ROOT / "examples" / "data" / "nemo-gyre"
 LARGE_FACTOR = 32
 TIME_VARIABLES = ("time_counter", "time_centered")
 _DATES = re.compile(r"_(\d{4})(\d{4})_(\d{4})(\d{4})_")

@@ -61,7 +61,7 @@ def env_for_subprocess() -> dict[str, str]:
 
 
 def dpypeline(
-    *args: str, timeout: float = 60.0, check: bool = False
+    *args: str, timeout: float = 60.0, check: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "dpypeline", *args],
@@ -69,7 +69,7 @@ def dpypeline(
         check=False,
         text=True,
         timeout=timeout,
-        env=env_for_subprocess(),
+        env={**env_for_subprocess(), **(env or {})},
     )
     if check and proc.returncode != 0:
         pytest.fail(f"dpypeline {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")

@@ -297,3 +297,63 @@ def dpypeline_in(cwd: Path, *args: str) -> Any:
         timeout=120,
         env=env_for_subprocess(),
     )
+
+
+def _crash_env(tmp_path: Path, point: str) -> dict[str, str]:
+    once = tmp_path / "crash-once"
+    once.touch()
+    return {"DPYPELINE_FAILPOINT": point, "DPYPELINE_FAILPOINT_ONCE_FILE": str(once)}
+
+
+@pytest.mark.parametrize(
+    "point", ["before_resize", "between_arrays", "before_coordinate", "before_commit"]
+)
+def test_sigkill_of_the_service_during_an_append_then_restart_leaves_the_store_exact(
+    tmp_path: Path, s3: S3Server, point: str
+) -> None:
+    cfg, inbox = nemo_config(
+        tmp_path, s3, monitor=False, retry={"max_attempts": 2, "backoff": {"initial": "200ms"}}
+    )
+    files = make_series(tmp_path / "made", 5)
+    for f in files[:2]:
+        shutil.copy(f, inbox / f.name)
+    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    for f in files[2:]:
+        shutil.copy(f, inbox / f.name)
+    killed = dpypeline("run", "-c", str(cfg), timeout=120, env=_crash_env(tmp_path, point))
+    assert killed.returncode == -signal.SIGKILL  # died inside the third file's append
+    assert not (tmp_path / "crash-once").exists()
+    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0  # the restart
+    assert status(cfg)["done"] == 5
+    [third] = [j for j in jobs(cfg) if j["path"].endswith(files[2].name)]
+    assert third["attempts"] == 2  # the killed attempt counted, then the replay
+    store = read_store(s3)
+    assert {
+        store[v].sizes["time_counter"] for v in store.data_vars if "time_counter" in store[v].dims
+    } == {5}
+    assert_store_is(store, files)
+
+
+def test_a_job_dead_after_writing_its_data_is_retried_without_duplicating_steps(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    cfg, inbox = nemo_config(tmp_path, s3, monitor=False, retry={"max_attempts": 1})
+    files = make_series(tmp_path / "made", 3)
+    for f in files:
+        shutil.copy(f, inbox / f.name)
+    env = _crash_env(tmp_path, "before_commit")  # the last file's data is in, uncommitted
+    (tmp_path / "crash-once").unlink()
+    first = dpypeline("run", "-c", str(cfg), timeout=120)
+    assert first.returncode == 0
+    (tmp_path / "crash-once").touch()
+    extra = make_series(tmp_path / "more", 1, start_year=4)[0]
+    shutil.copy(extra, inbox / extra.name)
+    assert dpypeline("run", "-c", str(cfg), timeout=120, env=env).returncode == -signal.SIGKILL
+    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    [dead] = jobs(cfg, "dead")
+    assert dead["path"].endswith(extra.name)
+    assert "stopped during each of its 1 attempts" in dead["error"]
+    assert dpypeline("retry", "-c", str(cfg), "--dead").returncode == 0
+    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    assert status(cfg)["done"] == 4
+    assert_store_is(read_store(s3), [*files, extra])

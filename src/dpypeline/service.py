@@ -28,6 +28,7 @@ from dpypeline.ledger import Ledger
 from dpypeline.logs import get_logger
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.settle import Settler, StableFile
+from dpypeline.systemd import Notifier
 from dpypeline.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
 from dpypeline.worker import Worker
 
@@ -77,6 +78,10 @@ class Service:
         self._specs: list[WatchSpec] = []
         self._executor = SerialExecutor(self._inbox.wake)
         self._worker: Worker | None = None
+        self._notifier = Notifier()
+        wd = self._notifier.watchdog_interval
+        self._health_every = min(HEALTH_EVERY, wd) if wd else HEALTH_EVERY
+        self._stuck_reported = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -135,6 +140,7 @@ class Service:
             watches=[{"path": s.root, "mode": s.mode, "fs": s.fstype} for s in self._specs],
             jobs=self.job_names,
         )
+        self._notifier.ready(self.status_text())
 
     def close(self, reason: str = "stopped") -> None:
         """Idempotent; always ends ``stopped`` (or ``failed``)."""
@@ -192,6 +198,18 @@ class Service:
             ledger.promote_due(now)
         worker.collect(now)
         for job_id in self._executor.enforce_timeouts(now):
+            if self._notifier.watchdog_interval:
+                # systemd's watchdog restarts the service once the pings stop (the job is
+                # overdue: unhealthy); its attempt was counted before it ran
+                if not self._stuck_reported:
+                    self._stuck_reported = True
+                    log.error(
+                        "job_stuck",
+                        job_id=job_id,
+                        reason="the job ignored its timeout;"
+                        " health pings stop so that systemd restarts the service",
+                    )
+                continue
             log.error(
                 "job_stuck",
                 job_id=job_id,
@@ -204,6 +222,7 @@ class Service:
             if self.status is Status.RUNNING:
                 self.status = Status.STOPPING
                 log.info("service_stopping", running=len(worker.active_claims()))
+                self._notifier.stopping(f"stopping; {len(worker.active_claims())} job(s) to finish")
             if self._stop_now and worker.busy():
                 worker.release_all(now)
                 self._executor.interrupt()
@@ -305,7 +324,7 @@ class Service:
             self._next[f"rescan{spec.index}"] = now + spec.config.rescan_interval
         if spec.mode == "poll":
             self._next[f"poll{spec.index}"] = now + spec.config.poll_interval
-        self._next.setdefault("health", now + HEALTH_EVERY)
+        self._next.setdefault("health", now + self._health_every)
 
     def _periodic(self, now: float) -> None:
         for spec in self._specs:
@@ -319,8 +338,34 @@ class Service:
                 if self._pending_scans == 0:
                     self._request_scan(spec.index, "poll")
         if now >= self._next.get("health", 0.0):
-            self._next["health"] = now + HEALTH_EVERY
-            self.check_health(now)
+            self._next["health"] = now + self._health_every
+            self._prove_health(now)
+
+    def _prove_health(self, now: float) -> None:
+        """The watchdog ping: sent only when the watcher, the worker and the database all
+        answer; a failed database query raises and ends the loop (systemd restarts it)."""
+        problems = self.check_health(now)
+        if self._notifier.enabled:
+            status = self.status_text()  # a query: proves the database answers
+            if not problems:
+                self._notifier.watchdog()
+            self._notifier.status(status)
+            if self._stop_requested and self._worker is not None and self._worker.busy():
+                self._notifier.extend_timeout(self._health_every * 3)
+
+    def status_text(self) -> str:
+        """One line for ``systemctl status``: counts, what the service is doing, problems."""
+        assert self._ledger is not None
+        counts = self._ledger.counts()
+        text = ", ".join(f"{n} {state}" for state, n in counts.items())
+        doing = self.status.value
+        if self._worker is not None and self._worker.paused_until > time.time():
+            doing = "paused: a service the jobs need is unreachable"
+        elif self._pending_scans:
+            doing += f", scanning ({self._pending_scans} pending)"
+        if self.problems:
+            doing += "; UNHEALTHY: " + "; ".join(self.problems)
+        return f"{doing}; {text}"
 
     def check_health(self, now: float) -> list[str]:
         """Repair what can be repaired; what is left makes the service unhealthy."""

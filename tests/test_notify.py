@@ -1,0 +1,144 @@
+"""sd_notify as systemd sees it: a real datagram socket as NOTIFY_SOCKET, the real service
+process on the other end. (The full systemd round trip is tested in the systemd sandbox.)"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import env_for_subprocess, wait_for, write_config
+from dpypeline.systemd import Notifier
+
+pytestmark = pytest.mark.slow
+
+
+class NotifySocket:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[tuple[float, str]] = []
+
+    def poll(self) -> list[tuple[float, str]]:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return self.messages
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def sent(self, field: str) -> list[float]:
+        return [t for t, m in self.poll() if field in m.splitlines()]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    s = NotifySocket(tmp_path / "notify.sock")
+    yield s
+    s.sock.close()
+
+
+def start(
+    tmp_path: Path, sock: NotifySocket, watchdog_usec: int, **job: object
+) -> subprocess.Popen[bytes]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox), "settle": "100ms"}],
+            "retry": {"max_attempts": 2, "job_timeout": "1s"},
+            "jobs": [
+                {
+                    "name": "work",
+                    "tasks": [
+                        {"task": "taskbox.behave", "with": {"log": str(tmp_path / "runs.log")}}
+                    ],
+                }
+            ],
+            "logging": {"format": "json"},
+        },
+    )
+    env = {
+        **env_for_subprocess(),
+        "NOTIFY_SOCKET": str(sock.path),
+        "WATCHDOG_USEC": str(watchdog_usec),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpypeline", "run", "-c", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "service.log").open("w"),
+    )
+
+
+def test_ready_status_pings_and_stopping(tmp_path: Path, notify_socket: NotifySocket) -> None:
+    proc = start(tmp_path, notify_socket, watchdog_usec=2_000_000)  # ping every second
+    try:
+        wait_for(lambda: notify_socket.sent("READY=1"), message="READY=1")
+        ready = next(m for _, m in notify_socket.poll() if "READY=1" in m)
+        assert "STATUS=" in ready
+        assert "0 queued" in ready
+        (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
+        wait_for(lambda: len(notify_socket.sent("WATCHDOG=1")) >= 3, message="three pings")
+        pings = notify_socket.sent("WATCHDOG=1")
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert max(gaps) < 1.5  # half of WATCHDOG_USEC, never slower than the timeout
+        wait_for(
+            lambda: any("1 done" in m for _, m in notify_socket.poll()),
+            message="STATUS with the done job",
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert notify_socket.sent("STOPPING=1")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_job_stuck_past_its_timeout_stops_the_pings(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    proc = start(tmp_path, notify_socket, watchdog_usec=2_000_000)
+    try:
+        wait_for(lambda: notify_socket.sent("READY=1"), message="READY=1")
+        wait_for(lambda: notify_socket.sent("WATCHDOG=1"), message="a first ping")
+        (tmp_path / "inbox" / "hang.nc").write_bytes(b"h")  # blocks where no exception reaches
+        wait_for(
+            lambda: any("UNHEALTHY" in m for _, m in notify_socket.poll()),
+            timeout=20,
+            message="the unhealthy status",
+        )
+        last_ping = notify_socket.sent("WATCHDOG=1")[-1]
+        time.sleep(3)  # 3 s: six ping intervals, and well past systemd's 2 s watchdog
+        assert notify_socket.sent("WATCHDOG=1")[-1] == last_ping
+        assert proc.poll() is None  # no self-restart under a watchdog: systemd does it
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_notifier_is_silent_without_systemd_and_computes_half_the_watchdog() -> None:
+    assert not Notifier({}).enabled
+    assert Notifier({}).watchdog_interval is None
+    n = Notifier({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "30000000"})
+    assert n.watchdog_interval == 15.0
+    other = Notifier(
+        {
+            "NOTIFY_SOCKET": "/run/x",
+            "WATCHDOG_USEC": "30000000",
+            "WATCHDOG_PID": str(os.getpid() + 1),
+        }
+    )
+    assert other.watchdog_interval is None  # the watchdog is meant for another process

@@ -16,7 +16,6 @@ import yaml
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
-SHARED = ROOT.parent / "shared"
 
 
 def wait_for(

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import ROOT, SHARED
+from conftest import ROOT
 from dpypeline.errors import ConfigError, PermanentError
 from dpypeline.pipeline import resolve_task
 from dpypeline.tasks.netcdf import clean_dataset, open_dataset
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_nemo import make_series  # a script, not a package
+from make_nemo import default_source, make_series  # a script, not a package
 
-SOURCE = SHARED / "data" / "nemo-gyre" / "nemo4.0-GYRE_1y_00010101_00011230_grid_T.nc"
+SOURCE = default_source("T")  # the real GYRE file the series is made from
 
 
 @pytest.fixture(scope="module")

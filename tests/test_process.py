@@ -23,6 +23,7 @@ def make_pipeline(
     *,
     monitor: bool = True,
     retry: dict[str, Any] | None = None,
+    stop_grace: str = "30s",
     **task_args: Any,
 ) -> tuple[Path, Path, Path]:
     inbox = tmp_path / "inbox"
@@ -33,6 +34,7 @@ def make_pipeline(
         {
             "cache_dir": str(tmp_path / "state"),
             "monitor": monitor,
+            "stop_grace": stop_grace,
             "watch": [{"path": str(inbox), "settle": "200ms", "rescan_interval": "30s"}],
             "retry": retry
             or {
@@ -253,6 +255,26 @@ def test_second_sigterm_puts_the_running_job_back_without_counting_the_attempt(
     time.sleep(0.3)
     svc.signal(signal.SIGTERM)
     assert svc.wait(15) == 0
+    [job] = jobs(cfg)
+    assert (job["state"], job["attempts"]) == ("queued", 0)
+    assert runs(log) == []
+
+
+def test_a_job_still_running_after_stop_grace_goes_back_to_the_queue(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    cfg, inbox, log = make_pipeline(
+        tmp_path, delay=60.0, stop_grace="1s", retry={"max_attempts": 3, "job_timeout": "2m"}
+    )
+    (inbox / "long.nc").write_bytes(b"l")
+    svc = ServiceProcess(cfg)
+    service_processes.append(svc)
+    svc.wait_ready()
+    wait_for(lambda: status(cfg)["running"] == 1, message="the long job to start")
+    t0 = time.monotonic()
+    svc.signal(signal.SIGTERM)  # one signal only, as systemctl stop sends
+    assert svc.wait(15) == 0
+    assert time.monotonic() - t0 < 10  # the grace, not the job's 60 s
     [job] = jobs(cfg)
     assert (job["state"], job["attempts"]) == ("queued", 0)
     assert runs(log) == []

@@ -148,6 +148,7 @@ class PipelineConfig(_Section):
     cache_dir: AbsPath
     monitor: bool = True
     retention: Duration = 30 * 86400.0  # how long jobs of files gone from disk stay in the ledger
+    stop_grace: Duration = 30.0  # on stop, running jobs get this long, then go back to the queue
     watch: list[WatchConfig] = Field(min_length=1)
     executor: ExecutorConfig = ExecutorConfig()
     retry: RetryConfig = RetryConfig()

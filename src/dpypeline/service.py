@@ -6,12 +6,15 @@ settle → enqueue → promote retries → admit → collect finished jobs → s
 health. ``step(now)`` is one pass of that loop, so tests can drive it directly.
 
 Signal handlers only set flags (anything more is unsafe in a handler); the loop reacts:
-the first SIGTERM/SIGINT stops taking work and lets the running job finish, a second
-one puts the running job back at the head of the queue and stops at once.
+the first SIGTERM/SIGINT stops taking work and gives the running job ``stop_grace`` to
+finish; a job still running then, or at a second signal, goes back to the head of the
+queue with its attempt refunded, and the service stops. A stop therefore never waits for
+a two-hour job, and the job is either ``done`` or queued again.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -35,6 +38,7 @@ from dpypeline.worker import Worker
 log = get_logger("dpypeline.service")
 
 HEALTH_EVERY = 5.0
+START_STEP = 60.0  # each start-up step (ledger, a setup task, a watch) may take this long
 PRUNE_EVERY = 3600.0
 MAX_SLEEP = 1.0
 
@@ -68,6 +72,7 @@ class Service:
         self.problems: list[str] = []
         self.stuck = False
         self._stop_requested = self._stop_now = False
+        self._stop_deadline: float | None = None
         self._inbox = Inbox()
         self._settler = Settler()
         self._pending_scans = 0
@@ -87,6 +92,10 @@ class Service:
 
     def run(self) -> int:
         """Start, loop until done (``once``) or stopped, close. Returns the exit code."""
+        if not faulthandler.is_enabled():
+            # the watchdog's SIGABRT (and any fatal signal) prints every thread's stack to
+            # stderr, which is the journal under systemd: where was it stuck?
+            faulthandler.enable()
         self.start()
         previous = self._install_signal_handlers()
         try:
@@ -104,7 +113,9 @@ class Service:
         self.status = Status.STARTING
         cfg = self.config
         now = time.time()
+        extend = self._notifier.extend_timeout  # each step that makes progress asks for time
         try:
+            extend(START_STEP)
             self._ledger = Ledger(cfg.cache_dir, service=True)
             rec = self._ledger.recover(cfg.retry.max_attempts, now)
             if rec.resumed or rec.dead:
@@ -117,10 +128,14 @@ class Service:
             self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
             ctx = SetupContext(objectstores=cfg.objectstores, log=log)
             for task in self.setup:
+                extend(START_STEP)
                 task.run_setup(ctx)
                 log.info("setup_done", task=task.name)
+            extend(START_STEP)
             self._specs = build_specs(list(cfg.watch))
-            self._watcher = Watcher(self._specs, self._inbox)
+            self._watcher = Watcher(
+                self._specs, self._inbox, on_progress=lambda: extend(START_STEP)
+            )
             self._watcher.start()
             self._scanner = Scanner(self._specs, self._inbox)
             self._scanner.start()
@@ -221,8 +236,15 @@ class Service:
         if self._stop_requested:
             if self.status is Status.RUNNING:
                 self.status = Status.STOPPING
-                log.info("service_stopping", running=len(worker.active_claims()))
-                self._notifier.stopping(f"stopping; {len(worker.active_claims())} job(s) to finish")
+                self._stop_deadline = now + self.config.stop_grace
+                running = len(worker.active_claims())
+                log.info("service_stopping", running=running, grace=self.config.stop_grace)
+                self._notifier.stopping(f"stopping; {running} job(s) to finish")
+            if worker.busy() and self._stop_deadline is not None and now >= self._stop_deadline:
+                self._stop_now = True
+            if worker.busy() and now >= self._next.get("health", 0.0):
+                self._next["health"] = now + self._health_every
+                self._prove_health(now)
             if self._stop_now and worker.busy():
                 worker.release_all(now)
                 self._executor.interrupt()
@@ -351,7 +373,9 @@ class Service:
                 self._notifier.watchdog()
             self._notifier.status(status)
             if self._stop_requested and self._worker is not None and self._worker.busy():
-                self._notifier.extend_timeout(self._health_every * 3)
+                # the graceful stop progresses: running jobs have until the stop deadline
+                left = (self._stop_deadline or now) - now
+                self._notifier.extend_timeout(max(left, 0.0) + self._health_every * 3)
 
     def status_text(self) -> str:
         """One line for ``systemctl status``: counts, what the service is doing, problems."""

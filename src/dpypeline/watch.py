@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -170,8 +171,14 @@ class _OverflowHook(logging.Handler):
 class Watcher:
     """The inotify observer of all ``inotify`` watches, kept alive by ``check``."""
 
-    def __init__(self, specs: list[WatchSpec], inbox: Inbox) -> None:
+    def __init__(
+        self,
+        specs: list[WatchSpec],
+        inbox: Inbox,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
         self.specs, self.inbox = specs, inbox
+        self._on_progress = on_progress  # called before each watch is set up (can be slow)
         self._observer: BaseObserver | None = None
         self._hook = _OverflowHook(inbox)
         self._short = 0  # consecutive checks that found fewer watches than directories
@@ -184,6 +191,8 @@ class Watcher:
         self._observer.start()  # first: then a watch that fails raises from its schedule()
         for spec in self.specs:
             if spec.mode == "inotify":
+                if self._on_progress is not None:
+                    self._on_progress()
                 self._schedule(spec)
 
     def _schedule(self, spec: WatchSpec) -> None:

@@ -65,3 +65,22 @@ def needs_service(path: str, log: str, down: str, context: JobContext | None = N
 
 def noop(path: str) -> str:
     return path
+
+
+def pause(seconds: float) -> None:
+    """A setup task that takes its time (a slow start-up)."""
+    time.sleep(seconds)
+
+
+def try_write(path: str, log: str, context: JobContext | None = None) -> str:
+    """Record whether a file can be written next to the input (a sandbox should say no)."""
+    assert context is not None
+    try:
+        with open(path + ".written", "w") as out:
+            out.write("x")
+        outcome = "written"
+    except OSError as exc:
+        outcome = exc.strerror or type(exc).__name__
+    with open(log, "a") as out:
+        out.write(f"{context.relpath}\t{outcome}\n")
+    return path

@@ -404,8 +404,10 @@ def test_job_that_keeps_killing_the_service_goes_dead_after_max_attempts(
         ledger.close()  # stopped while it ran, like the kill above
 
     ledger = open_ledger(service=True)
-    assert ledger.recover(max_attempts, now=10.0) == Recovery(resumed=0, dead=1)
+    rec = ledger.recover(max_attempts, now=10.0)
+    assert rec == Recovery(resumed=0, dead=1)
     dead = ledger.get(job_id)
+    assert rec.dead_jobs == (dead,)  # reported as they now are, for the log
     assert dead is not None
     assert (dead.state, dead.attempts, dead.finished) == (JobState.DEAD, 3, 10.0)
     assert dead.error is not None

@@ -21,7 +21,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -122,6 +122,7 @@ class Claim:
 class Recovery:
     resumed: int
     dead: int
+    dead_jobs: tuple[JobRecord, ...] = field(default=(), compare=False)  # as they are now
 
 
 class Ledger:
@@ -219,13 +220,25 @@ class Ledger:
         the ready queue is made to match the ledger."""
         queue = self._queue()
         with self._tx() as db:
-            dead = db.execute(
+            doomed = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE state = 'running' AND attempts >= ?",
+                    (max_attempts,),
+                )
+            ]
+            db.executemany(
                 "UPDATE jobs SET state = 'dead', finished = ?, updated = ?, admitted = 0,"
                 " error = 'the service stopped during each of its ' || attempts || ' attempts"
                 " (the task may crash or hang the process; see the log). Fix the cause, then"
-                " run: dpypeline retry ' || id WHERE state = 'running' AND attempts >= ?",
-                (now, now, max_attempts),
-            ).rowcount
+                " run: dpypeline retry ' || id WHERE id = ?",
+                [(now, now, job_id) for job_id in doomed],
+            )
+            dead_jobs = tuple(
+                _record(row)
+                for job_id in doomed
+                for row in db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+            )
             resumed = db.execute(
                 "UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'", (now,)
             ).rowcount
@@ -237,7 +250,7 @@ class Ledger:
             lost = [(i,) for i in admitted if i not in pending]
             db.executemany("UPDATE jobs SET admitted = 0 WHERE id = ?", lost)
         queue.prune()
-        return Recovery(resumed=resumed, dead=dead)
+        return Recovery(resumed=resumed, dead=len(dead_jobs), dead_jobs=dead_jobs)
 
     def promote_due(self, now: float) -> int:
         """Jobs whose backoff has passed go back to ``queued`` (to the end of the line)."""

@@ -125,6 +125,16 @@ class Service:
                     dead=rec.dead,
                     reason="jobs were running when the service last stopped",
                 )
+            for job in rec.dead_jobs:  # one entry each, like any other job that ends dead
+                log.error(
+                    "job_dead",
+                    job_id=job.id,
+                    file=job.path,
+                    job=job.job,
+                    attempt=job.attempts,
+                    state=job.state.value,
+                    error=job.error,
+                )
             self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
             ctx = SetupContext(objectstores=cfg.objectstores, log=log)
             for task in self.setup:

@@ -1,0 +1,225 @@
+"""A real systemd to test the shipped units against: ``../shared/tools/systemd-sandbox``
+boots one as PID 1 in a throwaway container that shares this machine's /usr (and the
+Python under /root/.pyenv). Directories bound into it appear at the same path inside.
+
+The units under test are the shipped ones; only ExecStart and paths may differ: the
+service runs this checkout's code with the interpreter running the tests, and test task
+modules are importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT.parent / "shared" / "tools" / "systemd-sandbox"
+WORK = Path("/srv/dpypeline-tests")  # not under /tmp: the units have a private /tmp
+UNIT = "dpypeline.service"
+
+
+def unavailable() -> str | None:
+    """Why the sandbox cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "systemd tests need root (the sandbox boots a container)"
+    if not TOOL.exists():
+        return f"the systemd sandbox tool is missing: {TOOL}"
+    if shutil.which("systemd-nspawn") is None:
+        return "systemd-nspawn is missing (Debian: apt-get install systemd-container)"
+    return None
+
+
+class Sandbox:
+    def __init__(self, name: str, work: Path) -> None:
+        self.name, self.work = name, work
+        self.inbox, self.output = work / "inbox", work / "output"
+        self.code = work / "code"
+
+    # -- running things inside ------------------------------------------------------------
+
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [str(TOOL), "exec", self.name, *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            pytest.fail(
+                f"{' '.join(cmd)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
+                f"stderr: {proc.stderr}"
+            )
+        return proc
+
+    def sh(self, script: str, check: bool = True, timeout: float = 120) -> str:
+        return self.run("sh", "-c", script, check=check, timeout=timeout).stdout
+
+    def copy(self, src: Path, dest: str) -> None:
+        subprocess.run([str(TOOL), "copy", self.name, str(src), dest], check=True)
+
+    def show(self, prop: str, unit: str = UNIT) -> str:
+        return self.run("systemctl", "show", "-p", prop, "--value", unit).stdout.strip()
+
+    def main_pid(self, unit: str = UNIT) -> int:
+        return int(self.show("MainPID", unit))
+
+    def journal(self, *matches: str, unit: str = UNIT) -> list[dict[str, Any]]:
+        out = self.run("journalctl", "-u", unit, "-o", "json", "--no-pager", *matches).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def journal_text(self, unit: str = UNIT) -> str:
+        return self.run("journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """The dpypeline command line, as the service user (the state's owner)."""
+        return self.run(
+            "setpriv",
+            "--reuid=dpypeline",
+            "--regid=dpypeline",
+            "--init-groups",
+            "env",
+            f"PYTHONPATH={self.code / 'src'}:{self.code / 'tests'}",
+            sys.executable,
+            "-m",
+            "dpypeline",
+            *args,
+            "-c",
+            "/etc/dpypeline/pipeline.yaml",
+            check=check,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("jobs", "--json", "--limit", "1000").stdout)
+
+    # -- setting up the service -------------------------------------------------------------
+
+    def add_service_user(self) -> None:
+        self.copy(ROOT / "deploy" / "dpypeline.sysusers", "/etc/sysusers.d/dpypeline.conf")
+        self.run("systemd-sysusers", "/etc/sysusers.d/dpypeline.conf")
+
+    def install_units(self) -> None:
+        """The shipped units, with ExecStart running this checkout and the test's paths."""
+        python = (
+            f"/usr/bin/env PYTHONPATH={self.code / 'src'}:{self.code / 'tests'} {sys.executable}"
+        )
+        for name in (UNIT, "dpypeline@.service"):
+            text = (ROOT / "systemd" / name).read_text()
+            text = text.replace("/opt/dpypeline/bin/dpypeline", f"{python} -m dpypeline")
+            text = text.replace("/srv/dpypeline/output", str(self.output))
+            local = self.work / name
+            local.write_text(text)
+            self.copy(local, f"/etc/systemd/system/{name}")
+        self.run("systemctl", "daemon-reload")
+
+    def configure(self, **overrides: Any) -> dict[str, Any]:
+        """Write /etc/dpypeline/pipeline.yaml: the watched inbox, a recording job."""
+        data: dict[str, Any] = {
+            "name": "test",
+            "cache_dir": "/var/lib/dpypeline",
+            "watch": [{"path": str(self.inbox), "settle": "300ms", "rescan_interval": "1m"}],
+            "retry": {
+                "max_attempts": 3,
+                "backoff": {"initial": "500ms", "max": "2s"},
+                "job_timeout": "1m",
+            },
+            "jobs": [
+                {
+                    "name": "record",
+                    "tasks": [{"task": "taskbox.record", "with": {"log": str(self.runs)}}],
+                }
+            ],
+        }
+        data.update(overrides)
+        local = self.work / "pipeline.yaml"
+        local.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.copy(local, "/etc/dpypeline/pipeline.yaml")
+        return data
+
+    @property
+    def runs(self) -> Path:
+        return self.output / "runs.log"
+
+    def recorded(self) -> list[str]:
+        """The relative paths of the task runs recorded so far, in order."""
+        if not self.runs.exists():
+            return []
+        return [line.split("\t")[0] for line in self.runs.read_text().splitlines()]
+
+    def drop(self, *names: str) -> None:
+        """Files arrive the way rsync delivers them: written under a hidden name, renamed."""
+        for name in names:
+            tmp = self.inbox / f".{name}.part"
+            tmp.write_bytes(name.encode())
+            tmp.rename(self.inbox / name)
+
+    def wait(
+        self, predicate: Callable[[], Any], timeout: float = 60, message: str = "condition"
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"timed out after {timeout}s waiting for {message}\n"
+                    f"unit: {self.show('ActiveState')}/{self.show('SubState')}"
+                    f" restarts={self.show('NRestarts')}\njournal:\n{self.journal_text()[-4000:]}"
+                )
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    name = f"dpt-{uuid.uuid4().hex[:8]}"
+    work = WORK / name
+    for sub in ("inbox", "output", "code"):
+        (work / sub).mkdir(parents=True)
+    WORK.chmod(0o755)
+    shutil.copytree(ROOT / "src", work / "code" / "src")
+    shutil.copytree(
+        ROOT / "tests", work / "code" / "tests", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for path in (work, *work.rglob("*")):  # readable by the service user
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for attempt in (1, 2):  # a loaded machine can miss the tool's boot deadline once
+        booted = subprocess.run(
+            [str(TOOL), "start", name, "--bind", str(work)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if booted.returncode == 0:
+            break
+        subprocess.run([str(TOOL), "stop", name], check=False, capture_output=True)
+        if attempt == 2:
+            shutil.rmtree(work, ignore_errors=True)
+            pytest.fail(f"the systemd sandbox did not boot: {booted.stdout}{booted.stderr}")
+    box = Sandbox(name, work)
+    try:
+        # the container's /root holds the bound interpreter; the service user must reach it
+        box.run("chmod", "0711", "/root")
+        yield box
+    finally:
+        subprocess.run([str(TOOL), "stop", name], check=False, capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,346 @@
+"""The shipped units under a real systemd (tests/sandbox.py): readiness, status, journal
+fields, restarts after a crash, a hang and a SIGSTOP, no restart loop on a bad config, a
+graceful stop, and the hardening letting the job do its work (and nothing else)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import ROOT, UNIT, Sandbox
+
+pytestmark = pytest.mark.systemd
+
+UNITS = [ROOT / "systemd" / "dpypeline.service", ROOT / "systemd" / "dpypeline@.service"]
+USER_UNIT = ROOT / "systemd" / "user" / "dpypeline.service"
+
+
+def ready(box: Sandbox, **config: object) -> None:
+    box.add_service_user()
+    box.run("chown", "dpypeline:dpypeline", str(box.output))
+    # what install.sh leaves: an empty 0600 credentials file for LoadCredential=
+    box.sh("mkdir -p /etc/dpypeline && umask 077 && echo '{}' > /etc/dpypeline/credentials.json")
+    box.install_units()
+    box.configure(**config)
+
+
+def start(box: Sandbox) -> float:
+    t0 = time.monotonic()
+    proc = box.run("systemctl", "start", UNIT, check=False)
+    took = time.monotonic() - t0
+    if proc.returncode != 0:
+        pytest.fail(
+            f"systemctl start failed: {proc.stderr}\njournal:\n{box.journal_text()[-4000:]}"
+        )
+    return took
+
+
+# -- the unit files themselves -----------------------------------------------------------
+
+
+def directives(path: Path) -> list[tuple[int, str]]:
+    return [
+        (n, line)
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if line and not line.startswith(("#", "["))
+    ]
+
+
+@pytest.mark.parametrize("path", [*UNITS, USER_UNIT], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_setting_says_why(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    for n, line in directives(path):
+        above = n - 2
+        while above >= 0 and lines[above] and not lines[above].startswith(("#", "[")):
+            above -= 1  # a group of related settings shares one comment
+        assert above >= 0, f"{path.name}:{n}: {line} comes before any section"
+        assert lines[above].startswith("#"), f"{path.name}:{n}: {line} has no comment"
+
+
+def test_system_units_share_one_hardening() -> None:
+    single, instance = (p.read_text().split("# --- hardening")[1] for p in UNITS)
+    assert single == instance
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_security_exposure_is_ok(path: Path) -> None:
+    if (
+        subprocess.run(
+            ["systemd-analyze", "--version"], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
+        pytest.skip("systemd-analyze is missing")
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", out)
+    assert found, out[-2000:]
+    print(f"{path.name}: exposure {found[1]} {found[2]}")
+    assert float(found[1]) <= 2.0, out
+
+
+# -- the service under systemd -----------------------------------------------------------
+
+
+def test_start_waits_for_ready_then_files_are_processed_and_journaled(sandbox: Sandbox) -> None:
+    box = sandbox
+    ready(
+        box,
+        setup=[{"task": "taskbox.pause", "with": {"seconds": 2.5}}],
+        jobs=[
+            {
+                "name": "record",
+                "tasks": [{"task": "taskbox.record", "with": {"log": str(box.runs)}}],
+            },
+            {
+                "name": "escape",
+                "tasks": [
+                    {"task": "taskbox.try_write", "with": {"log": str(box.output / "w.log")}}
+                ],
+            },
+        ],
+    )
+    took = start(box)
+    # Type=notify: `systemctl start` returned only once READY=1 came, after the setup task
+    assert took >= 2.5
+    assert box.show("ActiveState") == "active"
+    events = [e.get("DPYPELINE_EVENT") for e in box.journal()]
+    assert events.index("setup_done") < events.index("service_ready")
+    assert re.search(r"\d+ queued, \d+ running, .*\d+ done, \d+ dead", box.show("StatusText"))
+
+    names = [f"2024-01-{day:02d}.nc" for day in range(1, 6)]
+    box.drop(*names)
+    box.wait(lambda: box.status()["done"] == 10, message="5 files x 2 jobs done")
+    assert sorted(box.recorded()) == names
+    assert "5 done" not in box.show("StatusText")  # counts per job entry, not per file
+    assert box.wait(lambda: "10 done" in box.show("StatusText"), message="status text updated")
+
+    done = box.journal("DPYPELINE_STATE=done", "DPYPELINE_JOB=record")
+    assert sorted(e["DPYPELINE_FILE"] for e in done) == [str(box.inbox / n) for n in names]
+    one = box.journal(f"DPYPELINE_FILE={box.inbox / names[0]}")
+    assert {e["DPYPELINE_EVENT"] for e in one} >= {"job_done"}
+    assert all(e["PRIORITY"] == "6" for e in done)  # info
+
+    # the hardening let the job read the watched directory, write its output and the
+    # state; writing next to the input (not a ReadWritePaths=) is refused
+    outcomes = dict(line.split("\t") for line in (box.output / "w.log").read_text().splitlines())
+    assert set(outcomes) == set(names)
+    assert set(outcomes.values()) == {"Read-only file system"}
+    assert box.sh("stat -c '%U %a' /var/lib/dpypeline").split() == ["dpypeline", "700"]
+
+
+def test_kill_9_restarts_and_the_running_job_resumes(sandbox: Sandbox) -> None:
+    box = sandbox
+    ready(box)
+    box.configure(
+        jobs=[
+            {
+                "name": "record",
+                "tasks": [{"task": "taskbox.record", "with": {"log": str(box.runs), "delay": 1.0}}],
+            }
+        ]
+    )
+    start(box)
+    names = [f"f{i:02d}.nc" for i in range(6)]
+    box.drop(*names)
+    box.wait(lambda: box.status()["done"] >= 2, message="two files done")
+    box.wait(lambda: box.status()["running"] == 1, message="a job running")
+    first = box.main_pid()
+    box.run("kill", "-9", str(first))
+    box.wait(
+        lambda: box.show("NRestarts") == "1" and box.show("ActiveState") == "active",
+        message="systemd to restart the service",
+    )
+    assert box.main_pid() != first
+    box.wait(lambda: box.status()["done"] == 6, timeout=90, message="all six done")
+    jobs = box.jobs()
+    assert sorted(Path(j["path"]).name for j in jobs) == names  # one row each: nothing lost
+    assert {j["state"] for j in jobs} == {"done"}
+    assert sorted(set(box.recorded())) == names
+    assert any(j["attempts"] == 2 for j in jobs)  # the interrupted one ran again
+    assert "jobs_recovered" in {e.get("DPYPELINE_EVENT") for e in box.journal()}
+
+
+def test_a_hung_job_stops_the_pings_systemd_restarts_and_the_job_ends_dead(
+    sandbox: Sandbox,
+) -> None:
+    box = sandbox
+    ready(box)
+    box.configure(
+        retry={"max_attempts": 2, "backoff": {"initial": "500ms"}, "job_timeout": "2s"},
+        jobs=[
+            {
+                "name": "record",
+                "tasks": [{"task": "taskbox.behave", "with": {"log": str(box.runs)}}],
+            }
+        ],
+    )
+    start(box)
+    box.drop("a-hang.nc", "b.nc", "c.nc")
+    box.wait(
+        lambda: int(box.show("NRestarts")) >= 2,
+        timeout=150,
+        message="two watchdog restarts",
+    )
+    text = box.journal_text()
+    assert "Watchdog timeout" in text
+    assert "job_stuck" in text
+    assert "Current thread" in text or "Thread 0x" in text  # stacks dumped on SIGABRT
+    box.wait(lambda: box.status()["done"] == 2, timeout=60, message="the other files done")
+    states = {Path(j["path"]).name: (j["state"], j["attempts"]) for j in box.jobs()}
+    assert states["a-hang.nc"] == ("dead", 2)
+    assert states["b.nc"][0] == states["c.nc"][0] == "done"
+    dead = box.journal("DPYPELINE_STATE=dead")
+    assert [e["DPYPELINE_FILE"] for e in dead] == [str(box.inbox / "a-hang.nc")]
+    assert box.show("ActiveState") == "active"
+
+
+def test_sigstop_is_caught_by_the_watchdog(sandbox: Sandbox) -> None:
+    box = sandbox
+    ready(box)
+    start(box)
+    first = box.main_pid()
+    box.run("kill", "-STOP", str(first))
+    box.wait(
+        lambda: box.show("NRestarts") == "1" and box.show("ActiveState") == "active",
+        timeout=90,
+        message="a watchdog restart",
+    )
+    assert box.main_pid() != first
+    assert "Watchdog timeout" in box.journal_text()
+    box.drop("after.nc")
+    box.wait(lambda: box.recorded() == ["after.nc"], message="the restarted service at work")
+
+
+def test_a_broken_config_fails_once_with_the_error_in_the_journal(sandbox: Sandbox) -> None:
+    box = sandbox
+    ready(box)
+    box.configure(wacth=[{"path": str(box.inbox)}])  # a typo
+    proc = box.run("systemctl", "start", UNIT, check=False)
+    assert proc.returncode != 0
+    time.sleep(7)  # longer than RestartSec=: a restart would have happened by now
+    assert box.show("ActiveState") == "failed"
+    assert box.show("ExecMainStatus") == "2"
+    assert box.show("NRestarts") == "0"
+    text = box.journal_text()
+    assert "wacth" in text  # the field, with the file and line it is on
+    assert "/etc/dpypeline/pipeline.yaml:" in text
+    assert text.count("Starting dpypeline.service") == 1
+
+
+def test_systemctl_stop_lets_a_short_job_finish_and_requeues_a_long_one(
+    sandbox: Sandbox,
+) -> None:
+    box = sandbox
+    ready(box)
+
+    def record_with(delay: float, grace: str) -> None:
+        job = {"task": "taskbox.record", "with": {"log": str(box.runs), "delay": delay}}
+        box.configure(stop_grace=grace, jobs=[{"name": "record", "tasks": [job]}])
+
+    record_with(delay=3.0, grace="30s")
+    start(box)
+    box.drop("short.nc")
+    box.wait(lambda: box.status()["running"] == 1, message="the short job running")
+    box.run("systemctl", "stop", UNIT)
+    assert box.show("ActiveState") == "inactive"
+    assert box.show("Result") == "success"
+    assert box.recorded() == ["short.nc"]
+    assert [j["state"] for j in box.jobs()] == ["done"]
+
+    record_with(delay=120.0, grace="2s")
+    start(box)
+    box.drop("long.nc")
+    box.wait(lambda: box.status()["running"] == 1, message="the long job running")
+    t0 = time.monotonic()
+    box.run("systemctl", "stop", UNIT)
+    assert time.monotonic() - t0 < 15  # the grace, not the job
+    assert box.show("Result") == "success"
+    states = {Path(j["path"]).name: (j["state"], j["attempts"]) for j in box.jobs()}
+    assert states["long.nc"] == ("queued", 0)  # back in the queue, attempt refunded
+    assert "job_released" in {e.get("DPYPELINE_EVENT") for e in box.journal()}
+
+
+def test_install_script_then_the_skeleton_config_runs_the_main_job(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    box = sandbox
+    wheels = box.work / "wheels"
+    subprocess.run(
+        [
+            "python3",
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            f"{ROOT}[dask]",
+            "-w",
+            str(wheels),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    nemo = box.work / "nemo"
+    subprocess.run(
+        ["python3", str(ROOT / "scripts" / "make_nemo.py"), str(nemo), "--files", "3"],
+        check=True,
+        capture_output=True,
+    )
+    deploy = box.work / "deploy"
+    subprocess.run(
+        ["cp", "-r", str(ROOT / "deploy"), str(ROOT / "systemd"), str(box.work)], check=True
+    )
+    for path in (box.work, *box.work.rglob("*")):
+        path.chmod(0o755 if path.is_dir() or path.suffix == ".sh" else 0o644)
+    install = [str(deploy / "install.sh"), "--wheelhouse", str(wheels), "--bindir", "/opt/bin"]
+    out = box.run(*install, timeout=300).stdout
+    assert "installed dpypeline" in out
+    assert "credentials placeholder /etc/dpypeline/credentials.json (mode 0600)" in out
+    assert "config skeleton /etc/dpypeline/pipeline.yaml" in out
+    box.run("systemd-analyze", "verify", "dpypeline.service", "dpypeline@example.service")
+    perms = box.sh(
+        "stat -c '%n %U %G %a' /etc/dpypeline/pipeline.yaml /etc/dpypeline/credentials.json"
+    )
+    assert perms.split("\n")[:2] == [
+        "/etc/dpypeline/pipeline.yaml root dpypeline 640",
+        "/etc/dpypeline/credentials.json root root 600",
+    ]
+    assert "ok: dpypeline" in box.run("/opt/bin/dpypeline", "validate").stdout
+
+    box.run("systemctl", "start", UNIT)
+    for path in sorted(nemo.glob("*_grid_T.nc")):
+        hidden, final = f"/srv/dpypeline/inbox/.{path.name}", f"/srv/dpypeline/inbox/{path.name}"
+        box.sh(f"cp {path} {hidden} && mv {hidden} {final}")
+    box.wait(
+        lambda: '"done": 3' in box.run("/opt/bin/dpypeline", "status", "--json").stdout,
+        timeout=90,
+        message="three NEMO files appended",
+    )
+    steps = box.run(
+        "/opt/dpypeline/bin/python",
+        "-c",
+        "import xarray as xr;"
+        " print(xr.open_zarr('/srv/dpypeline/output/nemo_T.zarr').sizes['time_counter'])",
+    ).stdout.strip()
+    assert steps == "3"  # one annual mean per file
+
+    # a second run upgrades in place: the config is kept, the running service restarts
+    before = box.sh("md5sum /etc/dpypeline/pipeline.yaml"), box.main_pid()
+    out = box.run(*install, timeout=300).stdout
+    assert "restarted dpypeline.service" in out
+    assert box.sh("md5sum /etc/dpypeline/pipeline.yaml") == before[0]
+    assert box.main_pid() not in (0, before[1])
+    assert box.show("ActiveState") == "active"
+
+    out = box.run(str(deploy / "uninstall.sh"), "--bindir", "/opt/bin").stdout
+    assert "kept /etc/dpypeline" in out
+    assert box.show("LoadState") == "not-found"
+    assert box.sh("ls /etc/dpypeline /var/lib/dpypeline").count("pipeline.yaml") == 1

@@ -156,6 +156,18 @@ class Sandbox:
     def runs(self) -> Path:
         return self.output / "runs.log"
 
+    def stage_install(self, wheelhouse: Path) -> tuple[Path, Path]:
+        """deploy/ and systemd/ as shipped, and the wheels install.sh will use: in the
+        bound directory, readable by anyone (install.sh --user runs as an ordinary user)."""
+        wheels = self.work / "wheels"
+        shutil.copytree(wheelhouse, wheels, copy_function=os.link)
+        shutil.copytree(ROOT / "deploy", self.work / "deploy")
+        shutil.copytree(ROOT / "systemd", self.work / "systemd")
+        for path in (self.work, *self.work.rglob("*")):
+            executable = path.is_dir() or path.suffix == ".sh"
+            path.chmod(0o755 if executable else 0o644)
+        return self.work / "deploy", wheels
+
     def recorded(self) -> list[str]:
         """The relative paths of the task runs recorded so far, in order."""
         if not self.runs.exists():
@@ -184,6 +196,25 @@ class Sandbox:
                     f" restarts={self.show('NRestarts')}\njournal:\n{self.journal_text()[-4000:]}"
                 )
             time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Iterator[Path]:
+    """This checkout and everything it needs as wheels, for install.sh --wheelhouse."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    path = WORK / f"wheelhouse-{uuid.uuid4().hex[:8]}"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", f"{ROOT}[dask]", "-w", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        pytest.fail(f"pip wheel failed: {built.stderr[-3000:]}")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from sandbox import ROOT, UNIT, Sandbox
+from sandbox import ROOT, TOOL, UNIT, Sandbox
 
 pytestmark = pytest.mark.systemd
 
@@ -270,36 +271,13 @@ def test_systemctl_stop_lets_a_short_job_finish_and_requeues_a_long_one(
 
 
 def test_install_script_then_the_skeleton_config_runs_the_main_job(
-    sandbox: Sandbox, tmp_path: Path
+    sandbox: Sandbox, wheelhouse: Path
 ) -> None:
     box = sandbox
-    wheels = box.work / "wheels"
-    subprocess.run(
-        [
-            "python3",
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            f"{ROOT}[dask]",
-            "-w",
-            str(wheels),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    deploy, wheels = box.stage_install(wheelhouse)
     nemo = box.work / "nemo"
-    subprocess.run(
-        ["python3", str(ROOT / "scripts" / "make_nemo.py"), str(nemo), "--files", "3"],
-        check=True,
-        capture_output=True,
-    )
-    deploy = box.work / "deploy"
-    subprocess.run(
-        ["cp", "-r", str(ROOT / "deploy"), str(ROOT / "systemd"), str(box.work)], check=True
-    )
-    for path in (box.work, *box.work.rglob("*")):
-        path.chmod(0o755 if path.is_dir() or path.suffix == ".sh" else 0o644)
+    make_nemo = [sys.executable, str(ROOT / "scripts" / "make_nemo.py"), str(nemo), "--files", "3"]
+    subprocess.run(make_nemo, check=True, capture_output=True)
     install = [str(deploy / "install.sh"), "--wheelhouse", str(wheels), "--bindir", "/opt/bin"]
     out = box.run(*install, timeout=300).stdout
     assert "installed dpypeline" in out
@@ -344,3 +322,60 @@ def test_install_script_then_the_skeleton_config_runs_the_main_job(
     assert "kept /etc/dpypeline" in out
     assert box.show("LoadState") == "not-found"
     assert box.sh("ls /etc/dpypeline /var/lib/dpypeline").count("pipeline.yaml") == 1
+
+
+def test_user_install_runs_without_root(sandbox: Sandbox, wheelhouse: Path) -> None:
+    box = sandbox
+    deploy, wheels = box.stage_install(wheelhouse)
+    # an ordinary user with a user manager that outlives logins (PAM from this machine)
+    box.sh("useradd -m -s /bin/sh alice && loginctl enable-linger alice")
+    subprocess.run(
+        f"tar -C /etc -c pam.d security | {TOOL} exec {box.name} tar -C /etc -x",
+        shell=True,
+        check=True,
+    )
+    box.sh("systemctl restart user@$(id -u alice).service")
+    uid = box.sh("id -u alice").strip()
+
+    def as_alice(script: str, check: bool = True) -> str:
+        return box.run(
+            "setpriv",
+            "--reuid=alice",
+            "--regid=users",
+            "--init-groups",
+            "env",
+            "HOME=/home/alice",
+            f"XDG_RUNTIME_DIR=/run/user/{uid}",
+            "PATH=/home/alice/.local/bin:/usr/bin:/bin",
+            "sh",
+            "-c",
+            f"cd && {script}",
+            check=check,
+            timeout=300,
+        ).stdout
+
+    out = as_alice(f"{deploy}/install.sh --user --wheelhouse {wheels}")
+    assert "config skeleton /home/alice/.config/dpypeline/pipeline.yaml" in out
+    as_alice("systemd-analyze --user verify dpypeline.service")
+    as_alice("dpypeline validate -c ~/.config/dpypeline/pipeline.yaml")
+    as_alice("systemctl --user start dpypeline")  # returns after READY=1
+    assert as_alice("systemctl --user is-active dpypeline").strip() == "active"
+    assert "0 queued" in as_alice("systemctl --user show -p StatusText --value dpypeline")
+    state = as_alice(
+        "stat -c '%a %U' ~/.local/state/dpypeline ~/.config/dpypeline/credentials.json"
+    )
+    assert state.split("\n")[:2] == ["700 alice", "600 alice"]
+    # a file dropped in is processed; the journal has it
+    nemo = box.work / "nemo"
+    make_nemo = [sys.executable, str(ROOT / "scripts" / "make_nemo.py"), str(nemo), "--files", "1"]
+    subprocess.run(make_nemo, check=True, capture_output=True)
+    (nemo_file,) = nemo.glob("*_grid_T.nc")
+    nemo_file.chmod(0o644)
+    inbox = "/home/alice/dpypeline/inbox"
+    as_alice(f"cp {nemo_file} {inbox}/.x && mv {inbox}/.x {inbox}/{nemo_file.name}")
+    done = "journalctl --user -u dpypeline DPYPELINE_STATE=done -o cat --no-pager -q"
+    box.wait(lambda: nemo_file.name in as_alice(done, check=False), message="the file done")
+    out = as_alice("dpypeline status --json -c ~/.config/dpypeline/pipeline.yaml")
+    assert '"done": 1' in out
+    out = as_alice(f"{deploy}/uninstall.sh --user")
+    assert "kept /home/alice/.config/dpypeline" in out

@@ -4,6 +4,7 @@ graceful stop, and the hardening letting the job do its work (and nothing else).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -292,8 +293,23 @@ def test_install_script_then_the_skeleton_config_runs_the_main_job(
         "/etc/dpypeline/credentials.json root root 600",
     ]
     assert "ok: dpypeline" in box.run("/opt/bin/dpypeline", "validate").stdout
+    # an object store, as the skeleton explains: the credentials reach the command (run as
+    # the service user) the way LoadCredential= hands them to the service
+    secret = {"token": "AKIA-TEST", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9"}
+    (box.work / "credentials.json").write_text(json.dumps(secret))
+    box.copy(box.work / "credentials.json", "/etc/dpypeline/credentials.json")
+    config = box.run("cat", "/etc/dpypeline/pipeline.yaml").stdout
+    config += "objectstores:\n  jasmin:\n    credentials: ${CREDENTIALS_DIRECTORY}/s3.json\n"
+    (box.work / "pipeline.yaml").write_text(config)
+    box.copy(box.work / "pipeline.yaml", "/etc/dpypeline/pipeline.yaml")
+    checked = box.run("/opt/bin/dpypeline", "validate").stdout
+    assert "1 object store(s)" in checked
+    assert "s3cr3t" not in checked
+    assert box.run("ls", "/run").stdout.count("dpypeline-cli") == 0  # the private copy is gone
 
     box.run("systemctl", "start", UNIT)
+    ready_line = [e for e in box.journal() if e.get("DPYPELINE_EVENT") == "service_ready"]
+    assert ready_line  # started with the credential loaded and the object store configured
     for path in sorted(nemo.glob("*_grid_T.nc")):
         hidden, final = f"/srv/dpypeline/inbox/.{path.name}", f"/srv/dpypeline/inbox/{path.name}"
         box.sh(f"cp {path} {hidden} && mv {hidden} {final}")

@@ -70,6 +70,22 @@ MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
 @pytest.mark.slow
+def inotify_watches_in_use() -> int:
+    """Inotify watches held by this user's processes (the kernel's per-user count)."""
+    uid, total = os.getuid(), 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if proc.stat().st_uid != uid:
+                continue
+            for info in (proc / "fdinfo").iterdir():
+                total += info.read_text().count("inotify wd:")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return total
+
+
 def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
@@ -98,7 +114,9 @@ def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
         },
     )
     old = MAX_WATCHES.read_text()
-    MAX_WATCHES.write_text("1")  # not even one watch per directory of the tree
+    # room for the root's watch only, not one per directory of the tree (the limit counts
+    # every watch of this user, other processes' too)
+    MAX_WATCHES.write_text(str(inotify_watches_in_use() + 1))
     try:
         svc = ServiceProcess(cfg)
         service_processes.append(svc)

@@ -23,15 +23,18 @@ def wait_for(
     timeout: float = 20.0,
     interval: float = 0.05,
     message: str = "condition",
+    detail: Callable[[], str] | None = None,
 ) -> Any:
-    """Poll until ``predicate()`` is truthy; fail the test with ``message`` on timeout."""
+    """Poll until ``predicate()`` is truthy; fail the test with ``message`` (and what
+    ``detail()`` says about the state of things) on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+            extra = f"\n{detail()}" if detail is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {message}{extra}")
         time.sleep(interval)
 
 

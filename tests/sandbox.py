@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT.parent / "shared" / "tools" / "systemd-sandbox"
 WORK = Path("/srv/dpypeline-tests")  # not under /tmp: the units have a private /tmp
@@ -184,18 +186,13 @@ class Sandbox:
     def wait(
         self, predicate: Callable[[], Any], timeout: float = 60, message: str = "condition"
     ) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"timed out after {timeout}s waiting for {message}\n"
-                    f"unit: {self.show('ActiveState')}/{self.show('SubState')}"
-                    f" restarts={self.show('NRestarts')}\njournal:\n{self.journal_text()[-4000:]}"
-                )
-            time.sleep(0.3)
+        return wait_for(predicate, timeout, 0.3, message, detail=self.describe)
+
+    def describe(self) -> str:
+        return (
+            f"unit: {self.show('ActiveState')}/{self.show('SubState')}"
+            f" restarts={self.show('NRestarts')}\njournal:\n{self.journal_text()[-4000:]}"
+        )
 
 
 BOOT_TIMEOUT = 60.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,26 @@ def test_a_job_stuck_past_its_timeout_stops_the_pings(
         time.sleep(3)  # 3 s: six ping intervals, and well past systemd's 2 s watchdog
         assert notify_socket.sent("WATCHDOG=1")[-1] == last_ping
         assert proc.poll() is None  # no self-restart under a watchdog: systemd does it
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_watched_directory_that_disappears_stops_the_pings(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    proc = start(tmp_path, notify_socket, watchdog_usec=2_000_000)
+    try:
+        wait_for(lambda: len(notify_socket.sent("WATCHDOG=1")) >= 2, message="pings")
+        shutil.rmtree(tmp_path / "inbox")  # its inotify watch dies with it
+        wait_for(
+            lambda: any("UNHEALTHY: watched directory" in m for _, m in notify_socket.poll()),
+            timeout=20,
+            message="the unhealthy status",
+        )
+        last_ping = notify_socket.sent("WATCHDOG=1")[-1]
+        time.sleep(3)
+        assert notify_socket.sent("WATCHDOG=1")[-1] == last_ping
     finally:
         proc.kill()
         proc.wait(10)

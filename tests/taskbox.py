@@ -65,3 +65,26 @@ def needs_service(path: str, log: str, down: str, context: JobContext | None = N
 
 def noop(path: str) -> str:
     return path
+
+
+def killable(path: str, log: str, pids: str, context: JobContext | None = None) -> str:
+    """On its first attempt, write the running process's pid to ``pids/NAME.pid`` and wait
+    to be killed; later attempts record the run."""
+    assert context is not None
+    if context.attempt == 1:
+        target = os.path.join(pids, os.path.basename(path) + ".pid")
+        with open(target + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(target + ".tmp", target)
+        time.sleep(60)
+    _record(log, context)
+    return path
+
+
+def burn(path: str, seconds: float = 0.2) -> str:
+    """Hold the CPU (and the GIL) for ``seconds``: a CPU-bound job."""
+    deadline = time.process_time() + seconds
+    x = 0
+    while time.process_time() < deadline:
+        x += 1
+    return path

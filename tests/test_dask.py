@@ -1,0 +1,183 @@
+"""The dask executor: jobs on a LocalCluster of two worker processes keep every guarantee
+of the serial executor (done once, retries, timeouts, dead, ordered Zarr appends)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xarray as xr
+
+from conftest import ROOT, ServiceProcess, dpypeline, jobs, runs, status, wait_for, write_config
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_nemo import make_series  # a script, not a package
+
+pytestmark = pytest.mark.slow
+
+LOCAL_CLUSTER = {
+    "options": {
+        "n_workers": 2,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": ":0",
+    }
+}
+DASK = {"kind": "dask", "cluster": LOCAL_CLUSTER}
+
+
+def pipeline(
+    tmp_path: Path,
+    tasks: list[dict[str, Any]],
+    *,
+    executor: dict[str, Any] | None = None,
+    monitor: bool = False,
+    retry: dict[str, Any] | None = None,
+    name: str = "pipeline.yaml",
+) -> tuple[Path, Path]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / f"state-{Path(name).stem}"),
+            "monitor": monitor,
+            "watch": [{"path": str(inbox), "settle": "100ms", "rescan_interval": "30s"}],
+            "executor": executor or DASK,
+            "retry": retry or {"max_attempts": 3, "backoff": {"initial": "200ms", "max": "1s"}},
+            "jobs": [{"name": "ingest", "tasks": tasks}],
+            "logging": {"format": "json"},
+        },
+        name,
+    )
+    return cfg, inbox
+
+
+def run_once(cfg: Path, timeout: float = 120.0) -> None:
+    proc = dpypeline("run", "-c", str(cfg), "--once", timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fifty_files_on_two_workers_are_each_done_once(tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    cfg, inbox = pipeline(tmp_path, [{"task": "taskbox.record", "with": {"log": str(log)}}])
+    for i in range(50):
+        (inbox / f"f{i:02d}.nc").write_text(str(i))
+    run_once(cfg)
+    done = runs(log)
+    assert sorted(rel for rel, _, _ in done) == [f"f{i:02d}.nc" for i in range(50)]
+    assert {att for _, _, att in done} == {1}
+    assert status(cfg)["done"] == 50
+
+
+def test_a_worker_killed_mid_job_makes_the_job_retry_and_finish(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    log, pids = tmp_path / "runs.log", tmp_path / "pids"
+    pids.mkdir()
+    cfg, inbox = pipeline(
+        tmp_path,
+        [{"task": "taskbox.killable", "with": {"log": str(log), "pids": str(pids)}}],
+        monitor=True,
+    )
+    service = ServiceProcess(cfg)
+    service_processes.append(service)
+    service.wait_ready()
+    (inbox / "victim.nc").write_text("x")
+    pid_file = pids / "victim.nc.pid"
+    wait_for(pid_file.exists, message="the job running on a worker")
+    worker_pid = int(pid_file.read_text())
+    assert worker_pid != service.proc.pid
+    cluster = wait_for(
+        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 1 and s,
+        message="status showing the job in flight",
+    )
+    assert cluster["kind"] == "dask"
+    assert cluster["workers"] == 2
+    assert cluster["slots"] == 2
+    assert cluster["address"].startswith("tcp://")
+    os.kill(worker_pid, signal.SIGKILL)
+    wait_for(lambda: status(cfg)["done"] == 1, timeout=30, message="the job done")
+    (job,) = jobs(cfg)
+    assert job["attempts"] == 2
+    assert [(rel, att) for rel, _, att in runs(log)] == [("victim.nc", 2)]
+    retried = [e for e in service.events() if e.get("event") == "job_retrying"]
+    assert len(retried) == 1
+    assert "KilledWorker" in retried[0]["error"]
+    service.signal(signal.SIGTERM)
+    assert service.wait(30) == 0
+    assert status(cfg)["executor"] is None
+
+
+def test_a_hanging_job_times_out_is_retried_then_dead_and_the_others_finish(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "runs.log"
+    cfg, inbox = pipeline(
+        tmp_path,
+        [{"task": "taskbox.behave", "with": {"log": str(log)}}],
+        retry={"max_attempts": 2, "backoff": {"initial": "200ms"}, "job_timeout": "2s"},
+    )
+    (inbox / "a-hang.nc").write_text("x")
+    for i in range(4):
+        (inbox / f"good{i}.nc").write_text("x")
+    run_once(cfg)
+    by_path = {Path(j["path"]).name: j for j in jobs(cfg)}
+    hung = by_path.pop("a-hang.nc")
+    assert hung["state"] == "dead"
+    assert hung["attempts"] == 2
+    assert "timed out after 2s" in hung["error"]
+    assert {j["state"] for j in by_path.values()} == {"done"}
+    assert sorted(rel for rel, _, _ in runs(log)) == [f"good{i}.nc" for i in range(4)]
+
+
+def test_task_modules_next_to_the_config_import_on_the_workers(tmp_path: Path) -> None:
+    (tmp_path / "mytasks.py").write_text(
+        "import os\n\n"
+        "def mark(path, out):\n"
+        "    name = os.path.basename(path) + '.' + str(os.getpid())\n"
+        "    open(os.path.join(out, name), 'w').close()\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg, inbox = pipeline(tmp_path, [{"task": "mytasks.mark", "with": {"out": str(out)}}])
+    for i in range(4):
+        (inbox / f"f{i}.nc").write_text("x")
+    run_once(cfg)
+    marks = sorted(p.name for p in out.iterdir())
+    assert [m.split(".nc.")[0] for m in marks] == ["f0", "f1", "f2", "f3"]
+    assert str(os.getpid()) not in {m.split(".nc.")[1] for m in marks}
+
+
+def test_appends_of_twelve_nemo_files_through_dask_equal_the_serial_store(
+    tmp_path: Path,
+) -> None:
+    files = make_series(tmp_path / "nemo", 12)
+    stores = {}
+    for kind, executor in (("serial", {"kind": "serial"}), ("dask", DASK)):
+        work = tmp_path / kind
+        work.mkdir()
+        store = work / "out.zarr"
+        cfg, inbox = pipeline(
+            work,
+            [
+                {"task": "open_dataset"},
+                {"task": "clean_dataset", "with": {"missing_value": 1.0e20}},
+                {"task": "to_zarr", "with": {"store": str(store), "append_dim": "time_counter"}},
+            ],
+            executor=executor,
+        )
+        for f in files:
+            shutil.copy2(f, inbox / f.name)
+        run_once(cfg, timeout=180)
+        assert status(cfg)["done"] == 12, jobs(cfg)
+        stores[kind] = store
+    serial = xr.open_zarr(stores["serial"], decode_times=False).load()
+    dask = xr.open_zarr(stores["dask"], decode_times=False).load()
+    xr.testing.assert_identical(serial, dask)
+    assert serial.attrs["dpypeline_committed"] == 12

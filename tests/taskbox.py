@@ -68,16 +68,18 @@ def noop(path: str) -> str:
 
 
 def killable(path: str, log: str, pids: str, context: JobContext | None = None) -> str:
-    """On its first attempt, write the running process's pid to ``pids/NAME.pid`` and wait
-    to be killed; later attempts record the run."""
+    """The first run on a file writes "PID SLURM_JOB_ID" to ``pids/NAME.pid`` and waits to
+    be killed; every later run records itself."""
     assert context is not None
-    if context.attempt == 1:
-        target = os.path.join(pids, os.path.basename(path) + ".pid")
+    target = os.path.join(pids, os.path.basename(path) + ".pid")
+    if not os.path.exists(target):
         with open(target + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {os.environ.get('SLURM_JOB_ID', '-')}")
         os.replace(target + ".tmp", target)
         time.sleep(60)
     _record(log, context)
+    with open(os.path.join(pids, os.path.basename(path) + ".ran"), "w") as f:
+        f.write(os.environ.get("SLURM_JOB_ID", "-"))
     return path
 
 

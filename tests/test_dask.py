@@ -91,7 +91,7 @@ def test_a_worker_killed_mid_job_makes_the_job_retry_and_finish(
     (inbox / "victim.nc").write_text("x")
     pid_file = pids / "victim.nc.pid"
     wait_for(pid_file.exists, message="the job running on a worker")
-    worker_pid = int(pid_file.read_text())
+    worker_pid = int(pid_file.read_text().split()[0])
     assert worker_pid != service.proc.pid
     cluster = wait_for(
         lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 1 and s,

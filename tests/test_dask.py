@@ -3,9 +3,11 @@ of the serial executor (done once, retries, timeouts, dead, ordered Zarr appends
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,17 @@ from typing import Any
 import pytest
 import xarray as xr
 
-from conftest import ROOT, ServiceProcess, dpypeline, jobs, runs, status, wait_for, write_config
+from conftest import (
+    ROOT,
+    ServiceProcess,
+    dpypeline,
+    env_for_subprocess,
+    jobs,
+    runs,
+    status,
+    wait_for,
+    write_config,
+)
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_nemo import make_series  # a script, not a package
@@ -181,3 +193,19 @@ def test_appends_of_twelve_nemo_files_through_dask_equal_the_serial_store(
     dask = xr.open_zarr(stores["dask"], decode_times=False).load()
     xr.testing.assert_identical(serial, dask)
     assert serial.attrs["dpypeline_committed"] == 12
+
+
+def test_the_dask_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_dask.py"), "--quick", "--json", str(report),
+         "--dir", str(tmp_path / "work")],
+        env=env_for_subprocess(), capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data["cpu_bound"]["speedup"] > 0
+    assert data["noop_overhead"]["dask_s_per_job"] > 0
+    assert "cpu_bound" in proc.stdout
+    assert "noop_overhead" in proc.stdout
+    assert list((tmp_path / "work").iterdir()) == []

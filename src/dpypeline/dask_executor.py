@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed import WorkerPlugin
 
-from dpypeline.config import ClusterConfig, ExecutorConfig
+from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig, ExecutorConfig
 from dpypeline.errors import ConfigError, JobTimeout
 from dpypeline.executors import Finished
 from dpypeline.logs import get_logger
@@ -404,7 +404,7 @@ def build_cluster(cc: ClusterConfig) -> Any:
 
 def scale(cluster: Any, spec: dict[str, Any]) -> bool:
     """Size the cluster; True if it is adaptive (``minimum``/``maximum``)."""
-    if {"minimum", "maximum"} & spec.keys():
+    if set(SCALE_ADAPTIVE) & spec.keys():
         cluster.adapt(**spec)
         return True
     cluster.scale(**spec)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,67 @@ def test_the_dask_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
     assert "cpu_bound" in proc.stdout
     assert "noop_overhead" in proc.stdout
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _dask(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        env=env_for_subprocess(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_losing_the_scheduler_makes_the_service_unhealthy_then_restart_and_reconnect(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    port = address.rsplit(":", 1)[1]
+    scheduler_cmd = ("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", port,
+                     "--no-dashboard")  # fmt: skip
+    worker_cmd = ("distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard")
+    started = [_dask(*scheduler_cmd), _dask(*worker_cmd)]
+    try:
+        log = tmp_path / "runs.log"
+        cfg, inbox = pipeline(
+            tmp_path,
+            [{"task": "taskbox.record", "with": {"log": str(log)}}],
+            executor={"kind": "dask", "address": address},
+            monitor=True,
+        )
+        service = ServiceProcess(cfg)
+        service_processes.append(service)
+        service.wait_ready(timeout=60)
+        (inbox / "before.nc").write_text("x")
+        wait_for(lambda: status(cfg)["done"] == 1, timeout=30, message="the first job done")
+
+        started[0].kill()
+        started[0].wait()
+
+        def logged(event: str) -> list[dict[str, Any]]:
+            return [e for e in service.events() if e.get("event") == event]
+
+        unhealthy = wait_for(
+            lambda: [e for e in logged("health_changed") if e["problems"]],
+            timeout=30,
+            message="the service unhealthy",
+        )
+        assert "scheduler" in " ".join(unhealthy[0]["problems"])
+        wait_for(lambda: logged("cluster_lost"), timeout=40, message="the service restarting")
+        started += [_dask(*scheduler_cmd), _dask(*worker_cmd)]
+        wait_for(lambda: len(logged("service_ready")) == 2, timeout=60, message="reconnected")
+        assert service.proc.poll() is None
+        (inbox / "after.nc").write_text("x")
+        wait_for(lambda: status(cfg)["done"] == 2, timeout=30, message="a job after the restart")
+        service.signal(signal.SIGTERM)
+        assert service.wait(30) == 0
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()

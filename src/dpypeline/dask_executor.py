@@ -148,6 +148,8 @@ class DaskExecutor:
         self._fenced: dict[str, threading.Event] = {}  # stores waiting for a worker restart
         self._finished: list[Finished] = []
         self._lost = ""
+        self._address: str | None = None
+        self._dashboard: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -171,6 +173,9 @@ class DaskExecutor:
         except BaseException:
             self.close()
             raise
+        # asked once: both are calls to the scheduler, which could hang once it is gone
+        self._address = self._client.scheduler.address
+        self._dashboard = self._client.dashboard_link
         self._count_workers(time.time(), force=True)
         log.info("cluster_ready", **self.describe())
 
@@ -192,10 +197,9 @@ class DaskExecutor:
                 log.warning("cluster_close_failed", part="cluster", error=str(exc))
 
     def interrupt(self) -> None:
-        """Cancel every job now (a second stop signal); the worker puts them back."""
-        if self._client is not None:
-            futures = [f for j in self._jobs.values() for f in (j.future, j.computed) if f]
-            self._client.cancel(futures)
+        """Forget every job now (a second stop signal; the worker has put them back). The
+        close that follows disconnects the client, and the scheduler drops its tasks: no
+        call to a scheduler that may be gone is made here."""
         self._jobs.clear()
         self._order.clear()
         self._committing.clear()
@@ -370,11 +374,10 @@ class DaskExecutor:
         return problems
 
     def describe(self) -> dict[str, Any]:
-        client = self._client
         return {
             "kind": "dask",
-            "address": client.scheduler.address if client and client.scheduler else None,
-            "dashboard": client.dashboard_link if client else None,
+            "address": self._address,
+            "dashboard": self._dashboard,
             "cluster": type(self._cluster).__name__ if self._cluster is not None else None,
             "workers": self._workers,
             "slots": self._workers // self._config.workers_per_event,

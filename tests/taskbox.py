@@ -90,3 +90,15 @@ def burn(path: str, seconds: float = 0.2) -> str:
     while time.process_time() < deadline:
         x += 1
     return path
+
+
+def stamp(path: str, out: str, context: JobContext | None = None) -> str:
+    """Write "PID START END" to ``out/JOB_ID``; odd job ids take 0.3 s, so a job often
+    finishes this step before the job queued ahead of it."""
+    assert context is not None
+    start = time.time()
+    if context.job_id % 2:
+        time.sleep(0.3)
+    with open(os.path.join(out, str(context.job_id)), "w") as f:
+        f.write(f"{os.getpid()} {start} {time.time()}")
+    return path

@@ -167,7 +167,7 @@ def test_task_modules_next_to_the_config_import_on_the_workers(tmp_path: Path) -
     assert str(os.getpid()) not in {m.split(".nc.")[1] for m in marks}
 
 
-def test_appends_of_twelve_nemo_files_through_dask_equal_the_serial_store(
+def test_twelve_nemo_files_computed_in_parallel_append_in_queue_order_as_serial_does(
     tmp_path: Path,
 ) -> None:
     files = make_series(tmp_path / "nemo", 12)
@@ -176,9 +176,12 @@ def test_appends_of_twelve_nemo_files_through_dask_equal_the_serial_store(
         work = tmp_path / kind
         work.mkdir()
         store = work / "out.zarr"
+        stamps = work / "stamps"
+        stamps.mkdir()
         cfg, inbox = pipeline(
             work,
             [
+                {"task": "taskbox.stamp", "with": {"out": str(stamps)}},
                 {"task": "open_dataset"},
                 {"task": "clean_dataset", "with": {"missing_value": 1.0e20}},
                 {"task": "to_zarr", "with": {"store": str(store), "append_dim": "time_counter"}},
@@ -190,6 +193,13 @@ def test_appends_of_twelve_nemo_files_through_dask_equal_the_serial_store(
         run_once(cfg, timeout=180)
         assert status(cfg)["done"] == 12, jobs(cfg)
         stores[kind] = store
+    computed = {
+        int(p.name): tuple(map(float, p.read_text().split()))
+        for p in (tmp_path / "dask" / "stamps").iterdir()
+    }
+    assert len({pid for pid, _, _ in computed.values()}) == 2, "both workers computed"
+    overtaken = [j for j in range(1, 12) if computed[j + 1][2] < computed[j][2]]
+    assert overtaken, "files were computed out of queue order, yet written in it"
     serial = xr.open_zarr(stores["serial"], decode_times=False).load()
     dask = xr.open_zarr(stores["dask"], decode_times=False).load()
     xr.testing.assert_identical(serial, dask)

@@ -284,3 +284,20 @@ def test_losing_the_scheduler_makes_the_service_unhealthy_then_restart_and_recon
         for p in started:
             p.kill()
             p.wait()
+
+
+def test_the_readme_dask_example_appends_what_the_serial_example_does(tmp_path: Path) -> None:
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples", work / "examples")
+    make_series(work / "inbox" / "nemo", 6)
+    for example in ("netcdf-to-zarr.yaml", "netcdf-to-zarr-dask.yaml"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dpypeline", "run", "--once", "-c", f"examples/{example}"],
+            cwd=work, env=env_for_subprocess(), capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    serial = xr.open_zarr(work / "output" / "nemo_T.zarr", decode_times=False).load()
+    dask = xr.open_zarr(work / "output" / "nemo_T_dask.zarr", decode_times=False).load()
+    xr.testing.assert_identical(serial, dask)
+    assert serial.sizes["time_counter"] == 6

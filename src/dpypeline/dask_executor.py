@@ -36,6 +36,7 @@ cannot overlap the next one.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import threading
 import time
@@ -158,6 +159,9 @@ class DaskExecutor:
         import dask
         from distributed import Client
 
+        # importing distributed set its loggers to INFO; only its warnings are worth a line
+        root_level = logging.getLogger().getEffectiveLevel()
+        logging.getLogger("distributed").setLevel(max(root_level, logging.WARNING))
         cfg = self._config
         try:
             if cfg.address:

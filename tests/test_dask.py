@@ -301,3 +301,45 @@ def test_the_readme_dask_example_appends_what_the_serial_example_does(tmp_path: 
     dask = xr.open_zarr(work / "output" / "nemo_T_dask.zarr", decode_times=False).load()
     xr.testing.assert_identical(serial, dask)
     assert serial.sizes["time_counter"] == 6
+
+
+def test_a_first_sigterm_lets_jobs_on_the_cluster_finish_a_second_puts_them_back(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    log = tmp_path / "runs.log"
+    cfg, inbox = pipeline(
+        tmp_path, [{"task": "taskbox.record", "with": {"log": str(log), "delay": 4}}], monitor=True
+    )
+    service = ServiceProcess(cfg)
+    service_processes.append(service)
+    service.wait_ready()
+    for name in ("a.nc", "b.nc"):
+        (inbox / name).write_text("x")
+    wait_for(
+        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2, message="two jobs running"
+    )
+    service.signal(signal.SIGTERM)
+    assert service.wait(30) == 0
+    assert sorted(rel for rel, _, _ in runs(log)) == ["a.nc", "b.nc"]
+    assert {j["state"] for j in jobs(cfg)} == {"done"}
+
+    for name in ("c.nc", "d.nc"):
+        (inbox / name).write_text("x")
+    service = ServiceProcess(cfg)
+    service_processes.append(service)
+    service.wait_ready()
+    wait_for(
+        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2, message="two jobs running"
+    )
+    service.signal(signal.SIGTERM)
+    wait_for(
+        lambda: any(e.get("event") == "service_stopping" for e in service.events()),
+        message="the first signal taken",
+    )
+    service.signal(signal.SIGTERM)
+    assert service.wait(15) == 0
+    waiting = [j for j in jobs(cfg) if j["state"] != "done"]
+    assert sorted((Path(j["path"]).name, j["state"], j["attempts"]) for j in waiting) == [
+        ("c.nc", "queued", 0),
+        ("d.nc", "queued", 0),
+    ]

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +344,26 @@ def test_a_first_sigterm_lets_jobs_on_the_cluster_finish_a_second_puts_them_back
         ("c.nc", "queued", 0),
         ("d.nc", "queued", 0),
     ]
+
+
+def test_slots_are_workers_over_workers_per_event_and_follow_the_cluster_size() -> None:
+    from dpypeline.config import ClusterConfig, ExecutorConfig
+    from dpypeline.dask_executor import DaskExecutor
+
+    options = {"n_workers": 2, "processes": False, "dashboard_address": None}
+    config = ExecutorConfig(
+        kind="dask", cluster=ClusterConfig(options=options), workers_per_event=2
+    )
+    executor = DaskExecutor(threading.Event(), config)
+    executor.start()
+    try:
+        assert executor.capacity() == 1
+        assert executor.describe()["slots"] == 1
+        cluster = executor._cluster
+        cluster.scale(4)
+        wait_for(lambda: executor.capacity() == 2, message="two slots on four workers")
+        cluster.scale(1)
+        wait_for(lambda: executor.capacity() == 0, message="no slot on one worker")
+        assert executor.problems() == []
+    finally:
+        executor.close()

@@ -367,3 +367,12 @@ def test_slots_are_workers_over_workers_per_event_and_follow_the_cluster_size() 
         assert executor.problems() == []
     finally:
         executor.close()
+
+
+def test_validate_names_the_line_of_a_cluster_class_that_does_not_import(tmp_path: Path) -> None:
+    executor = {"kind": "dask", "cluster": {"class": "dask_jobqueue.NoSuchCluster"}}
+    cfg, _ = pipeline(tmp_path, [{"task": "taskbox.noop"}], executor=executor)
+    proc = dpypeline("validate", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert "pipeline.yaml:" in proc.stderr
+    assert "executor.cluster.class: cannot import 'dask_jobqueue.NoSuchCluster'" in proc.stderr

@@ -130,6 +130,15 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
             load_credentials(name, store)
         except ConfigError as exc:
             problems.append(f"{config.where('objectstores', name)}: {exc}")
+    cluster = config.executor.cluster
+    if config.executor.kind == "dask" and cluster is not None:
+        from dpypeline.dask_executor import cluster_class
+
+        try:
+            cluster_class(cluster.class_)
+        except ConfigError as exc:
+            where = config.where("executor", "cluster", "class_")
+            problems.append(f"{where}: {str(exc).removeprefix('executor.cluster.class: ')}")
     if problems:
         raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())

@@ -395,16 +395,22 @@ def _key(job_id: int, stage: str) -> str:
     return f"dpypeline-job-{job_id}-{stage}-{uuid.uuid4().hex[:8]}"
 
 
-def build_cluster(cc: ClusterConfig) -> Any:
-    """The cluster object ``cluster.class`` names, made with ``cluster.options``."""
-    name = CLASS_ALIASES.get(cc.class_, cc.class_)
-    module_name, _, attr = name.rpartition(".")
+def cluster_class(name: str) -> Any:
+    """The cluster class ``executor.cluster.class`` names (a dotted path or an alias)."""
+    target = CLASS_ALIASES.get(name, name)
+    module_name, _, attr = target.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"executor.cluster.class: cannot import {cc.class_!r}: {exc}") from None
+        raise ConfigError(f"executor.cluster.class: cannot import {name!r}: {exc}") from None
+
+
+def build_cluster(cc: ClusterConfig) -> Any:
+    """The cluster ``cluster.class`` names, made with ``cluster.options`` (for a
+    LocalCluster on top of dpypeline's defaults: single-threaded worker processes)."""
+    cls = cluster_class(cc.class_)
     options = dict(cc.options)
-    if name == "distributed.LocalCluster":
+    if CLASS_ALIASES.get(cc.class_, cc.class_) == "distributed.LocalCluster":
         options = {**LOCAL_DEFAULTS, **options}
     return cls(**options)
 

@@ -234,9 +234,17 @@ class DaskExecutor:
             self._lost = f"the Dask scheduler does not answer: {type(exc).__name__}: {exc}"
             return
         self._lost = ""
-        if info["n_workers"] != self._workers:
-            log.info("cluster_workers", workers=info["n_workers"], was=self._workers)
-        self._workers = int(info["n_workers"])
+        workers, per_event = int(info["n_workers"]), self._config.workers_per_event
+        if workers != self._workers:
+            log.info("cluster_workers", workers=workers, was=self._workers)
+            if 0 < workers < per_event:
+                log.warning(
+                    "cluster_too_small",
+                    workers=workers,
+                    workers_per_event=per_event,
+                    action="no job starts until the cluster has workers_per_event workers",
+                )
+        self._workers = workers
 
     def in_flight(self) -> list[int]:
         return list(self._jobs)

@@ -376,3 +376,32 @@ def test_validate_names_the_line_of_a_cluster_class_that_does_not_import(tmp_pat
     assert proc.returncode == 2
     assert "pipeline.yaml:" in proc.stderr
     assert "executor.cluster.class: cannot import 'dask_jobqueue.NoSuchCluster'" in proc.stderr
+
+
+def test_sigkill_of_the_service_with_jobs_on_the_cluster_loses_nothing(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    log = tmp_path / "runs.log"
+    cfg, inbox = pipeline(
+        tmp_path, [{"task": "taskbox.record", "with": {"log": str(log), "delay": 2}}], monitor=True
+    )
+    service = ServiceProcess(cfg)
+    service_processes.append(service)
+    service.wait_ready()
+    names = [f"f{i}.nc" for i in range(4)]
+    for name in names:
+        (inbox / name).write_text("x")
+    wait_for(
+        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2, message="two jobs running"
+    )
+    service.kill()
+    service = ServiceProcess(cfg)
+    service_processes.append(service)
+    service.wait_ready()
+    wait_for(lambda: status(cfg)["done"] == 4, timeout=60, message="every job done")
+    done = jobs(cfg)
+    assert sorted(Path(j["path"]).name for j in done) == names
+    assert max(j["attempts"] for j in done) == 2  # the two killed in flight ran again
+    assert sorted({rel for rel, _, _ in runs(log)}) == names
+    service.signal(signal.SIGTERM)
+    assert service.wait(30) == 0

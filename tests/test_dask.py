@@ -326,6 +326,9 @@ def test_a_first_sigterm_lets_jobs_on_the_cluster_finish_a_second_puts_them_back
 
     for name in ("c.nc", "d.nc"):
         (inbox / name).write_text("x")
+    cfg, _ = pipeline(  # the same pipeline, with jobs that outlast the test
+        tmp_path, [{"task": "taskbox.record", "with": {"log": str(log), "delay": 60}}], monitor=True
+    )
     service = ServiceProcess(cfg)
     service_processes.append(service)
     service.wait_ready()
@@ -334,8 +337,8 @@ def test_a_first_sigterm_lets_jobs_on_the_cluster_finish_a_second_puts_them_back
     )
     service.signal(signal.SIGTERM)
     wait_for(
-        lambda: any(e.get("event") == "service_stopping" for e in service.events()),
-        message="the first signal taken",
+        lambda: sum(e.get("event") == "service_stopping" for e in service.events()) == 2,
+        message="the first signal taken",  # the log holds both runs
     )
     service.signal(signal.SIGTERM)
     assert service.wait(15) == 0

@@ -73,6 +73,7 @@ def slurm_pipeline(tmp_path: Path, log: Path, pids: Path, job_name: str) -> tupl
                     "walltime": "00:10:00",
                     "interface": "lo",
                     "job_name": job_name,
+                    "log_directory": str(tmp_path / "slurm-logs"),  # not the working directory
                 },
                 "scale": {"jobs": 2},
             },

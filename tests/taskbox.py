@@ -84,3 +84,40 @@ def try_write(path: str, log: str, context: JobContext | None = None) -> str:
     with open(log, "a") as out:
         out.write(f"{context.relpath}\t{outcome}\n")
     return path
+
+
+def killable(path: str, log: str, pids: str, context: JobContext | None = None) -> str:
+    """The first run on a file writes "PID SLURM_JOB_ID" to ``pids/NAME.pid`` and waits to
+    be killed; every later run records itself."""
+    assert context is not None
+    target = os.path.join(pids, os.path.basename(path) + ".pid")
+    if not os.path.exists(target):
+        with open(target + ".tmp", "w") as f:
+            f.write(f"{os.getpid()} {os.environ.get('SLURM_JOB_ID', '-')}")
+        os.replace(target + ".tmp", target)
+        time.sleep(60)
+    _record(log, context)
+    with open(os.path.join(pids, os.path.basename(path) + ".ran"), "w") as f:
+        f.write(os.environ.get("SLURM_JOB_ID", "-"))
+    return path
+
+
+def burn(path: str, seconds: float = 0.2) -> str:
+    """Hold the CPU (and the GIL) for ``seconds``: a CPU-bound job."""
+    deadline = time.process_time() + seconds
+    x = 0
+    while time.process_time() < deadline:
+        x += 1
+    return path
+
+
+def stamp(path: str, out: str, context: JobContext | None = None) -> str:
+    """Write "PID START END" to ``out/JOB_ID``; odd job ids take 0.3 s, so a job often
+    finishes this step before the job queued ahead of it."""
+    assert context is not None
+    start = time.time()
+    if context.job_id % 2:
+        time.sleep(0.3)
+    with open(os.path.join(out, str(context.job_id)), "w") as f:
+        f.write(f"{os.getpid()} {start} {time.time()}")
+    return path

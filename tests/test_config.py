@@ -353,3 +353,21 @@ def test_config_from_dict_has_no_lines(tmp_path: Path, inbox: Path) -> None:
         config_from_dict({"watch": [{"path": "."}], "jobs": [{"name": "j", "tasks": []}]})
     with pytest.raises(ConfigError, match=r"^the config must be a mapping of keys"):
         config_from_dict(["not", "a", "mapping"])  # type: ignore[arg-type]
+
+
+def test_cluster_scale_is_a_fixed_size_or_adaptive_bounds(tmp_path: Path, inbox: Path) -> None:
+    ok = write(tmp_path, minimal(inbox) + "executor: {kind: dask, cluster: {scale: {jobs: 4}}}\n")
+    cluster = load_config(ok, environ={}).executor.cluster
+    assert cluster is not None
+    assert cluster.scale == {"jobs": 4}
+    path = write(
+        tmp_path, minimal(inbox) + "executor:\n  cluster: {scale: {jobs: 2, maximum: 4}}\n"
+    )
+    assert load_error(path, environ={}) == (
+        "pipeline.yaml:8: executor.cluster.scale: give either a fixed size or adaptive bounds,"
+        " not both"
+    )
+    path = write(tmp_path, minimal(inbox) + "executor:\n  cluster: {scale: {nodes: 2}}\n")
+    assert "executor.cluster.scale: unknown key nodes (fixed size: jobs" in load_error(
+        path, environ={}
+    )

@@ -8,10 +8,13 @@ state through it and nothing else. One service per CACHE_DIR, enforced by a lock
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from dpypeline.errors import StateError
 from dpypeline.fsinfo import require_local_filesystem
@@ -58,3 +61,28 @@ def service_pid(cache_dir: Path) -> int | None:
     finally:
         os.close(fd)
     return None
+
+
+EXECUTOR_FILE = "executor.json"
+
+
+def write_executor_status(cache_dir: Path, info: dict[str, Any]) -> None:
+    """What the service's executor looks like now (cluster address, workers, jobs in
+    flight), for ``dpypeline status``; replaced atomically, removed when the service stops."""
+    path = Path(cache_dir) / EXECUTOR_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, default=str))
+    os.replace(tmp, path)
+
+
+def read_executor_status(cache_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(cache_dir) / EXECUTOR_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def forget_executor_status(cache_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (Path(cache_dir) / EXECUTOR_FILE).unlink()

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any
 
-from dpypeline.cachedir import service_pid
+from dpypeline.cachedir import read_executor_status, service_pid
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.ledger import JobRecord, JobState, Ledger
@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline import logs
     from dpypeline.pipeline import import_tasks
-    from dpypeline.service import Service, StuckJob, reexec
+    from dpypeline.service import ClusterLost, Service, StuckJob, reexec
 
     logs.configure(config.logging.format, config.logging.level)
     jobs, setup = import_tasks(config)
     service = Service(config, jobs, setup, once=True if args.once else None)
     try:
         return service.run()
-    except StuckJob:
+    except (StuckJob, ClusterLost):
         if service.stop_requested:
             return EXIT_FAILURE
         reexec()  # does not return: the same command starts over in this process
@@ -130,6 +130,15 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
             load_credentials(name, store)
         except ConfigError as exc:
             problems.append(f"{config.where('objectstores', name)}: {exc}")
+    cluster = config.executor.cluster
+    if config.executor.kind == "dask" and cluster is not None:
+        from dpypeline.dask_executor import cluster_class
+
+        try:
+            cluster_class(cluster.class_)
+        except ConfigError as exc:
+            where = config.where("executor", "cluster", "class_")
+            problems.append(f"{where}: {str(exc).removeprefix('executor.cluster.class: ')}")
     if problems:
         raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
@@ -179,11 +188,13 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     pid = service_pid(config.cache_dir)
+    executor = read_executor_status(config.cache_dir) if pid else None
     report: dict[str, Any] = {
         **counts,
         "name": config.name,
         "cache_dir": str(config.cache_dir),
         "service_pid": pid,
+        "executor": executor,
         "oldest_waiting": _job_dict(oldest) if oldest else None,
         "recent_errors": [_job_dict(r) for r in errors],
     }
@@ -191,6 +202,12 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return EXIT_OK
     print(f"{config.name}: service {f'running, pid {pid}' if pid else 'not running'}")
+    if executor:
+        print(
+            f"  dask cluster {executor.get('address')}: {executor.get('workers')} workers,"
+            f" {executor.get('in_flight')} of {executor.get('slots')} slots in flight,"
+            f" dashboard {executor.get('dashboard')}"
+        )
     print("  " + "  ".join(f"{s.value} {counts[s.value]}" for s in JobState))
     if oldest:
         age = time.time() - oldest.created

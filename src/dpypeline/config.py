@@ -109,10 +109,29 @@ class RetryConfig(_Section):
         return value or None
 
 
+SCALE_FIXED = ("jobs", "n", "cores", "memory")
+SCALE_ADAPTIVE = ("minimum", "maximum", "minimum_jobs", "maximum_jobs")
+
+
 class ClusterConfig(_Section):
     class_: str = Field(default="dask.distributed.LocalCluster", alias="class")
     options: dict[str, Any] = {}
-    scale: dict[str, Any] | None = None
+    scale: dict[str, Any] | None = None  # cluster.scale(**scale), or cluster.adapt(**scale)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not value:
+            return value
+        unknown = sorted(set(value) - {*SCALE_FIXED, *SCALE_ADAPTIVE})
+        if unknown:
+            raise ValueError(
+                f"unknown key {', '.join(unknown)} (fixed size: {', '.join(SCALE_FIXED)};"
+                f" adaptive: {', '.join(SCALE_ADAPTIVE)})"
+            )
+        if set(value) & set(SCALE_FIXED) and set(value) & set(SCALE_ADAPTIVE):
+            raise ValueError("give either a fixed size or adaptive bounds, not both")
+        return value
 
 
 class ExecutorConfig(_Section):

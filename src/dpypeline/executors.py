@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dpypeline.errors import JobTimeout
 
@@ -35,6 +35,26 @@ class Finished:
     duration: float = 0.0
 
 
+class Executor(Protocol):
+    """What the worker loop needs from an executor. Every method is called from the
+    service's loop thread only; an executor sets ``wake`` when a job finishes."""
+
+    def start(self) -> None: ...
+    def capacity(self) -> int: ...
+    def in_flight(self) -> list[int]: ...
+    def submit(
+        self, job_id: int, fn: Callable[[], Any], timeout: float | None, now: float
+    ) -> None: ...
+    def completed(self) -> list[Finished]: ...
+    def next_deadline(self) -> float | None: ...
+    def enforce_timeouts(self, now: float) -> list[int]: ...
+    def is_overdue(self, now: float) -> bool: ...
+    def problems(self) -> list[str]: ...
+    def describe(self) -> dict[str, Any]: ...
+    def interrupt(self) -> None: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class _Running:
     job_id: int
@@ -51,6 +71,15 @@ class SerialExecutor:
     def __init__(self, wake: threading.Event) -> None:
         self._wake = wake
         self._running: _Running | None = None
+
+    def start(self) -> None:
+        pass
+
+    def problems(self) -> list[str]:
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "serial", "slots": 1, "in_flight": len(self.in_flight())}
 
     def capacity(self) -> int:
         return 0 if self._running is not None else 1

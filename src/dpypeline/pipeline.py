@@ -78,10 +78,66 @@ class Job:
     tasks: list[Task]
 
     def run(self, path: str, context: JobContext | None = None) -> Any:
-        value: Any = path
-        for task in self.tasks:
+        return self.run_tasks(0, len(self.tasks), path, context)
+
+    def run_tasks(self, start: int, stop: int, value: Any, context: JobContext | None) -> Any:
+        for task in self.tasks[start:stop]:
             value = task(value, context)
         return value
+
+    def commit_index(self) -> int | None:
+        """Where the chain starts writing to a Zarr store: the index of its first
+        ``to_zarr`` task, or None when it has none."""
+        for i, task in enumerate(self.tasks):
+            func = task.func
+            if (getattr(func, "__module__", ""), getattr(func, "__name__", "")) == _TO_ZARR:
+                return i
+        return None
+
+    def order_key(self) -> str | None:
+        """The Zarr store this job writes to (its normalised URL), or None. Jobs with the
+        same key must write one at a time and in queue order (see ``dask_executor``)."""
+        i = self.commit_index()
+        store = self.tasks[i].kwargs.get("store") if i is not None else None
+        if not isinstance(store, str):
+            return None
+        from dpypeline.zarrstore import locate
+
+        try:
+            return locate(store).url
+        except ConfigError:
+            return None
+
+
+@dataclass
+class JobCall:
+    """One job on one file as a value that can be pickled to another process (a Dask
+    worker): the job, the file and the context. Calling it runs the whole chain;
+    ``compute`` and ``commit`` run the chain in two stages, split where it starts writing
+    to a Zarr store, so executors can compute many files at once yet write one at a time.
+    """
+
+    job: Job
+    path: str
+    context: JobContext
+
+    def __call__(self) -> Any:
+        return self.job.run(self.path, self.context)
+
+    @property
+    def order_key(self) -> str | None:
+        return self.job.order_key()
+
+    def compute(self) -> Any:
+        split = self.job.commit_index()
+        stop = len(self.job.tasks) if split is None else split
+        return self.job.run_tasks(0, stop, self.path, self.context)
+
+    def commit(self, value: Any) -> Any:
+        split = self.job.commit_index()
+        if split is None:
+            return value
+        return self.job.run_tasks(split, len(self.job.tasks), value, self.context)
 
 
 @dataclass
@@ -102,6 +158,22 @@ class JobContext:
     job: str
     log: Any
     objectstores: Mapping[str, ObjectStoreConfig] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its logger (bound to this process's logging); a copy that
+        arrives in another process gets a logger of its own there."""
+        return {k: v for k, v in self.__dict__.items() if k != "log"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from dpypeline.logs import get_logger
+
+        self.__dict__.update(state)
+        self.log = get_logger("dpypeline.task").bind(
+            job_id=self.job_id, file=self.path, job=self.job, attempt=self.attempt
+        )
+
+
+_TO_ZARR = ("dpypeline.tasks.zarr", "to_zarr")
 
 
 def _qualified_name(func: Callable[..., Any]) -> str:

@@ -22,11 +22,13 @@ import threading
 import time
 from collections import defaultdict
 from enum import StrEnum
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dpypeline.cachedir import forget_executor_status, write_executor_status
 from dpypeline.config import PipelineConfig
-from dpypeline.executors import SerialExecutor
+from dpypeline.executors import Executor, SerialExecutor
 from dpypeline.ledger import Ledger
 from dpypeline.logs import get_logger
 from dpypeline.pipeline import Job, SetupContext, Task
@@ -41,6 +43,8 @@ HEALTH_EVERY = 5.0
 START_STEP = 60.0  # each start-up step (ledger, a setup task, a watch) may take this long
 PRUNE_EVERY = 3600.0
 MAX_SLEEP = 1.0
+EXECUTOR_STATUS_EVERY = 1.0  # how fresh `dpypeline status` shows the cluster
+CLUSTER_GRACE = 15.0  # a lost Dask scheduler this long makes the service restart itself
 
 
 class Status(StrEnum):
@@ -54,6 +58,10 @@ class Status(StrEnum):
 
 class StuckJob(RuntimeError):
     """A job ignored its timeout; only a restart of the process can reclaim its thread."""
+
+
+class ClusterLost(RuntimeError):
+    """The Dask scheduler or cluster is gone; a restart reconnects to it or rebuilds it."""
 
 
 class Service:
@@ -81,7 +89,9 @@ class Service:
         self._watcher: Watcher | None = None
         self._scanner: Scanner | None = None
         self._specs: list[WatchSpec] = []
-        self._executor = SerialExecutor(self._inbox.wake)
+        self._executor = self._make_executor()
+        self._cluster_lost_since: float | None = None
+        self.cluster_lost = False
         self._worker: Worker | None = None
         self._notifier = Notifier()
         wd = self._notifier.watchdog_interval
@@ -103,10 +113,13 @@ class Service:
                 self._sleep()
             if self.stuck:
                 raise StuckJob("a job did not stop after its timeout")
+            if self.cluster_lost:
+                raise ClusterLost("the Dask scheduler is unreachable")
             return 0
         finally:
             self._restore_signal_handlers(previous)
-            self.close("stuck job" if self.stuck else "stopped")
+            reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else None
+            self.close(reason or "stopped")
 
     def start(self) -> None:
         """Either fully succeeds or closes what it opened, marks itself failed and re-raises."""
@@ -135,6 +148,8 @@ class Service:
                     state=job.state.value,
                     error=job.error,
                 )
+            extend(START_STEP)  # a cluster may take a while to come up
+            self._executor.start()
             self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
             ctx = SetupContext(objectstores=cfg.objectstores, log=log)
             for task in self.setup:
@@ -176,6 +191,9 @@ class Service:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        self._executor.close()
+        if self.config.executor.kind != "serial":
+            forget_executor_status(self.config.cache_dir)
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
@@ -243,6 +261,11 @@ class Service:
             worker.abandon_stuck(job_id, now)
             self.stuck = True
             return False
+        if self._cluster_gone(now):
+            log.error("cluster_lost", problems=self.problems, action="restarting the service")
+            worker.release_all(now)
+            self.cluster_lost = True
+            return False
         if self._stop_requested:
             if self.status is Status.RUNNING:
                 self.status = Status.STOPPING
@@ -271,6 +294,16 @@ class Service:
             log.info("service_drained", **ledger.counts())
             return False
         return True
+
+    def _cluster_gone(self, now: float) -> bool:
+        """Unreachable for longer than CLUSTER_GRACE. Under a systemd watchdog the missing
+        pings make systemd restart the service; without one it restarts itself."""
+        since = self._cluster_lost_since
+        return (
+            since is not None
+            and now - since > CLUSTER_GRACE
+            and not self._notifier.watchdog_interval
+        )
 
     def _drained(self) -> bool:
         assert self._ledger is not None
@@ -369,6 +402,9 @@ class Service:
                 self._next[key] = now + spec.config.poll_interval
                 if self._pending_scans == 0:
                     self._request_scan(spec.index, "poll")
+        if self.config.executor.kind != "serial" and now >= self._next.get("executor", 0.0):
+            self._next["executor"] = now + EXECUTOR_STATUS_EVERY
+            write_executor_status(self.config.cache_dir, self._executor.describe())
         if now >= self._next.get("health", 0.0):
             self._next["health"] = now + self._health_every
             self._prove_health(now)
@@ -423,10 +459,25 @@ class Service:
             problems.append("the scan thread has stopped")
         if self._executor.is_overdue(now):
             problems.append("a job is running past retry.job_timeout")
+        lost = self._executor.problems()
+        if not lost:
+            self._cluster_lost_since = None
+        elif self._cluster_lost_since is None:
+            self._cluster_lost_since = now
+        problems.extend(lost)
         if problems != self.problems:
             (log.error if problems else log.info)("health_changed", problems=problems)
         self.problems = problems
         return problems
+
+    def _make_executor(self) -> Executor:
+        if self.config.executor.kind == "dask":
+            from dpypeline.dask_executor import DaskExecutor
+
+            source = self.config.source
+            dirs = [str(Path(source).resolve().parent)] if source is not None else []
+            return DaskExecutor(self._inbox.wake, self.config.executor, dirs)
+        return SerialExecutor(self._inbox.wake)
 
     def _sleep(self) -> None:
         now = time.time()

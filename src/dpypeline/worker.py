@@ -11,10 +11,10 @@ from typing import Any
 
 from dpypeline.config import PipelineConfig, RetryConfig
 from dpypeline.errors import ConfigError, JobTimeout, PermanentError, SkipFile, Unavailable
-from dpypeline.executors import Finished, SerialExecutor
+from dpypeline.executors import Executor, Finished
 from dpypeline.ledger import Claim, JobState, Ledger
 from dpypeline.logs import get_logger
-from dpypeline.pipeline import Job, JobContext
+from dpypeline.pipeline import Job, JobCall, JobContext
 
 log = get_logger("dpypeline.worker")
 
@@ -69,7 +69,7 @@ class Worker:
     """Starts claimed jobs on the executor and records how they end."""
 
     def __init__(
-        self, config: PipelineConfig, jobs: list[Job], ledger: Ledger, executor: SerialExecutor
+        self, config: PipelineConfig, jobs: list[Job], ledger: Ledger, executor: Executor
     ) -> None:
         self.config, self.ledger, self.executor = config, ledger, executor
         self.jobs = {job.name: job for job in jobs}
@@ -127,7 +127,7 @@ class Worker:
         self._active[rec.id] = (claim, jlog)
         jlog.debug("job_started")
         self.executor.submit(
-            rec.id, lambda: job.run(rec.path, context), self.config.retry.job_timeout, now
+            rec.id, JobCall(job, rec.path, context), self.config.retry.job_timeout, now
         )
         return None
 

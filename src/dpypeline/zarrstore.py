@@ -134,8 +134,9 @@ def store_lock(location: Location) -> Iterator[None]:
     Two appends that interleave would both see the same committed length and write the
     same steps. Within a process, a ``threading.Lock`` per store URL serialises the jobs of
     a threaded executor; for a local store an ``flock`` on ``STORE.lock`` beside it also
-    keeps other processes out. The Dask executor takes ``distributed.Lock(location.lock_key)``
-    around the task, which covers S3 stores written from several machines.
+    keeps other processes out. Across the machines of a Dask cluster the dask executor never
+    runs two writes to one store at once (``dpypeline.dask_executor``), which also covers S3
+    stores; ``location.lock_key`` names the store for such cluster-wide coordination.
     """
     with _LOCKS_GUARD:
         lock = _LOCKS.setdefault(location.url, threading.Lock())

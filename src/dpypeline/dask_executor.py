@@ -1,0 +1,432 @@
+"""The Dask executor: jobs run on the workers of a Dask cluster, the service loop stays here.
+
+The cluster is a ``LocalCluster`` on this machine by default, an existing scheduler when
+``executor.address`` is set, or any cluster class named in ``executor.cluster`` (such as
+``dask_jobqueue.SLURMCluster``), built with its ``options`` and sized by ``scale``
+(``{jobs: 4}``, ``{n: 8}``; ``{minimum: 0, maximum: 10}`` makes it adaptive). This module
+is the only one that imports ``distributed``. Workers only run tasks; the ledger and the
+queue stay with the service, which records every attempt before it is submitted and
+every outcome as it arrives.
+
+Slots. At most ``workers // workers_per_event`` jobs are in flight, counted afresh as
+workers come and go (batch jobs start late and die at walltime; adaptive clusters grow
+and shrink). A finished future sets the loop's wake event from the client's callback; the
+loop records the outcome before the slot is used again.
+
+Failures. The scheduler this executor starts marks a task erred the first time a worker
+dies under it (``allowed-failures: 0``), so a killed worker, a batch job past its walltime
+or ``scancel`` costs the job one attempt, which is retried with backoff like any other
+transient error. A job past ``retry.job_timeout`` has its future cancelled and the worker
+that ran it restarted (a thread cannot be stopped any other way); the attempt counts as a
+timeout.
+
+Zarr writes: compute in parallel, commit in queue order. A job whose chain writes to a
+Zarr store (its first ``to_zarr`` task) runs in two stages: *compute* (opening, cleaning,
+encoding: every task before the write) is submitted at once and runs in parallel with
+others; *commit* (the write and anything after it) is submitted only when the job is the
+oldest one in flight for that store and no other commit to the store is running. So writes
+to one store never overlap and happen in the order the jobs were taken from the queue,
+which is queue order, exactly as with the serial executor; writes to different stores and
+jobs without a store run freely. The commit runs where its computed value lies, so the
+dataset is not moved. A commit whose future timed out keeps its store closed to the next
+commit until its worker has been restarted, so a write that ignores its cancellation
+cannot overlap the next one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distributed import WorkerPlugin
+
+from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig, ExecutorConfig
+from dpypeline.errors import ConfigError, JobTimeout
+from dpypeline.executors import Finished
+from dpypeline.logs import get_logger
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+log = get_logger("dpypeline.dask")
+
+WORKERS_EVERY = 1.0  # seconds between counts of the cluster's workers
+CONNECT_TIMEOUT = 30.0
+RESTART_TIMEOUT = 60.0
+CLASS_ALIASES = {
+    "LocalCluster": "distributed.LocalCluster",
+    "dask.distributed.LocalCluster": "distributed.LocalCluster",
+    "SLURMCluster": "dask_jobqueue.SLURMCluster",
+    "PBSCluster": "dask_jobqueue.PBSCluster",
+}
+LOCAL_DEFAULTS: dict[str, Any] = {
+    "processes": True,  # tasks hold the GIL (decoding, cleaning): processes scale, threads don't
+    "threads_per_worker": 1,  # one job per worker process; slots count workers
+    "dashboard_address": ":0",  # any free port: two services on one host must not clash
+}
+
+
+class TaskPath(WorkerPlugin):
+    """A Dask worker plugin that puts the config's directory on the worker's ``sys.path``,
+    as the service does for itself, so task modules kept next to the config import there."""
+
+    name = "dpypeline-task-path"
+
+    def __init__(self, dirs: list[str]) -> None:
+        self.dirs = dirs
+
+    def setup(self, worker: Any) -> None:
+        for d in reversed(self.dirs):
+            if d not in sys.path:
+                sys.path.insert(0, d)
+
+
+def run_whole(call: Callable[[], Any]) -> None:
+    call()  # the chain's value stays on the worker: only the outcome comes back
+
+
+def run_compute(call: Any) -> Any:
+    return call.compute()
+
+
+def run_commit(call: Any, value: Any) -> None:
+    call.commit(value)
+
+
+@dataclass
+class _InFlight:
+    job_id: int
+    call: Any
+    key: str | None  # the Zarr store it writes to: commits with one key run one at a time
+    started: float
+    timeout: float | None
+    future: Future
+    stage: str = "run"  # run | compute | computed | commit
+    computed: Future | None = None
+
+
+@dataclass
+class _Events:
+    """Futures that finished, handed from the client's event loop to the service loop."""
+
+    wake: threading.Event
+    done: deque[tuple[int, Future]] = field(default_factory=deque)
+
+    def callback(self, job_id: int) -> Callable[[Future], None]:
+        def on_done(future: Future) -> None:
+            self.done.append((job_id, future))
+            self.wake.set()
+
+        return on_done
+
+
+class DaskExecutor:
+    """Jobs on a Dask cluster, at most ``workers // workers_per_event`` at a time."""
+
+    def __init__(
+        self, wake: threading.Event, config: ExecutorConfig, task_dirs: list[str] | None = None
+    ) -> None:
+        self._config = config
+        self._task_dirs = task_dirs or []
+        self._events = _Events(wake)
+        self._wake = wake
+        self._client: Client | None = None
+        self._cluster: Any = None
+        self._adaptive = False
+        self._workers = 0
+        self._counted = 0.0
+        self._jobs: dict[int, _InFlight] = {}
+        self._order: dict[str, deque[int]] = {}  # per store: job ids in submit order
+        self._committing: dict[str, int] = {}
+        self._fenced: dict[str, threading.Event] = {}  # stores waiting for a worker restart
+        self._finished: list[Finished] = []
+        self._lost = ""
+        self._address: str | None = None
+        self._dashboard: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to the scheduler or build the cluster; closes what it made if it fails."""
+        import dask
+        from distributed import Client
+
+        # importing distributed set its loggers to INFO; only its warnings are worth a line
+        root_level = logging.getLogger().getEffectiveLevel()
+        logging.getLogger("distributed").setLevel(max(root_level, logging.WARNING))
+        cfg = self._config
+        try:
+            if cfg.address:
+                self._client = Client(cfg.address, timeout=CONNECT_TIMEOUT)
+            else:
+                cc = cfg.cluster or ClusterConfig()
+                with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                    self._cluster = build_cluster(cc)
+                    if cc.scale:
+                        self._adaptive = scale(self._cluster, cc.scale)
+                self._client = Client(self._cluster, timeout=CONNECT_TIMEOUT)
+            self._client.register_plugin(TaskPath(self._task_dirs), name=TaskPath.name)
+        except BaseException:
+            self.close()
+            raise
+        # asked once: both are calls to the scheduler, which could hang once it is gone
+        self._address = self._client.scheduler.address
+        self._dashboard = self._client.dashboard_link
+        self._count_workers(time.time(), force=True)
+        log.info("cluster_ready", **self.describe())
+
+    def close(self) -> None:
+        """Cancel what runs, close the client and the cluster this executor started (a
+        batch cluster cancels its jobs). Idempotent."""
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        self._jobs.clear()
+        if client is not None:
+            try:
+                client.close(timeout=10)
+            except Exception as exc:  # noqa: BLE001 - closing must go on to the cluster
+                log.warning("cluster_close_failed", part="client", error=str(exc))
+        if cluster is not None:
+            try:
+                cluster.close(timeout=30)
+            except Exception as exc:  # noqa: BLE001 - the service is stopping anyway
+                log.warning("cluster_close_failed", part="cluster", error=str(exc))
+
+    def interrupt(self) -> None:
+        """Forget every job now (a second stop signal; the worker has put them back). The
+        close that follows disconnects the client, and the scheduler drops its tasks: no
+        call to a scheduler that may be gone is made here."""
+        self._jobs.clear()
+        self._order.clear()
+        self._committing.clear()
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def capacity(self) -> int:
+        now = time.time()
+        self._count_workers(now)
+        if self._lost:
+            return 0
+        slots = self._workers // self._config.workers_per_event
+        if self._adaptive and not self._jobs:
+            slots = max(slots, 1)  # an adaptive cluster at zero workers grows on demand
+        return max(0, slots - len(self._jobs))
+
+    def _count_workers(self, now: float, *, force: bool = False) -> None:
+        client = self._client
+        if client is None or (not force and now - self._counted < WORKERS_EVERY):
+            return
+        self._counted = now
+        if client.status != "running":
+            self._lost = f"the Dask scheduler is unreachable (client {client.status})"
+            return
+        try:
+            info = client.sync(client.scheduler.identity, n_workers=0, callback_timeout=10)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the scheduler
+            self._lost = f"the Dask scheduler does not answer: {type(exc).__name__}: {exc}"
+            return
+        self._lost = ""
+        workers, per_event = int(info["n_workers"]), self._config.workers_per_event
+        if workers != self._workers:
+            log.info("cluster_workers", workers=workers, was=self._workers)
+            if 0 < workers < per_event:
+                log.warning(
+                    "cluster_too_small",
+                    workers=workers,
+                    workers_per_event=per_event,
+                    action="no job starts until the cluster has workers_per_event workers",
+                )
+        self._workers = workers
+
+    def in_flight(self) -> list[int]:
+        return list(self._jobs)
+
+    # -- running jobs ---------------------------------------------------------------------
+
+    def submit(self, job_id: int, fn: Callable[[], Any], timeout: float | None, now: float) -> None:
+        assert self._client is not None
+        key = getattr(fn, "order_key", None)
+        if key is None:
+            future = self._client.submit(run_whole, fn, pure=False, key=_key(job_id, "run"))
+            job = _InFlight(job_id, fn, None, now, timeout, future)
+        else:
+            future = self._client.submit(run_compute, fn, pure=False, key=_key(job_id, "compute"))
+            job = _InFlight(job_id, fn, key, now, timeout, future, stage="compute")
+            self._order.setdefault(key, deque()).append(job_id)
+        self._jobs[job_id] = job
+        future.add_done_callback(self._events.callback(job_id))
+
+    def completed(self) -> list[Finished]:
+        done = self._events.done
+        while done:
+            job_id, future = done.popleft()
+            job = self._jobs.get(job_id)
+            if job is None or job.future is not future:
+                continue  # cancelled meanwhile: already reported
+            self._on_done(job, future)
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _on_done(self, job: _InFlight, future: Future) -> None:
+        if future.status == "finished" and job.stage == "compute":
+            job.stage, job.computed = "computed", future
+            self._next_commit(job.key)
+            return
+        if future.status == "finished":
+            self._finish(job, Finished(job.job_id))
+            return
+        error: BaseException
+        if future.status == "error":
+            error = future.exception() or RuntimeError("the task failed without an exception")
+        else:
+            error = RuntimeError(f"the task was cancelled on the cluster ({future.status})")
+        self._finish(job, Finished(job.job_id, error=error))
+
+    def _finish(self, job: _InFlight, result: Finished) -> None:
+        result.duration = time.time() - job.started
+        self._jobs.pop(job.job_id, None)
+        self._finished.append(result)
+        if job.key is not None:
+            order = self._order[job.key]
+            order.remove(job.job_id)
+            if not order:
+                del self._order[job.key]
+            if self._committing.get(job.key) == job.job_id:
+                del self._committing[job.key]
+            self._next_commit(job.key)
+        self._wake.set()
+
+    def _next_commit(self, key: str | None) -> None:
+        """Start the oldest job's write to ``key`` once it is computed and nothing else
+        writes there: writes to a store never overlap and keep queue order."""
+        if key is None or key in self._committing or key not in self._order:
+            return
+        fence = self._fenced.get(key)
+        if fence is not None:
+            if not fence.is_set():
+                return
+            del self._fenced[key]
+        head = self._jobs[self._order[key][0]]
+        if head.stage != "computed" or self._client is None:
+            return
+        head.stage = "commit"
+        head.future = self._client.submit(
+            run_commit, head.call, head.computed, pure=False, key=_key(head.job_id, "commit")
+        )
+        self._committing[key] = head.job_id
+        head.future.add_done_callback(self._events.callback(head.job_id))
+
+    # -- timeouts -------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        deadlines = [j.started + j.timeout for j in self._jobs.values() if j.timeout is not None]
+        return min(deadlines, default=None)
+
+    def enforce_timeouts(self, now: float) -> list[int]:
+        """Cancel jobs past their timeout and restart the workers that ran them; the
+        attempts are reported as timeouts by the next ``completed``. Never stuck."""
+        for key in [k for k, fence in self._fenced.items() if fence.is_set()]:
+            self._next_commit(key)
+        late = [
+            j for j in self._jobs.values() if j.timeout is not None and now >= j.started + j.timeout
+        ]
+        for job in late:
+            futures = [f for f in (job.future, job.computed) if f is not None]
+            fence = threading.Event()
+            if job.stage == "commit" and job.key is not None:
+                self._fenced[job.key] = fence
+            threading.Thread(
+                target=self._restart_workers_of,
+                args=(futures, fence),
+                name=f"dpypeline-dask-timeout-{job.job_id}",
+                daemon=True,
+            ).start()
+            self._finish(job, Finished(job.job_id, error=JobTimeout()))
+        return []
+
+    def _restart_workers_of(self, futures: list[Future], fence: threading.Event) -> None:
+        """A cancelled task goes on running in its worker's thread; only a restart of the
+        worker process gets that thread back."""
+        client = self._client
+        try:
+            if client is None:
+                return
+            keys = {f.key for f in futures}
+            processing = client.processing()
+            workers = [w for w, ks in processing.items() if keys & set(ks)]
+            client.cancel(futures)
+            if workers:
+                log.warning("workers_restarting", workers=workers, reason="a job timed out")
+                client.restart_workers(workers, timeout=RESTART_TIMEOUT, raise_for_error=False)
+        except Exception as exc:  # noqa: BLE001 - best effort: the fence opens regardless
+            log.warning("workers_restart_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            fence.set()
+            self._wake.set()
+
+    def is_overdue(self, now: float) -> bool:
+        return False  # a timed-out future is cancelled, never left running
+
+    # -- health and status ----------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        self._count_workers(time.time())
+        problems = [self._lost] if self._lost else []
+        status = getattr(getattr(self._cluster, "status", None), "name", None)
+        if status is not None and status not in ("running", "created"):
+            problems.append(f"the Dask cluster is {status}")
+        return problems
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "dask",
+            "address": self._address,
+            "dashboard": self._dashboard,
+            "cluster": type(self._cluster).__name__ if self._cluster is not None else None,
+            "workers": self._workers,
+            "slots": self._workers // self._config.workers_per_event,
+            "in_flight": len(self._jobs),
+        }
+
+
+def _key(job_id: int, stage: str) -> str:
+    """A task key unique to this attempt (a key the scheduler still holds would return the
+    old result), readable on the dashboard."""
+    return f"dpypeline-job-{job_id}-{stage}-{uuid.uuid4().hex[:8]}"
+
+
+def cluster_class(name: str) -> Any:
+    """The cluster class ``executor.cluster.class`` names (a dotted path or an alias)."""
+    target = CLASS_ALIASES.get(name, name)
+    module_name, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"executor.cluster.class: cannot import {name!r}: {exc}") from None
+
+
+def build_cluster(cc: ClusterConfig) -> Any:
+    """The cluster ``cluster.class`` names, made with ``cluster.options`` (for a
+    LocalCluster on top of dpypeline's defaults: single-threaded worker processes)."""
+    cls = cluster_class(cc.class_)
+    options = dict(cc.options)
+    if CLASS_ALIASES.get(cc.class_, cc.class_) == "distributed.LocalCluster":
+        options = {**LOCAL_DEFAULTS, **options}
+    return cls(**options)
+
+
+def scale(cluster: Any, spec: dict[str, Any]) -> bool:
+    """Size the cluster; True if it is adaptive (``minimum``/``maximum``)."""
+    if set(SCALE_ADAPTIVE) & spec.keys():
+        cluster.adapt(**spec)
+        return True
+    cluster.scale(**spec)
+    return False

@@ -398,3 +398,33 @@ def test_user_install_runs_without_root(sandbox: Sandbox, wheelhouse: Path) -> N
     assert '"done": 1' in out
     out = as_alice(f"{deploy}/uninstall.sh --user")
     assert "kept /home/alice/.config/dpypeline" in out
+
+
+def test_the_dask_executor_works_inside_the_hardened_unit(sandbox: Sandbox) -> None:
+    box = sandbox
+    ready(box)
+    box.configure(
+        executor={
+            "kind": "dask",
+            "cluster": {"options": {"n_workers": 2, "threads_per_worker": 1}},
+        },
+        jobs=[
+            {
+                "name": "record",
+                "tasks": [{"task": "taskbox.record", "with": {"log": str(box.runs), "delay": 0.5}}],
+            }
+        ],
+    )
+    start(box)
+    assert box.wait(lambda: box.status()["executor"], message="the cluster in status")
+    names = [f"d{i:02d}.nc" for i in range(8)]
+    box.drop(*names)
+    box.wait(lambda: box.status()["done"] == 8, timeout=90, message="eight files on the cluster")
+    assert sorted(box.recorded()) == names
+    assert box.show("NRestarts") == "0"
+    events = {e.get("DPYPELINE_EVENT") for e in box.journal()}
+    assert "cluster_ready" in events
+    box.run("systemctl", "stop", UNIT)
+    assert box.show("Result") == "success"
+    leftover = box.sh("pgrep -u dpypeline -c || true").strip()
+    assert leftover == "0"  # the workers went with the service

@@ -128,6 +128,25 @@ class ServiceProcess:
                     return int(line.split()[1]) * 1024
         raise RuntimeError(f"{field} not in /proc/{self.proc.pid}/status")
 
+    def cpu_ticks(self) -> int:
+        """User + system CPU time of the service process so far, in clock ticks."""
+        with open(f"/proc/{self.proc.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat(5))
+
+    def wait_quiet(self, quiet: float = 0.3, timeout: float = 60.0) -> float:
+        """Wait until the service has used no CPU for ``quiet`` seconds; when that began."""
+        deadline = time.perf_counter() + timeout
+        ticks, since = self.cpu_ticks(), time.perf_counter()
+        while time.perf_counter() - since < quiet:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the service was still busy after {timeout:.0f} s")
+            time.sleep(0.05)
+            now = self.cpu_ticks()
+            if now != ticks:
+                ticks, since = now, time.perf_counter()
+        return since
+
     def log_events(self, event: str) -> list[dict]:
         records = []
         with self.log_path.open(encoding="utf-8", errors="replace") as lines:
@@ -385,7 +404,7 @@ def bench_reconcile_1m(ctx: Context) -> Result:
             ready_at = service.spawned + ready_s
             wait_until("the start-up scan", lambda: service.log_events("scan_done"), 120, service)
             scanned_at = time.perf_counter()
-            time.sleep(0.5)  # let the loop finish what follows the scan (pruning)
+            idle_at = service.wait_quiet()  # what follows the scan (pruning) is done
             peak = service.status("VmHWM")
             rss = service.status("VmRSS")
             scan_done = service.log_events("scan_done")[0]
@@ -409,7 +428,9 @@ def bench_reconcile_1m(ctx: Context) -> Result:
     )
     result.notes.append(
         f"the service's start-up scan of {n:,} known files, READY=1 to scan_done (polled every"
-        f" 20 ms); peak RSS (VmHWM) {peak / mb:.0f} MB, {rss / mb:.0f} MB after;"
+        f" 20 ms); {idle_at - ready_at:.1f} s to idle, pruning included;"
+        f" peak RSS (VmHWM) {peak / mb:.0f} MB, {rss / mb:.0f} MB after; READY=1 after"
+        f" {ready_s:.2f} s;"
         f" tree built in {build_s:.1f} s, ledger filled in {fill_s:.1f} s"
     )
     return result

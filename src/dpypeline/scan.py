@@ -37,6 +37,7 @@ from dpypeline.patterns import PathMatcher
 __all__ = ["FileVersion", "ScanResult", "natural_key", "scan"]
 
 _DIGIT_RUNS = re.compile(r"[0-9]+")
+_FREED = ("", 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,9 @@ def scan(  # noqa: PLR0915  (one hot loop, inline: a call per file costs a tenth
     """
     top = os.path.abspath(os.fspath(root))
     result = ScanResult()
-    found: list[tuple[str, FileVersion]] = []  # (natural_key of the relative path, version)
+    # (natural_key of the relative path, size, mtime_ns): the path itself is rebuilt from
+    # the key after the sort, so a million-file walk never holds a key and a path at once
+    found: list[tuple[str, int, int]] = []
     unsorted: list[FileVersion] = []  # sort=False
     # Each entry: an absolute directory, its path relative to the root plus "/" ("" for the
     # root), and that prefix already encoded for natural_key, so only names are encoded per file.
@@ -137,12 +140,11 @@ def scan(  # noqa: PLR0915  (one hot loop, inline: a call per file costs a tenth
                         continue
                     if not is_regular(st.st_mode):  # it may have been replaced since the listing
                         continue
-                    version = FileVersion(path, st.st_size, st.st_mtime_ns)
                     if sort:
                         key = encoded_prefix + renumber(number, name) + "\x00\x00" + prefix + name
-                        found.append((key, version))
+                        found.append((key, st.st_size, st.st_mtime_ns))
                     else:
-                        unsorted.append(version)
+                        unsorted.append(FileVersion(path, st.st_size, st.st_mtime_ns))
         except FileNotFoundError as exc:
             if prefix:
                 result.vanished += 1
@@ -154,5 +156,9 @@ def scan(  # noqa: PLR0915  (one hot loop, inline: a call per file costs a tenth
         result.files = unsorted
         return result
     found.sort(key=itemgetter(0))
-    result.files = [version for _, version in found]
+    top_slash = top if top.endswith("/") else top + "/"
+    files = result.files
+    for i, (key, size, mtime_ns) in enumerate(found):
+        found[i] = _FREED  # each key is freed as its path is made: the peak holds one of them
+        files.append(FileVersion(top_slash + key[key.index("\x00\x00") + 2 :], size, mtime_ns))
     return result

@@ -63,8 +63,11 @@ def timed(fn: Callable[..., None], files: list[Path], store: str, options: dict 
 @contextlib.contextmanager
 def moto_s3() -> Iterator[dict[str, Any]]:
     """A moto S3 server on loopback with the bucket ``bench-bucket``; s3fs storage options."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

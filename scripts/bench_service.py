@@ -18,6 +18,7 @@ learn when jobs were enqueued and finished; its memory is read from ``/proc/PID/
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -46,6 +47,7 @@ from dpypeline.patterns import PathMatcher
 from dpypeline.scan import scan
 
 JOB = "noop"
+_SOCKETS = itertools.count()
 
 NOOP_YAML = """\
 name: bench
@@ -90,9 +92,11 @@ class ServiceProcess:
 
     def __init__(self, d: Path, config: Path) -> None:
         self.dir = d
-        self.notify_path = d / "notify.sock"
+        # an abstract socket name: a path under a deep temporary directory can exceed
+        # the 108 bytes a socket path may have
+        name = f"dpypeline-bench-{os.getpid()}-{next(_SOCKETS)}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.notify_path))
+        self.sock.bind("\0" + name)
         # Read every notification as systemd does: an unread socket fills up, and the
         # service's next notification would then block its loop.
         self.ready = threading.Event()
@@ -100,7 +104,7 @@ class ServiceProcess:
         self.messages: list[tuple[float, str]] = []
         threading.Thread(target=self._read_notifications, daemon=True).start()
         env = service_env()
-        env["NOTIFY_SOCKET"] = str(self.notify_path)
+        env["NOTIFY_SOCKET"] = "@" + name
         self.log_path = d / "service.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
         self.spawned = time.perf_counter()

@@ -19,8 +19,24 @@ the benchmarks still work, not how fast anything is.
                           vs claim_complete (empty history), same run
   reconcile_known         scan() + Ledger.unknown() over a tree the ledger knows entirely
                           vs os.scandir walk + stat, known set loaded from SQLite, set difference
+  reconcile_1m            the service's start-up scan of 1M files it knows: time and peak RSS
+                          (scripts/bench_service.py)
+  poll_cpu                CPU time of one poll cycle of a poll watch (100k files, no change)
+                          vs one cycle of watchdog's PollingObserver (scripts/bench_scan.py)
   ingest_noop_once        `dpypeline run --once` on files already present, no-op task, end to end
                           (baseline shown: `python -c pass` start-up)
+  inotify_latency         a 1,000-file burst into a watched directory: close -> in the ledger,
+                          p50 and p99, vs the watch's settle time (scripts/bench_service.py)
+  start_ready             spawn of `dpypeline run` (NetCDF -> Zarr job) to READY=1 on its
+                          NOTIFY_SOCKET, vs `python -c pass` (scripts/bench_service.py)
+  memory                  the service's VmRSS idle after start, and after 10k no-op jobs
+                          (scripts/bench_service.py)
+  zarr_*                  open_dataset + to_zarr appending NEMO files, small and large, to a
+                          local and a moto S3 store, vs a hand-written xarray to_zarr append
+                          (scripts/bench_zarr.py)
+
+The Dask executor's speed-up (2 workers, CPU-bound task, vs serial) is measured by its own
+script on the branch that adds that executor.
 
 The table's ratio is ours/baseline: for rates higher is better, for times lower is better;
 the column says which. Exit status: 0 when every selected benchmark ran (whether or not it
@@ -30,32 +46,45 @@ met its target), 1 when one failed to run, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
-import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from dpypeline.fsinfo import filesystem_type
 from dpypeline.ledger import JobState, Ledger
 from dpypeline.patterns import PathMatcher
 from dpypeline.scan import FileVersion, scan
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
-from bench_scan import build_tree  # noqa: E402  (a sibling script, not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (
+    Context,
+    Result,
+    check,
+    interleaved,
+    python_startup,
+    service_env,
+    workdir,
+)
+from bench_scan import bench_poll_cpu, build_tree
+from bench_service import (
+    bench_inotify_latency,
+    bench_memory,
+    bench_reconcile_1m,
+    bench_start_ready,
+)
+
+ZARR_CASES = ("local_small", "local_large", "s3_small", "s3_large")
 
 NAMES = (
     "enqueue_one",
@@ -63,78 +92,18 @@ NAMES = (
     "claim_complete",
     "claim_complete_history",
     "reconcile_known",
+    "reconcile_1m",
+    "poll_cpu",
     "ingest_noop_once",
+    "inotify_latency",
+    "start_ready",
+    "memory",
+    *(f"zarr_{case}" for case in ZARR_CASES),
 )
-
-# name -> (full size, quick size)
-SIZES = {
-    "enqueue_one": (2_000, 200),
-    "backfill_enqueue": (100_000, 5_000),
-    "claim_complete": (2_000, 200),
-    "history": (1_000_000, 20_000),
-    "reconcile_known": (100_000, 5_000),
-    "ingest_noop_once": (20_000, 500),
-}
 
 JOB = "job"
 MTIME0 = 1_700_000_000_000_000_000  # a plausible st_mtime_ns
 IGNORE = [".*", "*.tmp", "*.part"]  # the config's default ignore_patterns
-
-
-@dataclass
-class Result:
-    name: str
-    ours: float
-    unit: str
-    baseline: float | None
-    baseline_unit: str
-    ratio: float | None  # ours / baseline, in the same unit
-    ratio_kind: str  # "rate": higher is better; "time": lower is better; "": no ratio
-    target: str  # as printed
-    met: bool | None
-    n: int
-    repeats: int
-    seconds: float = 0.0  # wall time of the whole benchmark, set-up included
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Context:
-    base: Path
-    quick: bool
-    cache: dict[str, Any] = field(default_factory=dict)  # results shared between benchmarks
-
-    def size(self, key: str) -> int:
-        full, quick = SIZES[key]
-        return quick if self.quick else full
-
-    def repeats(self, full: int) -> int:
-        return 1 if self.quick else full
-
-
-@contextlib.contextmanager
-def workdir(ctx: Context, name: str) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=f"dpypeline-bench-{name}-", dir=ctx.base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def interleaved(repeats: int, *runs: Callable[[], float]) -> list[float]:
-    """Run each callable ``repeats`` times, alternating between them; the best (lowest)
-    time of each, in the order given."""
-    best = [math.inf] * len(runs)
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
-            best[i] = min(best[i], run())
-    return best
-
-
-def check(ok: bool, what: str, got: object) -> None:
-    """Stop a benchmark whose work did not come out as expected (its figure would lie)."""
-    if not ok:
-        raise RuntimeError(f"unexpected {what}: {got!r}")
 
 
 def versions(n: int, root: str = "/data/inbox", start: int = 0) -> list[FileVersion]:
@@ -589,15 +558,6 @@ logging: {{format: json, level: info}}
 """
 
 
-def python_startup(repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def bench_ingest_noop_once(ctx: Context) -> Result:
     n = ctx.size("ingest_noop_once")
     timeout = 120.0 if ctx.quick else 300.0
@@ -608,10 +568,7 @@ def bench_ingest_noop_once(ctx: Context) -> Result:
         build_tree(str(inbox), n, 1000)
         config = d / "pipeline.yaml"
         config.write_text(PIPELINE_YAML.format(cache=d / "cache", inbox=inbox))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
-        env.pop("DPYPELINE_CONFIG", None)
-        env.pop("CACHE_DIR", None)
+        env = service_env()
         cmd = [sys.executable, "-m", "dpypeline"]
         log_path = d / "service.log"
         with open(log_path, "wb") as log:
@@ -697,8 +654,25 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
     "claim_complete": bench_claim_complete,
     "claim_complete_history": bench_claim_complete_history,
     "reconcile_known": bench_reconcile_known,
+    "reconcile_1m": bench_reconcile_1m,
+    "poll_cpu": bench_poll_cpu,
     "ingest_noop_once": bench_ingest_noop_once,
+    "inotify_latency": bench_inotify_latency,
+    "start_ready": bench_start_ready,
+    "memory": bench_memory,
 }
+
+
+def _zarr(case: str) -> Callable[[Context], Result]:
+    def run(ctx: Context) -> Result:
+        from bench_zarr import bench_zarr  # imports xarray: only when a zarr row is wanted
+
+        return bench_zarr(ctx, case)
+
+    return run
+
+
+BENCHMARKS.update({f"zarr_{case}": _zarr(case) for case in ZARR_CASES})
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -709,6 +683,8 @@ def _figure(value: float | None, unit: str) -> str:
         return "n/a"
     if unit.startswith("s"):
         return f"{value:.3f} {unit}"
+    if value < 100:
+        return f"{value:.1f} {unit}"
     return f"{value:,.0f} {unit}"
 
 

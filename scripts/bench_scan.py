@@ -9,6 +9,9 @@ then times, best of three with a warm cache:
             objects and the natural sort on top of the same system calls
 
 Usage: PYTHONPATH=src python scripts/bench_scan.py [--files N] [--per-dir M] [--repeat R]
+
+``bench_poll_cpu`` (run by ``scripts/bench.py``) compares one poll cycle of a ``poll``
+watch with one cycle of watchdog's ``PollingObserver`` on the same tree.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from bench_common import Context, Result, check, workdir
+from watchdog.utils.dirsnapshot import DirectorySnapshot, DirectorySnapshotDiff
+
+from dpypeline.config import WatchConfig
 from dpypeline.patterns import PathMatcher
 from dpypeline.scan import scan
+from dpypeline.watch import Inbox, Scanner, build_specs
 
 
 def build_tree(root: str, files: int, per_dir: int) -> int:
@@ -61,6 +69,77 @@ def best_of(repeat: int, run: Callable[[], int]) -> tuple[float, int]:
         found = run()
         best = min(best, time.perf_counter() - start)
     return best, found
+
+
+def bench_poll_cpu(ctx: Context) -> Result:
+    """Process CPU time of one poll cycle with nothing changed, the steady state of a poll
+    watch: ours is a request to the service's scan thread (a scan, then the comparison with
+    the last poll); watchdog's is what its PollingEmitter does each interval (a new
+    DirectorySnapshot, then DirectorySnapshotDiff against the previous one)."""
+    n = ctx.size("poll_cpu")
+    repeats = ctx.repeats(3)
+    with workdir(ctx, "poll") as d:
+        root = str(d / "tree")
+        os.mkdir(root)
+        build_tree(root, n, 1000)
+        watch = WatchConfig(path=root, patterns=["**/*.nc"], mode="poll")
+        specs = build_specs([watch])
+        inbox = Inbox()
+        scanner = Scanner(specs, inbox)
+        scanner.start()
+
+        def poll() -> int:
+            scanner.request(0, "poll")
+            while not (found := inbox.drain()):
+                inbox.wake.wait(1.0)
+                inbox.wake.clear()
+            return len(found[0].files)
+
+        def cpu(run: Callable[[], object]) -> float:
+            start = time.process_time()
+            run()
+            return time.process_time() - start
+
+        try:
+            check(poll() == n, "files found by the first poll", n)  # the poll's own snapshot
+            snapshot = [DirectorySnapshot(root, recursive=True)]
+
+            def watchdog_cycle() -> None:
+                new = DirectorySnapshot(root, recursive=True)
+                diff = DirectorySnapshotDiff(snapshot[0], new)
+                check(not diff.files_modified and not diff.files_created, "changes", diff)
+                snapshot[0] = new
+
+            ours_cpu, base_cpu = float("inf"), float("inf")
+            changed = 0
+            for _ in range(repeats):
+                start = time.process_time()
+                changed = poll()
+                ours_cpu = min(ours_cpu, time.process_time() - start)
+                base_cpu = min(base_cpu, cpu(watchdog_cycle))
+            check(changed == 0, "files changed between polls", changed)
+        finally:
+            scanner.stop()
+            scanner.join(10)
+    ratio = ours_cpu / base_cpu
+    result = Result(
+        name="poll_cpu",
+        ours=ours_cpu,
+        unit="s CPU",
+        baseline=base_cpu,
+        baseline_unit="s CPU (PollingObserver)",
+        ratio=ratio,
+        ratio_kind="time",
+        target="<= 0.5x CPU",
+        met=ratio <= 0.5,
+        n=n,
+        repeats=repeats,
+    )
+    result.notes.append(
+        f"one cycle, nothing changed, {n:,} files in {-(-n // 1000)} directories, warm cache;"
+        " process CPU time (time.process_time)"
+    )
+    return result
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
     python scripts/bench_zarr.py [--quick] [--dir DIR]
 
+(``scripts/bench.py`` runs the same cases as its ``zarr_*`` rows.)
+
 For each case (local store, moto S3 store on loopback; small GYRE files, large refined
 ones) the same files are appended to a fresh store twice by each side, alternately:
 ours = `open_dataset(chunks={time_counter: 1})` → `to_zarr(append_dim=...)` (the built-in
@@ -13,17 +15,20 @@ and the ratio ours/baseline (higher is better; the target is >= 0.9x).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import xarray as xr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+from bench_common import Context, Result, workdir  # noqa: E402
 from make_nemo import make_series  # noqa: E402
 
 from dpypeline.tasks.netcdf import open_dataset  # noqa: E402
@@ -53,6 +58,88 @@ def timed(fn: Callable[..., None], files: list[Path], store: str, options: dict 
     t0 = time.perf_counter()
     fn(files, store, options)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[dict[str, Any]]:
+    """A moto S3 server on loopback with the bucket ``bench-bucket``; s3fs storage options."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {
+            "key": "bench",
+            "secret": "bench",
+            "use_listings_cache": False,
+            "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
+        }
+        import s3fs
+
+        s3fs.S3FileSystem(**options).mkdir("bench-bucket")
+        yield options
+    finally:
+        server.stop()
+
+
+CASES = ("local_small", "local_large", "s3_small", "s3_large")
+FILES = {"small": (12, 3), "large": (6, 2)}  # size -> (full, quick) number of files
+
+
+def _zarr_cases(ctx: Context) -> dict[str, dict[str, float]]:
+    """Best seconds of each side for every case, computed once per run: for each file size,
+    local and S3, ours and the hand-written baseline alternate, each into a fresh store."""
+    if "zarr" in ctx.cache:
+        return ctx.cache["zarr"]  # type: ignore[no-any-return]
+    repeats = ctx.repeats(2)
+    cases: dict[str, dict[str, float]] = {}
+    with workdir(ctx, "zarr") as d, moto_s3() as s3:
+        for size, (full, quick) in FILES.items():
+            n = quick if ctx.quick else full
+            files = make_series(d / size, n, size=size)
+            for where, options in (("local", None), ("s3", s3)):
+                best = {"ours": float("inf"), "baseline": float("inf")}
+                for run in range(repeats):
+                    for name, fn in (("baseline", hand_written), ("ours", ours)):
+                        if options is None:
+                            store = str(d / f"{size}-{name}-{run}.zarr")
+                        else:
+                            store = f"s3://bench-bucket/{size}-{name}-{run}.zarr"
+                        best[name] = min(best[name], timed(fn, files, store, options))
+                cases[f"{where}_{size}"] = {**best, "n": n, "repeats": repeats}
+    ctx.cache["zarr"] = cases
+    return cases
+
+
+def bench_zarr(ctx: Context, case: str) -> Result:
+    m = _zarr_cases(ctx)[case]
+    n = int(m["n"])
+    ratio = m["baseline"] / m["ours"]
+    where, size = case.split("_")
+    result = Result(
+        name=f"zarr_{case}",
+        ours=n / m["ours"],
+        unit="files/s",
+        baseline=n / m["baseline"],
+        baseline_unit="files/s (xarray)",
+        ratio=ratio,
+        ratio_kind="rate",
+        target=">= 0.9x rate",
+        met=ratio >= 0.9,
+        n=n,
+        repeats=int(m["repeats"]),
+    )
+    store = "a local store" if where == "local" else "a moto S3 store on loopback"
+    result.notes.append(
+        f"{n} {size} NEMO grid-T files appended to {store}: open_dataset + to_zarr vs"
+        " xr.open_dataset(f).to_zarr(store, append_dim=...)"
+    )
+    return result
 
 
 def main() -> int:

@@ -751,6 +751,15 @@ def test_prune_forgets_vanished_files_only_when_present_paths_are_given(
     assert _paths(service) == [("kept.nc", 1_000)]
 
 
+def test_prune_takes_the_present_paths_in_any_order_and_form(service: Ledger) -> None:
+    names = ["a.nc", "b.nc", "c.nc", "d.nc", "e.nc"]
+    service.enqueue([fv(n) for n in names], ROOT, ["ingest"], "watch", 0.0)
+    _run_all(service, 10.0)
+    present = (f"{ROOT}/{n}" for n in ["e.nc", "a.nc", "c.nc", "zz.nc"])  # a one-pass iterator
+    assert service.prune(now=100.0, retention=50.0, present=present) == 2
+    assert _paths(service) == [("a.nc", 1_000), ("c.nc", 1_000), ("e.nc", 1_000)]
+
+
 def test_prune_of_one_watch_leaves_the_jobs_of_other_watches(service: Ledger) -> None:
     service.enqueue([FileVersion("/a/x.nc", 1, 1)], "/a", ["ingest"], "watch", 0.0)
     service.enqueue(

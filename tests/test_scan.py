@@ -248,3 +248,27 @@ def test_files_not_matching_are_not_returned(tmp_path: Path) -> None:
     _touch(tmp_path / "2020" / "ORCA0083-N06_2020m01T.nc.tmp")
     matcher = PathMatcher(["**/ORCA*-N06_*m*T.nc"], ["*.tmp", ".*"], case_sensitive=True)
     assert _rel(tmp_path, scan(tmp_path, matcher)) == ["2020/ORCA0083-N06_2020m01T.nc"]
+
+
+def test_unsorted_scan_finds_the_same_files(tmp_path: Path) -> None:
+    for rel in ("y10/f2.nc", "y2/f10.nc", "y2/f9.nc", "a.tmp", ".hidden/x.nc", "z.txt"):
+        _touch(tmp_path / rel)
+    sorted_files = scan(tmp_path, NC).files
+    unsorted = scan(tmp_path, NC, sort=False).files
+    assert sorted(unsorted, key=lambda f: f.path) == sorted(sorted_files, key=lambda f: f.path)
+    assert sorted(unsorted, key=lambda f: natural_key(f.path)) == sorted_files
+
+
+def test_known_paths_are_taken_without_matching_again(tmp_path: Path) -> None:
+    taken = _touch(tmp_path / "d" / "f.nc")
+    _touch(tmp_path / "d" / "g.txt")
+    asked: list[str] = []
+
+    class Counting(PathMatcher):
+        def matches(self, relpath: str) -> bool:
+            asked.append(relpath)
+            return super().matches(relpath)
+
+    matcher = Counting(["**/*.nc"])
+    assert _rel(tmp_path, scan(tmp_path, matcher, known={str(taken)})) == ["d/f.nc"]
+    assert asked == ["d/g.txt"]

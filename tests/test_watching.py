@@ -214,3 +214,51 @@ def test_periodic_rescan_does_not_take_a_file_whose_writer_paused(pipeline: Any)
             assert runs(log) == [], "the rescan took a file that was still open for writing"
     wait_for(lambda: runs(log), message="the file after its close")
     assert [r[0] for r in runs(log)] == ["paused.nc"]
+
+
+def _poll(scanner: Any, spec: Any) -> list[str]:
+    obs = scanner._scan(spec, None, "poll")
+    return [os.path.relpath(f.path, spec.root) for f in obs.files]
+
+
+def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Path) -> None:
+    from dpypeline.config import WatchConfig
+    from dpypeline.watch import Inbox, Scanner, build_specs
+
+    root = tmp_path / "tree"
+    for rel in ("y10/f1.nc", "y2/f10.nc", "y2/f9.nc", "skip.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    [spec] = build_specs([WatchConfig(path=root, patterns=["**/*.nc"], mode="poll")])
+    scanner = Scanner([spec], Inbox())
+    assert _poll(scanner, spec) == ["y2/f9.nc", "y2/f10.nc", "y10/f1.nc"]
+    assert _poll(scanner, spec) == []
+    (root / "y10/f1.nc").write_bytes(b"longer")
+    (root / "y2/f2.nc").write_bytes(b"new")
+    (root / "y2/f10.nc").unlink()
+    assert _poll(scanner, spec) == ["y2/f2.nc", "y10/f1.nc"]
+    assert sorted(spec.last_poll) == sorted(
+        str(root / rel) for rel in ("y10/f1.nc", "y2/f2.nc", "y2/f9.nc")
+    )
+    (root / "y2/f9.nc").unlink()
+    (root / "y2/f3.nc").write_bytes(b"x")  # as many files as before, one of them new
+    assert _poll(scanner, spec) == ["y2/f3.nc"]
+    assert _poll(scanner, spec) == []
+
+
+def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
+    from dpypeline.config import WatchConfig
+    from dpypeline.watch import Inbox, Scanner, build_specs
+
+    (tmp_path / "f.nc").write_bytes(b"x")
+    specs = build_specs(
+        [
+            WatchConfig(path=tmp_path, patterns=["*.nc"], mode="inotify"),
+            WatchConfig(path=tmp_path, patterns=["*.nc"], mode="poll"),
+        ]
+    )
+    scanner = Scanner(specs, Inbox())
+    for spec in specs:
+        assert len(scanner._scan(spec, None, "startup").files) == 1
+    assert specs[0].last_poll == {}
+    assert list(specs[1].last_poll) == [str(tmp_path / "f.nc")]

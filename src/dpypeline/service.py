@@ -364,7 +364,7 @@ class Service:
         if obs.full and obs.reason in ("startup", "rescan") and now >= self._next.get(prune_key, 0):
             self._next[prune_key] = now + PRUNE_EVERY
             removed = self._ledger.prune(
-                now, self.config.retention, present={f.path for f in files}, root=spec.root
+                now, self.config.retention, present=(f.path for f in files), root=spec.root
             )
             if removed:
                 log.info("ledger_pruned", removed=removed)

@@ -46,7 +46,7 @@ from dpypeline.config import WatchConfig
 from dpypeline.fsinfo import filesystem_type, is_network_fstype
 from dpypeline.logs import get_logger
 from dpypeline.patterns import PathMatcher
-from dpypeline.scan import FileVersion, scan
+from dpypeline.scan import FileVersion, natural_key, scan
 
 log = get_logger("dpypeline.watch")
 
@@ -86,7 +86,7 @@ class WatchSpec:
     fstype: str
     observed: ObservedWatch | None = None
     directories: int = 0  # found by the last full scan
-    last_poll: dict[str, tuple[int, int]] = field(default_factory=dict)
+    last_poll: dict[str, FileVersion] = field(default_factory=dict)  # poll watches only
 
     def relative(self, path: str) -> str | None:
         if path.startswith(self.root + os.sep):
@@ -338,16 +338,15 @@ class Scanner(threading.Thread):
             sub = PrefixMatcher(spec.matcher, rel)
             result = scan(subdir, sub)  # type: ignore[arg-type]
             return Observation("scanned", spec.index, subdir, tuple(result.files), reason=reason)
-        result = scan(spec.root, spec.matcher)
-        spec.directories = result.directories
-        files = result.files
         if reason == "poll":
-            now = {f.path: (f.size, f.mtime_ns) for f in files}
-            changed = [f for f in files if spec.last_poll.get(f.path) != now[f.path]]
-            spec.last_poll = now
-            files = changed
+            result = scan(spec.root, spec.matcher, sort=False, known=spec.last_poll)
+            files = self._changed(spec, result.files)
         else:
-            spec.last_poll = {f.path: (f.size, f.mtime_ns) for f in files}
+            result = scan(spec.root, spec.matcher)
+            files = result.files
+            # only a poll watch compares with the last look (a million-file dict otherwise)
+            spec.last_poll = {f.path: f for f in files} if spec.mode == "poll" else {}
+        spec.directories = result.directories
         for path, err in result.errors:
             log.warning(
                 "scan_unreadable",
@@ -357,6 +356,23 @@ class Scanner(threading.Thread):
                 action="files below it are not seen until it is readable",
             )
         return Observation("scanned", spec.index, spec.root, tuple(files), full=True, reason=reason)
+
+    @staticmethod
+    def _changed(spec: WatchSpec, files: list[FileVersion]) -> list[FileVersion]:
+        """The files that are new or changed since the last look, in natural order; the
+        current look becomes the last one."""
+        last = spec.last_poll
+        changed = []
+        for f in files:
+            old = last.get(f.path)
+            if old is None or old.size != f.size or old.mtime_ns != f.mtime_ns:
+                changed.append(f)
+        if changed or len(files) != len(last):
+            spec.last_poll = {f.path: f for f in files}
+        # else: the same paths (none new, as many as before), so the last look stands
+        cut = len(spec.root) + 1
+        changed.sort(key=lambda f: natural_key(f.path[cut:]))
+        return changed
 
 
 class PrefixMatcher:

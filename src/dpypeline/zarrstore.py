@@ -392,10 +392,14 @@ def open_lazy(state: StoreState) -> xr.Dataset:
 
 def encode_like(var: xr.Variable, stored: xr.Variable) -> xr.Variable:
     """``var`` encoded as the store encodes ``stored`` (units, calendar, dtype, fill
-    value), lazily if it is a dask array."""
+    value); lazily if it is a dask array larger than a chunk may be, else in memory."""
     from xarray.conventions import encode_cf_variable
 
     v = var.copy(deep=False)
+    if v.chunks is not None and v.nbytes <= CHUNK_BYTES:
+        # read at once: for a small variable dask's per-task cost is most of the work
+        # (encoding alone computes its first element to look for cftime dates)
+        v = v.compute(scheduler="synchronous")
     v.encoding = {k: stored.encoding[k] for k in CF_ENCODING if k in stored.encoding}
     v.encoding.pop("coordinates", None)  # a dataset-level matter, not this variable's
     return encode_cf_variable(v)

@@ -35,8 +35,9 @@ the benchmarks still work, not how fast anything is.
                           local and a moto S3 store, vs a hand-written xarray to_zarr append
                           (scripts/bench_zarr.py)
 
-The Dask executor's speed-up (2 workers, CPU-bound task, vs serial) is measured by its own
-script on the branch that adds that executor.
+  dask_cpu                `run --once` with the dask executor (LocalCluster, 2 workers) on a
+                          CPU-bound task vs the serial executor (scripts/bench_dask.py)
+  dask_overhead           time per no-op job with the dask executor vs the serial executor
 
 The table's ratio is ours/baseline: for rates higher is better, for times lower is better;
 the column says which. Exit status: 0 when every selected benchmark ran (whether or not it
@@ -76,6 +77,7 @@ from bench_common import (
     service_env,
     workdir,
 )
+from bench_dask import bench_dask_cpu, bench_dask_overhead
 from bench_scan import bench_poll_cpu, build_tree
 from bench_service import (
     bench_inotify_latency,
@@ -99,6 +101,8 @@ NAMES = (
     "start_ready",
     "memory",
     *(f"zarr_{case}" for case in ZARR_CASES),
+    "dask_cpu",
+    "dask_overhead",
 )
 
 JOB = "job"
@@ -673,6 +677,7 @@ def _zarr(case: str) -> Callable[[Context], Result]:
 
 
 BENCHMARKS.update({f"zarr_{case}": _zarr(case) for case in ZARR_CASES})
+BENCHMARKS.update({"dask_cpu": bench_dask_cpu, "dask_overhead": bench_dask_overhead})
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -703,7 +708,7 @@ def table(results: list[Result], failures: dict[str, str]) -> str:
             _figure(r.baseline, r.baseline_unit),
             _ratio(r),
             r.target,
-            "yes" if r.met else "NO",
+            "-" if r.met is None else "yes" if r.met else "NO",
         )
         for r in results
     ]

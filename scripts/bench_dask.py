@@ -110,6 +110,54 @@ def measure(base: Path, task: str, n: int, workers: int, repeats: int) -> dict[s
     return best
 
 
+def bench_dask_cpu(ctx: Any) -> Any:
+    """The suite's row: files/s with the dask executor (2 workers) vs the serial executor,
+    on a CPU-bound task (each file holds the CPU for 0.2 s)."""
+    from bench_common import Result, workdir
+
+    n, repeats, burn = (6, 1, 0.2) if ctx.quick else (40, 2, 0.2)
+    with workdir(ctx, "dask_cpu") as d:
+        best = measure(d, f"{{task: bench_tasks.burn, with: {{seconds: {burn}}}}}", n, 2, repeats)
+    ratio = best["serial"] / best["dask"]
+    return Result(
+        name="dask_cpu",
+        ours=n / best["dask"],
+        unit="files/s",
+        baseline=n / best["serial"],
+        baseline_unit="files/s (serial)",
+        ratio=ratio,
+        ratio_kind="rate",
+        target=">= 1.6x rate",
+        met=ratio >= 1.6,
+        n=n,
+        repeats=repeats,
+    )
+
+
+def bench_dask_overhead(ctx: Any) -> Any:
+    """The suite's row: time per no-op job with the dask executor vs the serial one."""
+    from bench_common import Result, workdir
+
+    n, repeats = (20, 1) if ctx.quick else (300, 2)
+    with workdir(ctx, "dask_overhead") as d:
+        best = measure(d, "{task: bench_tasks.noop}", n, 2, repeats)
+    ours, base = 1000 * best["dask"] / n, 1000 * best["serial"] / n
+    return Result(
+        name="dask_overhead",
+        ours=ours,
+        unit="ms/job",
+        baseline=base,
+        baseline_unit="ms/job (serial)",
+        ratio=ours / base,
+        ratio_kind="time",
+        target="reported",
+        met=None,
+        n=n,
+        repeats=repeats,
+        notes=[f"+{ours - base:.2f} ms per job on the cluster"],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a handful of files: a smoke run")

@@ -33,6 +33,8 @@ NAMES = {
     "zarr_local_large",
     "zarr_s3_small",
     "zarr_s3_large",
+    "dask_cpu",
+    "dask_overhead",
 }
 NO_RATIO = {"ingest_noop_once", "reconcile_1m"}  # absolute targets: no baseline to divide by
 

@@ -76,8 +76,7 @@ install -m 0644 "$here/OPERATING.md" "$venv/share/OPERATING.md"
 
 # 2. The service user and the directories it reads and writes (system service only).
 if [ "$mode" = system ]; then
-    install -m 0644 "$here/dpypeline.sysusers" /etc/sysusers.d/dpypeline.conf 2>/dev/null ||
-        { mkdir -p /etc/sysusers.d && install -m 0644 "$here/dpypeline.sysusers" /etc/sysusers.d/dpypeline.conf; }
+    install -D -m 0644 "$here/dpypeline.sysusers" /etc/sysusers.d/dpypeline.conf
     if command -v systemd-sysusers >/dev/null; then
         systemd-sysusers /etc/sysusers.d/dpypeline.conf
     elif ! id dpypeline >/dev/null 2>&1; then

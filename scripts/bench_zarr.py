@@ -148,46 +148,28 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="where to put the files (default: tmp)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-zarr-", dir=args.dir))
-    server = None
     try:
-        from moto.server import ThreadedMotoServer
-
-        from dpypeline.objectstore import filesystem  # noqa: F401 - the same options path
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        s3 = {
-            "key": "bench",
-            "secret": "bench",
-            "use_listings_cache": False,
-            "skip_instance_cache": True,
-            "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
-        }
-        import s3fs
-
-        s3fs.S3FileSystem(**s3).mkdir("bench-bucket")
-        sizes = [("small", 12)] if args.quick else [("small", 12), ("large", 6)]
-        rows = []
-        for size, n in sizes:
-            files = make_series(work / size, n, size=size)
-            for where, options in (("local", None), ("moto S3", s3)):
-                best = {"ours": float("inf"), "baseline": float("inf")}
-                for run in range(2):
-                    for name, fn in (("ours", ours), ("baseline", hand_written)):
-                        if where == "local":
-                            store = str(work / f"{size}-{name}-{run}.zarr")
-                        else:
-                            store = f"s3://bench-bucket/{size}-{name}-{run}.zarr"
-                        best[name] = min(best[name], timed(fn, files, store, options))
-                rows.append((f"{where}, {n} {size} files", n / best["ours"], n / best["baseline"]))
-        print(f"{'case':<28} {'ours files/s':>13} {'baseline files/s':>17} {'ratio':>7}")
-        for case, o, b in rows:
-            print(f"{case:<28} {o:>13.2f} {b:>17.2f} {o / b:>6.2f}x")
-        print("ratio = ours / hand-written xarray (files/s; target >= 0.9x)")
+        with moto_s3() as s3:
+            sizes = [("small", 12)] if args.quick else [("small", 12), ("large", 6)]
+            rows = []
+            for size, n in sizes:
+                files = make_series(work / size, n, size=size)
+                for where, options in (("local", None), ("moto S3", s3)):
+                    best = {"ours": float("inf"), "baseline": float("inf")}
+                    for run in range(2):
+                        for name, fn in (("ours", ours), ("baseline", hand_written)):
+                            if where == "local":
+                                store = str(work / f"{size}-{name}-{run}.zarr")
+                            else:
+                                store = f"s3://bench-bucket/{size}-{name}-{run}.zarr"
+                            best[name] = min(best[name], timed(fn, files, store, options))
+                    case = f"{where}, {n} {size} files"
+                    rows.append((case, n / best["ours"], n / best["baseline"]))
+            print(f"{'case':<28} {'ours files/s':>13} {'baseline files/s':>17} {'ratio':>7}")
+            for case, o, b in rows:
+                print(f"{case:<28} {o:>13.2f} {b:>17.2f} {o / b:>6.2f}x")
+            print("ratio = ours / hand-written xarray (files/s; target >= 0.9x)")
     finally:
-        if server is not None:
-            server.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

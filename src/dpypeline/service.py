@@ -275,9 +275,8 @@ class Service:
                 self._notifier.stopping(f"stopping; {running} job(s) to finish")
             if worker.busy() and self._stop_deadline is not None and now >= self._stop_deadline:
                 self._stop_now = True
-            if worker.busy() and now >= self._next.get("health", 0.0):
-                self._next["health"] = now + self._health_every
-                self._prove_health(now)
+            if worker.busy():
+                self._health_if_due(now)
             if self._stop_now and worker.busy():
                 worker.release_all(now)
                 self._executor.interrupt()
@@ -405,6 +404,9 @@ class Service:
         if self.config.executor.kind != "serial" and now >= self._next.get("executor", 0.0):
             self._next["executor"] = now + EXECUTOR_STATUS_EVERY
             write_executor_status(self.config.cache_dir, self._executor.describe())
+        self._health_if_due(now)
+
+    def _health_if_due(self, now: float) -> None:
         if now >= self._next.get("health", 0.0):
             self._next["health"] = now + self._health_every
             self._prove_health(now)

@@ -38,6 +38,11 @@ the benchmarks still work, not how fast anything is.
   dask_cpu                `run --once` with the dask executor (LocalCluster, 2 workers) on a
                           CPU-bound task vs the serial executor (scripts/bench_dask.py)
   dask_overhead           time per no-op job with the dask executor vs the serial executor
+  orca025_*               the README's main job on 3 ORCA025 grid_T files (NEMO namnc4 chunks,
+                          or one chunk per field), local and moto S3: seconds and peak RSS vs
+                          hand-written xarray with the same store chunks (scripts/bench_orca.py)
+  orca12                  one ORCA12 thetao step (4 GB), namnc4 chunks: seconds and peak RSS;
+                          only with --only orca12 (a 1.5 GB file is generated once and kept)
 
 The table's ratio is ours/baseline: for rates higher is better, for times lower is better;
 the column says which. Exit status: 0 when every selected benchmark ran (whether or not it
@@ -87,6 +92,13 @@ from bench_service import (
 )
 
 ZARR_CASES = ("local_small", "local_large", "s3_small", "s3_large")
+ORCA_CASES = (
+    "orca025_local_namnc4",
+    "orca025_local_whole",
+    "orca025_s3_namnc4",
+    "orca025_s3_whole",
+    "orca12",
+)
 
 NAMES = (
     "enqueue_one",
@@ -103,7 +115,9 @@ NAMES = (
     *(f"zarr_{case}" for case in ZARR_CASES),
     "dask_cpu",
     "dask_overhead",
+    *ORCA_CASES,
 )
+OPTIONAL = ("orca12",)  # run only when named with --only: one 4 GB field
 
 JOB = "job"
 MTIME0 = 1_700_000_000_000_000_000  # a plausible st_mtime_ns
@@ -680,6 +694,18 @@ BENCHMARKS.update({f"zarr_{case}": _zarr(case) for case in ZARR_CASES})
 BENCHMARKS.update({"dask_cpu": bench_dask_cpu, "dask_overhead": bench_dask_overhead})
 
 
+def _orca(case: str) -> Callable[[Context], Result]:
+    def run(ctx: Context) -> Result:
+        from bench_orca import bench_orca  # imports xarray: only when an orca row is wanted
+
+        return bench_orca(ctx, case)
+
+    return run
+
+
+BENCHMARKS.update({case: _orca(case) for case in ORCA_CASES})
+
+
 # -- output ---------------------------------------------------------------------------------
 
 
@@ -746,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         help="where the temporary directories go (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    selected = [name for name in NAMES if not args.only or name in args.only]
+    selected = [
+        name for name in NAMES if (name in args.only if args.only else name not in OPTIONAL)
+    ]
     base = args.dir.resolve()
     base.mkdir(parents=True, exist_ok=True)
     fstype = filesystem_type(base)

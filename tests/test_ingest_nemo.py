@@ -20,7 +20,7 @@ from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, wr
 from s3server import S3Server
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_nemo import make_series
+from make_nemo import make_series  # scripts, not a package
 
 pytestmark = pytest.mark.slow
 BUCKET = "nemo-test"
@@ -281,6 +281,31 @@ def test_the_readme_main_job_ingests_into_a_local_zarr_store(tmp_path: Path) -> 
     assert list(store.time_counter.values) == list(want.time_counter.values)
     for name in ("toce", "soce", "e3t"):
         np.testing.assert_array_equal(store[name].values, want[name].values, err_msg=name)
+
+
+def test_the_readme_main_job_ingests_nemo_namnc4_chunked_files_unchanged(tmp_path: Path) -> None:
+    """NEMO's own layout: 3-D fields in (1, 3, ny/4, nx/4) chunks, deptht_bounds contiguous;
+    the README config as it is; every file done at its first attempt, the store exact."""
+    from make_orca import make_files
+
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples", work / "examples")
+    made = make_files(work / "inbox" / "nemo", 3, grid=(64, 48, 10), layout="namnc4")
+    proc = dpypeline_in(work, "run", "--once", "-c", "examples/netcdf-to-zarr.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = work / "examples" / "netcdf-to-zarr.yaml"
+    assert [(j["state"], j["attempts"]) for j in jobs(config)] == [("done", 1)] * 3
+    coder = xr.coders.CFDatetimeCoder(use_cftime=True)
+    store = xr.open_zarr(work / "output" / "nemo_T.zarr", decode_times=coder)
+    want = expected(made)
+    for name in ("thetao", "so", "tos", "deptht_bounds"):
+        got, exp = store[name].values, want[name].where(want[name] != 1e20).values
+        np.testing.assert_array_equal(got, exp, err_msg=name)
+    # validate --sample shows what the store got: whole small fields, one step per chunk
+    sample = dpypeline_in(work, "validate", "-c", str(config), "--sample", str(made[0]))
+    assert sample.returncode == 0, sample.stderr
+    line = next(ln for ln in sample.stdout.splitlines() if ln.split()[:1] == ["thetao"])
+    assert line.split()[1:3] == ["1x3x12x16", "1x10x48x64"], line
 
 
 def dpypeline_in(cwd: Path, *args: str) -> Any:

@@ -15,12 +15,15 @@ import sys
 import time
 from datetime import UTC, datetime
 from importlib.metadata import version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpypeline.cachedir import read_executor_status, service_pid
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.ledger import JobRecord, JobState, Ledger
+
+if TYPE_CHECKING:
+    from dpypeline.pipeline import Job
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -58,7 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="process what is there (and what arrives meanwhile), then exit",
     )
-    command("validate", "parse the config, import every task, check paths and credentials")
+    validate = command(
+        "validate", "parse the config, import every task, check paths and credentials"
+    )
+    validate.add_argument(
+        "--sample",
+        metavar="FILE",
+        help="also run each job's tasks before to_zarr on FILE and print the chunks and codec"
+        " a new store would get",
+    )
     status = command("status", "counts per state, oldest waiting job, recent errors")
     status.add_argument("--json", action="store_true")
     jobs = command("jobs", "list jobs, newest first")
@@ -151,6 +162,35 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         f"{len(setup)} setup task(s), {len(config.objectstores)} object store(s);"
         f" state in {config.cache_dir}"
     )
+    if getattr(args, "sample", None):
+        return _print_layouts(jobs, args.sample)
+    return EXIT_OK
+
+
+def _print_layouts(jobs: list[Job], sample: str) -> int:
+    """The store layout each job's ``to_zarr`` would give a new store for ``sample``."""
+    from dpypeline.errors import PermanentError
+    from dpypeline.tasks.zarr import plan_layout
+
+    for job in jobs:
+        split = job.commit_index()
+        if split is None:
+            print(f"{job.name}: no to_zarr task")
+            continue
+        try:
+            value = job.run_tasks(0, split, sample, None)
+            rows = plan_layout(value, **job.tasks[split].kwargs)
+        except (PermanentError, ConfigError, OSError) as exc:
+            print(f"{job.name}: {sample}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        store = job.tasks[split].kwargs.get("store")
+        print(f"{job.name}: a new store {store} gets (an existing store keeps its own):")
+        print(f"  {'variable':<22} {'chunks as read':<32} {'store chunks':<32} {'MiB':>7}  codec")
+        for r in rows:
+            read = "x".join(map(str, r["read_chunks"].values())) or "-"
+            chunks = "x".join(map(str, r["store_chunks"].values()))
+            mib = r["chunk_bytes"] / 2**20
+            print(f"  {r['variable']:<22} {read:<32} {chunks:<32} {mib:>7.1f}  {r['codec']}")
     return EXIT_OK
 
 

@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dpypeline import zarrlayout
 from dpypeline.errors import ConfigError, PermanentError
+from dpypeline.zarrlayout import Compressor, source_chunks, store_chunks
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -54,7 +56,6 @@ MARKERS = (COMMITTED, APPEND_DIM, WRITTEN)
 # source's encoding (chunksizes, zlib, shuffle, contiguous, source …) means nothing to Zarr.
 CF_ENCODING = ("dtype", "units", "calendar", "_FillValue", "missing_value", "scale_factor",
                "add_offset", "coordinates")  # fmt: skip
-CHUNK_BYTES = 64 * 2**20
 _GROUP_METADATA = frozenset({".zgroup", ".zattrs", ".zmetadata", "zarr.json"})
 
 _LOCKS: dict[str, threading.Lock] = {}
@@ -316,11 +317,12 @@ def write_new(
     state: StoreState | None,
     zarr_format: int,
     *,
-    chunks: Mapping[str, int],
+    layout: Layout,
     attrs: Mapping[str, Any],
 ) -> None:
     """Write ``ds`` as a new store with group attributes ``ds.attrs | attrs``, replacing
-    ``state``'s arrays (a crashed creation) if given; encodings by :func:`new_encoding`."""
+    ``state``'s arrays (a crashed creation) if given; encodings by :func:`new_encoding`.
+    Every variable is written in one dask computation, so all cores work on it."""
     if state is not None:  # arrays first: until the group goes, the store is recognisable
         for array in state.arrays:
             del state.group[array]
@@ -328,40 +330,87 @@ def write_new(
     out.encoding = {}
     for name in list(out.variables):
         var = out.variables[name]
-        encoding = new_encoding(var, chunks)
-        if var.chunks is not None:
-            var = var.chunk(dict(zip(var.dims, encoding["chunks"], strict=True)))
+        with _about(str(name), var):
+            encoding = new_encoding(str(name), var, layout, zarr_format)
+            if var.chunks is not None:
+                var = var.chunk(dict(zip(var.dims, encoding["chunks"], strict=True)))
         var.encoding = encoding
         out[name] = var
     out.attrs = {k: v for k, v in ds.attrs.items() if k not in MARKERS} | dict(attrs)
-    out.to_zarr(zstore, mode="w", consolidated=False, zarr_format=zarr_format)
+    try:
+        out.to_zarr(zstore, mode="w", consolidated=False, zarr_format=zarr_format)
+    except (ValueError, TypeError):
+        _name_the_culprit(out, zarr_format)
+        with _about(None, None):
+            raise
 
 
-def new_encoding(var: xr.Variable, chunks: Mapping[str, int]) -> dict[str, Any]:
+def _name_the_culprit(ds: xr.Dataset, zarr_format: int) -> None:
+    """Find which variable of a dataset that failed to write is the cause, by writing
+    each one's metadata alone to memory, and raise the PermanentError that names it."""
+    import xarray as xr
+    from zarr.storage import MemoryStore
+
+    for name, var in ds.variables.items():
+        with _about(str(name), var):
+            one = (
+                xr.Dataset({name: var}) if name not in var.dims else xr.Dataset(coords={name: var})
+            )
+            one.to_zarr(MemoryStore(), mode="w", compute=False, zarr_format=zarr_format)
+    with _about(None, None):
+        xr.Dataset(attrs=ds.attrs).to_zarr(MemoryStore(), mode="w", zarr_format=zarr_format)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What decides a new store's arrays: chunk sizes from ``to_zarr``'s ``chunks:`` (by
+    dimension, -1 whole), the append or region dimension, and the codec."""
+
+    along: str | None = None
+    chunks: Mapping[str, int] = field(default_factory=dict)
+    compressor: Compressor = field(default_factory=Compressor)
+
+
+def new_encoding(name: str, var: xr.Variable, layout: Layout, zarr_format: int) -> dict[str, Any]:
     """A new array's encoding: the source's CF encoding (units, calendar, dtype, fill
-    value …) and chunks from ``chunks``, else the dask chunks, else whole dimensions split
-    until a chunk is at most ``CHUNK_BYTES`` (a NetCDF file's own chunks are sized for
-    HDF5 on a disk, far too small for objects in S3)."""
+    value …), chunks by the store's policy (:func:`dpypeline.zarrlayout.store_chunks`:
+    never the file's own chunks) and the layout's codec."""
     enc = {k: var.encoding[k] for k in CF_ENCODING if k in var.encoding}
     if "dtype" in var.encoding and "_FillValue" not in var.encoding:
         enc["_FillValue"] = None  # the source file had none: do not invent one
     fill, missing = enc.get("_FillValue"), enc.get("missing_value")
     if fill is not None and missing is not None and not np.array_equal(fill, missing, True):
         del enc["missing_value"]  # xarray refuses both; the data are masked (NaN) already
-    dask = dict(zip(var.dims, (c[0] for c in var.chunks), strict=True)) if var.chunks else {}
-    sizes = [
-        chunks.get(str(d)) or dask.get(d) or n for d, n in zip(var.dims, var.shape, strict=True)
-    ]
-    free = [i for i, d in enumerate(var.dims) if str(d) not in chunks and d not in dask]
-    while (
-        free
-        and max(sizes[i] for i in free) > 1
-        and np.prod(sizes) * var.dtype.itemsize > CHUNK_BYTES
-    ):
-        largest = max(free, key=lambda i: sizes[i])
-        sizes[largest] = -(-sizes[largest] // 2)
-    enc["chunks"] = tuple(max(1, n) for n in sizes)
+    itemsize = np.dtype(enc.get("dtype", var.dtype)).itemsize
+    enc["chunks"] = store_chunks(
+        name,
+        [str(d) for d in var.dims],
+        var.shape,
+        itemsize,
+        along=layout.along,
+        overrides=layout.chunks,
+        source=source_chunks(var),
+    )
+    if np.dtype(enc.get("dtype", var.dtype)).kind not in "OUS":  # text keeps zarr's codec
+        enc |= layout.compressor.encoding(zarr_format, itemsize)
     return enc
+
+
+def read_along_source(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with every variable larger than a store chunk made lazy along the file's own
+    chunks (where it was opened without dask), so that writing reads each chunk of the file
+    once and never holds a whole large variable in memory; a contiguous variable, which
+    can be read in any slices at no extra cost, is read in slices of the store's chunks."""
+    out = ds.copy()
+    for name, var in ds.variables.items():
+        if var.chunks is not None or var.nbytes <= zarrlayout.TARGET_CHUNK_BYTES:
+            continue
+        chunks = source_chunks(var)
+        if not chunks:
+            chunks = dict(zip(map(str, var.dims), new_encoding(
+                str(name), var, Layout(), 2)["chunks"], strict=True))  # fmt: skip
+        out[name] = var.chunk({d: chunks.get(str(d), -1) for d in var.dims})
+    return out
 
 
 def open_lazy(state: StoreState) -> xr.Dataset:
@@ -396,7 +445,7 @@ def encode_like(var: xr.Variable, stored: xr.Variable) -> xr.Variable:
     from xarray.conventions import encode_cf_variable
 
     v = var.copy(deep=False)
-    if v.chunks is not None and v.nbytes <= CHUNK_BYTES:
+    if v.chunks is not None and v.nbytes <= zarrlayout.TARGET_CHUNK_BYTES:
         # read at once: for a small variable dask's per-task cost is most of the work
         # (encoding alone computes its first element to look for cftime dates)
         v = v.compute(scheduler="synchronous")
@@ -409,21 +458,56 @@ def raw(var: xr.Variable, stored: xr.Variable) -> np.ndarray:
     return np.asarray(encode_like(var, stored).values)
 
 
-def write_array(
-    var: xr.Variable, stored: xr.Variable, state: StoreState, name: str, *, dim: str, start: int
+def write_arrays(
+    variables: list[tuple[str, xr.Variable, xr.Variable]],
+    state: StoreState,
+    *,
+    dim: str,
+    start: int,
 ) -> None:
-    """``var`` encoded like the store's ``stored``, into array ``name`` from ``start`` along
-    ``dim``. Alignment was checked, so every chunk is written whole, never read back."""
-    array = state.arrays[name]
-    where = _region(state, name, dim, start, var.sizes[dim])
-    encoded = encode_like(var, stored)
-    if encoded.chunks is None:
-        array[where] = encoded.values
-        return
-    import dask.array
+    """Each ``(name, var, stored)``: ``var`` encoded like the store's ``stored``, into array
+    ``name`` from ``start`` along ``dim``, all in one dask computation (so every core works,
+    and each file chunk is read once: one dask task per store chunk, which gathers the file
+    chunks it holds). Alignment was checked, so every chunk is written whole, never read
+    back."""
+    sources, targets, regions = [], [], []
+    for name, var, stored in variables:
+        array = state.arrays[name]
+        where = _region(state, name, dim, start, var.sizes[dim])
+        with _about(name, var):
+            encoded = encode_like(var, stored)
+            if encoded.chunks is None:
+                array[where] = encoded.values
+                continue
+            sources.append(encoded.data.rechunk(array.chunks))
+        targets.append(array)
+        regions.append(where)
+    if sources:
+        import dask.array
 
-    source = encoded.data.rechunk(array.chunks)  # one dask task per store chunk
-    dask.array.store(source, array, regions=where, lock=False)  # type: ignore[arg-type]
+        with _about(None, None):
+            dask.array.store(sources, targets, regions=regions, lock=False)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _about(name: str | None, var: xr.Variable | None) -> Iterator[None]:
+    """Errors that say the data do not fit the store (xarray's and zarr's ValueError and
+    TypeError: the same every time) as a PermanentError naming the variable, its chunks
+    as read and what to set."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if name is None:
+            what = "the dataset"
+        else:
+            chunks = source_chunks(var) if var is not None else {}
+            what = f"variable {name} (chunks as read: {chunks or 'none'})"
+        detail = " ".join(str(exc).split())[:300]
+        raise PermanentError(
+            f"{what} cannot be written to the Zarr store: {type(exc).__name__}: {detail}."
+            " Check open_dataset's `chunks:` and to_zarr's `chunks:`/`compressor:`, or fix"
+            " the variable with a task before to_zarr"
+        ) from exc
 
 
 def same(

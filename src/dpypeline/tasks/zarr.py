@@ -27,6 +27,7 @@ import numpy as np
 
 from dpypeline import zarrstore as zs
 from dpypeline.errors import ConfigError, PermanentError
+from dpypeline.zarrlayout import Compressor
 from dpypeline.zarrstore import StoreState, failpoint
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def to_zarr(
     overlap: Overlap = "replace",
     consolidated: bool = True,
     chunks: dict[str, int] | None = None,
+    compressor: str | dict[str, Any] | None = None,
     context: Any = None,
 ) -> str:
     """Write ``ds`` into the Zarr store ``store`` (a local path or ``s3://bucket/key``);
@@ -63,9 +65,15 @@ def to_zarr(
     again (the default: a replay after a crash), ``skip`` leaves them if identical and
     refuses a file that differs, ``forbid`` refuses. ``consolidated``: keep consolidated
     metadata, so readers open the store in one request and see only committed steps.
-    ``chunks``: chunk sizes of a new store by dimension; along ``append_dim`` the default is
-    the file's number of steps, so appends of files of that length fill whole chunks; other
-    dimensions default to the dask chunks, else whole, split to chunks of at most 64 MiB.
+    ``chunks``: chunk sizes of a new store by dimension, ``-1`` for the whole dimension;
+    the default is one step along ``append_dim`` and the other dimensions whole, the
+    largest halved until a chunk holds at most 64 MiB (:mod:`dpypeline.zarrlayout`). The
+    file's own chunks are how it is read, never how the store is laid out: each chunk of
+    the file is read once and the data re-chunked as they are written. ``compressor``: the
+    codec of a new store's arrays, a name (``blosc-zstd``, ``blosc-lz4``, ``blosc-zlib``,
+    ``zstd``, ``zlib``, ``none``) or ``{codec, level, shuffle}``; the default is
+    ``{codec: blosc-zstd, level: 3, shuffle: byte}``. An existing store keeps its chunks
+    and codecs, whatever these say.
     Logs ``zarr_appended``, ``zarr_region_written`` or ``zarr_replayed`` with the steps.
     """
     if (append_dim is None) == (region is None):
@@ -75,6 +83,7 @@ def to_zarr(
     if zarr_format not in (2, 3):
         raise ConfigError(f"to_zarr: zarr_format must be 2 or 3, not {zarr_format!r}")
     dim = str(append_dim or region)
+    layout = zs.Layout(dim, dict(chunks or {}), Compressor.parse(compressor))
     if dim not in ds.dims or dim not in ds.variables or not ds.sizes[dim]:
         raise PermanentError(
             f"the dataset has no steps along a coordinate {dim!r} (dimensions:"
@@ -82,13 +91,13 @@ def to_zarr(
         )
     location = zs.locate(store, _storage_options(objectstore, storage_options, context))
     with _classified(location, objectstore, context), zs.store_lock(location):
-        write = _Write(ds, dim, location.url, overlap, consolidated)
+        write = _Write(zs.read_along_source(ds), dim, location.url, overlap, consolidated)
         zstore = location.open()
         state = zs.open_store(zstore, location.url)
         if region is not None:
             event = write.region(state)
         else:
-            event = write.append(zstore, state, zarr_format, chunks or {})
+            event = write.append(zstore, state, zarr_format, layout)
     if (log := getattr(context, "log", None)) is not None:
         log.info(event.pop("event"), store=location.url, **event)
     return location.url
@@ -107,14 +116,13 @@ class _Write:
     stored: xr.Dataset = field(init=False)  # the store as xarray decodes it, lazily
 
     def append(
-        self, zstore: Any, state: StoreState | None, zarr_format: int, chunks: dict[str, int]
+        self, zstore: Any, state: StoreState | None, zarr_format: int, layout: zs.Layout
     ) -> dict[str, Any]:
         ds, dim, n = self.ds, self.dim, self.ds.sizes[self.dim]
         info: dict[str, Any] = {"steps": [0, n], **_span(ds, dim)}
         if state is None or (zs.APPEND_DIM in state.attrs and zs.COMMITTED not in state.attrs):
-            along = chunks.get(dim) or _dask_chunk(ds, dim) or n
             attrs = {zs.APPEND_DIM: dim}
-            zs.write_new(ds, zstore, state, zarr_format, chunks=chunks | {dim: along}, attrs=attrs)
+            zs.write_new(ds, zstore, state, zarr_format, layout=layout, attrs=attrs)
             created = zs.open_store(zstore, self.url)
             assert created is not None
             zs.commit(created, {zs.COMMITTED: n}, self.consolidated)
@@ -191,19 +199,23 @@ class _Write:
         return {"event": "zarr_replayed", "action": action}
 
     def write_arrays(self, start: int, *, write_index: bool) -> None:
-        """The data variables first, then the other variables along the dimension, then (in
-        append mode) its coordinate: a reader that finds the coordinate finds the data."""
+        """The data variables first (in one computation), then the other variables along
+        the dimension, then (in append mode) its coordinate: a reader that finds the
+        coordinate finds the data."""
         names = [n for n in _along(self.ds, self.dim) if n != self.dim]
-        names.sort(key=lambda n: n not in self.ds.data_vars)
-        for i, name in enumerate([*names, self.dim] if write_index else names):
-            if i == 1:
+        data = [n for n in names if n in self.ds.data_vars]
+        groups = [data, [n for n in names if n not in data]]
+        for i, group in enumerate(groups):
+            if i == 1 and data:
                 failpoint("between_arrays")
-            if name == self.dim:
-                failpoint("before_coordinate")
-            var, stored = self.ds[name].variable, self.stored[name].variable
-            zs.write_array(var, stored, self.state, name, dim=self.dim, start=start)
-        if not write_index:
-            failpoint("before_coordinate")
+            self._write(group, start)
+        failpoint("before_coordinate")
+        if write_index:
+            self._write([self.dim], start)
+
+    def _write(self, names: list[str], start: int) -> None:
+        variables = [(n, self.ds[n].variable, self.stored[n].variable) for n in names]
+        zs.write_arrays(variables, self.state, dim=self.dim, start=start)
 
     def same(self, name: str, start: int | None = None) -> bool:
         var, stored = self.ds[name].variable, self.stored[name].variable
@@ -303,6 +315,7 @@ def create_template(
     zarr_format: int = 2,
     storage_options: dict[str, Any] | None = None,
     consolidated: bool = True,
+    compressor: str | dict[str, Any] | None = None,
 ) -> str:
     """Create a template store for ``to_zarr(region=dim)``; return its URL.
 
@@ -310,14 +323,15 @@ def create_template(
     the values of its variables without ``dim`` (nav_lat …). Along ``dim`` it gets the
     coordinate ``values`` (the whole axis, e.g. the middle of every year of a run) and no
     data: a step reads as fill values (NaN for float variables) until a file with it is
-    written. ``chunks`` as for :func:`to_zarr`; along ``dim`` the default is the sample's
-    number of steps. Replaces whatever Zarr store is at ``store``.
+    written. ``chunks`` and ``compressor`` as for :func:`to_zarr`; along ``dim`` the
+    default is the sample's number of steps. Replaces whatever Zarr store is at ``store``.
     """
     import xarray as xr
 
     location = zs.locate(store, storage_options)
     axis = xr.Variable((dim,), np.asarray(values))
     along = (chunks or {}).get(dim) or ds.sizes[dim]
+    layout = zs.Layout(dim, dict(chunks or {}) | {dim: along}, Compressor.parse(compressor))
     with zs.store_lock(location):
         zstore = location.open()
         old = zs.open_store(zstore, location.url)
@@ -326,7 +340,7 @@ def create_template(
             zstore,
             old,
             zarr_format,
-            chunks=(chunks or {}) | {dim: along},
+            layout=layout,
             attrs={zs.WRITTEN: []},
         )
         state = zs.open_store(zstore, location.url)
@@ -334,9 +348,42 @@ def create_template(
         for name in state.along(dim):
             zs.resize(state, name, dim, 0)  # drops the sample's chunks
             zs.resize(state, name, dim, len(axis))
-        zs.write_array(axis, zs.open_lazy(state)[dim].variable, state, dim, dim=dim, start=0)
+        stored = zs.open_lazy(state)[dim].variable
+        zs.write_arrays([(dim, axis, stored)], state, dim=dim, start=0)
         zs.save_group(state, {}, consolidated)
     return location.url
+
+
+def plan_layout(
+    ds: xr.Dataset,
+    *,
+    append_dim: str | None = None,
+    region: str | None = None,
+    chunks: dict[str, int] | None = None,
+    compressor: str | dict[str, Any] | None = None,
+    zarr_format: int = 2,
+    **_: Any,
+) -> list[dict[str, Any]]:
+    """How :func:`to_zarr` with these arguments lays out a new store for ``ds``: per
+    variable its dimensions, its chunks as read, the store's chunks, a chunk's size
+    uncompressed and the codec (``dpypeline validate --sample``)."""
+    layout = zs.Layout(append_dim or region, dict(chunks or {}), Compressor.parse(compressor))
+    ds = zs.read_along_source(ds)
+    rows = []
+    for name, var in sorted(ds.variables.items(), key=lambda item: str(item[0])):
+        enc = zs.new_encoding(str(name), var, layout, zarr_format)
+        itemsize = np.dtype(enc.get("dtype", var.dtype)).itemsize
+        rows.append(
+            {
+                "variable": str(name),
+                "dims": dict(var.sizes),
+                "read_chunks": zs.source_chunks(var),
+                "store_chunks": dict(zip(map(str, var.dims), enc["chunks"], strict=True)),
+                "chunk_bytes": int(np.prod(enc["chunks"])) * itemsize,
+                "codec": str(layout.compressor) if "compressors" in enc else "zarr's default",
+            }
+        )
+    return rows
 
 
 def _dtype(var: xr.Variable) -> str:
@@ -353,12 +400,6 @@ def _dtype(var: xr.Variable) -> str:
 
 def _along(ds: xr.Dataset, dim: str) -> list[str]:
     return [str(n) for n, v in ds.variables.items() if dim in v.dims]
-
-
-def _dask_chunk(ds: xr.Dataset, dim: str) -> int | None:
-    """The dask chunk size along ``dim``, if the file's length is a multiple of it."""
-    size = ds.chunksizes[dim][0] if ds.chunks and dim in ds.chunksizes else None
-    return size if size and ds.sizes[dim] % size == 0 else None
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

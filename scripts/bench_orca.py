@@ -1,0 +1,323 @@
+"""The main job at the sizes users have: ORCA025 and ORCA12 NEMO files into Zarr.
+
+    python scripts/bench_orca.py [--quick] [--cases orca025_local_namnc4 ...] [--data DIR]
+    python scripts/bench_orca.py --codecs          # the codec table of the README
+
+(``scripts/bench.py`` runs the same cases as its ``orca*`` rows; ``orca12`` only when named:
+``python scripts/bench.py --only orca12``.)
+
+Each case appends the same synthetic XIOS-style grid_T files (scripts/make_orca.py: three
+ORCA025 files of thetao, so, tos, sos, zos and mldr10_1, 1.1 GB a step uncompressed; or one
+ORCA12 file of thetao, 4 GB) to a fresh store, in a child process per side so that each
+side's peak RSS is its own:
+
+- ours: the README's main job, unchanged: ``open_dataset(chunks={time_counter: 1})`` →
+  ``clean_dataset(missing_value=1e20)`` → ``to_zarr(append_dim=time_counter)``;
+- baseline: the hand-written ``xr.open_dataset(f, chunks={})`` re-chunked to the same store
+  chunks, ``.to_zarr(append_dim=..., encoding=<the same chunks and codec>)``.
+
+The sides alternate; the figure is seconds for all files, best of the repeats, and the
+ratio ours / baseline (lower is better; the target is <= 1.1x), with both peak RSS, the
+store's chunk sizes and its size against the NetCDF files'. Generated files are kept in
+``--data`` (default ``$TMPDIR/dpypeline-bench-data``) and reused by the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+from bench_common import Context, Result, check, workdir  # noqa: E402
+
+T = "time_counter"
+VARIABLES = ["thetao", "so", "tos", "sos", "zos", "mldr10_1"]
+# case -> (grid, layout, variables, files, where)
+CASES: dict[str, tuple[str, str, list[str], int, str]] = {
+    "orca025_local_namnc4": ("orca025", "namnc4", VARIABLES, 3, "local"),
+    "orca025_local_whole": ("orca025", "whole", VARIABLES, 3, "local"),
+    "orca025_s3_namnc4": ("orca025", "namnc4", VARIABLES, 3, "s3"),
+    "orca025_s3_whole": ("orca025", "whole", VARIABLES, 3, "s3"),
+    "orca12": ("orca12", "namnc4", ["thetao"], 1, "local"),
+}
+DEFAULT_CASES = [c for c in CASES if c != "orca12"]
+QUICK_GRID = (180, 150, 75)  # --quick: the same layouts on a grid 64 times smaller
+CODEC_CANDIDATES: list[Any] = [
+    {"codec": "blosc-lz4", "level": 5, "shuffle": "byte"},
+    {"codec": "blosc-zstd", "level": 3, "shuffle": "byte"},
+    {"codec": "blosc-zstd", "level": 3, "shuffle": "bit"},
+    {"codec": "zstd", "level": 3},
+    {"codec": "zlib", "level": 1},
+]
+
+
+# -- the two sides, each run in a child process ---------------------------------------------
+
+
+def ours(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
+    from dpypeline.tasks.netcdf import clean_dataset, open_dataset
+    from dpypeline.tasks.zarr import to_zarr
+
+    for f in files:
+        ds = clean_dataset(open_dataset(f, chunks={T: 1}), missing_value=1.0e20)
+        to_zarr(ds, store, append_dim=T, storage_options=options, compressor=compressor)
+
+
+def baseline(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
+    import xarray as xr
+
+    from dpypeline.tasks.zarr import plan_layout
+
+    coder = xr.coders.CFDatetimeCoder(use_cftime=True)
+    layout: dict[str, Any] = {}
+    for i, f in enumerate(files):
+        ds = xr.open_dataset(f, chunks={}, decode_times=coder)
+        if not layout:  # the chunks and codec ours gives a new store, asked of its policy
+            from dpypeline.zarrlayout import Compressor
+
+            rows = plan_layout(ds, append_dim=T, compressor=compressor)
+            layout = {r["variable"]: tuple(r["store_chunks"].values()) for r in rows}
+            codec = Compressor.parse(compressor)
+        encoding = {}
+        for name, var in ds.variables.items():
+            chunks = layout[str(name)]
+            if var.chunks is not None:
+                ds[name] = var.chunk(dict(zip(var.dims, chunks, strict=True)))
+            itemsize = var.encoding.get("dtype", var.dtype).itemsize
+            encoding[name] = {"chunks": chunks} | codec.encoding(2, itemsize)
+        if i == 0:
+            ds.to_zarr(store, mode="w", encoding=encoding, storage_options=options, zarr_format=2)
+        else:
+            ds.to_zarr(store, append_dim=T, storage_options=options)
+
+
+def child(argv: list[str]) -> int:
+    side, store, options, compressor, *files = argv
+    fn = ours if side == "ours" else baseline
+    start = time.perf_counter()
+    fn(files, store, json.loads(options), json.loads(compressor))
+    print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    return 0
+
+
+def run_side(
+    side: str, files: list[Path], store: str, options: dict[str, Any] | None, compressor: Any
+) -> dict[str, float]:
+    """One side in a child process: its seconds and its peak RSS (MB), from wait4."""
+    argv = [sys.executable, __file__, "--child", side, store, json.dumps(options)]
+    argv += [json.dumps(compressor), *map(str, files)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    check(proc.returncode == 0, f"{side} exit code", proc.returncode)
+    seconds = json.loads(out.decode().strip().splitlines()[-1])["seconds"]
+    return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
+
+
+# -- stores: where they are, what they hold ---------------------------------------------------
+
+
+@contextmanager
+def moto_s3() -> Iterator[dict[str, Any]]:
+    from bench_zarr import moto_s3 as server
+
+    with server() as options:
+        yield options
+
+
+def store_facts(store: str, options: dict[str, Any] | None) -> dict[str, float]:
+    """The store's size on disk (or in the bucket) and its largest and smallest chunk of
+    the 3-D and 2-D fields, uncompressed, in MiB."""
+    import zarr
+
+    if store.startswith("s3://"):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**(options or {}))
+        size = fs.du(store)
+        group = zarr.open_group(store, mode="r", storage_options=options)
+    else:
+        size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
+        group = zarr.open_group(store, mode="r")
+    chunk_mib = [
+        _prod(a.chunks) * a.dtype.itemsize / 2**20
+        for name, a in group.arrays()
+        if name in VARIABLES
+    ]
+    return {"bytes": float(size), "chunk_min": min(chunk_mib), "chunk_max": max(chunk_mib)}
+
+
+def _prod(values: tuple[int, ...]) -> int:
+    n = 1
+    for v in values:
+        n *= v
+    return n
+
+
+# -- the cases --------------------------------------------------------------------------------
+
+
+def data_dir(ctx_dir: Path | None) -> Path:
+    if ctx_dir is not None:
+        return ctx_dir
+    return Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "dpypeline-bench-data"
+
+
+def inputs(case: str, quick: bool, data: Path) -> list[Path]:
+    from make_orca import make_files
+
+    grid, layout, variables, n, _ = CASES[case]
+    where = data / f"{'quick' if quick else grid}-{layout}-{'-'.join(variables)}"
+    return make_files(
+        where, n, grid=QUICK_GRID if quick else grid, layout=layout, variables=variables
+    )
+
+
+def measure(
+    case: str, quick: bool, repeats: int, work: Path, data: Path, *, s3: dict[str, Any] | None
+) -> dict[str, Any]:
+    files = inputs(case, quick, data)
+    where = CASES[case][4]
+    best: dict[str, dict[str, float]] = {}
+    facts: dict[str, float] = {}
+    for run in range(repeats):
+        for side in ("baseline", "ours"):
+            if where == "s3":
+                store, options = f"s3://bench-bucket/{case}-{side}-{run}.zarr", s3
+            else:
+                store, options = str(work / f"{case}-{side}-{run}.zarr"), None
+            got = run_side(side, files, store, options, None)
+            if side not in best or got["seconds"] < best[side]["seconds"]:
+                best[side] = {
+                    **got,
+                    "rss_mb": max(got["rss_mb"], best.get(side, {}).get("rss_mb", 0)),
+                }
+            else:
+                best[side]["rss_mb"] = max(best[side]["rss_mb"], got["rss_mb"])
+            if side == "ours" and run == 0:
+                facts = store_facts(store, options)
+            _remove(store, options)
+    netcdf = sum(f.stat().st_size for f in files)
+    return {"files": len(files), "best": best, "facts": facts, "netcdf": netcdf, "repeats": repeats}
+
+
+def _remove(store: str, options: dict[str, Any] | None) -> None:
+    if store.startswith("s3://"):
+        import s3fs
+
+        s3fs.S3FileSystem(**(options or {})).rm(store, recursive=True)
+    else:
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def result(case: str, m: dict[str, Any]) -> Result:
+    ours_s, base_s = m["best"]["ours"]["seconds"], m["best"]["baseline"]["seconds"]
+    ratio = ours_s / base_s
+    rss, base_rss = m["best"]["ours"]["rss_mb"], m["best"]["baseline"]["rss_mb"]
+    facts = m["facts"]
+    rss_limit = 3000 if case == "orca12" else 1500
+    r = Result(
+        name=case,
+        ours=ours_s,
+        unit="s",
+        baseline=base_s,
+        baseline_unit="s (xarray, same chunks)",
+        ratio=ratio,
+        ratio_kind="time",
+        target=f"<= 1.1x time, RSS <= {rss_limit / 1000:.1f} GB",
+        met=ratio <= 1.1 and rss <= rss_limit,
+        n=m["files"],
+        repeats=m["repeats"],
+    )
+    r.notes.append(
+        f"peak RSS ours {rss:,.0f} MB, baseline {base_rss:,.0f} MB ({rss / base_rss:.2f}x)"
+    )
+    r.notes.append(
+        f"store chunks {facts['chunk_min']:.1f}-{facts['chunk_max']:.1f} MiB; store"
+        f" {facts['bytes'] / 2**20:,.0f} MiB = {facts['bytes'] / m['netcdf']:.2f}x the NetCDF"
+        f" files' {m['netcdf'] / 2**20:,.0f} MiB"
+    )
+    return r
+
+
+def bench_orca(ctx: Context, case: str) -> Result:
+    data = data_dir(None)
+    with workdir(ctx, "orca") as work, ExitStack() as stack:
+        s3 = stack.enter_context(moto_s3()) if CASES[case][4] == "s3" else None
+        m = measure(case, ctx.quick, ctx.repeats(2 if case != "orca12" else 1), work, data, s3=s3)
+    return result(case, m)
+
+
+def codec_table(quick: bool, data: Path, work: Path) -> list[tuple[str, float, float, float]]:
+    """For each candidate codec: seconds to append the ORCA025 namnc4 files (ours), store
+    size / NetCDF size, and seconds to read the whole store back."""
+    import xarray as xr
+
+    files = inputs("orca025_local_namnc4", quick, data)
+    netcdf = sum(f.stat().st_size for f in files)
+    rows = []
+    for compressor in CODEC_CANDIDATES:
+        store = str(work / "codec.zarr")
+        got = run_side("ours", files, store, None, compressor)
+        size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
+        start = time.perf_counter()
+        xr.open_zarr(store)[["thetao", "so"]].load()
+        read = time.perf_counter() - start
+        _remove(store, None)
+        rows.append((json.dumps(compressor), got["seconds"], size / netcdf, read))
+    return rows
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a grid 64 times smaller")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=DEFAULT_CASES)
+    parser.add_argument("--data", type=Path, default=None, help="generated files (kept)")
+    parser.add_argument("--codecs", action="store_true", help="compare codecs (ORCA025)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    data = data_dir(args.data)
+    work = Path(tempfile.mkdtemp(prefix="bench-orca-"))
+    try:
+        if args.codecs:
+            print(f"{'codec':<58} {'write s':>8} {'size/NetCDF':>12} {'read s':>7}")
+            for name, seconds, ratio, read in codec_table(args.quick, data, work):
+                print(f"{name:<58} {seconds:>8.1f} {ratio:>11.2f}x {read:>7.1f}")
+            return 0
+        with ExitStack() as stack:
+            s3 = None
+            if any(CASES[c][4] == "s3" for c in args.cases):
+                s3 = stack.enter_context(moto_s3())
+            for case in args.cases:
+                r = result(case, measure(case, args.quick, args.repeats, work, data, s3=s3))
+                print(
+                    f"{case}: ours {r.ours:.1f} s, baseline {r.baseline:.1f} s,"
+                    f" {r.ratio:.2f}x time; {'; '.join(r.notes)}",
+                    flush=True,
+                )
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

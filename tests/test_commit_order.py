@@ -122,7 +122,10 @@ def test_a_year_that_fails_once_is_written_in_its_place_and_nothing_goes_dead(
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    fault = {"task": "taskbox.fail_once", "with": {"marks": str(marks), "match": YEAR3}}
+    # year 3 fails after 2 s: with the dask executor, year 4 is computed by then and
+    # waits for its turn to commit, so it is withdrawn
+    slow = {"marks": str(marks), "match": YEAR3, "delay": 2.0}
+    fault = {"task": "taskbox.fail_once", "with": slow}
     cfg, store = pipeline(tmp_path, years, fault, store={"append_dim": T}, executor=executor)
     events = run_once(cfg, timeout=180)
     assert (marks / (years[2].name + ".failed")).exists(), "year 3 failed once"
@@ -135,6 +138,8 @@ def test_a_year_that_fails_once_is_written_in_its_place_and_nothing_goes_dead(
     assert held
     assert {e["behind"] for e in held} == {state[3]["id"]}
     assert not [e for e in events if e["event"] in ("job_dead", "store_held")]
+    withdrawn = [e for e in held if "that failed" in e["reason"]]
+    assert [e["job_id"] for e in withdrawn] == ([state[4]["id"]] if executor else [])
 
 
 def test_a_dead_year_holds_the_later_ones_until_the_operator_skips_it(

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import ROOT, dpypeline, jobs, status, write_config
+from conftest import ROOT, dpypeline, env_for_subprocess, jobs, status, wait_for, write_config
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_nemo import make_series  # a script, not a package
@@ -177,15 +180,41 @@ def test_a_dead_year_holds_the_later_ones_until_the_operator_skips_it(
     refused = dpypeline("skip", "-c", str(cfg), str(state[4]["id"]))
     assert refused.returncode == 1
     assert "only a dead job can be skipped; it is queued" in refused.stdout
-    proc = dpypeline("skip", "-c", str(cfg), str(dead), check=True)
-    assert f"job {dead} skipped" in proc.stdout
-    skip_line = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert (skip_line["event"], skip_line["job_id"], skip_line["by"]) == (
-        "job_skipped",
-        dead,
-        "operator",
-    )
-    run_once(cfg)
+
+    # the service, watching: systemd's STATUS= shows the hold; a skip frees it at once
+    cfg.write_text(cfg.read_text().replace("monitor: false", "monitor: true"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    env = {**env_for_subprocess(), "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    env["WATCHDOG_USEC"] = "1000000"  # health, and so STATUS=, every half second
+    with (tmp_path / "service.log").open("w") as err:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "dpypeline", "run", "-c", str(cfg)], stderr=err, env=env
+        )
+    try:
+        sock.settimeout(20)
+        want = f"3 held behind dead job {dead} (dpypeline retry {dead}"
+        while want not in (message := sock.recv(65536).decode()):
+            pass
+        assert message.startswith("STATUS=") or "\nSTATUS=" in message
+        sock.close()  # a full socket would block the service's next notification
+        (tmp_path / "notify.sock").unlink()
+        proc = dpypeline("skip", "-c", str(cfg), str(dead), check=True)
+        assert f"job {dead} skipped" in proc.stdout
+        skip_line = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert (skip_line["event"], skip_line["job_id"], skip_line["by"]) == (
+            "job_skipped",
+            dead,
+            "operator",
+        )
+        wait_for(lambda: status(cfg)["done"] == 5, timeout=60, message="the held years written")
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(30) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+        sock.close()
     state = by_year(cfg)
     assert state[3]["state"] == "skipped"
     assert state[3]["error"].startswith("skipped by the operator (dpypeline skip")

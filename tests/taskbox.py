@@ -121,3 +121,29 @@ def stamp(path: str, out: str, context: JobContext | None = None) -> str:
     with open(os.path.join(out, str(context.job_id)), "w") as f:
         f.write(f"{os.getpid()} {start} {time.time()}")
     return path
+
+
+def fail_once(
+    value: str, marks: str, match: str, delay: float = 0.0, context: JobContext | None = None
+) -> str:
+    """Raise a plain error on the first run for a file whose name contains ``match``
+    (a transient fault: a full disk, a store that hung once), after ``delay`` seconds;
+    run normally after."""
+    assert context is not None
+    name = os.path.basename(context.path)
+    mark = os.path.join(marks, name + ".failed")
+    if match in name and not os.path.exists(mark):
+        time.sleep(delay)
+        open(mark, "w").close()
+        raise OSError(f"no space left writing {name}")
+    return value
+
+
+def broken_while(value: str, flag: str, match: str, context: JobContext | None = None) -> str:
+    """A permanent error for a file whose name contains ``match``, while ``flag`` exists
+    (a cause the operator fixes by removing it)."""
+    assert context is not None
+    name = os.path.basename(context.path)
+    if match in name and os.path.exists(flag):
+        raise PermanentError(f"{name} needs fixing")
+    return value

@@ -22,7 +22,10 @@ from dpypeline.queue import DB_FILE
 from dpypeline.scan import FileVersion
 
 ROOT = "/data"
-ADMIT_QUERY = "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 0 ORDER BY id LIMIT ?"
+ADMIT_QUERY = (
+    "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 0 AND NOT EXISTS"
+    " (SELECT 1 FROM holds WHERE holds.job_id = jobs.id) ORDER BY id LIMIT ?"
+)
 
 
 def fv(name: str, size: int = 100, mtime_ns: int = 1_000) -> FileVersion:

@@ -1,8 +1,8 @@
-"""The command line: ``dpypeline run | validate | status | jobs | retry | enqueue``.
+"""The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping). status, jobs,
-retry and enqueue work while the service runs: they only touch the ledger, through
+retry, skip and enqueue work while the service runs: they only touch the ledger, through
 SQLite, and the service picks up what they changed.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from dpypeline.cachedir import read_executor_status, service_pid
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.ledger import JobRecord, JobState, Ledger
+from dpypeline.ordering import Hold, held_summary
 
 if TYPE_CHECKING:
     from dpypeline.pipeline import Job
@@ -79,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     retry = command("retry", "move dead jobs back to the queue with fresh attempts")
     retry.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID")
     retry.add_argument("--dead", action="store_true", help="every dead job")
+    skip = command(
+        "skip", "accept that dead jobs are never written: they end skipped, held jobs go on"
+    )
+    skip.add_argument("job_ids", nargs="+", type=int, metavar="JOB_ID")
     enqueue = command("enqueue", "queue files (or directories) by hand, deduplicated")
     enqueue.add_argument("paths", nargs="+", metavar="PATH")
     return p
@@ -202,10 +208,13 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
 
-def _job_dict(r: JobRecord) -> dict[str, Any]:
+def _job_dict(r: JobRecord, held: dict[int, Hold] | None = None) -> dict[str, Any]:
+    hold = (held or {}).get(r.id)
     return {
         "id": r.id,
         "state": r.state.value,
+        "held_behind": hold.behind if hold else None,
+        "held": hold.reason if hold else None,
         "job": r.job,
         "path": r.path,
         "size": r.size,
@@ -225,6 +234,7 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
         counts = ledger.counts()
         oldest = ledger.oldest_waiting()
         errors = ledger.recent_errors()
+        held = ledger.held()
     finally:
         ledger.close()
     pid = service_pid(config.cache_dir)
@@ -235,8 +245,10 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
         "cache_dir": str(config.cache_dir),
         "service_pid": pid,
         "executor": executor,
-        "oldest_waiting": _job_dict(oldest) if oldest else None,
+        "oldest_waiting": _job_dict(oldest, _by_job(held)) if oldest else None,
         "recent_errors": [_job_dict(r) for r in errors],
+        "held": [asdict(h) for h in held],
+        "held_summary": held_summary(held) or None,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -252,23 +264,31 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
     if oldest:
         age = time.time() - oldest.created
         print(f"  oldest waiting: #{oldest.id} {oldest.path} ({oldest.state.value}, {age:.0f}s)")
+    if held:
+        print(f"  held: {held_summary(held)}")
     for r in errors:
         print(f"  #{r.id} {r.state.value}: {r.path}: {r.error}")
     return EXIT_OK
+
+
+def _by_job(held: list[Hold]) -> dict[int, Hold]:
+    return {h.job_id: h for h in held}
 
 
 def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
     ledger = _ledger(config)
     try:
         records = ledger.jobs(JobState(args.state) if args.state else None, args.limit)
+        held = _by_job(ledger.held())
     finally:
         ledger.close()
     if args.json:
-        print(json.dumps([_job_dict(r) for r in records], indent=2))
+        print(json.dumps([_job_dict(r, held) for r in records], indent=2))
         return EXIT_OK
     for r in records:
         line = f"{r.id:>7} {r.state.value:<8} {r.attempts:>2} {r.job:<16} {r.path}"
-        print(line + (f"\n        {r.error}" if r.error else ""))
+        note = held[r.id].reason if r.id in held else r.error
+        print(line + (f"\n        {note}" if note else ""))
     return EXIT_OK
 
 
@@ -280,6 +300,45 @@ def cmd_retry(config: PipelineConfig, args: argparse.Namespace) -> int:
         ledger.close()
     print(f"{moved} dead job(s) queued again")
     return EXIT_OK if moved or args.dead else EXIT_FAILURE
+
+
+def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
+    """The operator's decision that a dead job's file is never written: recorded in the
+    ledger (the job ends ``skipped``, the reason says so) and logged; the later jobs of
+    its store that were held behind it go on."""
+    from dpypeline import logs
+
+    logs.configure(config.logging.format, config.logging.level)
+    log = logs.get_logger("dpypeline.cli")
+    failed = 0
+    ledger = _ledger(config)
+    try:
+        for job_id in args.job_ids:
+            now = time.time()
+            note = (
+                f"skipped by the operator (dpypeline skip, {_iso(now)}): the file is not"
+                " written and a gap in its store is accepted; it had failed with: "
+            )
+            rec = ledger.skip(job_id, now, note)
+            if rec is None:
+                current = ledger.get(job_id)
+                why = f"it is {current.state.value}" if current else "there is no such job"
+                print(f"not skipped: job {job_id}: only a dead job can be skipped; {why}")
+                failed += 1
+                continue
+            log.warning(
+                "job_skipped",
+                job_id=rec.id,
+                file=rec.path,
+                job=rec.job,
+                state=rec.state.value,
+                error=rec.error,
+                by="operator",
+            )
+            print(f"job {rec.id} skipped ({rec.path}); jobs held behind it go on")
+    finally:
+        ledger.close()
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:
@@ -337,5 +396,6 @@ COMMANDS = {
     "status": cmd_status,
     "jobs": cmd_jobs,
     "retry": cmd_retry,
+    "skip": cmd_skip,
     "enqueue": cmd_enqueue,
 }

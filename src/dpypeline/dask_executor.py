@@ -24,13 +24,16 @@ Zarr writes: compute in parallel, commit in queue order. A job whose chain write
 Zarr store (its first ``to_zarr`` task) runs in two stages: *compute* (opening, cleaning,
 encoding: every task before the write) is submitted at once and runs in parallel with
 others; *commit* (the write and anything after it) is submitted only when the job is the
-oldest one in flight for that store and no other commit to the store is running. So writes
-to one store never overlap and happen in the order the jobs were taken from the queue,
-which is queue order, exactly as with the serial executor; writes to different stores and
-jobs without a store run freely. The commit runs where its computed value lies, so the
-dataset is not moved. A commit whose future timed out keeps its store closed to the next
-commit until its worker has been restarted, so a write that ignores its cancellation
-cannot overlap the next one.
+earliest one in flight for that store and no other commit to the store is running
+(:class:`dpypeline.ordering.CommitOrder`). So writes to one store never overlap and happen
+in queue order, exactly as with the serial executor; writes to different stores and jobs
+without a store run freely. When a job of an append store fails, the later jobs of that
+store in flight are withdrawn before their commit and reported as ``Held``: they go back
+to the queue without spending an attempt, behind it. Time spent computed and waiting for
+the turn to commit does not count towards ``job_timeout``. The commit runs where its
+computed value lies, so the dataset is not moved. A commit whose future timed out keeps
+its store closed to the next commit until its worker has been restarted, so a write that
+ignores its cancellation cannot overlap the next one.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig, ExecutorConfig
 from dpypeline.errors import ConfigError, JobTimeout
 from dpypeline.executors import Finished
 from dpypeline.logs import get_logger
+from dpypeline.ordering import CommitOrder, Held
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -111,6 +115,7 @@ class _InFlight:
     future: Future
     stage: str = "run"  # run | compute | computed | commit
     computed: Future | None = None
+    waiting_since: float | None = None  # computed, waiting for its turn to commit
 
 
 @dataclass
@@ -144,8 +149,7 @@ class DaskExecutor:
         self._workers = 0
         self._counted = 0.0
         self._jobs: dict[int, _InFlight] = {}
-        self._order: dict[str, deque[int]] = {}  # per store: job ids in submit order
-        self._committing: dict[str, int] = {}
+        self._commits = CommitOrder()
         self._fenced: dict[str, threading.Event] = {}  # stores waiting for a worker restart
         self._finished: list[Finished] = []
         self._lost = ""
@@ -205,8 +209,7 @@ class DaskExecutor:
         close that follows disconnects the client, and the scheduler drops its tasks: no
         call to a scheduler that may be gone is made here."""
         self._jobs.clear()
-        self._order.clear()
-        self._committing.clear()
+        self._commits.clear()
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -260,7 +263,7 @@ class DaskExecutor:
         else:
             future = self._client.submit(run_compute, fn, pure=False, key=_key(job_id, "compute"))
             job = _InFlight(job_id, fn, key, now, timeout, future, stage="compute")
-            self._order.setdefault(key, deque()).append(job_id)
+            self._commits.add(job_id, key, append=bool(getattr(fn, "appends", False)))
         self._jobs[job_id] = job
         future.add_done_callback(self._events.callback(job_id))
 
@@ -278,6 +281,8 @@ class DaskExecutor:
     def _on_done(self, job: _InFlight, future: Future) -> None:
         if future.status == "finished" and job.stage == "compute":
             job.stage, job.computed = "computed", future
+            job.waiting_since = time.time()
+            self._commits.computed(job.job_id)
             self._next_commit(job.key)
             return
         if future.status == "finished":
@@ -295,39 +300,49 @@ class DaskExecutor:
         self._jobs.pop(job.job_id, None)
         self._finished.append(result)
         if job.key is not None:
-            order = self._order[job.key]
-            order.remove(job.job_id)
-            if not order:
-                del self._order[job.key]
-            if self._committing.get(job.key) == job.job_id:
-                del self._committing[job.key]
+            failed = result.error is not None
+            for job_id in self._commits.finished(job.job_id, failed=failed):
+                self._withdraw(self._jobs.pop(job_id), behind=job.job_id)
             self._next_commit(job.key)
         self._wake.set()
 
+    def _withdraw(self, job: _InFlight, behind: int) -> None:
+        """A later job of an append store whose earlier job failed: dropped before its
+        commit (its computed value is released), and reported as held."""
+        for future in (job.future, job.computed):
+            if future is not None:
+                future.release()
+        self._finished.append(
+            Finished(job.job_id, error=Held(behind), duration=time.time() - job.started)
+        )
+
     def _next_commit(self, key: str | None) -> None:
-        """Start the oldest job's write to ``key`` once it is computed and nothing else
+        """Start the earliest job's write to ``key`` once it is computed and nothing else
         writes there: writes to a store never overlap and keep queue order."""
-        if key is None or key in self._committing or key not in self._order:
+        if key is None or self._client is None:
             return
         fence = self._fenced.get(key)
         if fence is not None:
             if not fence.is_set():
                 return
             del self._fenced[key]
-        head = self._jobs[self._order[key][0]]
-        if head.stage != "computed" or self._client is None:
+        job_id = self._commits.next_commit(key)
+        if job_id is None:
             return
+        head = self._jobs[job_id]
         head.stage = "commit"
+        if head.waiting_since is not None:  # waiting for its turn is not running late
+            head.started += time.time() - head.waiting_since
+            head.waiting_since = None
         head.future = self._client.submit(
             run_commit, head.call, head.computed, pure=False, key=_key(head.job_id, "commit")
         )
-        self._committing[key] = head.job_id
         head.future.add_done_callback(self._events.callback(head.job_id))
 
     # -- timeouts -------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        deadlines = [j.started + j.timeout for j in self._jobs.values() if j.timeout is not None]
+        deadlines = [j.started + (j.timeout or 0.0) for j in self._timed()]
         return min(deadlines, default=None)
 
     def enforce_timeouts(self, now: float) -> list[int]:
@@ -335,9 +350,7 @@ class DaskExecutor:
         attempts are reported as timeouts by the next ``completed``. Never stuck."""
         for key in [k for k, fence in self._fenced.items() if fence.is_set()]:
             self._next_commit(key)
-        late = [
-            j for j in self._jobs.values() if j.timeout is not None and now >= j.started + j.timeout
-        ]
+        late = [j for j in self._timed() if now >= j.started + (j.timeout or 0.0)]
         for job in late:
             futures = [f for f in (job.future, job.computed) if f is not None]
             fence = threading.Event()
@@ -351,6 +364,10 @@ class DaskExecutor:
             ).start()
             self._finish(job, Finished(job.job_id, error=JobTimeout()))
         return []
+
+    def _timed(self) -> list[_InFlight]:
+        """Jobs whose clock runs: not those computed and waiting for their turn to commit."""
+        return [j for j in self._jobs.values() if j.timeout is not None and j.stage != "computed"]
 
     def _restart_workers_of(self, futures: list[Future], fence: threading.Event) -> None:
         """A cancelled task goes on running in its worker's thread; only a restart of the

@@ -20,15 +20,17 @@ from __future__ import annotations
 import os
 import sqlite3
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from dpypeline import holds
 from dpypeline.cachedir import lock_service, prepare_cache_dir
 from dpypeline.errors import StateError
+from dpypeline.ordering import Hold, Pending
 from dpypeline.queue import DB_FILE, QueueItem, ReadyQueue
 
 SCHEMA = """
@@ -153,6 +155,7 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA temp_store=MEMORY")
             self._db.executescript(SCHEMA)
+            self._db.executescript(holds.SCHEMA)
             self.ready: ReadyQueue | None = ReadyQueue(self.cache_dir) if service else None
         except BaseException as exc:
             self._abandon()
@@ -256,6 +259,7 @@ class Ledger:
             ]
             lost = [(i,) for i in admitted if i not in pending]
             db.executemany("UPDATE jobs SET admitted = 0 WHERE id = ?", lost)
+            holds.sweep(db)
         queue.prune()
         return Recovery(resumed=resumed, dead=len(dead_jobs), dead_jobs=dead_jobs)
 
@@ -280,7 +284,8 @@ class Ledger:
         ids = [
             r[0]
             for r in self._db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 0 ORDER BY id LIMIT ?",
+                "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 0 AND NOT EXISTS"
+                " (SELECT 1 FROM holds WHERE holds.job_id = jobs.id) ORDER BY id LIMIT ?",
                 (room,),
             )
         ]
@@ -291,10 +296,24 @@ class Ledger:
                 db.executemany("UPDATE jobs SET admitted = 1 WHERE id = ?", [(i,) for i in ids])
         return len(ids)
 
-    def claim(self, now: float) -> Claim | None:
-        """Take the next ready job and count its attempt (committed before it runs)."""
+    def claim(
+        self, now: float, hold: Callable[[JobRecord], int | None] | None = None
+    ) -> Claim | None:
+        """Take the next ready job and count its attempt (committed before it runs).
+        ``hold`` is asked first: when it names a job, the job is held behind that one
+        instead (it stays queued, without an attempt counted) and the next is taken."""
         queue = self._queue()
         while (item := queue.get()) is not None:
+            if hold is not None and (rec := self.get(item.job_id)) is not None:
+                behind = hold(rec) if rec.state is JobState.QUEUED else None
+                if behind is not None:
+                    with self._tx() as db:
+                        db.execute(
+                            "UPDATE jobs SET admitted = 0, updated = ? WHERE id = ?", (now, rec.id)
+                        )
+                        holds.hold(db, rec.id, behind)
+                    queue.ack(item)
+                    continue
             with self._tx() as db:
                 row = db.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, started = ?,"
@@ -322,6 +341,8 @@ class Ledger:
                 " admitted = 0 WHERE id = ?",
                 (state.value, error, not_before, now, now, claim.record.id),
             )
+            if state in (JobState.DONE, JobState.SKIPPED):
+                holds.release(db, claim.record.id)
         self._queue().ack(claim.item)
 
     def release(self, claim: Claim, now: float) -> None:
@@ -334,6 +355,34 @@ class Ledger:
                 (now, claim.record.id),
             )
         self._queue().put_back_first(claim.item)
+
+    def park(self, claim: Claim, behind: int, now: float) -> None:
+        """Hold a job that was running behind ``behind`` (an earlier job of its store that
+        failed): queued again, its attempt not counted, not taken until ``behind`` commits
+        or is skipped."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), admitted = 0,"
+                " updated = ? WHERE id = ? AND state = 'running'",
+                (now, claim.record.id),
+            )
+            holds.hold(db, claim.record.id, behind)
+        self._queue().ack(claim.item)
+
+    def skip(self, job_id: int, now: float, note: str) -> JobRecord | None:
+        """The operator accepts that a dead job will never be written: it ends ``skipped``
+        with ``note`` before its last error, and the jobs held behind it may start.
+        None when the job is not dead."""
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE jobs SET state = 'skipped', error = ? || coalesce(error, ''),"
+                " finished = ?, updated = ?, admitted = 0 WHERE id = ? AND state = 'dead'"
+                f" RETURNING {_COLUMNS}",
+                (note, now, now, job_id),
+            ).fetchone()
+            if row is not None:
+                holds.release(db, job_id)
+        return _record(row) if row is not None else None
 
     def retry(self, job_ids: Sequence[int] | None, now: float) -> int:
         """Move ``dead`` jobs (the given ids, or all with None) back to ``queued`` with a
@@ -387,6 +436,8 @@ class Ledger:
                 ]
                 db.executemany("DELETE FROM jobs WHERE id = ?", gone)
                 removed += len(gone)
+            if removed:
+                holds.sweep(db)
         return removed
 
     # -- reads ----------------------------------------------------------------------------
@@ -437,10 +488,22 @@ class Ledger:
         return counts
 
     def has_unfinished(self) -> bool:
+        """Whether a job will still run without the operator: jobs held behind a dead job
+        wait for ``dpypeline retry`` or ``skip``."""
         row = self._db.execute(
-            "SELECT 1 FROM jobs WHERE state IN ('queued', 'running', 'retrying') LIMIT 1"
+            "SELECT 1 FROM jobs WHERE state IN ('queued', 'running', 'retrying')"
+            f" AND NOT {holds.HELD_BEHIND_DEAD} LIMIT 1"
         ).fetchone()
         return row is not None
+
+    def ahead(self, job_id: int, jobs: Sequence[str]) -> list[Pending]:
+        """Jobs of one store (the jobs named ``jobs``) before ``job_id`` that hold its
+        start: the earliest queued, retrying and dead one."""
+        return holds.ahead(self._db, job_id, jobs)
+
+    def held(self) -> list[Hold]:
+        """Every held job, with the job it waits for and that job's state."""
+        return holds.listing(self._db)
 
     def next_retry_at(self) -> float | None:
         row = self._db.execute("SELECT min(not_before) FROM jobs WHERE state = 'retrying'")

@@ -108,6 +108,15 @@ class Job:
         except ConfigError:
             return None
 
+    def append_key(self) -> str | None:
+        """The store, when this job appends to it (``to_zarr`` with ``append_dim``): its
+        commits must follow queue order, and an earlier job that failed holds the later
+        ones (see ``ordering``). None for a template (region) store or no store."""
+        i = self.commit_index()
+        if i is None or self.tasks[i].kwargs.get("append_dim") is None:
+            return None
+        return self.order_key()
+
 
 @dataclass
 class JobCall:
@@ -127,6 +136,10 @@ class JobCall:
     @property
     def order_key(self) -> str | None:
         return self.job.order_key()
+
+    @property
+    def appends(self) -> bool:
+        return self.job.append_key() is not None
 
     def compute(self) -> Any:
         split = self.job.commit_index()

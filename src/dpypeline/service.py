@@ -31,6 +31,7 @@ from dpypeline.config import PipelineConfig
 from dpypeline.executors import Executor, SerialExecutor
 from dpypeline.ledger import Ledger
 from dpypeline.logs import get_logger
+from dpypeline.ordering import held_summary
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.settle import Settler, StableFile
 from dpypeline.systemd import Notifier
@@ -286,11 +287,14 @@ class Service:
         while (
             now >= worker.paused_until
             and self._executor.capacity() > 0
-            and (claim := ledger.claim(now)) is not None
+            and (claim := ledger.claim(now, worker.gate)) is not None
         ):
             worker.start(claim, now)
         if self.once and self._drained():
-            log.info("service_drained", **ledger.counts())
+            if held := held_summary(ledger.held()):
+                log.warning("service_drained", **ledger.counts(), held=held)
+            else:
+                log.info("service_drained", **ledger.counts())
             return False
         return True
 
@@ -437,6 +441,8 @@ class Service:
             doing += f", scanning ({self._pending_scans} pending)"
         if self.problems:
             doing += "; UNHEALTHY: " + "; ".join(self.problems)
+        if held := held_summary(self._ledger.held()):
+            doing += "; " + held
         return f"{doing}; {text}"
 
     def check_health(self, now: float) -> list[str]:

@@ -12,8 +12,9 @@ from typing import Any
 from dpypeline.config import PipelineConfig, RetryConfig
 from dpypeline.errors import ConfigError, JobTimeout, PermanentError, SkipFile, Unavailable
 from dpypeline.executors import Executor, Finished
-from dpypeline.ledger import Claim, JobState, Ledger
+from dpypeline.ledger import Claim, JobRecord, JobState, Ledger
 from dpypeline.logs import get_logger
+from dpypeline.ordering import Held, hold_for
 from dpypeline.pipeline import Job, JobCall, JobContext
 
 log = get_logger("dpypeline.worker")
@@ -73,6 +74,12 @@ class Worker:
     ) -> None:
         self.config, self.ledger, self.executor = config, ledger, executor
         self.jobs = {job.name: job for job in jobs}
+        self.stores = {job.name: key for job in jobs if (key := job.append_key()) is not None}
+        self._writers: dict[str, list[str]] = {}  # append store -> the jobs writing it
+        for name, key in self.stores.items():
+            self._writers.setdefault(key, []).append(name)
+        # asked by the ledger before it counts a job's attempt; only append stores hold
+        self.gate = self._gate if self.stores else None
         self._active: dict[int, tuple[Claim, Any]] = {}
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
@@ -131,6 +138,29 @@ class Worker:
         )
         return None
 
+    def _gate(self, rec: JobRecord) -> int | None:
+        """The job ``rec`` must wait behind (an earlier job of its append store that has
+        not committed and is not running), or None: it may start."""
+        key = self.stores.get(rec.job)
+        if key is None:
+            return None
+        hold = hold_for(rec.id, self.ledger.ahead(rec.id, self._writers[key]))
+        if hold is None:
+            return None
+        level = "warning" if hold.needs_operator else "info"
+        getattr(log, level)(
+            "job_held",
+            job_id=rec.id,
+            file=rec.path,
+            job=rec.job,
+            store=key,
+            behind=hold.behind,
+            behind_state=hold.behind_state,
+            state=JobState.QUEUED.value,
+            reason=hold.reason,
+        )
+        return hold.behind
+
     def collect(self, now: float) -> int:
         """Record every finished job; returns how many finished."""
         finished = self.executor.completed()
@@ -142,6 +172,8 @@ class Worker:
         claim, jlog = self._active.pop(f.job_id)
         if isinstance(f.error, Unavailable):
             return self._pause(claim, f.error, jlog, now)
+        if isinstance(f.error, Held):
+            return self._park(claim, f.error, jlog, now)
         self._outages = 0
         if f.error is None:
             decision = Decision(JobState.DONE)
@@ -167,6 +199,19 @@ class Worker:
             outages=self._outages,
             action="the job waits at the head of the queue; nothing to do if the"
             " service comes back",
+        )
+
+    def _park(self, claim: Claim, held: Held, jlog: Any, now: float) -> None:
+        """Withdrawn before its commit: an earlier job of the same append store failed.
+        Back to the queue without spending an attempt, held behind that job."""
+        self.ledger.park(claim, held.behind, now)
+        jlog.info(
+            "job_held",
+            store=self.stores.get(claim.record.job),
+            behind=held.behind,
+            state=JobState.QUEUED.value,
+            reason=f"held behind job {held.behind}, an earlier file of the same append store"
+            " that failed; it runs once that one is written",
         )
 
     def abandon_stuck(self, job_id: int, now: float) -> None:
@@ -213,3 +258,14 @@ class Worker:
         if exc is not None and d.state is JobState.DEAD:
             fields["exc_info"] = exc
         getattr(jlog, level)(f"job_{d.state.value}", **fields)
+        if d.state is JobState.DEAD and claim.record.job in self.stores:
+            rid = claim.record.id
+            if held := sum(h.behind == rid for h in self.ledger.held()):
+                jlog.warning(
+                    "store_held",
+                    store=self.stores[claim.record.job],
+                    held=held,
+                    reason=f"{held} later job(s) of the store wait behind dead job {rid}:"
+                    f" fix its cause and run `dpypeline retry {rid}`, or accept the gap with"
+                    f" `dpypeline skip {rid}`",
+                )

@@ -1,0 +1,85 @@
+"""Held jobs in the ledger: the ``holds`` table, one row per ``queued`` job that waits for
+an earlier job of its append-mode store to commit (the rule is in :mod:`ordering`).
+
+A held job is not admitted to the ready queue, so it is neither taken nor counted again
+while it waits. Its row goes when the job it waits for commits or is skipped (by the
+service, or by ``dpypeline skip``). The functions take the ledger's connection and run
+inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from dpypeline.ordering import Hold, Pending
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS holds (
+    job_id INTEGER PRIMARY KEY,
+    behind INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS holds_behind ON holds (behind);
+"""
+
+# states in which a job keeps the later jobs of its store from committing
+HOLDING = ("queued", "running", "retrying", "dead")
+# the same, without "running": jobs in flight commit first, so they hold no start
+AHEAD = ("queued", "retrying", "dead")
+
+# a job that is unfinished only because it is held behind a dead one
+HELD_BEHIND_DEAD = (
+    "EXISTS (SELECT 1 FROM holds AS h JOIN jobs AS b ON b.id = h.behind"
+    " WHERE h.job_id = jobs.id AND b.state = 'dead')"
+)
+
+
+def ahead(db: sqlite3.Connection, job_id: int, jobs: Sequence[str]) -> list[Pending]:
+    """The earliest job before ``job_id`` among the jobs named ``jobs`` (the jobs writing
+    one store), in each state that holds a start. One index walk per state, stopped at
+    the first match, so it costs the same however long the store's history is."""
+    marks = ",".join("?" * len(jobs))
+    found = []
+    for state in AHEAD:
+        row = db.execute(
+            f"SELECT id FROM jobs WHERE state = ? AND id < ? AND job IN ({marks})"
+            " ORDER BY id LIMIT 1",
+            (state, job_id, *jobs),
+        ).fetchone()
+        if row is not None:
+            found.append(Pending(row[0], state))
+    return found
+
+
+def hold(db: sqlite3.Connection, job_id: int, behind: int) -> None:
+    """Hold ``job_id`` behind ``behind``; jobs that were held behind ``job_id`` now wait
+    for ``behind`` too, so a hold always names a job that is not held itself."""
+    db.execute("UPDATE holds SET behind = ? WHERE behind = ?", (behind, job_id))
+    db.execute("INSERT OR REPLACE INTO holds (job_id, behind) VALUES (?, ?)", (job_id, behind))
+
+
+def release(db: sqlite3.Connection, behind: int) -> int:
+    """``behind`` committed or was skipped: the jobs held behind it may start."""
+    return db.execute("DELETE FROM holds WHERE behind = ?", (behind,)).rowcount
+
+
+def sweep(db: sqlite3.Connection) -> int:
+    """Forget holds that no longer hold anything: behind a job that is gone or finished
+    (other than dead), or of a job that is no longer queued."""
+    holding = ",".join("?" * len(HOLDING))
+    return db.execute(
+        "DELETE FROM holds WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = holds.behind"
+        f" AND jobs.state IN ({holding})) OR NOT EXISTS (SELECT 1 FROM jobs"
+        " WHERE jobs.id = holds.job_id AND jobs.state = 'queued')",
+        HOLDING,
+    ).rowcount
+
+
+def listing(db: sqlite3.Connection) -> list[Hold]:
+    return [
+        Hold(*row)
+        for row in db.execute(
+            "SELECT h.job_id, h.behind, b.state FROM holds AS h JOIN jobs AS b"
+            " ON b.id = h.behind ORDER BY h.job_id"
+        )
+    ]

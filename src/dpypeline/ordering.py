@@ -1,0 +1,177 @@
+"""Writes to one append-mode store commit in queue order.
+
+An append store only takes steps after its last one: a file whose job failed once and runs
+again later must not be overtaken by the files after it, or its retry finds the store past
+it and the time series keeps a hole. The rule has two parts, both pure (facts in,
+decisions out); the ledger supplies the facts and the worker and executors carry out the
+decisions.
+
+- *Start* (:func:`hold_for`): a job that appends to a store starts only when every earlier
+  job of that store, in queue order (ledger ids), has committed (``done``), was
+  ``skipped``, or is running now. Otherwise it is *held* behind the earliest of them: it
+  stays ``queued``, spends no attempt, and is not taken again until that job commits or
+  is skipped. Behind a ``dead`` job the hold lasts until the operator either retries it
+  (``dpypeline retry N``, once the cause is fixed) or accepts the gap
+  (``dpypeline skip N``).
+- *Commit* (:class:`CommitOrder`): of the jobs of one store in flight at once (the dask
+  executor computes several files ahead), the earliest commits first, one at a time; when
+  one of them fails, the later ones of an append store are withdrawn before they commit
+  and held behind it.
+
+Template (region) stores take files in any order: their jobs are never held, and the
+commit order only keeps their writes from overlapping.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DEAD = "dead"
+RUNNING = "running"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A job of the same store that has neither committed nor been skipped, in the state
+    the ledger gives it (``queued``, ``running``, ``retrying`` or ``dead``)."""
+
+    job_id: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Job ``job_id`` waits for job ``behind`` (in state ``behind_state``) to commit."""
+
+    job_id: int
+    behind: int
+    behind_state: str
+
+    @property
+    def needs_operator(self) -> bool:
+        """Behind a dead job nothing moves by itself."""
+        return self.behind_state == DEAD
+
+    @property
+    def reason(self) -> str:
+        if self.needs_operator:
+            return (
+                f"held behind dead job {self.behind}, an earlier file of the same append store:"
+                f" fix its cause and run `dpypeline retry {self.behind}`, or accept the gap"
+                f" with `dpypeline skip {self.behind}`"
+            )
+        return (
+            f"held behind job {self.behind} ({self.behind_state}), an earlier file of the"
+            " same append store; it runs once that one is written"
+        )
+
+
+def hold_for(job_id: int, ahead: Iterable[Pending]) -> Hold | None:
+    """Whether job ``job_id`` may start. ``ahead``: jobs of its store that have not
+    committed (any order, any ids; those after ``job_id`` are ignored). Jobs running now
+    do not hold it: they are in flight, and the executor commits them first. The earliest
+    of the others holds it; None means it may start."""
+    waiting = [p for p in ahead if p.job_id < job_id and p.state != RUNNING]
+    if not waiting:
+        return None
+    first = min(waiting, key=lambda p: p.job_id)
+    return Hold(job_id, first.job_id, first.state)
+
+
+def held_summary(held: Iterable[Hold]) -> str:
+    """One line on held jobs, for the service's status and its last line in ``--once``:
+    how many wait behind which job, and what frees them. Empty when none is held."""
+    by_job: dict[tuple[int, str], int] = {}
+    for h in held:
+        by_job[(h.behind, h.behind_state)] = by_job.get((h.behind, h.behind_state), 0) + 1
+    parts = []
+    for (behind, state), n in sorted(by_job.items()):
+        if state == DEAD:
+            parts.append(
+                f"{n} held behind dead job {behind}"
+                f" (dpypeline retry {behind}, or dpypeline skip {behind} to accept the gap)"
+            )
+        else:
+            parts.append(f"{n} held behind job {behind} ({state})")
+    return "; ".join(parts)
+
+
+class Held(Exception):
+    """A job in flight that was withdrawn before its commit because an earlier job of the
+    same append store failed: it goes back to the queue without spending an attempt and
+    is held behind that job."""
+
+    def __init__(self, behind: int) -> None:
+        super().__init__(f"withdrawn before its commit: job {behind} before it failed")
+        self.behind = behind
+
+
+class CommitOrder:
+    """The commits of the jobs in flight, per store: the earliest job (lowest id) of a
+    store commits first, and one commit per store runs at a time.
+
+    Events in: ``add`` (a job started), ``computed`` (it is ready to commit),
+    ``finished`` (it ended). Decisions out: ``next_commit`` (which job starts its commit
+    now) and the jobs ``finished`` withdraws."""
+
+    def __init__(self) -> None:
+        self._flight: dict[str, list[int]] = {}  # per store: job ids in flight, ascending
+        self._store: dict[int, tuple[str, bool]] = {}  # job id -> (store, append mode)
+        self._ready: set[int] = set()
+        self._committing: dict[str, int] = {}
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._store
+
+    def add(self, job_id: int, store: str, *, append: bool) -> None:
+        self._store[job_id] = (store, append)
+        insort(self._flight.setdefault(store, []), job_id)
+
+    def computed(self, job_id: int) -> None:
+        if job_id in self._store:
+            self._ready.add(job_id)
+
+    def next_commit(self, store: str) -> int | None:
+        """The job that starts its commit to ``store`` now (it is marked as committing),
+        or None: another commit runs, or the earliest job in flight is not computed yet."""
+        order = self._flight.get(store)
+        if not order or store in self._committing or order[0] not in self._ready:
+            return None
+        head = order[0]
+        self._ready.discard(head)
+        self._committing[store] = head
+        return head
+
+    def committing(self, store: str) -> int | None:
+        return self._committing.get(store)
+
+    def finished(self, job_id: int, *, failed: bool) -> list[int]:
+        """Forget a job that ended. When it failed and its store is in append mode, the
+        later jobs of that store in flight are withdrawn (forgotten too, and returned):
+        their commits would overtake it."""
+        entry = self._store.pop(job_id, None)
+        if entry is None:
+            return []
+        store, append = entry
+        self._ready.discard(job_id)
+        if self._committing.get(store) == job_id:
+            del self._committing[store]
+        order = self._flight[store]
+        order.remove(job_id)
+        busy = self._committing.get(store)
+        withdrawn = [j for j in order if j > job_id and j != busy] if failed and append else []
+        for j in withdrawn:
+            order.remove(j)
+            del self._store[j]
+            self._ready.discard(j)
+        if not order:
+            del self._flight[store]
+        return withdrawn
+
+    def clear(self) -> None:
+        self._flight.clear()
+        self._store.clear()
+        self._ready.clear()
+        self._committing.clear()

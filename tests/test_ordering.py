@@ -1,0 +1,279 @@
+"""The commit-order rule on its own: which job may start, which commits next, which are
+withdrawn (pure, no Dask, Zarr or SQLite); then the ledger's side of it on real SQLite:
+held jobs are not taken, spend no attempt, and go on once the job ahead commits or is
+skipped."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dpypeline.ledger import Claim, JobRecord, JobState, Ledger
+from dpypeline.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
+from dpypeline.queue import DB_FILE
+from dpypeline.scan import FileVersion
+
+# -- the start rule -----------------------------------------------------------------------
+
+
+def test_a_job_with_nothing_waiting_ahead_starts() -> None:
+    assert hold_for(5, []) is None
+    assert hold_for(5, [Pending(3, "running"), Pending(4, "running")]) is None
+    assert hold_for(5, [Pending(6, "dead"), Pending(9, "queued")]) is None  # later ones
+
+
+@pytest.mark.parametrize("state", ["queued", "retrying", "dead"])
+def test_the_earliest_job_waiting_ahead_holds_a_start(state: str) -> None:
+    ahead = [Pending(4, "queued"), Pending(2, state), Pending(1, "running")]
+    assert hold_for(5, ahead) == Hold(5, 2, state)
+
+
+def test_only_a_dead_job_ahead_needs_the_operator() -> None:
+    dead = Hold(5, 3, "dead")
+    assert dead.needs_operator
+    assert "dpypeline retry 3" in dead.reason
+    assert "dpypeline skip 3" in dead.reason
+    retrying = Hold(5, 3, "retrying")
+    assert not retrying.needs_operator
+    assert "held behind job 3 (retrying)" in retrying.reason
+
+
+def test_the_summary_names_each_job_holding_others_and_what_frees_it() -> None:
+    assert held_summary([]) == ""
+    held = [Hold(4, 3, "dead"), Hold(5, 3, "dead"), Hold(9, 8, "retrying")]
+    assert held_summary(held) == (
+        "2 held behind dead job 3 (dpypeline retry 3, or dpypeline skip 3 to accept the gap);"
+        " 1 held behind job 8 (retrying)"
+    )
+
+
+# -- the commit rule ----------------------------------------------------------------------
+
+
+def test_the_earliest_job_in_flight_commits_first_and_one_at_a_time() -> None:
+    order = CommitOrder()
+    for job_id in (3, 1, 2):
+        order.add(job_id, "s", append=True)
+    order.computed(3)
+    order.computed(2)
+    assert order.next_commit("s") is None  # 1 is not computed: 2 and 3 wait
+    order.computed(1)
+    assert order.next_commit("s") == 1
+    assert order.committing("s") == 1
+    assert order.next_commit("s") is None  # one commit per store at a time
+    assert order.finished(1, failed=False) == []
+    assert order.next_commit("s") == 2
+    assert order.finished(2, failed=False) == []
+    assert order.next_commit("s") == 3
+
+
+def test_stores_commit_independently() -> None:
+    order = CommitOrder()
+    order.add(1, "a", append=True)
+    order.add(2, "b", append=True)
+    order.computed(2)
+    assert order.next_commit("b") == 2
+    assert order.next_commit("a") is None
+
+
+def test_a_failed_job_of_an_append_store_withdraws_the_later_ones_only() -> None:
+    order = CommitOrder()
+    for job_id in (1, 2, 3, 4):
+        order.add(job_id, "s", append=True)
+    order.add(5, "other", append=True)
+    order.computed(1)
+    assert order.next_commit("s") == 1
+    order.computed(3)
+    assert order.finished(2, failed=True) == [3, 4]
+    assert 3 not in order
+    assert 4 not in order
+    assert 1 in order  # earlier, committing: untouched
+    assert 5 in order  # another store: untouched
+    assert order.finished(1, failed=False) == []
+    assert order.next_commit("s") is None
+    order.add(6, "s", append=True)
+    order.computed(6)
+    assert order.next_commit("s") == 6
+
+
+def test_a_failed_job_of_a_template_store_withdraws_nothing() -> None:
+    order = CommitOrder()
+    for job_id in (1, 2, 3):
+        order.add(job_id, "t", append=False)
+    order.computed(2)
+    assert order.finished(1, failed=True) == []
+    assert order.next_commit("t") == 2
+
+
+# -- the ledger's side --------------------------------------------------------------------
+
+ROOT = "/data"
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    ledger = Ledger(tmp_path / "cache", service=True)
+    yield ledger
+    ledger.close()
+
+
+def year(i: int) -> FileVersion:
+    return FileVersion(f"{ROOT}/y{i}.nc", 100, 1_000)
+
+
+def store_gate(ledger: Ledger) -> Callable[[JobRecord], int | None]:
+    """The worker's gate for one store written by the job "ingest"."""
+
+    def gate(rec: JobRecord) -> int | None:
+        hold = hold_for(rec.id, ledger.ahead(rec.id, ["ingest"]))
+        return hold.behind if hold else None
+
+    return gate
+
+
+def take(ledger: Ledger, now: float = 1.0) -> Claim | None:
+    ledger.admit()
+    return ledger.claim(now, store_gate(ledger))
+
+
+def taken_id(ledger: Ledger, now: float) -> int | None:
+    claim = take(ledger, now)
+    return claim.record.id if claim else None
+
+
+def test_a_job_behind_a_retrying_one_is_held_without_an_attempt_then_goes_on(
+    ledger: Ledger,
+) -> None:
+    ledger.enqueue([year(i) for i in range(1, 5)], ROOT, ["ingest"], "scan", 0.0)
+    first = take(ledger)
+    assert first is not None
+    ledger.finish(first, JobState.RETRYING, 1.0, error="boom", not_before=100.0)
+    assert take(ledger) is None  # 2, 3 and 4 are held behind 1
+    assert [(h.job_id, h.behind, h.behind_state) for h in ledger.held()] == [
+        (2, 1, "retrying"),
+        (3, 1, "retrying"),
+        (4, 1, "retrying"),
+    ]
+    held = [ledger.get(i) for i in (2, 3, 4)]
+    assert {(r.state, r.attempts) for r in held if r is not None} == {(JobState.QUEUED, 0)}
+    assert ledger.has_unfinished()  # 1 will run again: a run --once waits for it
+    assert take(ledger) is None  # nothing is offered again while held
+    ledger.promote_due(100.0)
+    again = take(ledger, 100.0)
+    assert again is not None
+    assert again.record.id == 1
+    ledger.finish(again, JobState.DONE, 101.0)
+    assert ledger.held() == []
+    taken = [take(ledger, 102.0) for _ in range(3)]
+    assert [c.record.id for c in taken if c is not None] == [2, 3, 4]
+    assert [c.record.attempts for c in taken if c is not None] == [1, 1, 1]
+
+
+def test_jobs_held_behind_a_dead_one_do_not_keep_a_run_going_and_skip_frees_them(
+    ledger: Ledger,
+) -> None:
+    ledger.enqueue([year(i) for i in range(1, 4)], ROOT, ["ingest"], "scan", 0.0)
+    first = take(ledger)
+    assert first is not None
+    ledger.finish(first, JobState.DEAD, 1.0, error="PermanentError: corrupt")
+    assert take(ledger) is None
+    assert {h.behind_state for h in ledger.held()} == {"dead"}
+    assert not ledger.has_unfinished()
+    assert ledger.skip(2, 2.0, "skipped by the operator: ") is None  # not dead
+    skipped = ledger.skip(1, 2.0, "skipped by the operator: ")
+    assert skipped is not None
+    assert skipped.state is JobState.SKIPPED
+    assert skipped.error == "skipped by the operator: PermanentError: corrupt"
+    assert ledger.held() == []
+    assert ledger.has_unfinished()
+    assert [taken_id(ledger, 3.0) for _ in range(2)] == [2, 3]
+
+
+def test_a_job_running_ahead_holds_no_start_but_its_failure_parks_the_later_one(
+    ledger: Ledger,
+) -> None:
+    ledger.enqueue([year(i) for i in range(1, 3)], ROOT, ["ingest"], "scan", 0.0)
+    first, second = take(ledger), take(ledger)
+    assert first is not None
+    assert second is not None  # 1 is running: in flight, it commits first
+    ledger.finish(first, JobState.RETRYING, 2.0, error="boom", not_before=50.0)
+    ledger.park(second, first.record.id, 2.0)  # withdrawn before its commit
+    rec = ledger.get(2)
+    assert rec is not None
+    assert (rec.state, rec.attempts) == (JobState.QUEUED, 0)
+    assert [(h.job_id, h.behind) for h in ledger.held()] == [(2, 1)]
+
+
+def test_a_hold_always_names_a_job_that_is_not_held_itself(ledger: Ledger) -> None:
+    ledger.enqueue([year(i) for i in range(1, 4)], ROOT, ["ingest"], "scan", 0.0)
+    one, two = take(ledger), take(ledger)
+    assert one is not None
+    assert two is not None
+    ledger.finish(two, JobState.RETRYING, 1.0, error="boom", not_before=10.0)
+    assert take(ledger) is None  # 3 held behind 2
+    ledger.finish(one, JobState.DEAD, 2.0, error="bad")
+    ledger.promote_due(10.0)
+    assert take(ledger, 10.0) is None  # 2 is held behind dead 1, and 3 with it
+    assert [(h.job_id, h.behind) for h in ledger.held()] == [(2, 1), (3, 1)]
+    assert not ledger.has_unfinished()
+
+
+def test_holds_behind_a_forgotten_job_are_dropped_at_start_up(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ledger = Ledger(cache, service=True)
+    try:
+        ledger.enqueue([year(i) for i in range(1, 3)], ROOT, ["ingest"], "scan", 0.0)
+        first = take(ledger)
+        assert first is not None
+        ledger.finish(first, JobState.DEAD, 1.0, error="bad")
+        assert take(ledger) is None
+    finally:
+        ledger.close()
+    db = sqlite3.connect(cache / DB_FILE)
+    with db:
+        db.execute("DELETE FROM jobs WHERE id = 1")  # as retention forgets a dead job
+    db.close()
+    ledger = Ledger(cache, service=True)
+    try:
+        ledger.recover(5, 2.0)
+        assert ledger.held() == []
+        assert taken_id(ledger, 2.0) == 2
+    finally:
+        ledger.close()
+
+
+def test_the_start_check_reads_the_same_rows_however_long_the_store_history(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    ledger.enqueue([year(i) for i in range(3)], ROOT, ["ingest"], "scan", 0.0)
+    small = _vm_steps(tmp_path / "cache", ledger, 3)
+    ledger.enqueue(
+        [FileVersion(f"{ROOT}/old{i}.nc", 1, 1) for i in range(20_000)], ROOT, ["ingest"], "s", 0
+    )
+    db = sqlite3.connect(tmp_path / "cache" / DB_FILE)
+    with db:
+        db.execute("UPDATE jobs SET state = 'done' WHERE path LIKE '%/old%'")
+        db.execute("UPDATE jobs SET id = id + 100000 WHERE path LIKE '%/y%'")
+    db.close()
+    large = _vm_steps(tmp_path / "cache", ledger, 100_003)
+    assert large <= small * 2, (small, large)
+
+
+def _vm_steps(cache: Path, ledger: Ledger, job_id: int) -> int:
+    """SQLite virtual-machine instructions ``Ledger.ahead`` takes (the rows it visits)."""
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    ledger._db.set_progress_handler(tick, 1)
+    try:
+        assert ledger.ahead(job_id, ["ingest"]) != []
+    finally:
+        ledger._db.set_progress_handler(None, 1)
+    return steps

@@ -21,6 +21,7 @@ from dpypeline.cachedir import read_executor_status, service_pid
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.ledger import JobRecord, JobState, Ledger
+from dpypeline.paths import shown
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -167,7 +168,7 @@ def _job_dict(r: JobRecord) -> dict[str, Any]:
         "id": r.id,
         "state": r.state.value,
         "job": r.job,
-        "path": r.path,
+        "path": shown(r.path),
         "size": r.size,
         "mtime_ns": r.mtime_ns,
         "attempts": r.attempts,
@@ -211,9 +212,10 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
     print("  " + "  ".join(f"{s.value} {counts[s.value]}" for s in JobState))
     if oldest:
         age = time.time() - oldest.created
-        print(f"  oldest waiting: #{oldest.id} {oldest.path} ({oldest.state.value}, {age:.0f}s)")
+        where = shown(oldest.path)
+        print(f"  oldest waiting: #{oldest.id} {where} ({oldest.state.value}, {age:.0f}s)")
     for r in errors:
-        print(f"  #{r.id} {r.state.value}: {r.path}: {r.error}")
+        print(f"  #{r.id} {r.state.value}: {shown(r.path)}: {r.error}")
     return EXIT_OK
 
 
@@ -227,7 +229,7 @@ def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
         print(json.dumps([_job_dict(r) for r in records], indent=2))
         return EXIT_OK
     for r in records:
-        line = f"{r.id:>7} {r.state.value:<8} {r.attempts:>2} {r.job:<16} {r.path}"
+        line = f"{r.id:>7} {r.state.value:<8} {r.attempts:>2} {r.job:<16} {shown(r.path)}"
         print(line + (f"\n        {r.error}" if r.error else ""))
     return EXIT_OK
 
@@ -243,42 +245,19 @@ def cmd_retry(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from dpypeline.patterns import PathMatcher
-    from dpypeline.scan import FileVersion, scan
+    from dpypeline.intake import Refused, offer
 
     names = [j.name for j in config.jobs]
-    roots = [(os.path.realpath(w.path), w) for w in config.watch]
     failed = added = offered = 0
     ledger = _ledger(config)
     try:
         for raw in args.paths:
-            path = os.path.realpath(raw)
-            root, watch = next(
-                ((r, w) for r, w in roots if path == r or path.startswith(r + os.sep)), (None, None)
-            )
-            if root is None or watch is None:
-                print(
-                    f"not queued: {raw} is not under any watched directory "
-                    f"({', '.join(r for r, _ in roots)})",
-                    file=sys.stderr,
-                )
+            try:
+                root, files = offer(raw, config.watch)
+            except Refused as exc:
+                print(f"not queued: {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            if os.path.isdir(path):
-                matcher = PathMatcher(watch.patterns, watch.ignore_patterns, watch.case_sensitive)
-                files = [
-                    f
-                    for f in scan(root, matcher).files
-                    if path == root or f.path.startswith(path + os.sep)
-                ]
-            else:
-                try:
-                    st = os.stat(path)
-                except OSError as exc:
-                    print(f"not queued: {raw}: {exc.strerror}", file=sys.stderr)
-                    failed += 1
-                    continue
-                files = [FileVersion(path, st.st_size, st.st_mtime_ns)]
             offered += len(files)
             added += ledger.enqueue(files, root, names, "cli", time.time())
     finally:

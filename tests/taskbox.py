@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 from dpypeline import JobContext
 from dpypeline.errors import PermanentError, TransientError, Unavailable
@@ -132,3 +133,15 @@ def stamp(path: str, out: str, context: JobContext | None = None) -> str:
     with open(os.path.join(out, str(context.job_id)), "w") as f:
         f.write(f"{os.getpid()} {start} {time.time()}")
     return path
+
+
+def same_grid(ds: Any, reference: str) -> Any:
+    """Refuse a dataset whose horizontal grid differs from ``reference``'s (a permanent error,
+    as a store refuses a file of another grid)."""
+    import numpy as np
+    import xarray as xr
+
+    with xr.open_dataset(reference) as ref:
+        if "nav_lat" not in ds or not np.array_equal(ds["nav_lat"].values, ref["nav_lat"].values):
+            raise PermanentError("wrong grid: nav_lat differs from the reference file's")
+    return ds

@@ -54,8 +54,9 @@ def test_a_symlink_renamed_into_a_watched_directory_is_never_followed(
     (inbox / "good.nc").write_bytes(b"good")
     wait_for(lambda: "good.nc" in read(log), message="the good file", detail=svc.log.read_text)
     wait_for(
-        lambda: "creds.nc" in read(log)
-        or [e for e in svc.events() if e.get("event") == "file_ignored"],
+        lambda: (
+            "creds.nc" in read(log) or [e for e in svc.events() if e.get("event") == "file_ignored"]
+        ),
         message="the link to be ignored",
         detail=svc.log.read_text,
     )

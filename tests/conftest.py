@@ -50,7 +50,9 @@ def runs(log: Path) -> list[tuple[str, int, int]]:
         return []
     return [
         (rel, int(jid), int(att))
-        for rel, jid, att, _ in (line.split("\t") for line in log.read_text().splitlines())
+        for rel, jid, att, _ in (
+            line.split("\t") for line in os.fsdecode(log.read_bytes()).splitlines()
+        )
     ]
 
 

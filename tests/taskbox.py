@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 from dpypeline import JobContext
 from dpypeline.errors import PermanentError, TransientError, Unavailable
@@ -16,7 +17,7 @@ def _record(log: str, context: JobContext) -> None:
     line = f"{context.relpath}\t{context.job_id}\t{context.attempt}\t{context.job}\n"
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())
+        os.write(fd, os.fsencode(line))  # names need not be UTF-8
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -60,6 +61,17 @@ def needs_service(path: str, log: str, down: str, context: JobContext | None = N
     if os.path.exists(down):
         raise Unavailable("object store unreachable (connection refused)")
     _record(log, context)
+    return path
+
+
+def read(path: str, log: str, context: JobContext | None = None) -> str:
+    """Record the run with what the file holds (proof that the real file was opened)."""
+    assert context is not None
+    with open(path, "rb") as f:
+        data = f.read()
+    line = f"{context.relpath}\t{data.hex()}\n"
+    with open(log, "ab") as out:
+        out.write(os.fsencode(line))
     return path
 
 
@@ -147,3 +159,15 @@ def broken_while(value: str, flag: str, match: str, context: JobContext | None =
     if match in name and os.path.exists(flag):
         raise PermanentError(f"{name} needs fixing")
     return value
+
+
+def same_grid(ds: Any, reference: str) -> Any:
+    """Refuse a dataset whose horizontal grid differs from ``reference``'s (a permanent error,
+    as a store refuses a file of another grid)."""
+    import numpy as np
+    import xarray as xr
+
+    with xr.open_dataset(reference) as ref:
+        if "nav_lat" not in ds or not np.array_equal(ds["nav_lat"].values, ref["nav_lat"].values):
+            raise PermanentError("wrong grid: nav_lat differs from the reference file's")
+    return ds

@@ -4,6 +4,7 @@ original dpypeline's forms."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -144,3 +145,32 @@ def test_the_readme_example_runs_and_converts_every_file(tmp_path: Path) -> None
     valid = src["TEMP"] != 9999.9
     expected = ((src.loc[valid, "TEMP"] - 32) * 5 / 9).round(2)
     assert (out.loc[valid, "TEMP"] - expected).abs().max() < 1e-9
+
+
+def test_enqueue_of_a_file_applies_the_watch_patterns_as_a_directory_does(
+    tmp_path: Path, good: dict
+) -> None:
+    inbox = tmp_path / "inbox"
+    good["watch"][0]["patterns"] = ["*.nc"]
+    cfg = write_config(tmp_path, good)
+    for name in ("a.nc", "notes.txt", ".hidden.nc"):
+        (inbox / name).write_bytes(b"x")
+    refused = dpypeline(
+        "enqueue", "-c", str(cfg), str(inbox / "notes.txt"), str(inbox / ".hidden.nc")
+    )
+    assert refused.returncode == 1
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 2
+    for line, name in zip(lines, ("notes.txt", ".hidden.nc"), strict=True):
+        assert line.startswith(f"not queued: {inbox / name} matches the patterns of no watch")
+        assert f"{inbox}: patterns ['*.nc'], ignore_patterns ['.*', '*.tmp', '*.part']" in line
+    assert refused.stdout.startswith("0 new job(s) from 0 file(s)")
+    fifo = inbox / "pipe.nc"
+    os.mkfifo(fifo)
+    not_regular = dpypeline("enqueue", "-c", str(cfg), str(fifo))
+    assert (not_regular.returncode, not_regular.stderr.strip()) == (
+        1,
+        f"not queued: {fifo} is not a regular file",
+    )
+    taken = dpypeline("enqueue", "-c", str(cfg), str(inbox / "a.nc"), str(inbox), check=True)
+    assert taken.stdout.startswith("1 new job(s) from 2 file(s)")  # a.nc, then deduplicated

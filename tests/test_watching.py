@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from conftest import runs, wait_for, write_config
 from dpypeline.config import load_config
@@ -262,3 +263,75 @@ def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
         assert len(scanner._scan(spec, None, "startup").files) == 1
     assert specs[0].last_poll == {}
     assert list(specs[1].last_poll) == [str(tmp_path / "f.nc")]
+
+
+def break_scans(monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:
+    """Make the next ``count`` walks fail with an unexpected error; returns their roots."""
+    import dpypeline.watch
+
+    real, broken = dpypeline.watch.scan, []
+
+    def scan(root: str, *args: Any, **kwargs: Any) -> Any:
+        if len(broken) < count:
+            broken.append(str(root))
+            raise RuntimeError("the walk broke")
+        return real(root, *args, **kwargs)
+
+    monkeypatch.setattr(dpypeline.watch, "scan", scan)
+    return broken
+
+
+def service_for(tmp_path: Path, once: bool, **watch: Any) -> tuple[Service, Path, Path]:
+    inbox, log = tmp_path / "inbox", tmp_path / "runs.log"
+    inbox.mkdir()
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox), "settle": "100ms", "rescan_interval": 0, **watch}],
+            "jobs": [
+                {"name": "r", "tasks": [{"task": "taskbox.record", "with": {"log": str(log)}}]}
+            ],
+        },
+    )
+    config = load_config(cfg)
+    jobs, setup = import_tasks(config)
+    return Service(config, jobs, setup, once=once), inbox, log
+
+
+def test_a_failed_scan_reports_its_end_so_run_once_still_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = break_scans(monkeypatch, 1)
+    service, inbox, _ = service_for(tmp_path, once=True)
+    running = Running(service)
+    with capture_logs() as logs:
+        running.thread.start()
+        running.thread.join(20)
+        if running.thread.is_alive():
+            service.request_stop()
+            running.thread.join(20)
+            pytest.fail("run --once did not end after a failed scan")
+    assert running.result == [0]
+    assert broken == [str(inbox)]
+    [failed] = [e for e in logs if e["event"] == "scan_failed"]
+    assert failed["path"] == str(inbox)
+    assert failed["error"] == "RuntimeError: the walk broke"
+
+
+def test_a_poll_watch_keeps_polling_after_failed_scans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = break_scans(monkeypatch, 3)  # the start-up scan and two polls
+    service, inbox, log = service_for(tmp_path, once=False, mode="poll", poll_interval="100ms")
+    running = Running(service)
+    running.thread.start()
+    try:
+        wait_for(lambda: len(broken) == 3, message="three failed scans")
+        (inbox / "late.nc").write_bytes(b"x")
+        wait_for(lambda: runs(log), message="the file, found by a later poll")
+        assert [r[0] for r in runs(log)] == ["late.nc"]
+    finally:
+        service.request_stop()
+        running.thread.join(20)
+    assert running.result == [0]

@@ -23,6 +23,7 @@ from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.ledger import JobRecord, JobState, Ledger
 from dpypeline.ordering import Hold, held_summary
+from dpypeline.paths import shown
 
 if TYPE_CHECKING:
     from dpypeline.pipeline import Job
@@ -216,7 +217,7 @@ def _job_dict(r: JobRecord, held: dict[int, Hold] | None = None) -> dict[str, An
         "held_behind": hold.behind if hold else None,
         "held": hold.reason if hold else None,
         "job": r.job,
-        "path": r.path,
+        "path": shown(r.path),
         "size": r.size,
         "mtime_ns": r.mtime_ns,
         "attempts": r.attempts,
@@ -263,11 +264,12 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
     print("  " + "  ".join(f"{s.value} {counts[s.value]}" for s in JobState))
     if oldest:
         age = time.time() - oldest.created
-        print(f"  oldest waiting: #{oldest.id} {oldest.path} ({oldest.state.value}, {age:.0f}s)")
+        where = shown(oldest.path)
+        print(f"  oldest waiting: #{oldest.id} {where} ({oldest.state.value}, {age:.0f}s)")
     if held:
         print(f"  held: {held_summary(held)}")
     for r in errors:
-        print(f"  #{r.id} {r.state.value}: {r.path}: {r.error}")
+        print(f"  #{r.id} {r.state.value}: {shown(r.path)}: {r.error}")
     return EXIT_OK
 
 
@@ -286,7 +288,7 @@ def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
         print(json.dumps([_job_dict(r, held) for r in records], indent=2))
         return EXIT_OK
     for r in records:
-        line = f"{r.id:>7} {r.state.value:<8} {r.attempts:>2} {r.job:<16} {r.path}"
+        line = f"{r.id:>7} {r.state.value:<8} {r.attempts:>2} {r.job:<16} {shown(r.path)}"
         note = held[r.id].reason if r.id in held else r.error
         print(line + (f"\n        {note}" if note else ""))
     return EXIT_OK
@@ -335,49 +337,26 @@ def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
                 error=rec.error,
                 by="operator",
             )
-            print(f"job {rec.id} skipped ({rec.path}); jobs held behind it go on")
+            print(f"job {rec.id} skipped ({shown(rec.path)}); jobs held behind it go on")
     finally:
         ledger.close()
     return EXIT_FAILURE if failed else EXIT_OK
 
 
 def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from dpypeline.patterns import PathMatcher
-    from dpypeline.scan import FileVersion, scan
+    from dpypeline.intake import Refused, offer
 
     names = [j.name for j in config.jobs]
-    roots = [(os.path.realpath(w.path), w) for w in config.watch]
     failed = added = offered = 0
     ledger = _ledger(config)
     try:
         for raw in args.paths:
-            path = os.path.realpath(raw)
-            root, watch = next(
-                ((r, w) for r, w in roots if path == r or path.startswith(r + os.sep)), (None, None)
-            )
-            if root is None or watch is None:
-                print(
-                    f"not queued: {raw} is not under any watched directory "
-                    f"({', '.join(r for r, _ in roots)})",
-                    file=sys.stderr,
-                )
+            try:
+                root, files = offer(raw, config.watch)
+            except Refused as exc:
+                print(f"not queued: {exc}", file=sys.stderr)
                 failed += 1
                 continue
-            if os.path.isdir(path):
-                matcher = PathMatcher(watch.patterns, watch.ignore_patterns, watch.case_sensitive)
-                files = [
-                    f
-                    for f in scan(root, matcher).files
-                    if path == root or f.path.startswith(path + os.sep)
-                ]
-            else:
-                try:
-                    st = os.stat(path)
-                except OSError as exc:
-                    print(f"not queued: {raw}: {exc.strerror}", file=sys.stderr)
-                    failed += 1
-                    continue
-                files = [FileVersion(path, st.st_size, st.st_mtime_ns)]
             offered += len(files)
             added += ledger.enqueue(files, root, names, "cli", time.time())
     finally:

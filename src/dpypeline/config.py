@@ -66,6 +66,7 @@ class WatchConfig(_Section):
     patterns: list[str] = ["**/*"]
     ignore_patterns: list[str] = [".*", "*.tmp", "*.part"]
     case_sensitive: bool = True
+    follow_symlinks: bool = False  # symbolic links (to files) are taken only if true
     mode: Literal["auto", "inotify", "poll"] = "auto"
     poll_interval: Duration = 30.0
     settle: Duration = 2.0

@@ -13,6 +13,10 @@ Every state change that matters for the guarantees is one committed transaction 
 ``synchronous=FULL`` before the caller goes on: in particular the attempt counter is
 incremented and committed *before* a job runs, so a job that crashes the process still
 reaches ``dead`` after ``max_attempts``.
+
+Paths are stored as the bytes of the file name in a TEXT column (see ``paths``): a name that
+is not valid UTF-8 is a file like any other, and every path bound to a query goes through
+``to_db`` and ``CAST(? AS TEXT)``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dpypeline import holds
 from dpypeline.cachedir import lock_service, prepare_cache_dir
 from dpypeline.errors import StateError
 from dpypeline.ordering import Hold, Pending
+from dpypeline.paths import from_db, shown, to_db
 from dpypeline.queue import DB_FILE, QueueItem, ReadyQueue
 
 SCHEMA = """
@@ -151,6 +156,7 @@ class Ledger:
                 isolation_level=None,
                 check_same_thread=False,
             )
+            self._db.text_factory = from_db  # paths come back as they are on disk
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA temp_store=MEMORY")
@@ -212,14 +218,18 @@ class Ledger:
     ) -> int:
         """Add a job per (file version, job name) unless that version is known. Returns how
         many jobs are new. Files keep the order given (ids grow in that order)."""
+        root_b = to_db(root)
         rows = (
-            (f.path, f.size, f.mtime_ns, job, root, source, now, now) for f in files for job in jobs
+            (to_db(f.path), f.size, f.mtime_ns, job, root_b, source, now, now)
+            for f in files
+            for job in jobs
         )
         with self._tx() as db:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO jobs (path, size, mtime_ns, job, root, state, source,"
-                " created, updated) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                " created, updated) VALUES (CAST(? AS TEXT), ?, ?, ?, CAST(? AS TEXT), 'queued',"
+                " ?, ?, ?)",
                 rows,
             )
             return db.total_changes - before
@@ -339,7 +349,7 @@ class Ledger:
             db.execute(
                 "UPDATE jobs SET state = ?, error = ?, not_before = ?, finished = ?, updated = ?,"
                 " admitted = 0 WHERE id = ?",
-                (state.value, error, not_before, now, now, claim.record.id),
+                (state.value, error and shown(error), not_before, now, now, claim.record.id),
             )
             if state in (JobState.DONE, JobState.SKIPPED):
                 holds.release(db, claim.record.id)
@@ -424,7 +434,9 @@ class Ledger:
                 # a sorted list, not a set: a tenth of the memory for a million paths,
                 # and as fast here, where reading the rows is most of the time
                 paths = sorted(present)
-                scope, params = ("", ()) if root is None else (" AND root = ?", (root,))
+                scope, params = (
+                    ("", ()) if root is None else (" AND root = CAST(? AS TEXT)", (to_db(root),))
+                )
                 gone = [
                     (row[0],)
                     for row in db.execute(
@@ -461,9 +473,9 @@ class Ledger:
             for start in range(0, len(files), UNKNOWN_BATCH):
                 db.execute("DELETE FROM temp.scanned")
                 db.executemany(
-                    "INSERT INTO temp.scanned VALUES (?, ?, ?, ?)",
+                    "INSERT INTO temp.scanned VALUES (?, CAST(? AS TEXT), ?, ?)",
                     (
-                        (i, f.path, f.size, f.mtime_ns)
+                        (i, to_db(f.path), f.size, f.mtime_ns)
                         for i, f in enumerate(files[start : start + UNKNOWN_BATCH], start)
                     ),
                 )

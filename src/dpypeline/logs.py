@@ -24,6 +24,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from dpypeline.paths import shown
+
 NOISY = (
     "botocore",
     "aiobotocore",
@@ -101,6 +103,15 @@ class JournalHandler(logging.Handler):
         super().close()
 
 
+def printable_paths(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """File names that are not valid UTF-8 shown as ``bad\\xff.dat`` in every sink (JSON,
+    the journal and the console would show a lone surrogate, or fail on it)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = shown(value)
+    return event
+
+
 def configure(
     fmt: str = "auto",
     level: str = "info",
@@ -115,6 +126,7 @@ def configure(
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        printable_paths,
     ]
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()

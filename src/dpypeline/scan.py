@@ -10,8 +10,10 @@ objects.
 What the walk takes, and why:
 
 - Regular files only. Symbolic links are skipped, to files as well as to directories: a link's
-  target may lie outside the watch, be shared by several links, or change underneath without
-  any event under the watch root, so "this version of this file" would not be well defined.
+  target may lie outside the watch (the service's own credentials, say), be shared by several
+  links, or change underneath without any event under the watch root, so "this version of
+  this file" would not be well defined. A watch with ``follow_symlinks: true`` takes links to
+  regular files (never to directories).
 - Directories that :meth:`PathMatcher.could_contain` rules out (``.git``, ``.snapshot``) are
   not entered at all.
 - The tree changes while it is walked. An entry that vanishes between being listed and being
@@ -88,6 +90,7 @@ def scan(  # noqa: PLR0915  (one hot loop, inline: a call per file costs a tenth
     *,
     sort: bool = True,
     known: Container[str] = frozenset(),
+    follow_symlinks: bool = False,
 ) -> ScanResult:
     """Walk ``root`` and return the matching regular files, sorted by relative natural order.
 
@@ -98,6 +101,9 @@ def scan(  # noqa: PLR0915  (one hot loop, inline: a call per file costs a tenth
     (no sort keys are made: the caller sorts what changed, with :func:`natural_key`), and
     ``known`` holds absolute paths that matched before, which are taken without asking the
     matcher again (its answer depends on the path alone).
+
+    ``follow_symlinks=True`` (a watch's ``follow_symlinks``) also takes links to regular
+    files, as the version of their target; links to directories are never entered.
     """
     top = os.path.abspath(os.fspath(root))
     result = ScanResult()
@@ -127,11 +133,11 @@ def scan(  # noqa: PLR0915  (one hot loop, inline: a call per file costs a tenth
                                 encoded = encoded_prefix + renumber(number, name) + "/"
                                 stack.append((path, rel + "/", encoded if sort else ""))
                             continue
-                        if not entry.is_file(follow_symlinks=False):
+                        if not entry.is_file(follow_symlinks=follow_symlinks):
                             continue
                         if path not in known and not matches(prefix + name):
                             continue
-                        st = entry.stat(follow_symlinks=False)
+                        st = entry.stat(follow_symlinks=follow_symlinks)
                     except FileNotFoundError:
                         result.vanished += 1
                         continue

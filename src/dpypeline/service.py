@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from dpypeline import intake
 from dpypeline.cachedir import forget_executor_status, write_executor_status
 from dpypeline.config import PipelineConfig
 from dpypeline.executors import Executor, SerialExecutor
@@ -335,8 +336,9 @@ class Service:
         elif obs.kind == "directory":
             self._request_scan(spec.index, "new directory", obs.path)
         elif obs.kind == "scanned":
-            self._pending_scans -= 1
-            self._reconcile(spec, obs, now)
+            self._pending_scans -= 1  # a failed scan too: it was logged, the next one retries
+            if not obs.failed:
+                self._reconcile(spec, obs, now)
 
     def _reconcile(self, spec: WatchSpec, obs: Observation, now: float) -> None:
         """Hand the files a scan found, and the ledger does not know, to the settler.
@@ -349,7 +351,7 @@ class Service:
         no close will ever come)."""
         assert self._ledger is not None
         files = obs.files
-        new = [files[i] for i in self._ledger.unknown(files, self.job_names)]
+        new = [files[i] for i in intake.unknown(self._ledger, files, self.job_names)]
         trust_events = spec.mode == "inotify" and obs.reason in ("rescan", "watch check")
         stale = max(spec.config.rescan_interval, spec.config.settle)
         for f in new:
@@ -375,10 +377,13 @@ class Service:
     def _enqueue(self, stable: list[StableFile], now: float) -> None:
         assert self._ledger is not None
         by_root: dict[str, list[StableFile]] = defaultdict(list)
-        for f in stable:
+        follows = {s.root: s.config.follow_symlinks for s in self._specs}
+        for f in intake.allowed(stable, lambda root: follows.get(root, False)):
             by_root[f.root].append(f)
         for root, files in by_root.items():
-            added = self._ledger.enqueue(files, root, self.job_names, "watch", now)
+            added = intake.enqueue(
+                self._ledger, files, root, self.job_names, source="watch", now=now
+            )
             if added:
                 log.info("files_enqueued", watch=root, files=len(files), jobs=added)
 

@@ -5,7 +5,8 @@ inbox that the service loop drains. The observer thread only filters by pattern 
 enqueues; it never sleeps or stats (the original slept a second per file there).
 
 Covered traps of watchdog (SPEC §1):
-- an inotify queue overflow is only logged by watchdog: a logging hook turns it into an
+- an inotify queue overflow is only logged by watchdog (or not at all, by 6.0): the
+  ``overflow`` module sees the kernel's overflow event itself and turns it into an
   ``overflow`` observation, and the service rescans;
 - an emitter thread can die (e.g. its root was removed) while the observer lives on:
   ``check`` finds dead emitters and re-schedules them, reporting what it could not fix;
@@ -19,7 +20,6 @@ Covered traps of watchdog (SPEC §1):
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import queue
 import threading
@@ -42,6 +42,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
+from dpypeline import overflow
 from dpypeline.config import WatchConfig
 from dpypeline.fsinfo import filesystem_type, is_network_fstype
 from dpypeline.logs import get_logger
@@ -71,6 +72,7 @@ class Observation:
     path: str = ""
     files: tuple[FileVersion, ...] = ()  # for "scanned"
     full: bool = False  # for "scanned": the whole watch was walked
+    failed: bool = False  # for "scanned": the walk failed (logged); nothing was found
     reason: str = ""
 
 
@@ -156,18 +158,6 @@ class Inbox:
         return out
 
 
-class _OverflowHook(logging.Handler):
-    """watchdog only logs an inotify overflow; turn that log record into a rescan."""
-
-    def __init__(self, inbox: Inbox) -> None:
-        super().__init__(logging.WARNING)
-        self.inbox = inbox
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in str(record.msg).lower():
-            self.inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
-
-
 class Watcher:
     """The inotify observer of all ``inotify`` watches, kept alive by ``check``."""
 
@@ -180,11 +170,10 @@ class Watcher:
         self.specs, self.inbox = specs, inbox
         self._on_progress = on_progress  # called before each watch is set up (can be slow)
         self._observer: BaseObserver | None = None
-        self._hook = _OverflowHook(inbox)
         self._short = 0  # consecutive checks that found fewer watches than directories
 
     def start(self) -> None:
-        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._hook)
+        overflow.listen(self._overflowed)
         # Full events: a file moved in from outside the tree is a move (complete), not a
         # creation (which would wait for a close that never comes).
         self._observer = InotifyObserver(generate_full_events=True)
@@ -194,6 +183,9 @@ class Watcher:
                 if self._on_progress is not None:
                     self._on_progress()
                 self._schedule(spec)
+
+    def _overflowed(self) -> None:
+        self.inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
 
     def _schedule(self, spec: WatchSpec) -> None:
         assert self._observer is not None
@@ -271,7 +263,7 @@ class Watcher:
         return repaired, problems
 
     def stop(self) -> None:
-        logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._hook)
+        overflow.unlisten(self._overflowed)
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=10)
@@ -324,25 +316,32 @@ class Scanner(threading.Thread):
             spec = self.specs[watch]
             try:
                 self.inbox.put(self._scan(spec, subdir, reason))
-            except Exception:  # a failed walk must not end the thread (and the rescans)
+            except Exception as exc:  # a failed walk must not end the thread (and the rescans)
                 log.exception(
                     "scan_failed",
                     watch=spec.root,
                     path=subdir or spec.root,
+                    error=f"{type(exc).__name__}: {exc}",
                     action="the next scan retries it",
                 )
+                # every scan reports its end, or the loop waits for it forever (--once)
+                path = subdir or spec.root
+                self.inbox.put(Observation("scanned", spec.index, path, failed=True, reason=reason))
 
     def _scan(self, spec: WatchSpec, subdir: str | None, reason: str) -> Observation:
+        follow = spec.config.follow_symlinks
         if subdir is not None:
             rel = spec.relative(subdir) or ""
             sub = PrefixMatcher(spec.matcher, rel)
-            result = scan(subdir, sub)  # type: ignore[arg-type]
+            result = scan(subdir, sub, follow_symlinks=follow)  # type: ignore[arg-type]
             return Observation("scanned", spec.index, subdir, tuple(result.files), reason=reason)
         if reason == "poll":
-            result = scan(spec.root, spec.matcher, sort=False, known=spec.last_poll)
+            result = scan(
+                spec.root, spec.matcher, sort=False, known=spec.last_poll, follow_symlinks=follow
+            )
             files = self._changed(spec, result.files)
         else:
-            result = scan(spec.root, spec.matcher)
+            result = scan(spec.root, spec.matcher, follow_symlinks=follow)
             files = result.files
             # only a poll watch compares with the last look (a million-file dict otherwise)
             spec.last_poll = {f.path: f for f in files} if spec.mode == "poll" else {}

@@ -15,6 +15,7 @@ from dpypeline.executors import Executor, Finished
 from dpypeline.ledger import Claim, JobRecord, JobState, Ledger
 from dpypeline.logs import get_logger
 from dpypeline.ordering import Held, hold_for
+from dpypeline.paths import refusal
 from dpypeline.pipeline import Job, JobCall, JobContext
 
 log = get_logger("dpypeline.worker")
@@ -80,6 +81,8 @@ class Worker:
             self._writers.setdefault(key, []).append(name)
         # asked by the ledger before it counts a job's attempt; only append stores hold
         self.gate = self._gate if self.stores else None
+        # a job's root is its watch's resolved path (or a watch since removed: never follow)
+        self._follows = {os.path.realpath(w.path): w.follow_symlinks for w in config.watch}
         self._active: dict[int, tuple[Claim, Any]] = {}
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
@@ -94,7 +97,8 @@ class Worker:
         rec = claim.record
         jlog = log.bind(job_id=rec.id, file=rec.path, job=rec.job, attempt=rec.attempts)
         try:
-            st = os.stat(rec.path)
+            refused = refusal(rec.path, follow_symlinks=self._follows.get(rec.root, False))
+            st = os.stat(rec.path) if refused is None else None
         except FileNotFoundError:
             return self._record(
                 claim,
@@ -102,6 +106,19 @@ class Worker:
                 jlog,
                 now,
             )
+        except (OSError, ValueError) as exc:  # unreadable directory, a name too long, ...
+            return self._record(
+                claim,
+                Decision(
+                    JobState.DEAD,
+                    f"cannot look at the file: {describe(exc)}. Fix the cause, then run:"
+                    f" dpypeline retry {rec.id}",
+                ),
+                jlog,
+                now,
+            )
+        if refused is not None or st is None:
+            return self._record(claim, Decision(JobState.SKIPPED, f"skipped: {refused}"), jlog, now)
         if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
             return self._record(
                 claim,

@@ -1,0 +1,151 @@
+"""Taking files into the ledger without letting one file stop the service.
+
+Anyone who can write to a watched directory chooses the names and contents the loop sees. A
+failure that one file's data can cause (a value SQLite cannot bind, say) must end that file,
+with a reason in the log, and never the loop; a failing database, on the other hand, must
+still stop it (the health check and systemd restart the service). A batch that fails is
+split in halves until the file at fault is found, so a million-file scan with one bad name
+costs a few dozen extra queries, and the good files keep their order.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from dpypeline.config import WatchConfig
+from dpypeline.errors import StateError
+from dpypeline.ledger import FileVersionLike, Ledger
+from dpypeline.logs import get_logger
+from dpypeline.paths import refusal, shown
+from dpypeline.patterns import PathMatcher
+from dpypeline.scan import FileVersion, scan
+
+log = get_logger("dpypeline.intake")
+
+F = TypeVar("F", bound=FileVersionLike)
+
+
+def is_systemic(exc: BaseException) -> bool:
+    """True for a failure of the database itself (locked, I/O error, full, corrupt), which
+    no single file causes; False for an error one file's data can cause."""
+    return isinstance(exc, sqlite3.OperationalError | sqlite3.InternalError | StateError) or (
+        type(exc) is sqlite3.DatabaseError
+    )
+
+
+def _split(
+    files: Sequence[F],
+    run: Callable[[Sequence[F]], list[int]],
+    refused: Callable[[F, Exception], None],
+    offset: int = 0,
+) -> list[int]:
+    """``run(files)``; on a per-file failure, ``run`` each half, down to single files
+    (``refused``). Returns ``run``'s results with indexes shifted by ``offset``."""
+    try:
+        return [i + offset for i in run(files)]
+    except Exception as exc:
+        if is_systemic(exc):
+            raise
+        if len(files) == 1:
+            refused(files[0], exc)
+            return []
+    mid = len(files) // 2
+    head = _split(files[:mid], run, refused, offset)
+    return head + _split(files[mid:], run, refused, offset + mid)
+
+
+def _refused(stage: str) -> Callable[[FileVersionLike, Exception], None]:
+    def report(f: FileVersionLike, exc: Exception) -> None:
+        log.error(
+            "file_refused",
+            file=f.path,
+            stage=stage,
+            error=f"{type(exc).__name__}: {exc}",
+            action="this file is left alone; the service goes on with the others",
+        )
+
+    return report
+
+
+def enqueue(
+    ledger: Ledger, files: Sequence[F], root: str, jobs: Sequence[str], *, source: str, now: float
+) -> int:
+    """``Ledger.enqueue``, leaving out (and logging) any file it cannot take."""
+    added: list[int] = []
+
+    def run(batch: Sequence[F]) -> list[int]:
+        added.append(ledger.enqueue(batch, root, jobs, source, now))
+        return []
+
+    _split(files, run, _refused("enqueue"))
+    return sum(added)
+
+
+def unknown(ledger: Ledger, files: Sequence[F], jobs: Sequence[str]) -> list[int]:
+    """``Ledger.unknown``, leaving out (and logging) any file it cannot look up."""
+    return _split(files, lambda batch: ledger.unknown(batch, jobs), _refused("scan"))
+
+
+def allowed(files: Sequence[Any], follows: Callable[[str], bool]) -> list[Any]:
+    """The files whose path may be opened (see ``paths.refusal``); the others are logged
+    and left out, as a scan leaves them out. ``follows(root)``: the watch's
+    ``follow_symlinks``."""
+    kept = []
+    for f in files:
+        try:
+            reason = refusal(f.path, follow_symlinks=follows(f.root))
+        except FileNotFoundError:
+            continue  # gone since it settled: nothing to take
+        except OSError:
+            kept.append(f)  # cannot look (permissions): its job ends with the reason
+            continue
+        if reason is None:
+            kept.append(f)
+        else:
+            log.info("file_ignored", file=f.path, reason=reason)
+    return kept
+
+
+class Refused(Exception):
+    """``dpypeline enqueue`` does not take this path; the message says why."""
+
+
+def offer(raw: str, watches: Sequence[WatchConfig]) -> tuple[str, list[FileVersion]]:
+    """What ``dpypeline enqueue RAW`` queues: the watch root and the files, chosen by the
+    same rules as the watcher and the scan (the watch's patterns, regular files only).
+    A directory gives its matching files; a file must match a watch's patterns itself."""
+    path = os.path.realpath(raw)
+    under = [
+        (root, w)
+        for root, w in ((os.path.realpath(w.path), w) for w in watches)
+        if path == root or path.startswith(root + os.sep)
+    ]
+    if not under:
+        roots = ", ".join(shown(os.path.realpath(w.path)) for w in watches)
+        raise Refused(f"{shown(raw)} is not under any watched directory ({roots})")
+    if os.path.isdir(path):
+        root, w = under[0]
+        found = scan(root, _matcher(w), follow_symlinks=w.follow_symlinks).files
+        return root, [f for f in found if path == root or f.path.startswith(path + os.sep)]
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Refused(f"{shown(raw)}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(f"{shown(raw)} is not a regular file")
+    for root, w in under:
+        if _matcher(w).matches(path[len(root) + 1 :]):
+            return root, [FileVersion(path, st.st_size, st.st_mtime_ns)]
+    watched = "; ".join(
+        f"{shown(root)}: patterns {w.patterns}, ignore_patterns {w.ignore_patterns}"
+        for root, w in under
+    )
+    raise Refused(f"{shown(raw)} matches the patterns of no watch ({watched})")
+
+
+def _matcher(w: WatchConfig) -> PathMatcher:
+    return PathMatcher(w.patterns, w.ignore_patterns, w.case_sensitive)

@@ -144,3 +144,36 @@ def test_the_readme_example_runs_and_converts_every_file(tmp_path: Path) -> None
     valid = src["TEMP"] != 9999.9
     expected = ((src.loc[valid, "TEMP"] - 32) * 5 / 9).round(2)
     assert (out.loc[valid, "TEMP"] - expected).abs().max() < 1e-9
+
+
+def test_run_once_exits_3_when_a_job_ended_dead_and_says_so_last(
+    tmp_path: Path, good: dict
+) -> None:
+    good["jobs"][0]["tasks"] = [{"task": "taskbox.behave", "with": {"log": str(tmp_path / "r")}}]
+    good["retry"] = {"max_attempts": 1}
+    cfg = write_config(tmp_path, good)
+    (tmp_path / "inbox" / "bad.nc").write_bytes(b"b")
+    (tmp_path / "inbox" / "good.nc").write_bytes(b"g")
+    proc = dpypeline("run", "--once", "-c", str(cfg))
+    assert proc.returncode == 3, proc.stderr
+    last = json.loads(proc.stderr.splitlines()[-1])
+    assert (last["event"], last["jobs_dead"], last["exit_code"]) == ("service_stopped", 1, 3)
+    # nothing new dies in the next run: it exits 0
+    proc = dpypeline("run", "--once", "-c", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert "jobs_dead" not in proc.stderr.splitlines()[-1]
+
+
+def test_retry_of_a_job_that_is_not_dead_or_does_not_exist_says_why(
+    tmp_path: Path, good: dict
+) -> None:
+    good["monitor"] = False
+    cfg = write_config(tmp_path, good)
+    (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
+    assert dpypeline("run", "-c", str(cfg)).returncode == 0
+    proc = dpypeline("retry", "-c", str(cfg), "1")
+    assert proc.returncode == 1
+    assert "job 1 is done, not dead" in proc.stderr
+    proc = dpypeline("retry", "-c", str(cfg), "999")
+    assert proc.returncode == 1
+    assert "job 999 does not exist" in proc.stderr

@@ -349,7 +349,8 @@ def test_a_job_dead_after_writing_its_data_is_retried_without_duplicating_steps(
     extra = make_series(tmp_path / "more", 1, start_year=4)[0]
     shutil.copy(extra, inbox / extra.name)
     assert dpypeline("run", "-c", str(cfg), timeout=120, env=env).returncode == -signal.SIGKILL
-    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    # the killed job's only attempt is spent: this run records it dead, and says so
+    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 3
     [dead] = jobs(cfg, "dead")
     assert dead["path"].endswith(extra.name)
     assert "stopped during each of its 1 attempts" in dead["error"]

@@ -49,7 +49,7 @@ def test_each_job_ends_with_one_summary_line_with_its_context(tmp_path: Path) ->
         cache_dir=str(tmp_path / "state"),
     )
     with capture_logs() as captured:
-        assert pipeline.run(once=True) == 0
+        assert pipeline.run(once=True) == 3  # a job ended dead
     summaries = [e for e in captured if e["event"] in ("job_done", "job_dead")]
     assert [(Path(e["file"]).name, e["event"]) for e in summaries] == [
         ("good.txt", "job_done"),

@@ -1,7 +1,8 @@
 """The command line: ``dpypeline run | validate | status | jobs | retry | enqueue``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
-``RestartPreventExitStatus=2`` stops a config error from restart-looping). status, jobs,
+``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
+finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``). status, jobs,
 retry and enqueue work while the service runs: they only touch the ledger, through
 SQLite, and the service picks up what they changed.
 """
@@ -234,12 +235,33 @@ def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_retry(config: PipelineConfig, args: argparse.Namespace) -> int:
     ledger = _ledger(config)
+    refused = []
     try:
-        moved = ledger.retry(None if args.dead else args.job_ids, time.time())
+        if args.dead:
+            moved = ledger.retry(None, time.time())
+        else:
+            moved = 0
+            for job_id in args.job_ids:
+                if ledger.retry([job_id], time.time()):
+                    moved += 1
+                else:
+                    refused.append(_why_not_retried(ledger, job_id))
     finally:
         ledger.close()
+    for reason in refused:
+        print(f"not retried: {reason}", file=sys.stderr)
     print(f"{moved} dead job(s) queued again")
-    return EXIT_OK if moved or args.dead else EXIT_FAILURE
+    return EXIT_FAILURE if refused else EXIT_OK
+
+
+def _why_not_retried(ledger: Ledger, job_id: int) -> str:
+    record = ledger.get(job_id)
+    if record is None:
+        return f"job {job_id} does not exist (see `dpypeline jobs`)"
+    return (
+        f"job {job_id} is {record.state.value}, not dead: only dead jobs can be retried"
+        f" ({record.path})"
+    )
 
 
 def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:

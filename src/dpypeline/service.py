@@ -45,6 +45,7 @@ PRUNE_EVERY = 3600.0
 MAX_SLEEP = 1.0
 EXECUTOR_STATUS_EVERY = 1.0  # how fresh `dpypeline status` shows the cluster
 CLUSTER_GRACE = 15.0  # a lost Dask scheduler this long makes the service restart itself
+EXIT_JOBS_DEAD = 3  # `run --once` when a job ended dead: cron and batch wrappers see it
 
 
 class Status(StrEnum):
@@ -97,6 +98,7 @@ class Service:
         wd = self._notifier.watchdog_interval
         self._health_every = min(HEALTH_EVERY, wd) if wd else HEALTH_EVERY
         self._stuck_reported = False
+        self._recovered_dead = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -115,7 +117,7 @@ class Service:
                 raise StuckJob("a job did not stop after its timeout")
             if self.cluster_lost:
                 raise ClusterLost("the Dask scheduler is unreachable")
-            return 0
+            return EXIT_JOBS_DEAD if self.once and self.jobs_dead else 0
         finally:
             self._restore_signal_handlers(previous)
             reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else None
@@ -138,6 +140,7 @@ class Service:
                     dead=rec.dead,
                     reason="jobs were running when the service last stopped",
                 )
+            self._recovered_dead = len(rec.dead_jobs)
             for job in rec.dead_jobs:  # one entry each, like any other job that ends dead
                 log.error(
                     "job_dead",
@@ -199,7 +202,22 @@ class Service:
             self._ledger = None
         if self.status is not Status.FAILED:
             self.status = Status.STOPPED
-        log.info("service_stopped", reason=reason)
+        if self.once and self.jobs_dead:
+            log.warning(
+                "service_stopped",
+                reason=reason,
+                jobs_dead=self.jobs_dead,
+                exit_code=EXIT_JOBS_DEAD,
+                action="see `dpypeline jobs --state dead`; fix the cause, then `dpypeline retry`",
+            )
+        else:
+            log.info("service_stopped", reason=reason)
+
+    @property
+    def jobs_dead(self) -> int:
+        """Jobs that ended dead in this run (at recovery or after their last attempt)."""
+        worker = self._worker.ended_dead if self._worker is not None else 0
+        return self._recovered_dead + worker
 
     @property
     def stop_requested(self) -> bool:

@@ -283,6 +283,33 @@ def test_the_readme_main_job_ingests_into_a_local_zarr_store(tmp_path: Path) -> 
         np.testing.assert_array_equal(store[name].values, want[name].values, err_msg=name)
 
 
+def test_the_readme_first_command_run_again_repeats_nothing(tmp_path: Path) -> None:
+    """The README's first line, twice: make_nemo leaves identical files alone (mtimes
+    too), so the second `run --once` finds no new file version and runs no job."""
+    import subprocess
+
+    from conftest import env_for_subprocess
+
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples", work / "examples")
+    make = [sys.executable, str(ROOT / "scripts" / "make_nemo.py"), "inbox/nemo", "--files", "6"]
+
+    def mtimes() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (work / "inbox" / "nemo").iterdir()}
+
+    subprocess.run(make, cwd=work, check=True, env=env_for_subprocess(), capture_output=True)
+    first = dpypeline_in(work, "run", "--once", "-c", "examples/netcdf-to-zarr.yaml")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count('"job_done"') == 6
+    before = mtimes()
+    subprocess.run(make, cwd=work, check=True, env=env_for_subprocess(), capture_output=True)
+    assert mtimes() == before
+    second = dpypeline_in(work, "run", "--once", "-c", "examples/netcdf-to-zarr.yaml")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert '"job_' not in second.stderr
+    assert status(work / "examples" / "netcdf-to-zarr.yaml")["done"] == 6
+
+
 def dpypeline_in(cwd: Path, *args: str) -> Any:
     import subprocess
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -105,6 +106,7 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     logs.configure(config.logging.format, config.logging.level)
     jobs, setup = import_tasks(config)
     service = Service(config, jobs, setup, once=True if args.once else None)
+    _set_stop_handlers(service.on_signal)  # a stop before the loop runs: its first step sees it
     try:
         return service.run()
     except (StuckJob, ClusterLost):
@@ -117,6 +119,15 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - the last word on an unexpected failure, for the journal
         logs.get_logger().exception("service_failed", error=str(exc))
         return EXIT_FAILURE
+    finally:
+        # the service has closed: a late stop signal has nothing left to stop, and must not
+        # turn a clean exit into death by signal while the interpreter shuts down
+        _set_stop_handlers(signal.SIG_IGN)
+
+
+def _set_stop_handlers(handler: Any) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:

@@ -5,7 +5,9 @@ setup tasks, starts the watcher and the scan thread, then loops: drain observati
 settle → enqueue → promote retries → admit → collect finished jobs → start new ones →
 health. ``step(now)`` is one pass of that loop, so tests can drive it directly.
 
-Signal handlers only set flags (anything more is unsafe in a handler); the loop reacts:
+Signal handlers only set flags (anything more is unsafe in a handler: a lock the loop
+holds at that instant would never be released) and the interpreter wakes the loop through
+``signal.set_wakeup_fd`` (see ``wakeup``); the loop reacts:
 the first SIGTERM/SIGINT stops taking work and gives the running job ``stop_grace`` to
 finish; a job still running then, or at a second signal, goes back to the head of the
 queue with its attempt refunded, and the service stops. A stop therefore never waits for
@@ -34,6 +36,7 @@ from dpypeline.logs import get_logger
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.settle import Settler, StableFile
 from dpypeline.systemd import Notifier
+from dpypeline.wakeup import Wakeup
 from dpypeline.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
 from dpypeline.worker import Worker
 
@@ -82,7 +85,8 @@ class Service:
         self.stuck = False
         self._stop_requested = self._stop_now = False
         self._stop_deadline: float | None = None
-        self._inbox = Inbox()
+        self._wake = Wakeup()  # rung by the watcher, the executor and signals
+        self._inbox = Inbox(self._wake)
         self._settler = Settler()
         self._pending_scans = 0
         self._next: dict[str, float] = {}
@@ -108,20 +112,22 @@ class Service:
             # the watchdog's SIGABRT (and any fatal signal) prints every thread's stack to
             # stderr, which is the journal under systemd: where was it stuck?
             faulthandler.enable()
-        self.start()
-        previous = self._install_signal_handlers()
+        previous = self._install_signal_handlers()  # a stop during start-up is not lost
         try:
-            while self.step():
-                self._sleep()
-            if self.stuck:
-                raise StuckJob("a job did not stop after its timeout")
-            if self.cluster_lost:
-                raise ClusterLost("the Dask scheduler is unreachable")
-            return EXIT_JOBS_DEAD if self.once and self.jobs_dead else 0
+            self.start()
+            try:
+                while self.step():
+                    self._sleep()
+                if self.stuck:
+                    raise StuckJob("a job did not stop after its timeout")
+                if self.cluster_lost:
+                    raise ClusterLost("the Dask scheduler is unreachable")
+                return EXIT_JOBS_DEAD if self.once and self.jobs_dead else 0
+            finally:
+                reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else ""
+                self.close(reason or "stopped")
         finally:
-            self._restore_signal_handlers(previous)
-            reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else None
-            self.close(reason or "stopped")
+            self._restore_signal_handlers(previous)  # after close: more signals change nothing
 
     def start(self) -> None:
         """Either fully succeeds or closes what it opened, marks itself failed and re-raises."""
@@ -229,16 +235,26 @@ class Service:
         self._stop_requested = True
         self._inbox.wake.set()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.request_stop()
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Plain assignments, nothing else: no lock, no I/O, no logging. The wake-up byte
+        was already written by the interpreter (``set_wakeup_fd``)."""
+        self._stop_now = self._stop_requested
+        self._stop_requested = True
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
+    def _install_signal_handlers(self) -> tuple[dict[int, Any], int] | None:
         if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            return None
+        handlers: dict[int, Any] = {
+            s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+        return handlers, signal.set_wakeup_fd(self._wake.signal_fd, warn_on_full_buffer=False)
 
-    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
-        for signum, handler in previous.items():
+    def _restore_signal_handlers(self, previous: tuple[dict[int, Any], int] | None) -> None:
+        if previous is None:
+            return
+        handlers, wakeup_fd = previous
+        signal.set_wakeup_fd(wakeup_fd)
+        for signum, handler in handlers.items():
             signal.signal(signum, handler)
 
     # -- the loop -------------------------------------------------------------------------

@@ -121,3 +121,19 @@ def stamp(path: str, out: str, context: JobContext | None = None) -> str:
     with open(os.path.join(out, str(context.job_id)), "w") as f:
         f.write(f"{os.getpid()} {start} {time.time()}")
     return path
+
+
+def leak(path: str, storage_options: dict, context: JobContext | None = None) -> str:
+    """Fails with secrets all around it: its options, the objectstore's credentials file and
+    the environment's secret in local variables, the key id in its message (as S3 errors
+    quote it), and it logs its options itself (a careless task)."""
+    from dpypeline.objectstore import load_credentials
+
+    assert context is not None
+    creds = load_credentials("store", context.objectstores["store"])
+    file_secret, file_key = creds.secret, creds.key
+    env_secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    assert file_secret
+    assert env_secret
+    context.log.warning("connecting", options=storage_options, using=file_key)
+    raise PermissionError(f"access denied for key {storage_options['key']} ({env_secret!r})")

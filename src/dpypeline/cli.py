@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline import logs
     from dpypeline.pipeline import import_tasks
+    from dpypeline.redact import known_secrets
     from dpypeline.service import ClusterLost, Service, StuckJob, reexec
 
-    logs.configure(config.logging.format, config.logging.level)
+    logs.configure(config.logging.format, config.logging.level, secrets=known_secrets(config))
     jobs, setup = import_tasks(config)
     service = Service(config, jobs, setup, once=True if args.once else None)
     _set_stop_handlers(service.on_signal)  # a stop before the loop runs: its first step sees it

@@ -101,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline import logs
     from dpypeline.pipeline import import_tasks
+    from dpypeline.preflight import preflight
     from dpypeline.redact import known_secrets
     from dpypeline.service import ClusterLost, Service, StuckJob, reexec
 
     logs.configure(config.logging.format, config.logging.level, secrets=known_secrets(config))
     jobs, setup = import_tasks(config)
+    preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
     service = Service(config, jobs, setup, once=True if args.once else None)
     _set_stop_handlers(service.on_signal)  # a stop before the loop runs: its first step sees it
     try:
@@ -133,16 +135,15 @@ def _set_stop_handlers(handler: Any) -> None:
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.fsinfo import require_local_filesystem
-    from dpypeline.objectstore import load_credentials
     from dpypeline.pipeline import import_tasks
+    from dpypeline.preflight import preflight
 
     jobs, setup = import_tasks(config)
     problems = []
-    for name, store in config.objectstores.items():
-        try:
-            load_credentials(name, store)
-        except ConfigError as exc:
-            problems.append(f"{config.where('objectstores', name)}: {exc}")
+    try:
+        preflight(config, jobs, setup)
+    except ConfigError as exc:
+        problems.append(str(exc))
     cluster = config.executor.cluster
     if config.executor.kind == "dask" and cluster is not None:
         from dpypeline.dask_executor import cluster_class
@@ -156,8 +157,6 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
-    if not os.access(parent, os.W_OK):
-        raise StateError(f"CACHE_DIR {config.cache_dir} is not writable by this user")
     print(
         f"ok: {config.name}: {len(config.watch)} watch(es), "
         f"{len(jobs)} job(s) of {sum(len(j.tasks) for j in jobs)} task(s), "

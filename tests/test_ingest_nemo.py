@@ -132,25 +132,10 @@ def _partial_overlap(files: list[Path], out: Path) -> Path:
 def test_bad_inputs_end_dead_with_clear_reasons_and_good_files_go_on(
     tmp_path: Path, s3: S3Server
 ) -> None:
-    open_creds = s3.credentials_file(tmp_path, "open.json")
-    open_creds.chmod(0o644)
+    # (a credentials file readable by others is refused before start: test_cli)
     cfg, inbox = nemo_config(
         tmp_path, s3, monitor=False, retry={"max_attempts": 2, "backoff": {"initial": "200ms"}}
     )
-    data = yaml_load(cfg)
-    data["objectstores"]["open"] = {"credentials": str(open_creds)}
-    data["jobs"].append(
-        {
-            "name": "open-creds",
-            "tasks": [
-                {
-                    "task": "upload_file",
-                    "with": {"objectstore": "open", "bucket": BUCKET, "prefix": "raw"},
-                }
-            ],
-        }
-    )
-    write_config(tmp_path, data)
     files = make_series(tmp_path / "made", 6)
     for f in files[:4]:
         shutil.copy(f, inbox / f.name)
@@ -163,7 +148,7 @@ def test_bad_inputs_end_dead_with_clear_reasons_and_good_files_go_on(
     _partial_overlap(files, inbox / "z-overlap.nc")
 
     proc = dpypeline("run", "-c", str(cfg), timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]  # drained; some jobs ended dead
 
     zarr_jobs = {Path(j["path"]).name: j for j in jobs(cfg) if j["job"] == "to-zarr"}
     for f in files[:4]:
@@ -177,12 +162,6 @@ def test_bad_inputs_end_dead_with_clear_reasons_and_good_files_go_on(
     assert "permanent" in zarr_jobs["z-schema-U.nc"]["error"]
     assert zarr_jobs["z-overlap.nc"]["state"] == "dead"
     assert "overlap" in zarr_jobs["z-overlap.nc"]["error"].lower()
-    opened = [j for j in jobs(cfg) if j["job"] == "open-creds"]
-    assert len(opened) == 9
-    for j in opened:
-        assert j["state"] == "dead"
-        assert "chmod 600" in j["error"]
-        assert str(open_creds) in j["error"]
     assert_store_is(read_store(s3), files[:4])
 
 
@@ -218,7 +197,7 @@ def test_wrong_credentials_end_dead_with_the_403_and_never_show_the_secret(
     for f in make_series(tmp_path / "made", 2):
         shutil.copy(f, inbox / f.name)
     proc = dpypeline("run", "-c", str(cfg), timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]  # some jobs ended dead
     by_job: dict[str, list[dict[str, Any]]] = {}
     for j in jobs(cfg):
         by_job.setdefault(j["job"], []).append(j)

@@ -256,3 +256,21 @@ def _receive(sock: Any, into: list[bytes]) -> None:
         into.append(data)
         if b"DPYPELINE_EVENT=service_stopped" in data:
             return
+
+
+def test_tracebacks_leave_out_dpypelines_own_frames_unless_debug_and_never_show_locals() -> None:
+    def fails(path: str) -> str:
+        hidden_local = "only-in-the-frame"
+        raise ValueError(f"cannot read {path} ({len(hidden_local)})")
+
+    try:
+        Job("j", [Task(fails)]).run("/in/x.nc")
+    except ValueError as exc:
+        short, full = logs.format_exception(exc), logs.format_exception(exc, full=True)
+    assert "pipeline.py" not in short
+    assert "frames left out" in short
+    assert "pipeline.py" in full
+    for text in (short, full):
+        assert "in fails" in text
+        assert text.endswith("ValueError: cannot read /in/x.nc (17)")
+        assert "only-in-the-frame" not in text

@@ -17,12 +17,15 @@ grid, its chunks grown alike; about 40 MB a file for grid T) for throughput benc
 ``--nx``/``--ny`` choose the grid size directly.
 
 Each file is written under a hidden temporary name and renamed into place, as rsync does,
-so a watcher never takes a half-written file.
+so a watcher never takes a half-written file. A file already there with the same bytes is
+left alone (its mtime too), so running the same command again changes nothing and a
+pipeline watching OUTDIR repeats no job.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import re
 import sys
@@ -116,6 +119,9 @@ def _write_year(
             d.createDimension(name, None if dim.isunlimited() else sizes.get(name, len(dim)))
         for var in s.variables.values():
             _copy_variable(s, d, var, years=years, shape=shape, rng=rng)
+    if dest.is_file() and filecmp.cmp(tmp, dest, shallow=False):
+        tmp.unlink()  # the same bytes are there: a new mtime would make a new file version
+        return
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dest)

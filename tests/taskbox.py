@@ -171,3 +171,19 @@ def same_grid(ds: Any, reference: str) -> Any:
         if "nav_lat" not in ds or not np.array_equal(ds["nav_lat"].values, ref["nav_lat"].values):
             raise PermanentError("wrong grid: nav_lat differs from the reference file's")
     return ds
+
+
+def leak(path: str, storage_options: dict, context: JobContext | None = None) -> str:
+    """Fails with secrets all around it: its options, the objectstore's credentials file and
+    the environment's secret in local variables, the key id in its message (as S3 errors
+    quote it), and it logs its options itself (a careless task)."""
+    from dpypeline.objectstore import load_credentials
+
+    assert context is not None
+    creds = load_credentials("store", context.objectstores["store"])
+    file_secret, file_key = creds.secret, creds.key
+    env_secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    assert file_secret
+    assert env_secret
+    context.log.warning("connecting", options=storage_options, using=file_key)
+    raise PermissionError(f"access denied for key {storage_options['key']} ({env_secret!r})")

@@ -174,3 +174,130 @@ def test_enqueue_of_a_file_applies_the_watch_patterns_as_a_directory_does(
     )
     taken = dpypeline("enqueue", "-c", str(cfg), str(inbox / "a.nc"), str(inbox), check=True)
     assert taken.stdout.startswith("1 new job(s) from 2 file(s)")  # a.nc, then deduplicated
+
+
+def test_run_once_exits_3_when_a_job_ended_dead_and_says_so_last(
+    tmp_path: Path, good: dict
+) -> None:
+    good["jobs"][0]["tasks"] = [{"task": "taskbox.behave", "with": {"log": str(tmp_path / "r")}}]
+    good["retry"] = {"max_attempts": 1}
+    cfg = write_config(tmp_path, good)
+    (tmp_path / "inbox" / "bad.nc").write_bytes(b"b")
+    (tmp_path / "inbox" / "good.nc").write_bytes(b"g")
+    proc = dpypeline("run", "--once", "-c", str(cfg))
+    assert proc.returncode == 3, proc.stderr
+    last = json.loads(proc.stderr.splitlines()[-1])
+    assert (last["event"], last["jobs_dead"], last["exit_code"]) == ("service_stopped", 1, 3)
+    # nothing new dies in the next run: it exits 0
+    proc = dpypeline("run", "--once", "-c", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert "jobs_dead" not in proc.stderr.splitlines()[-1]
+
+
+def test_retry_of_a_job_that_is_not_dead_or_does_not_exist_says_why(
+    tmp_path: Path, good: dict
+) -> None:
+    good["monitor"] = False
+    cfg = write_config(tmp_path, good)
+    (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
+    assert dpypeline("run", "-c", str(cfg)).returncode == 0
+    proc = dpypeline("retry", "-c", str(cfg), "1")
+    assert proc.returncode == 1
+    assert "job 1 is done, not dead" in proc.stderr
+    proc = dpypeline("retry", "-c", str(cfg), "999")
+    assert proc.returncode == 1
+    assert "job 999 does not exist" in proc.stderr
+
+
+def _private(path: Path, mode: int = 0o600) -> None:
+    path.write_text(json.dumps({"token": "AKIATESTTESTTEST", "secret": "verysecretvalue"}))
+    path.chmod(mode)
+
+
+TASK = "jobs:\n  - name: a\n    tasks:\n      - task: {task}\n        with: {with_}\n"
+STORE = "objectstores:\n  s3:\n    credentials: {creds}\n"
+WHAT_ONLY_THE_WORLD_TELLS = {
+    "unknown with key": (
+        WATCH + TASK.format(task="taskbox.record", with_="{log: x, delya: 1}"),
+        ["broken.yaml:7", "jobs[0].tasks[0].with.delya", "does not take 'delya'"],
+    ),
+    "missing required option": (
+        WATCH + TASK.format(task="to_zarr", with_="{append_dim: t}"),
+        ["broken.yaml:7", "jobs[0].tasks[0].with", "missing a required argument: 'store'"],
+    ),
+    "with gives the task's input": (
+        WATCH + TASK.format(task="open_dataset", with_="{path: x.nc}"),
+        ["broken.yaml:7", "jobs[0].tasks[0].with.path", "given by the pipeline"],
+    ),
+    "setup task option": (
+        WATCH + TASK.format(task="taskbox.noop", with_="{}") + "setup:\n  - task: taskbox.pause\n"
+        "    with: {secs: 1}\n",
+        ["broken.yaml:10", "setup[0].with.secs", "does not take 'secs' (it takes: seconds)"],
+    ),
+    "undefined objectstore": (
+        WATCH + TASK.format(task="to_zarr", with_="{store: s3://b/x.zarr, objectstore: nowhere}"),
+        ["broken.yaml:7", "jobs[0].tasks[0].with.objectstore", "'nowhere' is not defined"],
+    ),
+    "bad engine": (
+        WATCH + TASK.format(task="open_dataset", with_="{engine: netcdf5}"),
+        ["broken.yaml:7", "jobs[0].tasks[0].with.engine", "engine must be one of"],
+    ),
+    "cache_dir under a file": (
+        "cache_dir: {inbox}/file/state\n" + WATCH + TASK.format(task="taskbox.noop", with_="{}"),
+        ["broken.yaml:1", "cache_dir", "is not a directory"],
+    ),
+    "unclosed bracket": (
+        WATCH + '    patterns: ["*.n[c"]\n' + TASK.format(task="taskbox.noop", with_="{}"),
+        ["broken.yaml:3", "watch[0].patterns[0]", "never closed"],
+    ),
+    "absolute pattern": (
+        WATCH + '    patterns: ["/data/*.nc"]\n' + TASK.format(task="taskbox.noop", with_="{}"),
+        ["broken.yaml:3", "watch[0].patterns[0]", "is absolute"],
+    ),
+    "pattern leaving the watch": (
+        WATCH + '    patterns: ["x/../../*.nc"]\n' + TASK.format(task="taskbox.noop", with_="{}"),
+        ["broken.yaml:3", "watch[0].patterns[0]", "leaves the watch's path"],
+    ),
+    "no patterns": (
+        WATCH + "    patterns: []\n" + TASK.format(task="taskbox.noop", with_="{}"),
+        ["broken.yaml:3", "watch[0].patterns", "nothing would ever be taken"],
+    ),
+    "missing credentials file": (
+        WATCH
+        + STORE.format(creds="{inbox}/../nope.json")
+        + TASK.format(task="to_zarr", with_="{store: s3://b/x.zarr, objectstore: s3}"),
+        ["broken.yaml:5", "objectstores.s3.credentials", "does not exist"],
+    ),
+    "credentials readable by others": (
+        WATCH
+        + STORE.format(creds="{inbox}/../open.json")
+        + TASK.format(task="to_zarr", with_="{store: s3://b/x.zarr, objectstore: s3}"),
+        ["broken.yaml:5", "objectstores.s3.credentials", "chmod 600"],
+    ),
+    "unreadable credentials": (
+        WATCH
+        + STORE.format(creds="{inbox}/../dir.json")
+        + TASK.format(task="to_zarr", with_="{store: s3://b/x.zarr, objectstore: s3}"),
+        ["broken.yaml:5", "objectstores.s3.credentials", "not a regular file"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WHAT_ONLY_THE_WORLD_TELLS))
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_what_would_kill_every_job_is_refused_at_validate_and_run_naming_field_and_line(
+    tmp_path: Path, case: str, command: str
+) -> None:
+    text, expected = WHAT_ONLY_THE_WORLD_TELLS[case]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "file").write_text("a file, not a directory")
+    (inbox / "a.nc").write_bytes(b"x")
+    _private(tmp_path / "open.json", 0o644)
+    (tmp_path / "dir.json").mkdir()
+    cfg = _broken(tmp_path, text.replace("{inbox}", str(inbox)))
+    proc = dpypeline(command, "-c", str(cfg), *(["--once"] if command == "run" else []))
+    assert proc.returncode == 2, proc.stderr
+    for fragment in expected:
+        assert fragment in proc.stderr
+    assert not (tmp_path / "state").exists() or command == "validate"

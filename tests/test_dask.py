@@ -72,9 +72,9 @@ def pipeline(
     return cfg, inbox
 
 
-def run_once(cfg: Path, timeout: float = 120.0) -> None:
+def run_once(cfg: Path, timeout: float = 120.0, exit_code: int = 0) -> None:
     proc = dpypeline("run", "-c", str(cfg), "--once", timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == exit_code, proc.stderr[-3000:]
 
 
 def test_fifty_files_on_two_workers_are_each_done_once(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_a_hanging_job_times_out_is_retried_then_dead_and_the_others_finish(
     (inbox / "a-hang.nc").write_text("x")
     for i in range(4):
         (inbox / f"good{i}.nc").write_text("x")
-    run_once(cfg)
+    run_once(cfg, exit_code=3)  # a job ended dead
     by_path = {Path(j["path"]).name: j for j in jobs(cfg)}
     hung = by_path.pop("a-hang.nc")
     assert hung["state"] == "dead"

@@ -5,11 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from conftest import dpypeline, write_config
 from dpypeline import Job, Pipeline, Task, logs
 from dpypeline.errors import PermanentError
 
@@ -49,7 +54,7 @@ def test_each_job_ends_with_one_summary_line_with_its_context(tmp_path: Path) ->
         cache_dir=str(tmp_path / "state"),
     )
     with capture_logs() as captured:
-        assert pipeline.run(once=True) == 0
+        assert pipeline.run(once=True) == 3  # a job ended dead
     summaries = [e for e in captured if e["event"] in ("job_done", "job_dead")]
     assert [(Path(e["file"]).name, e["event"]) for e in summaries] == [
         ("good.txt", "job_done"),
@@ -124,3 +129,148 @@ def test_journald_format_without_a_journal_falls_back_to_json_lines(tmp_path: Pa
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
     assert line["event"] == "service_ready"
+
+
+SECRETS = {
+    "storage_options key": "AKIAOPTIONSKEY0001",
+    "storage_options secret": "options/Secret+Value=0001",
+    "credentials file token": "AKIAFILETOKEN00002",
+    "credentials file secret": 'file"Secret\\Value0002',
+    "AWS_SECRET_ACCESS_KEY": "env/Secret+Access=0003",
+    "AWS_SESSION_TOKEN": "envSessionToken0004",
+}
+ENV = {name: SECRETS[name] for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+
+
+def _leaky_pipeline(tmp_path: Path, fmt: str) -> Path:
+    """One file, one job whose task dies with secrets all around it (taskbox.leak)."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
+    creds = tmp_path / "s3.json"
+    creds.write_text(
+        json.dumps(
+            {
+                "token": SECRETS["credentials file token"],
+                "secret": SECRETS["credentials file secret"],
+                "endpoint_url": "http://127.0.0.1:9",
+            }
+        )
+    )
+    creds.chmod(0o600)
+    options = {
+        "key": SECRETS["storage_options key"],
+        "secret": SECRETS["storage_options secret"],
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+    }
+    return write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(tmp_path / "inbox"), "settle": "50ms"}],
+            "retry": {"max_attempts": 1},
+            "objectstores": {"store": {"credentials": str(creds)}},
+            "jobs": [
+                {
+                    "name": "leak",
+                    "tasks": [{"task": "taskbox.leak", "with": {"storage_options": options}}],
+                }
+            ],
+            "logging": {"format": fmt},
+        },
+    )
+
+
+def _assert_no_secret(text: str) -> None:
+    for what, secret in SECRETS.items():
+        for form in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]):
+            assert form not in text, f"the {what} is in the log"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_no_secret_reaches_the_log_of_a_job_that_dies_with_secrets_around_it(
+    tmp_path: Path, fmt: str
+) -> None:
+    cfg = _leaky_pipeline(tmp_path, fmt)
+    proc = dpypeline("run", "--once", "-c", str(cfg), env=ENV)
+    assert proc.returncode == 3, proc.stderr
+    _assert_no_secret(proc.stderr)
+    assert "connecting" in proc.stderr
+    assert "PermissionError: access denied for key <redacted>" in proc.stderr
+    assert "taskbox.py" in proc.stderr  # the task's frame is there, without its locals
+    assert "file_secret" not in proc.stderr
+    if fmt == "json":
+        [dead] = [json.loads(line) for line in proc.stderr.splitlines() if '"job_dead"' in line]
+        assert isinstance(dead["exception"], str)
+        assert "service.py" not in dead["exception"]  # dpypeline's own frames left out
+        assert len(dead["exception"]) < 1000
+
+
+def test_no_secret_reaches_the_journal_of_a_job_that_dies_with_secrets_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from dpypeline.config import load_config
+    from dpypeline.pipeline import import_tasks
+    from dpypeline.redact import known_secrets
+    from dpypeline.service import Service
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(_leaky_pipeline(tmp_path, "journald"))
+    path = tmp_path / "journal.sock"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(path))
+    journal.settimeout(0.5)
+    entries: list[bytes] = []
+    try:
+        logs.configure("journald", "info", journal_socket=str(path), secrets=known_secrets(config))
+        reader = threading.Thread(target=_receive, args=(journal, entries), name="test-journal")
+        reader.start()
+        jobs, setup = import_tasks(config)
+        assert Service(config, jobs, setup, once=True).run() == 3
+        reader.join(30)
+    finally:
+        journal.close()
+        structlog.reset_defaults()
+        for handler in logging.getLogger().handlers:
+            handler.close()
+        logging.getLogger().handlers.clear()
+    fields = [_decode_entry(e) for e in entries]
+    [dead] = [f for f in fields if f["DPYPELINE_EVENT"] == "job_dead"]
+    assert "PermissionError: access denied for key <redacted>" in dead["DPYPELINE_EXCEPTION"]
+    assert any(f["DPYPELINE_EVENT"] == "connecting" for f in fields)
+    _assert_no_secret(b"".join(entries).decode("utf-8", "replace"))
+
+
+def _receive(sock: Any, into: list[bytes]) -> None:
+    """Every datagram up to the service's last one."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 20)
+        except TimeoutError:
+            continue
+        except OSError:  # closed
+            return
+        into.append(data)
+        if b"DPYPELINE_EVENT=service_stopped" in data:
+            return
+
+
+def test_tracebacks_leave_out_dpypelines_own_frames_unless_debug_and_never_show_locals() -> None:
+    def fails(path: str) -> str:
+        hidden_local = "only-in-the-frame"
+        raise ValueError(f"cannot read {path} ({len(hidden_local)})")
+
+    try:
+        Job("j", [Task(fails)]).run("/in/x.nc")
+    except ValueError as exc:
+        short, full = logs.format_exception(exc), logs.format_exception(exc, full=True)
+    assert "pipeline.py" not in short
+    assert "frames left out" in short
+    assert "pipeline.py" in full
+    for text in (short, full):
+        assert "in fails" in text
+        assert text.endswith("ValueError: cannot read /in/x.nc (17)")
+        assert "only-in-the-frame" not in text

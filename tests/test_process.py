@@ -52,12 +52,13 @@ def make_pipeline(
 
 
 def run_until_drained(cfg: Path, restarts: int = 10) -> list[int]:
-    """Act as the supervisor: run `--once` again after each crash until it drains."""
+    """Act as the supervisor: run `--once` again after each crash until it drains (exit 0,
+    or 3 when some job of that run ended dead)."""
     codes = []
     for _ in range(restarts):
         proc = dpypeline("run", "-c", str(cfg), "--once", timeout=120)
         codes.append(proc.returncode)
-        if proc.returncode == 0:
+        if proc.returncode in (0, 3):
             return codes
     pytest.fail(f"the service did not drain after {restarts} runs: exit codes {codes}")
 

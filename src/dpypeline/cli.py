@@ -1,7 +1,8 @@
 """The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
-``RestartPreventExitStatus=2`` stops a config error from restart-looping). status, jobs,
+``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
+finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``). status, jobs,
 retry, skip and enqueue work while the service runs: they only touch the ledger, through
 SQLite, and the service picks up what they changed.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -117,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline import logs
     from dpypeline.pipeline import import_tasks
+    from dpypeline.preflight import preflight
+    from dpypeline.redact import known_secrets
     from dpypeline.service import ClusterLost, Service, StuckJob, reexec
 
-    logs.configure(config.logging.format, config.logging.level)
+    logs.configure(config.logging.format, config.logging.level, secrets=known_secrets(config))
     jobs, setup = import_tasks(config)
+    preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
     service = Service(config, jobs, setup, once=True if args.once else None)
+    _set_stop_handlers(service.on_signal)  # a stop before the loop runs: its first step sees it
     try:
         return service.run()
     except (StuckJob, ClusterLost):
@@ -134,20 +140,28 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - the last word on an unexpected failure, for the journal
         logs.get_logger().exception("service_failed", error=str(exc))
         return EXIT_FAILURE
+    finally:
+        # the service has closed: a late stop signal has nothing left to stop, and must not
+        # turn a clean exit into death by signal while the interpreter shuts down
+        _set_stop_handlers(signal.SIG_IGN)
+
+
+def _set_stop_handlers(handler: Any) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.fsinfo import require_local_filesystem
-    from dpypeline.objectstore import load_credentials
     from dpypeline.pipeline import import_tasks
+    from dpypeline.preflight import preflight
 
     jobs, setup = import_tasks(config)
     problems = []
-    for name, store in config.objectstores.items():
-        try:
-            load_credentials(name, store)
-        except ConfigError as exc:
-            problems.append(f"{config.where('objectstores', name)}: {exc}")
+    try:
+        preflight(config, jobs, setup)
+    except ConfigError as exc:
+        problems.append(str(exc))
     cluster = config.executor.cluster
     if config.executor.kind == "dask" and cluster is not None:
         from dpypeline.dask_executor import cluster_class
@@ -161,8 +175,6 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
-    if not os.access(parent, os.W_OK):
-        raise StateError(f"CACHE_DIR {config.cache_dir} is not writable by this user")
     print(
         f"ok: {config.name}: {len(config.watch)} watch(es), "
         f"{len(jobs)} job(s) of {sum(len(j.tasks) for j in jobs)} task(s), "
@@ -296,12 +308,33 @@ def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_retry(config: PipelineConfig, args: argparse.Namespace) -> int:
     ledger = _ledger(config)
+    refused = []
     try:
-        moved = ledger.retry(None if args.dead else args.job_ids, time.time())
+        if args.dead:
+            moved = ledger.retry(None, time.time())
+        else:
+            moved = 0
+            for job_id in args.job_ids:
+                if ledger.retry([job_id], time.time()):
+                    moved += 1
+                else:
+                    refused.append(_why_not_retried(ledger, job_id))
     finally:
         ledger.close()
+    for reason in refused:
+        print(f"not retried: {reason}", file=sys.stderr)
     print(f"{moved} dead job(s) queued again")
-    return EXIT_OK if moved or args.dead else EXIT_FAILURE
+    return EXIT_FAILURE if refused else EXIT_OK
+
+
+def _why_not_retried(ledger: Ledger, job_id: int) -> str:
+    record = ledger.get(job_id)
+    if record is None:
+        return f"job {job_id} does not exist (see `dpypeline jobs`)"
+    return (
+        f"job {job_id} is {record.state.value}, not dead: only dead jobs can be retried"
+        f" ({record.path})"
+    )
 
 
 def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:

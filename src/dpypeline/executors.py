@@ -109,8 +109,8 @@ class SerialExecutor:
 
     def completed(self) -> list[Finished]:
         r = self._running
-        if r is None or r.thread.is_alive():
-            return []
+        if r is None or (r.thread.is_alive() and not r.result):
+            return []  # a result is in before the wake-up call, while the thread still ends
         self._running = None
         return r.result or [Finished(r.job_id, error=RuntimeError("the job thread vanished"))]
 

@@ -7,6 +7,12 @@ fields: ``journalctl -u dpypeline DPYPELINE_STATE=dead``), renders for a person 
 and JSON lines otherwise (one object per line: ``event``, ``level``, ``timestamp`` and the
 event's fields). JSON printed to stdout would reach the journal as one unindexed text
 field, hence the journal's native protocol; without its socket, JSON lines on stderr.
+
+A traceback is text in the ``exception`` field, in every format, and never carries frame
+locals (they hold storage options, credentials, whole datasets). It is short: the task's
+and the libraries' frames and the error, without dpypeline's own machinery; at ``level:
+debug`` every frame. Last, every rendered line is scrubbed of the secrets the pipeline
+knows of (``redact``), whatever quoted them.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Mapping
+import traceback
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
 
 from dpypeline.paths import shown
+from dpypeline.redact import Scrubber
 
 NOISY = (
     "botocore",
@@ -42,6 +50,92 @@ NOISY = (
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 _FIELD = re.compile(r"[^A-Z0-9_]")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_TASKS = os.path.join(_PACKAGE, "tasks")
+MAX_FRAMES = 6  # of a short traceback: the first frame left after ours, and the last five
+MAX_CHAIN = 3  # exceptions of a chain (``raise ... from ...``)
+MAX_MESSAGE = 1000  # characters of each exception's message
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def format_exception(exc: BaseException, *, full: bool = False) -> str:
+    """The traceback of *exc* as Python prints it, never with locals. Short unless *full*:
+    dpypeline's own frames (the loop, the executor, the chain of tasks; not the built-in
+    tasks) are left out, at most MAX_FRAMES others kept, at most MAX_CHAIN exceptions of a
+    chain, each message cut at MAX_MESSAGE characters."""
+    te: traceback.TracebackException | None = traceback.TracebackException.from_exception(
+        exc, capture_locals=False
+    )
+    parts: list[str] = []
+    while te is not None and len(parts) < 2 * MAX_CHAIN:
+        parts.append(_format_one(te, full))
+        if te.__cause__ is not None:
+            parts.append(_CAUSE)
+            te = te.__cause__
+        elif te.__context__ is not None and not te.__suppress_context__:
+            parts.append(_CONTEXT)
+            te = te.__context__
+        else:
+            te = None
+    if len(parts) % 2 == 0:  # the chain goes on beyond MAX_CHAIN: end on an exception
+        parts.pop()
+    return "".join(reversed(parts)).rstrip("\n")
+
+
+def _format_one(te: traceback.TracebackException, full: bool) -> str:
+    frames = list(te.stack)
+    kept = frames if full else [f for f in frames if not _machinery(f.filename)]
+    if not full and len(kept) > MAX_FRAMES:
+        kept = kept[:1] + kept[-(MAX_FRAMES - 1) :]
+    message = "".join(te.format_exception_only())
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 4] + " ...\n"
+    if not frames:
+        return message
+    left_out = len(frames) - len(kept)
+    note = f"; {left_out} frames left out, all at logging level debug" if left_out else ""
+    stack = "".join(  # Python's lines without the ^^^ markers under them
+        f'  File "{f.filename}", line {f.lineno}, in {f.name}\n'
+        + (f"    {f.line}\n" if f.line else "")
+        for f in kept
+    )
+    return f"Traceback (most recent call last{note}):\n{stack}{message}"
+
+
+def _machinery(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE + os.sep) and not path.startswith(_TASKS + os.sep)
+
+
+def _exception(exc_info: Any) -> BaseException | None:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple):
+        return exc_info[1] if len(exc_info) > 1 else None
+    if exc_info:
+        return sys.exc_info()[1]
+    return None
+
+
+def _traceback_processor(full: bool) -> Callable[[Any, str, dict[str, Any]], dict[str, Any]]:
+    """``exc_info`` → an ``exception`` text field (see ``format_exception``), the same for
+    every renderer, so that none of them formats it its own way (with locals)."""
+
+    def render(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        exc = _exception(event.pop("exc_info", None))
+        if exc is not None:
+            event["exception"] = format_exception(exc, full=full)
+        return event
+
+    return render
+
+
+def _scrub_processor(scrub: Scrubber) -> Callable[[Any, str, str], str]:
+    def render(_logger: Any, _name: str, line: str) -> str:
+        return scrub(line)
+
+    return render
 
 
 def under_journal(stream: TextIO) -> bool:
@@ -117,7 +211,9 @@ def configure(
     level: str = "info",
     stream: TextIO | None = None,
     journal_socket: str = JOURNAL_SOCKET,
+    secrets: Iterable[str] = (),
 ) -> None:
+    """Logging for the whole process; *secrets* are blanked out of every line."""
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "journald" if under_journal(stream) else "console" if stream.isatty() else "json"
@@ -142,12 +238,12 @@ def configure(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
-    if fmt == "json":
-        final += [structlog.processors.dict_tracebacks]
-    elif fmt == "journald":
-        final += [structlog.processors.format_exc_info]  # the traceback as one text field
-    final.append(renderer)
+    final: list[Any] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        _traceback_processor(full=level.lower() == "debug"),
+        renderer,
+        _scrub_processor(Scrubber(secrets)),  # last: the rendered line, whatever is in it
+    ]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.PositionalArgumentsFormatter()],
         processors=final,

@@ -136,11 +136,12 @@ def _read_file(name: str, path: Path) -> Credentials:
         ) from None
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    st = os.fstat(fd)  # the file we read, not whatever the name points to now
+    if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory itself
+        os.close(fd)
+        raise ConfigError(f"{where} is not a regular file")
     with os.fdopen(fd, "rb") as stream:
-        st = os.fstat(stream.fileno())  # the file we read, not whatever the name points to now
         mode = stat.S_IMODE(st.st_mode)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{where} is not a regular file")
         if mode & 0o077:
             raise ConfigError(
                 f"{where} is accessible by group or others (mode {mode:04o}); a secret must be"

@@ -5,7 +5,9 @@ setup tasks, starts the watcher and the scan thread, then loops: drain observati
 settle → enqueue → promote retries → admit → collect finished jobs → start new ones →
 health. ``step(now)`` is one pass of that loop, so tests can drive it directly.
 
-Signal handlers only set flags (anything more is unsafe in a handler); the loop reacts:
+Signal handlers only set flags (anything more is unsafe in a handler: a lock the loop
+holds at that instant would never be released) and the interpreter wakes the loop through
+``signal.set_wakeup_fd`` (see ``wakeup``); the loop reacts:
 the first SIGTERM/SIGINT stops taking work and gives the running job ``stop_grace`` to
 finish; a job still running then, or at a second signal, goes back to the head of the
 queue with its attempt refunded, and the service stops. A stop therefore never waits for
@@ -36,6 +38,7 @@ from dpypeline.ordering import held_summary
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.settle import Settler, StableFile
 from dpypeline.systemd import Notifier
+from dpypeline.wakeup import Wakeup
 from dpypeline.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
 from dpypeline.worker import Worker
 
@@ -47,6 +50,7 @@ PRUNE_EVERY = 3600.0
 MAX_SLEEP = 1.0
 EXECUTOR_STATUS_EVERY = 1.0  # how fresh `dpypeline status` shows the cluster
 CLUSTER_GRACE = 15.0  # a lost Dask scheduler this long makes the service restart itself
+EXIT_JOBS_DEAD = 3  # `run --once` when a job ended dead: cron and batch wrappers see it
 
 
 class Status(StrEnum):
@@ -83,7 +87,8 @@ class Service:
         self.stuck = False
         self._stop_requested = self._stop_now = False
         self._stop_deadline: float | None = None
-        self._inbox = Inbox()
+        self._wake = Wakeup()  # rung by the watcher, the executor and signals
+        self._inbox = Inbox(self._wake)
         self._settler = Settler()
         self._pending_scans = 0
         self._next: dict[str, float] = {}
@@ -99,6 +104,7 @@ class Service:
         wd = self._notifier.watchdog_interval
         self._health_every = min(HEALTH_EVERY, wd) if wd else HEALTH_EVERY
         self._stuck_reported = False
+        self._recovered_dead = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -108,20 +114,22 @@ class Service:
             # the watchdog's SIGABRT (and any fatal signal) prints every thread's stack to
             # stderr, which is the journal under systemd: where was it stuck?
             faulthandler.enable()
-        self.start()
-        previous = self._install_signal_handlers()
+        previous = self._install_signal_handlers()  # a stop during start-up is not lost
         try:
-            while self.step():
-                self._sleep()
-            if self.stuck:
-                raise StuckJob("a job did not stop after its timeout")
-            if self.cluster_lost:
-                raise ClusterLost("the Dask scheduler is unreachable")
-            return 0
+            self.start()
+            try:
+                while self.step():
+                    self._sleep()
+                if self.stuck:
+                    raise StuckJob("a job did not stop after its timeout")
+                if self.cluster_lost:
+                    raise ClusterLost("the Dask scheduler is unreachable")
+                return EXIT_JOBS_DEAD if self.once and self.jobs_dead else 0
+            finally:
+                reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else ""
+                self.close(reason or "stopped")
         finally:
-            self._restore_signal_handlers(previous)
-            reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else None
-            self.close(reason or "stopped")
+            self._restore_signal_handlers(previous)  # after close: more signals change nothing
 
     def start(self) -> None:
         """Either fully succeeds or closes what it opened, marks itself failed and re-raises."""
@@ -140,6 +148,7 @@ class Service:
                     dead=rec.dead,
                     reason="jobs were running when the service last stopped",
                 )
+            self._recovered_dead = len(rec.dead_jobs)
             for job in rec.dead_jobs:  # one entry each, like any other job that ends dead
                 log.error(
                     "job_dead",
@@ -201,7 +210,22 @@ class Service:
             self._ledger = None
         if self.status is not Status.FAILED:
             self.status = Status.STOPPED
-        log.info("service_stopped", reason=reason)
+        if self.once and self.jobs_dead:
+            log.warning(
+                "service_stopped",
+                reason=reason,
+                jobs_dead=self.jobs_dead,
+                exit_code=EXIT_JOBS_DEAD,
+                action="see `dpypeline jobs --state dead`; fix the cause, then `dpypeline retry`",
+            )
+        else:
+            log.info("service_stopped", reason=reason)
+
+    @property
+    def jobs_dead(self) -> int:
+        """Jobs that ended dead in this run (at recovery or after their last attempt)."""
+        worker = self._worker.ended_dead if self._worker is not None else 0
+        return self._recovered_dead + worker
 
     @property
     def stop_requested(self) -> bool:
@@ -213,16 +237,26 @@ class Service:
         self._stop_requested = True
         self._inbox.wake.set()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.request_stop()
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Plain assignments, nothing else: no lock, no I/O, no logging. The wake-up byte
+        was already written by the interpreter (``set_wakeup_fd``)."""
+        self._stop_now = self._stop_requested
+        self._stop_requested = True
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
+    def _install_signal_handlers(self) -> tuple[dict[int, Any], int] | None:
         if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            return None
+        handlers: dict[int, Any] = {
+            s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+        return handlers, signal.set_wakeup_fd(self._wake.signal_fd, warn_on_full_buffer=False)
 
-    def _restore_signal_handlers(self, previous: dict[int, Any]) -> None:
-        for signum, handler in previous.items():
+    def _restore_signal_handlers(self, previous: tuple[dict[int, Any], int] | None) -> None:
+        if previous is None:
+            return
+        handlers, wakeup_fd = previous
+        signal.set_wakeup_fd(wakeup_fd)
+        for signum, handler in handlers.items():
             signal.signal(signum, handler)
 
     # -- the loop -------------------------------------------------------------------------

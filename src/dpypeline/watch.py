@@ -132,7 +132,9 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, FileClosedEvent | FileAttribEvent):
             self._file("complete", src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
-            self._file("writing", src)
+            # watchdog's synthetic "created" for each file of a directory moved in (or made
+            # before its watch existed) is no sign of a writer: no close will follow it
+            self._file("complete" if event.is_synthetic else "writing", src)
         elif isinstance(event, FileDeletedEvent):
             self.inbox.put(Observation("deleted", self.spec.index, src))
 
@@ -140,9 +142,9 @@ class _Handler(FileSystemEventHandler):
 class Inbox:
     """The loop's mailbox: observations from any thread, and a wake-up event."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake: threading.Event | None = None) -> None:
         self._q: queue.SimpleQueue[Observation] = queue.SimpleQueue()
-        self.wake = threading.Event()
+        self.wake = wake or threading.Event()
 
     def put(self, obs: Observation) -> None:
         self._q.put(obs)

@@ -86,6 +86,7 @@ class Worker:
         self._active: dict[int, tuple[Claim, Any]] = {}
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
+        self.ended_dead = 0  # jobs this worker recorded dead (``run --once`` exits non-zero)
 
     def busy(self) -> bool:
         return bool(self._active)
@@ -260,6 +261,8 @@ class Worker:
         exc: BaseException | None = None,
     ) -> None:
         self.ledger.finish(claim, d.state, now, error=d.error, not_before=d.not_before)
+        if d.state is JobState.DEAD:
+            self.ended_dead += 1
         fields: dict[str, Any] = {"state": d.state.value}
         if duration is not None:
             fields["duration"] = round(duration, 4)

@@ -103,6 +103,25 @@ def open_dataset(
         ) from exc
 
 
+def _check_open_options(engine: str | None = None, **_: Any) -> dict[str, str]:
+    """What ``dpypeline validate`` can tell before any file arrives: the engine exists and
+    is installed here."""
+    if engine is None:
+        return {}
+    if engine not in ENGINES:
+        return {
+            "engine": f"open_dataset: engine must be one of {', '.join(ENGINES)}, not {engine!r}"
+        }
+    import xarray as xr
+
+    if engine not in xr.backends.list_engines():
+        return {"engine": f"open_dataset: engine {engine!r} is not installed here"}
+    return {}
+
+
+open_dataset.check_options = _check_open_options  # type: ignore[attr-defined]
+
+
 def clean_dataset(
     ds: xr.Dataset,
     *,

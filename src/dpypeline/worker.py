@@ -33,10 +33,13 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def backoff(attempt: int, retry: RetryConfig) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-    b = retry.backoff
-    return float(min(b.initial * b.factor ** max(attempt - 1, 0), b.max))
+    return retry.backoff.delay(attempt)
 
 
 def decide(exc: BaseException, claim: Claim, retry: RetryConfig, now: float) -> Decision:
@@ -76,6 +79,7 @@ class Worker:
         self._active: dict[int, tuple[Claim, Any]] = {}
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
+        self.pause_reason = ""  # the outage behind the pause, for STATUS
 
     def busy(self) -> bool:
         return bool(self._active)
@@ -158,6 +162,7 @@ class Worker:
         self._outages += 1
         wait = backoff(self._outages, self.config.retry)
         self.paused_until = now + wait
+        self.pause_reason = _short(str(exc))
         self.ledger.release(claim, now)
         jlog.warning(
             "service_paused",

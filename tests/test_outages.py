@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import structlog
 import xarray as xr
+import yaml
 from structlog.testing import capture_logs
 
 from conftest import ROOT, ServiceProcess, env_for_subprocess, jobs, status, wait_for, write_config
@@ -449,10 +450,15 @@ def _json(line: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("executor", ["serial", "dask"])
 def test_a_run_against_an_object_store_ends_without_unclosed_sessions(
-    tmp_path: Path, s3: S3Server, s3_proxy: TcpProxy
+    tmp_path: Path, s3: S3Server, s3_proxy: TcpProxy, executor: str
 ) -> None:
     cfg, inbox = s3_config(tmp_path, s3_proxy)
+    if executor == "dask":  # the workers keep clients of their own
+        data = yaml.safe_load(cfg.read_text())
+        data["executor"] = {"kind": "dask", "cluster": {"options": {"n_workers": 2}}}
+        write_config(tmp_path, data)
     drop(make_series(tmp_path / "made", 2), inbox)
     done = subprocess.run(
         [sys.executable, "-m", "dpypeline", "run", "--once", "-c", str(cfg)],

@@ -170,4 +170,4 @@ def no_leaked_threads() -> Iterator[None]:
     assert not leaked(), f"threads left running: {leaked()}"
 
 
-pytest_plugins = ["s3server", "sandbox"]
+pytest_plugins = ["s3server", "sandbox", "tcpproxy"]

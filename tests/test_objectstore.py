@@ -158,8 +158,23 @@ def test_storage_options_turn_off_listing_cache_and_bound_timeouts(tmp_path: Pat
     assert (options["key"], options["secret"]) == ("AKIAEXAMPLEKEY123456", PRIVATE_SECRET)
     config = options["config_kwargs"]
     assert config["connect_timeout"] <= 10
-    assert config["read_timeout"] <= 120
-    assert config["retries"]["max_attempts"] <= 3
+    assert config["read_timeout"] <= 30
+    assert config["retries"]["total_max_attempts"] <= 2  # a silent store: an outage in < 1 min
+
+
+def test_timeouts_and_attempts_are_settable_per_objectstore(tmp_path: Path) -> None:
+    data = {
+        "watch": [{"path": str(tmp_path)}],
+        "jobs": [{"name": "j", "tasks": [{"task": "upload_file"}]}],
+        "objectstores": {
+            "slow": {"credentials": str(secret_file(tmp_path)), "connect_timeout": "2s",
+                     "read_timeout": "500ms", "attempts": 3},
+        },
+    }  # fmt: skip
+    stores = config_from_dict(data).objectstores
+    config = storage_options(stores, "slow")["config_kwargs"]
+    assert (config["connect_timeout"], config["read_timeout"]) == (2.0, 0.5)
+    assert config["retries"] == {"total_max_attempts": 3, "mode": "standard"}
 
 
 def test_unknown_objectstore_lists_the_configured_ones(tmp_path: Path) -> None:

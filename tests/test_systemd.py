@@ -400,6 +400,37 @@ def test_user_install_runs_without_root(sandbox: Sandbox, wheelhouse: Path) -> N
     assert "kept /home/alice/.config/dpypeline" in out
 
 
+def test_an_object_store_down_at_start_is_waited_for_without_a_restart_loop(
+    sandbox: Sandbox,
+) -> None:
+    box = sandbox
+    ready(box)
+    refused = {"token": "test-token", "secret": "test-secret", "endpoint_url": "http://127.0.0.1:9"}
+    box.sh(f"umask 077 && echo '{json.dumps(refused)}' > /etc/dpypeline/credentials.json")
+    box.configure(
+        objectstores={"store": {"credentials": "${CREDENTIALS_DIRECTORY:-/none}/s3.json"}},
+        setup=[{"task": "create_bucket", "with": {"objectstore": "store", "bucket": "nemo-n06"}}],
+    )
+    took = start(box)  # returns: READY came although setup could not run
+    assert took < 30
+    pid = box.main_pid()
+    assert "waiting for objectstore 'store'" in box.show("StatusText")
+    box.wait(
+        lambda: len(box.journal("DPYPELINE_EVENT=setup_waiting")) >= 3,
+        message="three tries of the setup",
+    )
+    time.sleep(7)  # longer than RestartSec=: a restart would have happened by now
+    assert box.show("ActiveState") == "active"
+    assert box.show("NRestarts") == "0"
+    assert box.main_pid() == pid
+    assert box.journal_text().count("Starting dpypeline.service") == 1
+    box.drop("a.nc")  # recorded while waiting; no job starts before setup succeeded
+    box.wait(lambda: box.status()["queued"] == 1, message="the file queued")
+    assert not box.recorded()
+    box.run("systemctl", "stop", UNIT)
+    assert box.show("Result") == "success"
+
+
 def test_the_dask_executor_works_inside_the_hardened_unit(sandbox: Sandbox) -> None:
     box = sandbox
     ready(box)

@@ -98,6 +98,10 @@ class BackoffConfig(_Section):
     factor: float = Field(default=2.0, ge=1)
     max: Duration = 600.0
 
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row (1-based)."""
+        return float(min(self.initial * self.factor ** max(failures - 1, 0), self.max))
+
 
 class RetryConfig(_Section):
     max_attempts: int = Field(default=5, ge=1)
@@ -146,6 +150,12 @@ class ObjectStoreConfig(_Section):
     credentials: AbsPath | None = None
     endpoint_url: str | None = None
     region: str | None = None
+    # A store that hangs must count as an outage within a minute: each request gets
+    # `attempts` tries, each waiting at most `connect_timeout` for the connection and
+    # `read_timeout` for the answer (the time a body takes to go up is not counted).
+    connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    read_timeout: Annotated[Duration, Field(gt=0)] = 20.0
+    attempts: int = Field(default=2, ge=1)
 
 
 class LoggingConfig(_Section):

@@ -93,6 +93,18 @@ class TaskPath(WorkerPlugin):
                 sys.path.insert(0, d)
 
 
+class CloseClients(WorkerPlugin):
+    """Closes a worker's kept S3 clients when the worker stops, as the service does for its
+    own (an HTTP session left open at exit is an "Unclosed client session" error)."""
+
+    name = "dpypeline-close-clients"
+
+    def teardown(self, worker: Any) -> None:
+        from dpypeline.objectstore import close_clients
+
+        close_clients()
+
+
 def run_whole(call: Callable[[], Any]) -> None:
     call()  # the chain's value stays on the worker: only the outcome comes back
 
@@ -178,6 +190,7 @@ class DaskExecutor:
                         self._adaptive = scale(self._cluster, cc.scale)
                 self._client = Client(self._cluster, timeout=CONNECT_TIMEOUT)
             self._client.register_plugin(TaskPath(self._task_dirs), name=TaskPath.name)
+            self._client.register_plugin(CloseClients(), name=CloseClients.name)
         except BaseException:
             self.close()
             raise

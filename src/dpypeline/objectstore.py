@@ -11,7 +11,6 @@ unchanged. Secrets never appear in a message, repr or log line made here.
 
 from __future__ import annotations
 
-import copy
 import errno
 import functools
 import json
@@ -19,7 +18,8 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from dpypeline.config import ObjectStoreConfig
 from dpypeline.errors import ConfigError, DpypelineError, PermanentError, Unavailable
+from dpypeline.logs import get_logger
+from dpypeline.outages import chain
 
 if TYPE_CHECKING:
     import s3fs
@@ -34,7 +36,9 @@ if TYPE_CHECKING:
 __all__ = [
     "Credentials",
     "classify_errors",
+    "close_clients",
     "filesystem",
+    "keep_open",
     "load_credentials",
     "s3_error_code",
     "split_url",
@@ -42,14 +46,15 @@ __all__ = [
     "translate_error",
 ]
 
-# An outage should fail an operation within seconds, not minutes: the worker's own backoff
-# decides when to try again. botocore tries each request twice, s3fs each call twice.
-CLIENT_CONFIG: dict[str, Any] = {
-    "connect_timeout": 5,
-    "read_timeout": 60,
-    "retries": {"max_attempts": 2, "mode": "standard"},
-}
-S3FS_TRIES = 2
+# An outage should fail an operation within a minute, not many: the worker's own backoff
+# decides when to try again. Requests are retried in one place, botocore (standard mode:
+# connection errors, timeouts, 5xx and throttling), `attempts` times, each bounded by the
+# objectstore's timeouts; s3fs's own retry loop would multiply that, so it tries once.
+S3FS_TRIES = 1
+
+log = get_logger("dpypeline.objectstore")
+_KEPT: list[tuple[Any, Callable[[Coroutine[Any, Any, Any]], Any]]] = []
+_KEPT_GUARD = threading.Lock()
 
 FILE_FORMAT = '{"token": ACCESS_KEY_ID, "secret": SECRET_KEY, "endpoint_url": "https://…"}'
 _ENV_HINT = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -198,16 +203,22 @@ def storage_options(objectstores: Mapping[str, ObjectStoreConfig], name: str) ->
         "key": creds.key,
         "secret": creds.secret,
         "client_kwargs": client_kwargs,
-        "config_kwargs": _client_config(),  # a fresh dict: callers may adjust it
+        "config_kwargs": client_config(_config(objectstores, name)),
         "use_listings_cache": False,
         "skip_instance_cache": True,
     }
 
 
-def _client_config() -> dict[str, Any]:
+def client_config(cfg: ObjectStoreConfig) -> dict[str, Any]:
+    """botocore's client settings for a store (a fresh dict: callers may adjust it)."""
     from botocore.config import Config
 
-    config = copy.deepcopy(CLIENT_CONFIG)
+    config: dict[str, Any] = {
+        "connect_timeout": cfg.connect_timeout,
+        "read_timeout": cfg.read_timeout,
+        "retries": {"total_max_attempts": cfg.attempts, "mode": "standard"},
+        "http_session_cls": _http_session_class(),
+    }
     if "request_checksum_calculation" in Config.OPTION_DEFAULTS:
         # botocore >= 1.36 adds CRC checksum headers to every upload by default, which
         # S3-compatible stores (Ceph, MinIO, Caringo …) may reject; send them only where
@@ -217,6 +228,26 @@ def _client_config() -> dict[str, Any]:
     return config
 
 
+@functools.cache
+def _http_session_class() -> type:
+    """aiobotocore's HTTP session, without ``Expect: 100-continue``.
+
+    botocore asks for it on every upload with a file-like body; aiohttp then waits for the
+    interim "100 Continue" before sending the body, and no timeout covers that wait (the
+    read timeout starts once the body is sent): a store that accepts the connection and
+    never answers would hold the upload for ever. Without the header the body goes at once
+    and ``read_timeout`` bounds the wait for the answer. (The header is never signed.)
+    """
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    class NoExpectContinue(AIOHTTPSession):
+        async def send(self, request: Any) -> Any:
+            request.headers.pop("Expect", None)
+            return await super().send(request)
+
+    return NoExpectContinue
+
+
 def filesystem(objectstores: Mapping[str, ObjectStoreConfig], name: str) -> s3fs.S3FileSystem:
     """A fresh s3fs filesystem for objectstore *name* (never a cached instance)."""
     import s3fs
@@ -224,6 +255,31 @@ def filesystem(objectstores: Mapping[str, ObjectStoreConfig], name: str) -> s3fs
     fs = s3fs.S3FileSystem(**storage_options(objectstores, name))
     fs.retries = S3FS_TRIES  # a class attribute in s3fs, not an option (default 5)
     return fs
+
+
+def keep_open(fs: Any, run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
+    """Remember an s3fs client kept for the life of the process (one per Zarr store, say),
+    so that :func:`close_clients` closes it; *run* runs a coroutine on the event loop the
+    client lives on."""
+    with _KEPT_GUARD:
+        _KEPT.append((fs, run))
+
+
+def close_clients() -> None:
+    """Close the clients kept open (at service stop). An HTTP session still open when the
+    interpreter exits makes aiohttp log "Unclosed client session" errors."""
+    with _KEPT_GUARD:
+        kept = list(_KEPT)
+        _KEPT.clear()
+    for fs, run in kept:
+        client = getattr(fs, "_s3", None)  # None: the client never connected
+        if client is None:
+            continue
+        try:
+            run(client.close())
+        except Exception as exc:  # noqa: BLE001 - the process is stopping: say so, go on
+            log.warning("objectstore_close_failed", error=f"{type(exc).__name__}: {exc}")
+        fs._s3 = None
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -311,12 +367,14 @@ def translate_error(
                 f"{store} is unavailable ({answer}) while {what}; waiting until it answers"
             )
         return None
-    network = next((e for e in _chain(exc) if _is_network_error(e)), None)
+    network = next((e for e in chain(exc) if _is_network_error(e)), None)
     if network is not None:
         detail = str(network) or type(network).__name__
         where = f" at {config.endpoint_url}" if config is not None and config.endpoint_url else ""
+        silent = "Timeout" in type(network).__name__ or isinstance(network, TimeoutError)
+        state = "does not answer" if silent else "is unreachable"
         return Unavailable(
-            f"{store}{where} is unreachable ({type(network).__name__}: {detail}) while {what};"
+            f"{store}{where} {state} ({type(network).__name__}: {detail}) while {what};"
             " waiting until it answers"
         )
     if isinstance(exc, PermissionError):
@@ -324,21 +382,9 @@ def translate_error(
     return None
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """*exc* and every exception it was raised from or during, each once."""
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
-
-
 def _client_error(exc: BaseException) -> tuple[str, int, str | None] | None:
     """(code, HTTP status, bucket) of the first botocore ClientError behind *exc*."""
-    for e in _chain(exc):
+    for e in chain(exc):
         response = getattr(e, "response", None)
         if isinstance(response, dict) and isinstance(response.get("Error"), dict):
             error = response["Error"]

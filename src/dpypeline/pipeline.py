@@ -19,6 +19,7 @@ from typing import Any
 
 from dpypeline.config import ObjectStoreConfig, PipelineConfig
 from dpypeline.errors import ConfigError
+from dpypeline.outages import disk_full_is_outage
 from dpypeline.tasks import BUILTINS
 
 
@@ -82,7 +83,8 @@ class Job:
 
     def run_tasks(self, start: int, stop: int, value: Any, context: JobContext | None) -> Any:
         for task in self.tasks[start:stop]:
-            value = task(value, context)
+            with disk_full_is_outage(f"running {task.name}"):
+                value = task(value, context)
         return value
 
     def commit_index(self) -> int | None:

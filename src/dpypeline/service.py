@@ -34,7 +34,9 @@ from dpypeline.config import PipelineConfig
 from dpypeline.executors import Executor, SerialExecutor
 from dpypeline.ledger import Ledger
 from dpypeline.logs import get_logger
+from dpypeline.objectstore import close_clients
 from dpypeline.ordering import held_summary
+from dpypeline.outages import PendingSetup
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.settle import Settler, StableFile
 from dpypeline.systemd import Notifier
@@ -100,6 +102,7 @@ class Service:
         self._cluster_lost_since: float | None = None
         self.cluster_lost = False
         self._worker: Worker | None = None
+        self._setup = PendingSetup([], None, config.retry.backoff)
         self._notifier = Notifier()
         wd = self._notifier.watchdog_interval
         self._health_every = min(HEALTH_EVERY, wd) if wd else HEALTH_EVERY
@@ -163,10 +166,11 @@ class Service:
             self._executor.start()
             self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
             ctx = SetupContext(objectstores=cfg.objectstores, log=log)
-            for task in self.setup:
-                extend(START_STEP)
-                task.run_setup(ctx)
-                log.info("setup_done", task=task.name)
+            extend(START_STEP * max(1, len(self.setup)))
+            # a store that does not answer yet is waited for while the service runs (READY,
+            # STATUS "waiting for objectstore X"): no job starts until setup has succeeded
+            self._setup = PendingSetup(self.setup, ctx, cfg.retry.backoff)
+            self._setup.run(now)
             extend(START_STEP)
             self._specs = build_specs(list(cfg.watch))
             self._watcher = Watcher(
@@ -203,6 +207,7 @@ class Service:
             self._watcher.stop()
             self._watcher = None
         self._executor.close()
+        close_clients()
         if self.config.executor.kind != "serial":
             forget_executor_status(self.config.cache_dir)
         if self._ledger is not None:
@@ -319,6 +324,8 @@ class Service:
                 self._executor.close()
             return worker.busy()
         ledger.admit()
+        if not self._setup.done and not self._setup.run(now, background=True):
+            return True
         while (
             now >= worker.paused_until
             and self._executor.capacity() > 0
@@ -348,6 +355,7 @@ class Service:
         assert self._worker is not None
         return (
             self._pending_scans == 0
+            and self._setup.done
             and len(self._settler) == 0
             and not self._worker.busy()
             and not self._ledger.has_unfinished()
@@ -474,8 +482,10 @@ class Service:
         counts = self._ledger.counts()
         text = ", ".join(f"{n} {state}" for state, n in counts.items())
         doing = self.status.value
-        if self._worker is not None and self._worker.paused_until > time.time():
-            doing = "paused: a service the jobs need is unreachable"
+        if not self._setup.done:
+            doing = f"waiting for {self._setup.waiting_for} (setup)"
+        elif self._worker is not None and self._worker.paused_until > time.time():
+            doing = f"paused: {self._worker.pause_reason}"
         elif self._pending_scans:
             doing += f", scanning ({self._pending_scans} pending)"
         if self.problems:
@@ -534,6 +544,7 @@ class Service:
                 self._settler.next_deadline(),
                 self._ledger.next_retry_at() if self._ledger else None,
                 self._executor.next_deadline(),
+                None if self._setup.done else self._setup.next_at,
                 self._worker.paused_until
                 if self._worker and self._worker.paused_until > now
                 else None,

@@ -35,10 +35,13 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def backoff(attempt: int, retry: RetryConfig) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-    b = retry.backoff
-    return float(min(b.initial * b.factor ** max(attempt - 1, 0), b.max))
+    return retry.backoff.delay(attempt)
 
 
 def decide(exc: BaseException, claim: Claim, retry: RetryConfig, now: float) -> Decision:
@@ -87,6 +90,7 @@ class Worker:
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
         self.ended_dead = 0  # jobs this worker recorded dead (``run --once`` exits non-zero)
+        self.pause_reason = ""  # the outage behind the pause, for STATUS
 
     def busy(self) -> bool:
         return bool(self._active)
@@ -208,6 +212,7 @@ class Worker:
         self._outages += 1
         wait = backoff(self._outages, self.config.retry)
         self.paused_until = now + wait
+        self.pause_reason = _short(str(exc))
         self.ledger.release(claim, now)
         jlog.warning(
             "service_paused",

@@ -103,12 +103,15 @@ class Location:
         key = (self.url, json.dumps(self.storage_options, sort_keys=True, default=str))
         with _LOCKS_GUARD:
             if key not in _S3_STORES:
-                from dpypeline.objectstore import S3FS_TRIES
+                from zarr.core.sync import sync
+
+                from dpypeline.objectstore import S3FS_TRIES, keep_open
 
                 store = FsspecStore.from_url(
                     self.url, storage_options=dict(self.storage_options or {})
                 )
-                store.fs.retries = S3FS_TRIES  # an outage must surface within seconds
+                store.fs.retries = S3FS_TRIES  # botocore alone retries, within the timeouts
+                keep_open(store.fs, sync)  # zarr runs the client on its own event loop
                 _S3_STORES[key] = store
             return _S3_STORES[key]
 

@@ -19,7 +19,7 @@ PermanentError whose message says what differs and what to do.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -441,9 +441,12 @@ def _storage_options(
 def _classified(
     location: zs.Location, objectstore: str | None, context: Any
 ) -> AbstractContextManager[None]:
-    """S3 failures as dpypeline errors (an outage: Unavailable; credentials: PermanentError)."""
+    """Failures as dpypeline errors: S3's (an outage: Unavailable; credentials:
+    PermanentError), and a full disk under a local store (an outage of that disk)."""
     if not location.remote:
-        return nullcontext()
+        from dpypeline.outages import disk_full_is_outage
+
+        return disk_full_is_outage("writing the Zarr store", location.url)
     from dpypeline.objectstore import classify_errors
 
     config = (getattr(context, "objectstores", None) or {}).get(objectstore)

@@ -51,7 +51,7 @@ CASES: dict[str, tuple[str, str, list[str], int, str]] = {
     "orca12": ("orca12", "namnc4", ["thetao"], 1, "local"),
 }
 DEFAULT_CASES = [c for c in CASES if c != "orca12"]
-QUICK_GRID = (180, 150, 75)  # --quick: the same layouts on a grid 64 times smaller
+QUICK_GRID = (120, 100, 25)  # --quick: the same layouts on a small grid
 CODEC_CANDIDATES: list[Any] = [
     {"codec": "blosc-lz4", "level": 5, "shuffle": "byte"},
     {"codec": "blosc-zstd", "level": 3, "shuffle": "byte"},
@@ -287,7 +287,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a grid 64 times smaller")
+    parser.add_argument("--quick", action="store_true", help="a small grid")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=DEFAULT_CASES)
     parser.add_argument("--data", type=Path, default=None, help="generated files (kept)")
     parser.add_argument("--codecs", action="store_true", help="compare codecs (ORCA025)")

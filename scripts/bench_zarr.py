@@ -81,7 +81,8 @@ def moto_s3() -> Iterator[dict[str, Any]]:
         }
         import s3fs
 
-        s3fs.S3FileSystem(**options).mkdir("bench-bucket")
+        # moto keeps its state per process: a second server finds the bucket there
+        s3fs.S3FileSystem(**options).makedirs("bench-bucket", exist_ok=True)
         yield options
     finally:
         server.stop()

@@ -149,18 +149,25 @@ def test_bad_inputs_end_dead_with_clear_reasons_and_good_files_go_on(
 
     proc = dpypeline("run", "-c", str(cfg), timeout=240)
     assert proc.returncode == 3, proc.stderr[-3000:]  # drained; some jobs ended dead
+    # a dead file holds the later files of its store until the operator accepts the gap
+    for _ in range(6):
+        dead = [str(j["id"]) for j in jobs(cfg, "dead")]
+        if not dead:
+            break
+        dpypeline("skip", "-c", str(cfg), *dead)
+        dpypeline("run", "-c", str(cfg), timeout=240)
 
     zarr_jobs = {Path(j["path"]).name: j for j in jobs(cfg) if j["job"] == "to-zarr"}
     for f in files[:4]:
         assert zarr_jobs[f.name]["state"] == "done", zarr_jobs[f.name]
     for name in ("zero.nc", "text.nc", "truncated.nc"):
-        assert zarr_jobs[name]["state"] == "dead", zarr_jobs[name]
+        assert zarr_jobs[name]["state"] == "skipped", zarr_jobs[name]
         assert zarr_jobs[name]["attempts"] == 1  # permanent: no retry
         assert name in zarr_jobs[name]["error"]
         assert "re-send" in zarr_jobs[name]["error"]
-    assert zarr_jobs["z-schema-U.nc"]["state"] == "dead"
-    assert "permanent" in zarr_jobs["z-schema-U.nc"]["error"]
-    assert zarr_jobs["z-overlap.nc"]["state"] == "dead"
+    assert zarr_jobs["z-schema-U.nc"]["state"] == "skipped"
+    assert "does not match" in zarr_jobs["z-schema-U.nc"]["error"]
+    assert zarr_jobs["z-overlap.nc"]["state"] == "skipped"
     assert "overlap" in zarr_jobs["z-overlap.nc"]["error"].lower()
     assert_store_is(read_store(s3), files[:4])
 

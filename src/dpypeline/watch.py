@@ -133,8 +133,12 @@ class _Handler(FileSystemEventHandler):
             self._file("complete", src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
             # watchdog's synthetic "created" for each file of a directory moved in (or made
-            # before its watch existed) is no sign of a writer: no close will follow it
-            self._file("complete" if event.is_synthetic else "writing", src)
+            # before its watch existed) is no sign of a writer: no close will follow it;
+            # nor is a hard link made to a file already there (ln, rsync --link-dest)
+            whole = event.is_synthetic or (
+                isinstance(event, FileCreatedEvent) and _linked(event.src_path)
+            )
+            self._file("complete" if whole else "writing", src)
         elif isinstance(event, FileDeletedEvent):
             self.inbox.put(Observation("deleted", self.spec.index, src))
 
@@ -387,3 +391,11 @@ class PrefixMatcher:
 
     def could_contain(self, reldir: str) -> bool:
         return self._m.could_contain(self._prefix + reldir)
+
+
+def _linked(path: bytes | str) -> bool:
+    """Whether a file just created is a hard link to a file that already existed."""
+    try:
+        return os.lstat(path).st_nlink > 1
+    except OSError:
+        return False

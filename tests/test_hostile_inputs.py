@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,3 +198,53 @@ def test_a_running_service_survives_every_kind_of_bad_input_and_does_every_good_
     for d in ("before", "after"):
         (inbox / d / "locked").chmod(0o755)
     assert dpypeline("status", "-c", str(cfg)).returncode == 0
+
+
+def test_unreadable_files_and_directories_end_dead_or_logged_when_permissions_really_apply(
+    tmp_path: Path,
+) -> None:
+    """Root reads a chmod 000 file anyway: the service runs here without the capabilities
+    that let it (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH), as an
+    unprivileged service user would. An unreadable file ends dead with the reason, an
+    unreadable directory is logged and skipped, the good file is done, the run ends."""
+    import subprocess
+
+    from conftest import env_for_subprocess
+
+    setpriv = shutil.which("setpriv")
+    if os.getuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to drop the override capabilities")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(GRID_T, inbox / "good.nc")
+    _unreadable(inbox / "unreadable.nc")
+    _in_unreadable_dir(inbox / "locked" / "inside.nc")
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox), "patterns": ["**/*.nc"], "settle": "200ms"}],
+            "retry": {"max_attempts": 2, "backoff": {"initial": "100ms"}},
+            "jobs": [{"name": "ingest", "tasks": [{"task": "open_dataset"}]}],
+            "logging": {"format": "json"},
+        },
+    )
+    drop = "-dac_override,-dac_read_search"
+    unprivileged = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", "--"]
+    proc = subprocess.run(
+        [*unprivileged, sys.executable, "-m", "dpypeline", "run", "--once", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_for_subprocess(),
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]  # ran to the end; a job ended dead
+    states = {Path(j["path"]).name: j for j in jobs(cfg)}
+    assert states["good.nc"]["state"] == "done"
+    assert states["unreadable.nc"]["state"] == "dead"
+    assert "permission denied" in states["unreadable.nc"]["error"]
+    assert states["unreadable.nc"]["attempts"] == 1  # permanent: no retry
+    assert "inside.nc" not in states  # its directory cannot be listed: logged, not fatal
+    assert "locked" in proc.stderr
+    assert '"service_failed"' not in proc.stderr

@@ -132,11 +132,12 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, FileClosedEvent | FileAttribEvent):
             self._file("complete", src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
-            # watchdog's synthetic "created" for each file of a directory moved in (or made
-            # before its watch existed) is no sign of a writer: no close will follow it;
-            # nor is a hard link made to a file already there (ln, rsync --link-dest)
+            # watchdog's "created" for each file of a directory moved in, or made before its
+            # watch existed (synthetic in watchdog 6, a simulated IN_CREATE in 7), is no sign
+            # of a writer: no close will follow it; nor is a hard link made to a file already
+            # there (ln, rsync --link-dest). A writer still at work sends IN_MODIFY next.
             whole = event.is_synthetic or (
-                isinstance(event, FileCreatedEvent) and _linked(event.src_path)
+                isinstance(event, FileCreatedEvent) and _already_written(event.src_path)
             )
             self._file("complete" if whole else "writing", src)
         elif isinstance(event, FileDeletedEvent):
@@ -393,9 +394,12 @@ class PrefixMatcher:
         return self._m.could_contain(self._prefix + reldir)
 
 
-def _linked(path: bytes | str) -> bool:
-    """Whether a file just created is a hard link to a file that already existed."""
+def _already_written(path: bytes | str) -> bool:
+    """Whether a file reported as created already has content, or is a hard link to a
+    file that existed: a writer that creates a file finds it empty, and any write it
+    makes after the event is reported as a modification."""
     try:
-        return os.lstat(path).st_nlink > 1
+        st = os.lstat(path)
     except OSError:
         return False
+    return st.st_size > 0 or st.st_nlink > 1

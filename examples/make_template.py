@@ -17,7 +17,7 @@ import cftime
 import xarray as xr
 
 from dpypeline.tasks.netcdf import open_dataset
-from dpypeline.tasks.zarr import create_template
+from dpypeline.tasks.zarr.to_zarr import create_template
 
 
 def main() -> None:

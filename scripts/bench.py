@@ -67,10 +67,10 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-from dpypeline.fsinfo import filesystem_type
-from dpypeline.ledger import JobState, Ledger
-from dpypeline.patterns import PathMatcher
-from dpypeline.scan import FileVersion, scan
+from dpypeline.state.ledger import JobState, Ledger
+from dpypeline.watching.fsinfo import filesystem_type
+from dpypeline.watching.patterns import PathMatcher
+from dpypeline.watching.scan import FileVersion, scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (

@@ -66,7 +66,7 @@ CODEC_CANDIDATES: list[Any] = [
 
 def ours(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
     from dpypeline.tasks.netcdf import clean_dataset, open_dataset
-    from dpypeline.tasks.zarr import to_zarr
+    from dpypeline.tasks.zarr.to_zarr import to_zarr
 
     for f in files:
         ds = clean_dataset(open_dataset(f, chunks={T: 1}), missing_value=1.0e20)
@@ -76,14 +76,14 @@ def ours(files: list[str], store: str, options: dict[str, Any] | None, compresso
 def baseline(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
     import xarray as xr
 
-    from dpypeline.tasks.zarr import plan_layout
+    from dpypeline.tasks.zarr.to_zarr import plan_layout
 
     coder = xr.coders.CFDatetimeCoder(use_cftime=True)
     layout: dict[str, Any] = {}
     for i, f in enumerate(files):
         ds = xr.open_dataset(f, chunks={}, decode_times=coder)
         if not layout:  # the chunks and codec ours gives a new store, asked of its policy
-            from dpypeline.zarrlayout import Compressor
+            from dpypeline.tasks.zarr.layout import Compressor
 
             rows = plan_layout(ds, append_dim=T, compressor=compressor)
             layout = {r["variable"]: tuple(r["store_chunks"].values()) for r in rows}

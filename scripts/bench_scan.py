@@ -5,7 +5,7 @@ temporary directory next to the current one, so it sits on the disk the service 
 then times, best of three with a warm cache:
 
   baseline  a recursive os.scandir walk that stats every file, nothing else
-  scan()    dpypeline.scan.scan with the matcher ["**/*.nc"]: matching, FileVersion
+  scan()    dpypeline.watching.scan.scan with the matcher ["**/*.nc"]: matching, FileVersion
             objects and the natural sort on top of the same system calls
 
 Usage: PYTHONPATH=src python scripts/bench_scan.py [--files N] [--per-dir M] [--repeat R]
@@ -27,9 +27,9 @@ from bench_common import Context, Result, check, workdir
 from watchdog.utils.dirsnapshot import DirectorySnapshot, DirectorySnapshotDiff
 
 from dpypeline.config import WatchConfig
-from dpypeline.patterns import PathMatcher
-from dpypeline.scan import scan
-from dpypeline.watch import Inbox, Scanner, build_specs
+from dpypeline.watching.patterns import PathMatcher
+from dpypeline.watching.scan import scan
+from dpypeline.watching.watch import Inbox, Scanner, build_specs
 
 
 def build_tree(root: str, files: int, per_dir: int) -> int:

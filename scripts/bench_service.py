@@ -42,9 +42,9 @@ from bench_common import (
 )
 from bench_scan import build_tree
 
-from dpypeline.ledger import Ledger
-from dpypeline.patterns import PathMatcher
-from dpypeline.scan import scan
+from dpypeline.state.ledger import Ledger
+from dpypeline.watching.patterns import PathMatcher
+from dpypeline.watching.scan import scan
 
 JOB = "noop"
 _SOCKETS = itertools.count()

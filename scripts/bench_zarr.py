@@ -32,7 +32,7 @@ from bench_common import Context, Result, workdir  # noqa: E402
 from make_nemo import make_series  # noqa: E402
 
 from dpypeline.tasks.netcdf import open_dataset  # noqa: E402
-from dpypeline.tasks.zarr import to_zarr  # noqa: E402
+from dpypeline.tasks.zarr.to_zarr import to_zarr  # noqa: E402
 
 DIM = "time_counter"
 CODER = xr.coders.CFDatetimeCoder(use_cftime=True)

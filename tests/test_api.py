@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from dpypeline import Job, Pipeline, Task
-from dpypeline.ledger import Ledger
+from dpypeline.state.ledger import Ledger
 from taskbox import record
 
 

@@ -247,7 +247,7 @@ def test_a_template_store_takes_the_later_years_while_one_is_dead(
     tmp_path: Path, years: list[Path]
 ) -> None:
     from dpypeline.tasks.netcdf import open_dataset
-    from dpypeline.tasks.zarr import create_template
+    from dpypeline.tasks.zarr.to_zarr import create_template
 
     flag = tmp_path / "year3-is-broken"
     flag.touch()

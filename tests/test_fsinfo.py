@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dpypeline.errors import StateError
-from dpypeline.fsinfo import (
+from dpypeline.watching.fsinfo import (
     Mount,
     filesystem_type,
     is_network_filesystem,

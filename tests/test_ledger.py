@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from dpypeline.cachedir import service_pid
 from dpypeline.errors import StateError
-from dpypeline.ledger import Claim, JobState, Ledger, Recovery
-from dpypeline.queue import DB_FILE
-from dpypeline.scan import FileVersion
+from dpypeline.state.cachedir import service_pid
+from dpypeline.state.ledger import Claim, JobState, Ledger, Recovery
+from dpypeline.state.queue import DB_FILE
+from dpypeline.watching.scan import FileVersion
 
 ROOT = "/data"
 ADMIT_QUERY = (
@@ -92,8 +92,8 @@ def _child(cache: Path, body: str) -> subprocess.Popen[str]:
     script = textwrap.dedent(f"""
         import os, signal, sys
         from pathlib import Path
-        from dpypeline.ledger import Ledger
-        from dpypeline.scan import FileVersion
+        from dpypeline.state.ledger import Ledger
+        from dpypeline.watching.scan import FileVersion
         ledger = Ledger(Path({str(cache)!r}), service=True)
     """) + textwrap.dedent(body)
     return subprocess.Popen(

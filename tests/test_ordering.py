@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dpypeline.ledger import Claim, JobRecord, JobState, Ledger
-from dpypeline.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
-from dpypeline.queue import DB_FILE
-from dpypeline.scan import FileVersion
+from dpypeline.executors.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
+from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
+from dpypeline.state.queue import DB_FILE
+from dpypeline.watching.scan import FileVersion
 
 # -- the start rule -----------------------------------------------------------------------
 

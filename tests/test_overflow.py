@@ -13,7 +13,7 @@ import pytest
 from watchdog.observers import inotify_c
 
 from conftest import ServiceProcess, runs, status, wait_for, write_config
-from dpypeline import overflow
+from dpypeline.watching import overflow
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 

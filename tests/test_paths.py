@@ -13,11 +13,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import ServiceProcess, dpypeline, jobs, status, wait_for, write_config
-from dpypeline import intake
-from dpypeline.ledger import JobState, Ledger
 from dpypeline.paths import shown
-from dpypeline.queue import DB_FILE
-from dpypeline.scan import FileVersion
+from dpypeline.state.ledger import JobState, Ledger
+from dpypeline.state.queue import DB_FILE
+from dpypeline.watching import intake
+from dpypeline.watching.scan import FileVersion
 
 BAD = os.fsdecode(b"bad\xff.dat")  # how Python hands the name over: a lone surrogate
 BAD_DIR = os.fsdecode(b"d\xfe\xfd")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpypeline.patterns import PathMatcher
+from dpypeline.watching.patterns import PathMatcher
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dpypeline.patterns import PathMatcher
-from dpypeline.scan import FileVersion, ScanResult, natural_key, scan
+from dpypeline.watching.patterns import PathMatcher
+from dpypeline.watching.scan import FileVersion, ScanResult, natural_key, scan
 
 NC = PathMatcher(["**/*.nc"], [".*", "*.tmp"], case_sensitive=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dpypeline.settle import Settler, StableFile
+from dpypeline.watching.settle import Settler, StableFile
 
 ROOT = "/watched"
 

@@ -23,8 +23,8 @@ from dpypeline.config import ObjectStoreConfig
 from dpypeline.errors import PermanentError, Unavailable
 from dpypeline.pipeline import JobContext, resolve_task
 from dpypeline.tasks.netcdf import clean_dataset, open_dataset
-from dpypeline.tasks.zarr import create_template, to_zarr
-from dpypeline.zarrstore import COMMITTED, locate, store_lock
+from dpypeline.tasks.zarr.store import COMMITTED, locate, store_lock
+from dpypeline.tasks.zarr.to_zarr import create_template, to_zarr
 from s3server import S3Server
 
 sys.path.insert(0, str(ROOT / "scripts"))

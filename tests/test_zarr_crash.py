@@ -17,7 +17,7 @@ import zarr
 
 from conftest import ROOT, env_for_subprocess
 from dpypeline.tasks.netcdf import open_dataset
-from dpypeline.tasks.zarr import create_template, to_zarr
+from dpypeline.tasks.zarr.to_zarr import create_template, to_zarr
 from s3server import S3Server
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -40,7 +40,7 @@ KILLED_AT = {
 RUNNER = """
 import json, sys
 from dpypeline.tasks.netcdf import open_dataset
-from dpypeline.tasks.zarr import to_zarr
+from dpypeline.tasks.zarr.to_zarr import to_zarr
 mode, store, options, paths = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
 for path in paths:
     to_zarr(open_dataset(path), store, **{mode: "time_counter"}, storage_options=options or None)

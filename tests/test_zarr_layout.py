@@ -17,11 +17,11 @@ import xarray as xr
 import zarr
 
 from conftest import ROOT
-from dpypeline import zarrlayout
 from dpypeline.errors import ConfigError, PermanentError
 from dpypeline.tasks.netcdf import clean_dataset, open_dataset
-from dpypeline.tasks.zarr import plan_layout, to_zarr
-from dpypeline.zarrlayout import MAX_CHUNK_BYTES, Compressor, store_chunks
+from dpypeline.tasks.zarr import layout as zarrlayout
+from dpypeline.tasks.zarr.layout import MAX_CHUNK_BYTES, Compressor, store_chunks
+from dpypeline.tasks.zarr.to_zarr import plan_layout, to_zarr
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_orca import make_files  # a script, not a package

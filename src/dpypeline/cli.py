@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-from dpypeline.cachedir import read_executor_status, service_pid
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
-from dpypeline.ledger import JobRecord, JobState, Ledger
-from dpypeline.ordering import Hold, held_summary
+from dpypeline.executors.ordering import Hold, held_summary
 from dpypeline.paths import shown
+from dpypeline.state.cachedir import read_executor_status, service_pid
+from dpypeline.state.ledger import JobRecord, JobState, Ledger
 
 if TYPE_CHECKING:
     from dpypeline.pipeline import Job
@@ -152,9 +152,9 @@ def _set_stop_handlers(handler: Any) -> None:
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from dpypeline.fsinfo import require_local_filesystem
     from dpypeline.pipeline import import_tasks
     from dpypeline.preflight import preflight
+    from dpypeline.watching.fsinfo import require_local_filesystem
 
     jobs, setup = import_tasks(config)
     problems = []
@@ -164,7 +164,7 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         problems.append(str(exc))
     cluster = config.executor.cluster
     if config.executor.kind == "dask" and cluster is not None:
-        from dpypeline.dask_executor import cluster_class
+        from dpypeline.executors.dask import cluster_class
 
         try:
             cluster_class(cluster.class_)
@@ -189,7 +189,7 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
 def _print_layouts(jobs: list[Job], sample: str) -> int:
     """The store layout each job's ``to_zarr`` would give a new store for ``sample``."""
     from dpypeline.errors import PermanentError
-    from dpypeline.tasks.zarr import plan_layout
+    from dpypeline.tasks.zarr.to_zarr import plan_layout
 
     for job in jobs:
         split = job.commit_index()
@@ -377,7 +377,7 @@ def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from dpypeline.intake import Refused, offer
+    from dpypeline.watching.intake import Refused, offer
 
     names = [j.name for j in config.jobs]
     failed = added = offered = 0

@@ -103,7 +103,7 @@ class Job:
         store = self.tasks[i].kwargs.get("store") if i is not None else None
         if not isinstance(store, str):
             return None
-        from dpypeline.zarrstore import locate
+        from dpypeline.tasks.zarr.store import locate
 
         try:
             return locate(store).url
@@ -188,7 +188,7 @@ class JobContext:
         )
 
 
-_TO_ZARR = ("dpypeline.tasks.zarr", "to_zarr")
+_TO_ZARR = ("dpypeline.tasks.zarr.to_zarr", "to_zarr")
 
 
 def _qualified_name(func: Callable[..., Any]) -> str:

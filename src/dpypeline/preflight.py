@@ -117,7 +117,7 @@ def _objectstore_problems(config: PipelineConfig) -> Iterator[tuple[Loc, str]]:
 
 
 def _pattern_problems(config: PipelineConfig) -> Iterator[tuple[Loc, str]]:
-    from dpypeline.patterns import PathMatcher
+    from dpypeline.watching.patterns import PathMatcher
 
     for w, watch in enumerate(config.watch):
         if not watch.patterns:

@@ -28,20 +28,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from dpypeline import intake
-from dpypeline.cachedir import forget_executor_status, write_executor_status
 from dpypeline.config import PipelineConfig
-from dpypeline.executors import Executor, SerialExecutor
-from dpypeline.ledger import Ledger
+from dpypeline.executors.ordering import held_summary
+from dpypeline.executors.serial import Executor, SerialExecutor
 from dpypeline.logs import get_logger
 from dpypeline.objectstore import close_clients
-from dpypeline.ordering import held_summary
 from dpypeline.outages import PendingSetup
 from dpypeline.pipeline import Job, SetupContext, Task
-from dpypeline.settle import Settler, StableFile
+from dpypeline.state.cachedir import forget_executor_status, write_executor_status
+from dpypeline.state.ledger import Ledger
 from dpypeline.systemd import Notifier
 from dpypeline.wakeup import Wakeup
-from dpypeline.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
+from dpypeline.watching import intake
+from dpypeline.watching.settle import Settler, StableFile
+from dpypeline.watching.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
 from dpypeline.worker import Worker
 
 log = get_logger("dpypeline.service")
@@ -529,7 +529,7 @@ class Service:
 
     def _make_executor(self) -> Executor:
         if self.config.executor.kind == "dask":
-            from dpypeline.dask_executor import DaskExecutor
+            from dpypeline.executors.dask import DaskExecutor
 
             source = self.config.source
             dirs = [str(Path(source).resolve().parent)] if source is not None else []

@@ -11,12 +11,12 @@ from typing import Any
 
 from dpypeline.config import PipelineConfig, RetryConfig
 from dpypeline.errors import ConfigError, JobTimeout, PermanentError, SkipFile, Unavailable
-from dpypeline.executors import Executor, Finished
-from dpypeline.ledger import Claim, JobRecord, JobState, Ledger
+from dpypeline.executors.ordering import Held, hold_for
+from dpypeline.executors.serial import Executor, Finished
 from dpypeline.logs import get_logger
-from dpypeline.ordering import Held, hold_for
 from dpypeline.paths import refusal
 from dpypeline.pipeline import Job, JobCall, JobContext
+from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
 
 log = get_logger("dpypeline.worker")
 

@@ -6,6 +6,6 @@ BUILTINS: dict[str, str] = {
     "clean_dataset": "dpypeline.tasks.netcdf:clean_dataset",
     "create_bucket": "dpypeline.tasks.upload:create_bucket",
     "open_dataset": "dpypeline.tasks.netcdf:open_dataset",
-    "to_zarr": "dpypeline.tasks.zarr:to_zarr",
+    "to_zarr": "dpypeline.tasks.zarr.to_zarr:to_zarr",
     "upload_file": "dpypeline.tasks.upload:upload_file",
 }

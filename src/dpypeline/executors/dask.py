@@ -25,7 +25,7 @@ Zarr store (its first ``to_zarr`` task) runs in two stages: *compute* (opening, 
 encoding: every task before the write) is submitted at once and runs in parallel with
 others; *commit* (the write and anything after it) is submitted only when the job is the
 earliest one in flight for that store and no other commit to the store is running
-(:class:`dpypeline.ordering.CommitOrder`). So writes to one store never overlap and happen
+(:class:`dpypeline.executors.ordering.CommitOrder`). So writes to one store never overlap and happen
 in queue order, exactly as with the serial executor; writes to different stores and jobs
 without a store run freely. When a job of an append store fails, the later jobs of that
 store in flight are withdrawn before their commit and reported as ``Held``: they go back
@@ -53,9 +53,9 @@ from distributed import WorkerPlugin
 
 from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig, ExecutorConfig
 from dpypeline.errors import ConfigError, JobTimeout
-from dpypeline.executors import Finished
+from dpypeline.executors.ordering import CommitOrder, Held
+from dpypeline.executors.serial import Finished
 from dpypeline.logs import get_logger
-from dpypeline.ordering import CommitOrder, Held
 
 if TYPE_CHECKING:
     from distributed import Client, Future

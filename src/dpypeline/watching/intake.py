@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 
 from dpypeline.config import WatchConfig
 from dpypeline.errors import StateError
-from dpypeline.ledger import FileVersionLike, Ledger
 from dpypeline.logs import get_logger
 from dpypeline.paths import refusal, shown
-from dpypeline.patterns import PathMatcher
-from dpypeline.scan import FileVersion, scan
+from dpypeline.state.ledger import FileVersionLike, Ledger
+from dpypeline.watching.patterns import PathMatcher
+from dpypeline.watching.scan import FileVersion, scan
 
 log = get_logger("dpypeline.intake")
 

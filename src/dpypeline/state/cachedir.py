@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dpypeline.errors import StateError
-from dpypeline.fsinfo import require_local_filesystem
+from dpypeline.watching.fsinfo import require_local_filesystem
 
 
 def prepare_cache_dir(cache_dir: Path) -> None:

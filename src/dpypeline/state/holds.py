@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from dpypeline.ordering import Hold, Pending
+from dpypeline.executors.ordering import Hold, Pending
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS holds (

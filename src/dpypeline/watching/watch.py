@@ -42,12 +42,12 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
-from dpypeline import overflow
 from dpypeline.config import WatchConfig
-from dpypeline.fsinfo import filesystem_type, is_network_fstype
 from dpypeline.logs import get_logger
-from dpypeline.patterns import PathMatcher
-from dpypeline.scan import FileVersion, natural_key, scan
+from dpypeline.watching import overflow
+from dpypeline.watching.fsinfo import filesystem_type, is_network_fstype
+from dpypeline.watching.patterns import PathMatcher
+from dpypeline.watching.scan import FileVersion, natural_key, scan
 
 log = get_logger("dpypeline.watch")
 

@@ -31,12 +31,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from dpypeline import holds
-from dpypeline.cachedir import lock_service, prepare_cache_dir
 from dpypeline.errors import StateError
-from dpypeline.ordering import Hold, Pending
+from dpypeline.executors.ordering import Hold, Pending
 from dpypeline.paths import from_db, shown, to_db
-from dpypeline.queue import DB_FILE, QueueItem, ReadyQueue
+from dpypeline.state import holds
+from dpypeline.state.cachedir import lock_service, prepare_cache_dir
+from dpypeline.state.queue import DB_FILE, QueueItem, ReadyQueue
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

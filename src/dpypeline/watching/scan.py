@@ -34,7 +34,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from operator import itemgetter
 
-from dpypeline.patterns import PathMatcher
+from dpypeline.watching.patterns import PathMatcher
 
 __all__ = ["FileVersion", "ScanResult", "natural_key", "scan"]
 

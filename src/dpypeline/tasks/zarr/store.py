@@ -1,6 +1,6 @@
 """Zarr stores that stay correct through replays, crashes and concurrent jobs.
 
-The store-level pieces of the ``to_zarr`` task (``dpypeline.tasks.zarr``), as plain
+The store-level pieces of the ``to_zarr`` task (``dpypeline.tasks.zarr.to_zarr``), as plain
 functions: where a store is (:func:`locate`), the lock that keeps writers apart
 (:func:`store_lock`), the store's state read afresh under it (:func:`open_store`), and the
 crash-consistency protocol:
@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dpypeline import zarrlayout
 from dpypeline.errors import ConfigError, PermanentError
-from dpypeline.zarrlayout import Compressor, source_chunks, store_chunks
+from dpypeline.tasks.zarr import layout as zarrlayout
+from dpypeline.tasks.zarr.layout import Compressor, source_chunks, store_chunks
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -139,7 +139,7 @@ def store_lock(location: Location) -> Iterator[None]:
     same steps. Within a process, a ``threading.Lock`` per store URL serialises the jobs of
     a threaded executor; for a local store an ``flock`` on ``STORE.lock`` beside it also
     keeps other processes out. Across the machines of a Dask cluster the dask executor never
-    runs two writes to one store at once (``dpypeline.dask_executor``), which also covers S3
+    runs two writes to one store at once (``dpypeline.executors.dask``), which also covers S3
     stores; ``location.lock_key`` names the store for such cluster-wide coordination.
     """
     with _LOCKS_GUARD:
@@ -376,7 +376,7 @@ class Layout:
 
 def new_encoding(name: str, var: xr.Variable, layout: Layout, zarr_format: int) -> dict[str, Any]:
     """A new array's encoding: the source's CF encoding (units, calendar, dtype, fill
-    value …), chunks by the store's policy (:func:`dpypeline.zarrlayout.store_chunks`:
+    value …), chunks by the store's policy (:func:`dpypeline.tasks.zarr.layout.store_chunks`:
     never the file's own chunks) and the layout's codec."""
     enc = {k: var.encoding[k] for k in CF_ENCODING if k in var.encoding}
     if "dtype" in var.encoding and "_FillValue" not in var.encoding:

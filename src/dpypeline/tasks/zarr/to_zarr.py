@@ -6,11 +6,11 @@ has the whole coordinate along the dimension (:func:`create_template`); each fil
 are located by their coordinate values and written into that slice, so files may arrive
 in any order.
 
-Each write is one sequence under the store's lock (:func:`dpypeline.zarrstore.store_lock`):
+Each write is one sequence under the store's lock (:func:`dpypeline.tasks.zarr.store.store_lock`):
 read the committed state afresh, cut off what a crashed write left, check the file against
 the store (variables, dimensions, dtypes, and the values of the variables without the
 dimension, such as nav_lat), place its steps, check chunk alignment, write, commit. The
-crash-consistency protocol is described in :mod:`dpypeline.zarrstore`. When the file's
+crash-consistency protocol is described in :mod:`dpypeline.tasks.zarr.store`. When the file's
 steps are already in the store (a replay after a crash, or ``dpypeline retry``), the
 ``overlap`` policy decides. A file that overlaps stored steps only in part, or comes before
 the end of an append store without being in it, is refused: every refusal is a
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from dpypeline import zarrstore as zs
 from dpypeline.errors import ConfigError, PermanentError
-from dpypeline.zarrlayout import Compressor
-from dpypeline.zarrstore import StoreState, failpoint
+from dpypeline.tasks.zarr import store as zs
+from dpypeline.tasks.zarr.layout import Compressor
+from dpypeline.tasks.zarr.store import StoreState, failpoint
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -67,7 +67,7 @@ def to_zarr(
     metadata, so readers open the store in one request and see only committed steps.
     ``chunks``: chunk sizes of a new store by dimension, ``-1`` for the whole dimension;
     the default is one step along ``append_dim`` and the other dimensions whole, the
-    largest halved until a chunk holds at most 64 MiB (:mod:`dpypeline.zarrlayout`). The
+    largest halved until a chunk holds at most 64 MiB (:mod:`dpypeline.tasks.zarr.layout`). The
     file's own chunks are how it is read, never how the store is laid out: each chunk of
     the file is read once and the data re-chunked as they are written. ``compressor``: the
     codec of a new store's arrays, a name (``blosc-zstd``, ``blosc-lz4``, ``blosc-zlib``,
@@ -151,7 +151,7 @@ class _Write:
         if state is None or self.dim not in state.arrays:
             raise PermanentError(
                 f"{self.url} is not a template with a {self.dim} coordinate: create it first"
-                " (dpypeline.tasks.zarr.create_template), or use append_dim"
+                " (dpypeline.tasks.zarr.to_zarr.create_template), or use append_dim"
             )
         written = [(int(a), int(b)) for a, b in state.attrs.get(zs.WRITTEN, [])]
         if zs.COMMITTED in state.attrs:  # an append store, used as a template

@@ -1,0 +1,1 @@
+"""Durable state: the job ledger, its ready queue and the cache directory they live in."""

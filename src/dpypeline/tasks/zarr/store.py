@@ -27,6 +27,7 @@ tests use it to stop a write exactly between two of its steps.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -35,7 +36,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -200,13 +201,9 @@ def open_store(zstore: ZarrStore, url: str) -> StoreState | None:
                 " choose another store, or remove it"
             ) from None
         return None
-    fmt = group.metadata.zarr_format
-    arrays = {}
-    for name in sorted(set(found) - _GROUP_METADATA):
-        try:
-            arrays[name] = zarr.open_array(zstore, path=name, mode="r+", zarr_format=fmt)
-        except FileNotFoundError:  # not an array (a subgroup, a stray file): not ours
-            continue
+    names = sorted(set(found) - _GROUP_METADATA)
+    opened = sync(_open_arrays(zstore, names, group.metadata.zarr_format))
+    arrays = {name: zarr.Array(a) for name, a in zip(names, opened, strict=True) if a is not None}
     if not arrays:
         return None
     dims = {name: array_dims(a) for name, a in arrays.items()}
@@ -215,6 +212,20 @@ def open_store(zstore: ZarrStore, url: str) -> StoreState | None:
 
 async def _top_level(zstore: ZarrStore) -> list[str]:
     return [key async for key in zstore.list_dir("")]
+
+
+async def _open_arrays(zstore: ZarrStore, names: list[str], fmt: Literal[2, 3]) -> list[Any]:
+    """The arrays ``names``, opened at once (one round trip to S3 rather than one per
+    array); None for a name that is not an array (a subgroup, a stray file: not ours)."""
+    from zarr.api.asynchronous import open_array
+
+    async def one(name: str) -> Any:
+        try:
+            return await open_array(store=zstore, path=name, mode="r+", zarr_format=fmt)
+        except FileNotFoundError:
+            return None
+
+    return list(await asyncio.gather(*map(one, names)))
 
 
 def array_dims(array: zarr.Array) -> tuple[str, ...]:
@@ -267,9 +278,19 @@ def resize(state: StoreState, name: str, dim: str, length: int) -> None:
 
 def grow(state: StoreState, dim: str, length: int) -> None:
     """Resize every array along ``dim`` to ``length`` (failpoint ``before_resize`` first)."""
+    from zarr.core.sync import sync
+
     failpoint("before_resize")
-    for name in state.along(dim):
-        resize(state, name, dim, length)
+
+    async def each() -> None:
+        resizes = []
+        for name, array in state.along(dim).items():
+            shape = list(array.shape)
+            shape[state.dims[name].index(dim)] = length
+            resizes.append(array.async_array.resize(tuple(shape)))
+        await asyncio.gather(*resizes)
+
+    sync(each())  # at once: one round trip to S3 rather than one per array
 
 
 def misaligned(state: StoreState, dim: str, start: int, stop: int, length: int) -> dict[str, int]:

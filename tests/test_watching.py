@@ -18,6 +18,7 @@ from dpypeline.config import load_config
 from dpypeline.pipeline import import_tasks
 from dpypeline.service import Service
 from dpypeline.state.ledger import Ledger
+from dpypeline.timers import Timer
 
 
 class Running:
@@ -180,7 +181,7 @@ def test_a_modified_file_is_a_new_version_and_an_unchanged_one_is_not(pipeline: 
 def test_poll_mode_takes_stable_files_without_close_events(pipeline: Any) -> None:
     inbox, log, start = pipeline
     svc = start(mode="poll", poll_interval="200ms")
-    assert svc.service._specs[0].mode == "poll"
+    assert svc.service._arrivals.specs[0].mode == "poll"
     (inbox / "p.nc").write_bytes(b"polled")
     wait_for(lambda: runs(log), message="the polled file")
     time.sleep(0.6)
@@ -190,14 +191,14 @@ def test_poll_mode_takes_stable_files_without_close_events(pipeline: Any) -> Non
 def test_a_dead_watch_emitter_is_restarted_and_the_gap_rescanned(pipeline: Any) -> None:
     inbox, log, start = pipeline
     svc = start()
-    watcher = svc.service._watcher
+    watcher = svc.service._arrivals.watcher
     assert watcher is not None
     emitters = list(watcher._observer.emitters)  # type: ignore[union-attr]
     for emitter in emitters:
         emitter.stop()  # the emitter thread ends while the observer lives on
         emitter.join(5)
     (inbox / "missed.nc").write_bytes(b"written while nothing watched")
-    svc.service._next["health"] = 0.0  # the next loop pass checks health
+    svc.service._timers.due_now(Timer.HEALTH)  # the next loop pass checks health
     svc.service._inbox.wake.set()
     wait_for(lambda: runs(log), message="the file written while the emitter was dead")
     assert [r[0] for r in runs(log)] == ["missed.nc"]

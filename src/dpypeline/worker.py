@@ -89,8 +89,31 @@ class Worker:
         self._active: dict[int, tuple[Claim, Any]] = {}
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
-        self.ended_dead = 0  # jobs this worker recorded dead (``run --once`` exits non-zero)
+        self.ended_dead = 0  # jobs recorded dead in this run (``run --once`` exits non-zero)
         self.pause_reason = ""  # the outage behind the pause, for STATUS
+
+    def recover(self, now: float) -> None:
+        """Start-up after any stop: jobs that were running run again, or end dead when
+        they have used all their attempts (they keep taking the process down)."""
+        rec = self.ledger.recover(self.config.retry.max_attempts, now)
+        if rec.resumed or rec.dead:
+            log.warning(
+                "jobs_recovered",
+                resumed=rec.resumed,
+                dead=rec.dead,
+                reason="jobs were running when the service last stopped",
+            )
+        self.ended_dead += len(rec.dead_jobs)
+        for job in rec.dead_jobs:  # one entry each, like any other job that ends dead
+            log.error(
+                "job_dead",
+                job_id=job.id,
+                file=job.path,
+                job=job.job,
+                attempt=job.attempts,
+                state=job.state.value,
+                error=job.error,
+            )
 
     def busy(self) -> bool:
         return bool(self._active)

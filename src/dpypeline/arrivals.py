@@ -1,0 +1,183 @@
+"""Intake, the first stage of the loop: observations → settle → enqueue.
+
+The watcher and the scan thread put what they see into the inbox; here, on the loop's
+thread, each observation is turned into a settle candidate (or a scan request), stable
+files go into the ledger, and the rescans and polls of each watch fall due. The watch
+specs (``WatchSpec``) are built here and changed only from the loop's thread (a watch
+that falls back to polling is switched by ``check``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+from dpypeline.config import PipelineConfig
+from dpypeline.logs import get_logger
+from dpypeline.state.ledger import Ledger
+from dpypeline.timers import Timer, Timers
+from dpypeline.watching import intake
+from dpypeline.watching.settle import Settler, StableFile
+from dpypeline.watching.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
+
+log = get_logger("dpypeline.service")
+
+PRUNE_EVERY = 3600.0
+
+
+class Arrivals:
+    """Owns the watcher, the scan thread, the settler and the per-watch timers."""
+
+    def __init__(self, config: PipelineConfig, job_names: list[str], inbox: Inbox) -> None:
+        self.config, self.job_names, self.inbox = config, job_names, inbox
+        self.settler = Settler()
+        self.pending_scans = 0  # requested and not yet reported back
+        self.specs: list[WatchSpec] = []
+        self.timers = Timers()
+        self._ledger: Ledger | None = None
+        self.watcher: Watcher | None = None
+        self.scanner: Scanner | None = None
+
+    def open(self, ledger: Ledger, now: float, on_progress: Callable[[], None]) -> None:
+        """Start watching every configured directory and ask for the start-up scans."""
+        self._ledger = ledger
+        self.specs = build_specs(list(self.config.watch))
+        self.watcher = Watcher(self.specs, self.inbox, on_progress=on_progress)
+        self.watcher.start()
+        self.scanner = Scanner(self.specs, self.inbox)
+        self.scanner.start()
+        for spec in self.specs:
+            self.request_scan(spec.index, "startup")
+            self._schedule(spec, now)
+            self.timers.every(Timer.PRUNE, PRUNE_EVERY, None, spec.index)
+
+    def close(self) -> None:
+        if self.scanner is not None:
+            self.scanner.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        self._ledger = None
+
+    @property
+    def idle(self) -> bool:
+        """No scan pending and no file settling: nothing more can arrive by itself."""
+        return self.pending_scans == 0 and len(self.settler) == 0
+
+    def next_deadline(self) -> float | None:
+        due = (self.settler.next_deadline(), self.timers.next_deadline())
+        return min((d for d in due if d is not None), default=None)
+
+    def step(self, now: float) -> None:
+        """Drain the inbox, request the scans that fall due, enqueue what has settled."""
+        for obs in self.inbox.drain():
+            self._observe(obs, now)
+        for spec in self.specs:
+            if self.timers.fire(Timer.RESCAN, now, spec.index):
+                self.request_scan(spec.index, "rescan")
+            if self.timers.fire(Timer.POLL, now, spec.index) and self.pending_scans == 0:
+                self.request_scan(spec.index, "poll")
+        self._enqueue(self.settler.poll(now), now)
+
+    def check(self, now: float) -> list[str]:
+        """Repair the watches that can be repaired (rescanning where events may have been
+        missed); return what could not be repaired."""
+        problems: list[str] = []
+        if self.watcher is not None:
+            health = self.watcher.check()
+            problems = health.problems
+            for index in health.restarted:
+                log.warning(
+                    "watch_restarted",
+                    watch=self.specs[index].root,
+                    action="rescanning: events may have been missed",
+                )
+                self.request_scan(index, "watch restarted")
+            for index in health.recount:
+                self.request_scan(index, "watch check")
+            for index in health.polling:
+                self._schedule(self.specs[index], now)
+                self.request_scan(index, "watch check")
+        if self.scanner is not None and not self.scanner.is_alive():
+            problems.append("the scan thread has stopped")
+        return problems
+
+    def request_scan(self, watch: int, reason: str, subdir: str | None = None) -> None:
+        assert self.scanner is not None
+        self.pending_scans += 1
+        self.scanner.request(watch, reason, subdir)
+
+    def _schedule(self, spec: WatchSpec, now: float) -> None:
+        interval = spec.config.rescan_interval
+        if interval:
+            self.timers.every(Timer.RESCAN, interval, now + interval, spec.index)
+        if spec.mode == "poll":
+            poll = spec.config.poll_interval
+            self.timers.every(Timer.POLL, poll, now + poll, spec.index)
+
+    def _observe(self, obs: Observation, now: float) -> None:
+        if obs.kind == "overflow":
+            log.warning("watch_overflow", reason=obs.reason, action="rescanning every watch")
+            for spec in self.specs:
+                self.request_scan(spec.index, "overflow")
+            return
+        spec = self.specs[obs.watch]
+        settle = spec.config.settle
+        if obs.kind == "writing":
+            self.settler.note(obs.path, spec.root, settle, now, eligible=spec.mode == "poll")
+        elif obs.kind == "complete":
+            self.settler.note(obs.path, spec.root, settle, now, eligible=True)
+        elif obs.kind == "deleted":
+            self.settler.forget(obs.path)
+        elif obs.kind == "directory":
+            self.request_scan(spec.index, "new directory", obs.path)
+        elif obs.kind == "scanned":
+            self.pending_scans -= 1  # a failed scan too: it was logged, the next one retries
+            if not obs.failed:
+                self._reconcile(spec, obs, now)
+
+    def _reconcile(self, spec: WatchSpec, obs: Observation, now: float) -> None:
+        """Hand the files a scan found, and the ledger does not know, to the settler.
+
+        A file inotify reports as being written stays so: a periodic scan must not declare
+        it complete behind the writer's back (a writer pausing longer than ``settle``).
+        Scans made because events were lost (overflow, a new directory written before its
+        watch existed, a restarted watch) decide by themselves, and so does a periodic scan
+        for a file silent for a whole ``rescan_interval`` (created by a hard link, say, so
+        no close will ever come)."""
+        assert self._ledger is not None
+        files = obs.files
+        new = [files[i] for i in intake.unknown(self._ledger, files, self.job_names)]
+        trust_events = spec.mode == "inotify" and obs.reason in ("rescan", "watch check")
+        stale = max(spec.config.rescan_interval, spec.config.settle)
+        for f in new:
+            quiet = self.settler.quiet_for(f.path, now)
+            if trust_events and quiet is not None and quiet < stale:
+                continue
+            self.settler.note(
+                f.path, spec.root, spec.config.settle, now, eligible=True, sig=(f.size, f.mtime_ns)
+            )
+        if obs.reason != "poll" or new:
+            log.info(
+                "scan_done", watch=spec.root, reason=obs.reason, files=len(files), new=len(new)
+            )
+        full_walk = obs.full and obs.reason in ("startup", "rescan")
+        if full_walk and self.timers.fire(Timer.PRUNE, now, spec.index):
+            removed = self._ledger.prune(
+                now, self.config.retention, present=(f.path for f in files), root=spec.root
+            )
+            if removed:
+                log.info("ledger_pruned", removed=removed)
+
+    def _enqueue(self, stable: list[StableFile], now: float) -> None:
+        assert self._ledger is not None
+        by_root: dict[str, list[StableFile]] = defaultdict(list)
+        follows = {s.root: s.config.follow_symlinks for s in self.specs}
+        for f in intake.allowed(stable, lambda root: follows.get(root, False)):
+            by_root[f.root].append(f)
+        for root, files in by_root.items():
+            added = intake.enqueue(
+                self._ledger, files, root, self.job_names, source="watch", now=now
+            )
+            if added:
+                log.info("files_enqueued", watch=root, files=len(files), jobs=added)

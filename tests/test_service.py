@@ -1,0 +1,413 @@
+"""The service loop driven step by step: ``Service.step(now)`` with a clock the test moves
+and an executor the test ends jobs on, against real files, inotify and SQLite. What the
+process boundary proves (real signals, SIGKILL, re-exec) stays in test_process.py and
+test_signals.py; here each guarantee of the loop costs milliseconds."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from conftest import wait_for
+from dpypeline.config import config_from_dict
+from dpypeline.errors import JobTimeout, TransientError
+from dpypeline.executors.serial import Finished
+from dpypeline.health import CLUSTER_GRACE, Health, Snapshot, status_line
+from dpypeline.pipeline import Job, Task
+from dpypeline.service import HEALTH_EVERY, Service, Status
+from dpypeline.state.ledger import JobState, Ledger
+from dpypeline.timers import Timer, Timers
+
+SETTLE = 0.5
+GRACE = 2.0  # how long the fake executor's jobs get to honour an interruption
+
+
+@dataclass
+class _Run:
+    timeout: float | None
+    started: float
+    interrupted_at: float | None = None
+
+
+@dataclass
+class FakeExecutor:
+    """The ``Executor`` protocol with the test in charge: a job runs until the test ends
+    it (``finish``); past its timeout it is interrupted and ends with ``JobTimeout``,
+    unless ``ignores_timeout``, when it is reported stuck ``GRACE`` later."""
+
+    wake: threading.Event = field(default_factory=threading.Event)
+    slots: int = 1
+    ignores_timeout: bool = False
+    lost: list[str] = field(default_factory=list)  # what ``problems`` reports
+    running: dict[int, _Run] = field(default_factory=dict)
+    interrupted: bool = False
+    closed: int = 0
+    _done: list[Finished] = field(default_factory=list)
+
+    def finish(self, job_id: int, error: BaseException | None = None) -> None:
+        del self.running[job_id]
+        self._done.append(Finished(job_id, error=error))
+        self.wake.set()
+
+    def start(self) -> None:
+        pass
+
+    def capacity(self) -> int:
+        return self.slots - len(self.running)
+
+    def in_flight(self) -> list[int]:
+        return list(self.running)
+
+    def submit(self, job_id: int, fn: Callable[[], Any], timeout: float | None, now: float) -> None:
+        assert self.capacity() > 0, "a job was submitted beyond the executor's capacity"
+        self.running[job_id] = _Run(timeout, now)
+
+    def completed(self) -> list[Finished]:
+        done, self._done = self._done, []
+        return done
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def enforce_timeouts(self, now: float) -> list[int]:
+        stuck = []
+        for job_id, run in list(self.running.items()):
+            if run.timeout is None or now < run.started + run.timeout:
+                continue
+            if run.interrupted_at is None:
+                run.interrupted_at = now
+                if not self.ignores_timeout:
+                    self.finish(job_id, JobTimeout())
+            elif now >= run.interrupted_at + GRACE:
+                stuck.append(job_id)
+        return stuck
+
+    def is_overdue(self, now: float) -> bool:
+        return any(
+            r.timeout is not None and now >= r.started + r.timeout + GRACE
+            for r in self.running.values()
+        )
+
+    def problems(self) -> list[str]:
+        return list(self.lost)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "fake", "slots": self.slots, "in_flight": len(self.running)}
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+@dataclass
+class Harness:
+    service: Service
+    executor: FakeExecutor
+    clock: Clock
+    inbox: Path
+    cache_dir: Path
+
+    def step(self) -> bool:
+        return self.service.step(self.clock.now)
+
+    def steps_until(self, predicate: Callable[[], Any], message: str) -> None:
+        """Step at the current time until ``predicate()`` holds: the watcher and the scan
+        thread are real, so what they report arrives when it arrives."""
+
+        def stepped() -> Any:
+            assert self.step(), "the service stopped"
+            return predicate()
+
+        wait_for(stepped, timeout=10, interval=0.002, message=message)
+
+    def settle(self) -> None:
+        """Until the start-up scan has reported the inbox's files, then past ``settle``."""
+        self.steps_until(lambda: self.service._arrivals.pending_scans == 0, "the start-up scan")
+        self.clock.advance(SETTLE)
+
+    def running(self, n: int = 1) -> list[int]:
+        """Step until ``n`` jobs run on the executor; their ids."""
+        self.steps_until(lambda: len(self.executor.running) == n, f"{n} running job(s)")
+        return list(self.executor.running)
+
+    def jobs(self) -> dict[str, tuple[JobState, int]]:
+        """File name -> (state, attempts), read from the ledger as `dpypeline jobs` would."""
+        ledger = Ledger(self.cache_dir)
+        try:
+            return {Path(r.path).name: (r.state, r.attempts) for r in ledger.jobs(limit=100)}
+        finally:
+            ledger.close()
+
+
+@pytest.fixture
+def make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Harness]]:
+    """A started service on ``tmp_path/inbox`` (files listed are written first)."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)  # not under systemd
+    started: list[Service] = []
+
+    def make(
+        *files: str,
+        once: bool = False,
+        stop_grace: str = "30s",
+        retry: dict[str, Any] | None = None,
+    ) -> Harness:
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        for name in files:
+            (inbox / name).write_bytes(name.encode())
+        config = config_from_dict(
+            {
+                "cache_dir": str(tmp_path / "state"),
+                "stop_grace": stop_grace,
+                "watch": [{"path": str(inbox), "settle": f"{SETTLE}s", "rescan_interval": "1h"}],
+                "retry": retry or {"max_attempts": 3, "job_timeout": "1h"},
+                "jobs": [{"name": "work", "tasks": [{"task": "taskbox.noop"}]}],
+            }
+        )
+        executor, clock = FakeExecutor(), Clock()
+        service = Service(
+            config, [Job("work", [Task("taskbox.noop")])], once=once, executor=executor
+        )
+        executor.wake = service._inbox.wake
+        service.start(clock.now)
+        started.append(service)
+        return Harness(service, executor, clock, inbox, config.cache_dir)
+
+    yield make
+    for service in started:
+        service.close()
+
+
+def events(captured: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in captured if e["event"] == name]
+
+
+def test_first_signal_lets_the_running_job_finish_and_starts_no_other(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("a.nc", "b.nc")
+    h.settle()
+    [job] = h.running()
+    h.service.on_signal(signal.SIGTERM, None)
+    assert h.step()  # stopping: the job may finish
+    assert h.service.status is Status.STOPPING
+    h.executor.finish(job)
+    assert not h.step()
+    assert h.executor.running == {}
+    assert h.jobs() == {"a.nc": (JobState.DONE, 1), "b.nc": (JobState.QUEUED, 0)}
+
+
+def test_a_job_still_running_when_stop_grace_ends_goes_back_uncounted(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("long.nc", stop_grace="10s")
+    h.settle()
+    h.running()
+    h.service.on_signal(signal.SIGTERM, None)  # one signal, as systemctl stop sends
+    assert h.step()
+    h.clock.advance(10.0 - 0.01)
+    assert h.step(), "stopped before stop_grace was over"
+    assert not h.executor.interrupted
+    h.clock.advance(0.01)
+    with capture_logs() as captured:
+        assert not h.step()
+    assert h.executor.interrupted
+    assert events(captured, "job_released")
+    assert h.jobs() == {"long.nc": (JobState.QUEUED, 0)}
+
+
+def test_a_second_signal_puts_the_running_job_back_at_once_uncounted(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("long.nc", stop_grace="10m")
+    h.settle()
+    h.running()
+    h.service.on_signal(signal.SIGTERM, None)
+    assert h.step()
+    h.service.on_signal(signal.SIGTERM, None)
+    assert not h.step()  # the same instant: no grace for a second signal
+    assert h.executor.interrupted
+    assert h.jobs() == {"long.nc": (JobState.QUEUED, 0)}
+
+
+def test_a_job_that_honours_its_timeout_is_retried_and_the_loop_goes_on(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("slow.nc", retry={"max_attempts": 3, "job_timeout": "30s"})
+    h.settle()
+    h.running()
+    h.clock.advance(30.0)
+    assert h.step()  # interrupted: it ends with JobTimeout
+    assert h.step()  # ... which is collected
+    assert h.jobs() == {"slow.nc": (JobState.RETRYING, 1)}
+    assert not h.service.stuck
+
+
+def test_a_job_that_ignores_its_timeout_is_recorded_failed_and_the_service_restarts(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("hang.nc", retry={"max_attempts": 3, "job_timeout": "30s"})
+    h.executor.ignores_timeout = True
+    h.settle()
+    h.running()
+    h.clock.advance(30.0)
+    assert h.step()  # interrupted; it has GRACE to unwind
+    h.clock.advance(GRACE - 0.01)
+    assert h.step()
+    h.clock.advance(0.01)
+    with capture_logs() as captured:
+        assert not h.step()
+    assert h.service.stuck  # run() raises StuckJob: the CLI re-executes the service
+    assert [e["job_id"] for e in events(captured, "job_stuck")] == list(h.executor.running)
+    assert h.jobs() == {"hang.nc": (JobState.RETRYING, 1)}  # the attempt counts
+
+
+def test_a_cluster_lost_past_the_grace_puts_running_jobs_back_and_restarts(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("a.nc")
+    h.settle()
+    h.running()
+    h.executor.lost = ["the Dask scheduler tcp://127.0.0.1:8786 is unreachable"]
+    lost_at = h.clock.advance(HEALTH_EVERY)  # the health check notices
+    assert h.step()
+    assert h.service.problems == h.executor.lost
+    h.clock.now = lost_at + CLUSTER_GRACE  # not longer than the grace yet
+    assert h.step()
+    assert not h.service.cluster_lost
+    h.clock.advance(0.01)
+    with capture_logs() as captured:
+        assert not h.step()
+    assert h.service.cluster_lost  # run() raises ClusterLost: the CLI re-executes
+    assert events(captured, "cluster_lost")[0]["problems"] == h.executor.lost
+    assert h.jobs() == {"a.nc": (JobState.QUEUED, 0)}
+
+
+def test_a_cluster_back_within_the_grace_changes_nothing(make: Callable[..., Harness]) -> None:
+    h = make("a.nc")
+    h.settle()
+    h.running()
+    h.executor.lost = ["the Dask scheduler is unreachable"]
+    h.clock.advance(HEALTH_EVERY)
+    assert h.step()
+    h.executor.lost = []
+    h.clock.advance(HEALTH_EVERY)
+    assert h.step()
+    h.executor.lost = ["the Dask scheduler is unreachable"]  # lost again: a new grace
+    for _ in range(3):
+        h.clock.advance(HEALTH_EVERY)
+        assert h.step()
+    assert not h.service.cluster_lost
+
+
+def test_once_exits_only_when_the_ledger_is_drained_and_nothing_settles(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("a.nc", "b.nc", once=True)
+    # files found, not yet settled, nothing in the ledger: not drained
+    h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the start-up scan")
+    assert h.jobs() == {}
+    h.clock.advance(SETTLE)
+    for name in ("a.nc", "b.nc"):
+        [job] = h.running()
+        assert h.jobs()[name] == (JobState.RUNNING, 1)
+        h.executor.finish(job)
+    with capture_logs() as captured:
+        assert not h.step()
+    [drained] = events(captured, "service_drained")
+    assert (drained["done"], drained["queued"], drained["running"]) == (2, 0, 0)
+    assert h.service.jobs_dead == 0
+
+
+def test_once_waits_for_a_file_that_arrived_meanwhile_and_still_settles(
+    make: Callable[..., Harness],
+) -> None:
+    h = make("a.nc", once=True)
+    h.settle()
+    [first] = h.running()
+    (h.inbox / "late.nc").write_bytes(b"late")  # closed: it settles from now on
+    h.steps_until(lambda: len(h.service._arrivals.settler) == 1, "the late file's event")
+    h.executor.finish(first)
+    assert h.step(), "exited with a file still settling"
+    h.clock.advance(SETTLE)
+    [late] = h.running()
+    h.executor.finish(late)
+    assert not h.step()
+    assert h.jobs() == {"a.nc": (JobState.DONE, 1), "late.nc": (JobState.DONE, 1)}
+
+
+def test_a_failed_job_runs_again_when_its_backoff_has_passed(
+    make: Callable[..., Harness],
+) -> None:
+    h = make(
+        "flaky.nc", retry={"max_attempts": 3, "backoff": {"initial": "20s"}, "job_timeout": "1h"}
+    )
+    h.settle()
+    [job] = h.running()
+    h.executor.finish(job, TransientError("the network blinked"))
+    assert h.step()
+    assert h.jobs() == {"flaky.nc": (JobState.RETRYING, 1)}
+    h.clock.advance(20.0 - 0.01)
+    assert h.step()
+    assert h.executor.running == {}
+    assert h.jobs() == {"flaky.nc": (JobState.RETRYING, 1)}
+    h.clock.advance(0.01)
+    assert h.step()
+    assert list(h.executor.running) == [job]  # promoted, claimed and started in one pass
+    assert h.jobs() == {"flaky.nc": (JobState.RUNNING, 2)}
+
+
+def test_health_is_a_pure_decision_with_the_cluster_grace() -> None:
+    health = Health()
+    verdict = health.assess(0.0, watching=[], overdue=False, executor=[])
+    assert verdict.healthy
+    assert not verdict.changed
+    verdict = health.assess(1.0, watching=["gone"], overdue=True, executor=["lost"])
+    assert verdict.problems == ["gone", "a job is running past retry.job_timeout", "lost"]
+    assert verdict.changed
+    assert not health.cluster_gone(1.0 + CLUSTER_GRACE, watchdog=False)
+    assert health.cluster_gone(1.1 + CLUSTER_GRACE, watchdog=False)
+    assert not health.cluster_gone(1.1 + CLUSTER_GRACE, watchdog=True)  # systemd restarts
+
+
+def test_status_line_says_what_the_service_waits_for_first() -> None:
+    counts = {"queued": 2, "done": 1}
+    assert status_line(Snapshot("running", counts)) == "running; 2 queued, 1 done"
+    assert status_line(Snapshot("running", counts, pending_scans=1, problems=("x",))) == (
+        "running, scanning (1 pending); UNHEALTHY: x; 2 queued, 1 done"
+    )
+    setup = Snapshot("running", counts, setup_waiting_for="objectstore s3", paused="down")
+    assert status_line(setup).startswith("waiting for objectstore s3 (setup); ")
+
+
+def test_timers_fire_once_per_period_and_rate_limits_do_not_wake_the_loop() -> None:
+    timers = Timers()
+    timers.every(Timer.RESCAN, 60.0, 100.0, watch=0)
+    timers.every(Timer.PRUNE, 3600.0, None, watch=0)
+    assert timers.next_deadline() == 100.0  # the prune, due at once, is no wake-up
+    assert timers.fire(Timer.PRUNE, 50.0, watch=0)
+    assert not timers.fire(Timer.PRUNE, 51.0, watch=0)
+    assert not timers.fire(Timer.RESCAN, 99.9, watch=0)
+    assert not timers.fire(Timer.RESCAN, 100.0, watch=1)  # another watch's duty
+    assert timers.fire(Timer.RESCAN, 100.0, watch=0)
+    assert not timers.fire(Timer.RESCAN, 159.9, watch=0)
+    assert timers.next_deadline() == 160.0

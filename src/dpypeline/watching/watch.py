@@ -180,6 +180,7 @@ class Watcher:
         self._short = 0  # consecutive checks that found fewer watches than directories
 
     def start(self) -> None:
+        overflow.install()
         overflow.listen(self._overflowed)
         # Full events: a file moved in from outside the tree is a move (complete), not a
         # creation (which would wait for a close that never comes).

@@ -335,3 +335,44 @@ def test_a_poll_watch_keeps_polling_after_failed_scans(
         service.request_stop()
         running.thread.join(20)
     assert running.result == [0]
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_enqueue_takes_exactly_the_files_the_rescan_takes_under_their_own_names(
+    tmp_path: Path, follow: bool
+) -> None:
+    from dpypeline.config import WatchConfig
+    from dpypeline.watching.offer import Refused, offer
+    from dpypeline.watching.patterns import watch_matcher
+    from dpypeline.watching.scan import scan
+
+    root, outside = tmp_path / "inbox", tmp_path / "outside"
+    for rel in ("a.nc", ".hidden.nc", "b.nc.tmp", "notes.txt", "sub/c.nc", ".git/d.nc"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    outside.mkdir()
+    (outside / "x.nc").write_bytes(b"outside")
+    (root / "link-in.nc").symlink_to(root / "a.nc")
+    (root / "link-out.nc").symlink_to(outside / "x.nc")
+    (root / "dangling.nc").symlink_to(root / "gone.nc")
+    (root / "linkdir").symlink_to(root / "sub")
+    os.mkfifo(root / "fifo.nc")
+    watch = WatchConfig(path=root, patterns=["*.nc"], follow_symlinks=follow)
+    rescan = {f.path: f for f in scan(root, watch_matcher(watch), follow_symlinks=follow).files}
+    candidates = [Path(d, name) for d, dirs, files in os.walk(root) for name in dirs + files]
+    candidates.append(root / "linkdir" / "c.nc")
+    taken = {}
+    for path in candidates:
+        try:
+            where, files = offer(str(path), [watch])
+        except Refused:
+            continue
+        if not path.is_dir() or path.is_symlink():
+            [taken[str(path)]] = files
+            assert where == str(root)
+    assert taken == rescan
+    expected = {"a.nc", "sub/c.nc"} | ({"link-in.nc", "link-out.nc"} if follow else set())
+    assert {os.path.relpath(p, root) for p in rescan} == expected
+    assert offer(str(root / "sub"), [watch]) == (str(root), [rescan[str(root / "sub/c.nc")]])
+    with pytest.raises(Refused, match="symbolic link to a directory"):
+        offer(str(root / "linkdir"), [watch])

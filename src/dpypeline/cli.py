@@ -377,7 +377,7 @@ def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from dpypeline.watching.intake import Refused, offer
+    from dpypeline.watching.offer import Refused, offer
 
     names = [j.name for j in config.jobs]
     failed = added = offered = 0

@@ -46,7 +46,7 @@ from dpypeline.config import WatchConfig
 from dpypeline.logs import get_logger
 from dpypeline.watching import overflow
 from dpypeline.watching.fsinfo import filesystem_type, is_network_fstype
-from dpypeline.watching.patterns import PathMatcher
+from dpypeline.watching.patterns import PathMatcher, watch_matcher
 from dpypeline.watching.scan import FileVersion, natural_key, scan
 
 log = get_logger("dpypeline.watch")
@@ -102,8 +102,7 @@ def build_specs(watches: list[WatchConfig]) -> list[WatchSpec]:
         root = os.path.realpath(w.path)
         fstype = filesystem_type(root)
         mode = w.mode if w.mode != "auto" else ("poll" if is_network_fstype(fstype) else "inotify")
-        matcher = PathMatcher(w.patterns, w.ignore_patterns, w.case_sensitive)
-        specs.append(WatchSpec(i, w, root, matcher, mode, fstype))
+        specs.append(WatchSpec(i, w, root, watch_matcher(w), mode, fstype))
     return specs
 
 

@@ -24,7 +24,6 @@ import threading
 import time
 from collections import defaultdict
 from enum import StrEnum
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -38,6 +37,7 @@ from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.state.cachedir import forget_executor_status, write_executor_status
 from dpypeline.state.ledger import Ledger
 from dpypeline.systemd import Notifier
+from dpypeline.taskpath import task_dirs
 from dpypeline.wakeup import Wakeup
 from dpypeline.watching import intake
 from dpypeline.watching.settle import Settler, StableFile
@@ -531,9 +531,7 @@ class Service:
         if self.config.executor.kind == "dask":
             from dpypeline.executors.dask import DaskExecutor
 
-            source = self.config.source
-            dirs = [str(Path(source).resolve().parent)] if source is not None else []
-            return DaskExecutor(self._inbox.wake, self.config.executor, dirs)
+            return DaskExecutor(self._inbox.wake, self.config.executor, task_dirs(self.config))
         return SerialExecutor(self._inbox.wake)
 
     def _sleep(self) -> None:

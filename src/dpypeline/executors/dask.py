@@ -39,7 +39,6 @@ ignores its cancellation cannot overlap the next one.
 from __future__ import annotations
 
 import importlib
-import sys
 import threading
 import time
 import uuid
@@ -55,6 +54,7 @@ from dpypeline.errors import ConfigError, JobTimeout
 from dpypeline.executors.ordering import CommitOrder, Held
 from dpypeline.executors.serial import Finished
 from dpypeline.logs import get_logger, quiet_libraries
+from dpypeline.taskpath import make_importable
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -87,9 +87,7 @@ class TaskPath(WorkerPlugin):
         self.dirs = dirs
 
     def setup(self, worker: Any) -> None:
-        for d in reversed(self.dirs):
-            if d not in sys.path:
-                sys.path.insert(0, d)
+        make_importable(self.dirs)
 
 
 class CloseClients(WorkerPlugin):

@@ -224,7 +224,8 @@ def _poll(scanner: Any, spec: Any) -> list[str]:
 
 def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Path) -> None:
     from dpypeline.config import WatchConfig
-    from dpypeline.watching.watch import Inbox, Scanner, build_specs
+    from dpypeline.watching.scanner import Scanner
+    from dpypeline.watching.watch import Inbox, build_specs
 
     root = tmp_path / "tree"
     for rel in ("y10/f1.nc", "y2/f10.nc", "y2/f9.nc", "skip.txt"):
@@ -249,7 +250,8 @@ def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Pa
 
 def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
     from dpypeline.config import WatchConfig
-    from dpypeline.watching.watch import Inbox, Scanner, build_specs
+    from dpypeline.watching.scanner import Scanner
+    from dpypeline.watching.watch import Inbox, build_specs
 
     (tmp_path / "f.nc").write_bytes(b"x")
     specs = build_specs(
@@ -267,9 +269,9 @@ def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
 
 def break_scans(monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:
     """Make the next ``count`` walks fail with an unexpected error; returns their roots."""
-    import dpypeline.watching.watch
+    import dpypeline.watching.scanner
 
-    real, broken = dpypeline.watching.watch.scan, []
+    real, broken = dpypeline.watching.scanner.scan, []
 
     def scan(root: str, *args: Any, **kwargs: Any) -> Any:
         if len(broken) < count:
@@ -277,7 +279,7 @@ def break_scans(monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:
             raise RuntimeError("the walk broke")
         return real(root, *args, **kwargs)
 
-    monkeypatch.setattr(dpypeline.watching.watch, "scan", scan)
+    monkeypatch.setattr(dpypeline.watching.scanner, "scan", scan)
     return broken
 
 

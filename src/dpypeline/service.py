@@ -40,8 +40,9 @@ from dpypeline.systemd import Notifier
 from dpypeline.taskpath import task_dirs
 from dpypeline.wakeup import Wakeup
 from dpypeline.watching import intake
+from dpypeline.watching.scanner import Scanner
 from dpypeline.watching.settle import Settler, StableFile
-from dpypeline.watching.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
+from dpypeline.watching.watch import Inbox, Observation, Watcher, WatchSpec, build_specs
 from dpypeline.worker import Worker
 
 log = get_logger("dpypeline.service")

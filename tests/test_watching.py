@@ -3,6 +3,7 @@ loop running in a thread of this process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -378,3 +379,51 @@ def test_enqueue_takes_exactly_the_files_the_rescan_takes_under_their_own_names(
     assert offer(str(root / "sub"), [watch]) == (str(root), [rescan[str(root / "sub/c.nc")]])
     with pytest.raises(Refused, match="symbolic link to a directory"):
         offer(str(root / "linkdir"), [watch])
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_enqueue_refuses_what_the_watcher_ignores_and_takes_what_it_takes(
+    tmp_path: Path, follow: bool
+) -> None:
+    from dpypeline.config import WatchConfig
+    from dpypeline.watching import intake
+    from dpypeline.watching.offer import Refused, offer
+    from dpypeline.watching.watch import Inbox, Watcher, build_specs
+
+    root, outside = tmp_path / "inbox", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    outside.mkdir()
+    (outside / "x.nc").write_bytes(b"outside")
+    watch = WatchConfig(path=root, patterns=["*.nc"], follow_symlinks=follow)
+    inbox = Inbox()
+    watcher = Watcher(build_specs([watch]), inbox)
+    watcher.start()
+    seen: list[str] = []
+    try:
+        for rel in ("a.nc", ".hidden.nc", "b.nc.tmp", "notes.txt", "sub/c.nc", ".git/d.nc"):
+            (root / rel).write_bytes(b"x")
+        (root / "link-in.nc").symlink_to(root / "a.nc")
+        (root / "link-out.nc").symlink_to(outside / "x.nc")
+        (root / "zz-last.nc").write_bytes(b"x")  # events of one watch arrive in order
+
+        def last_seen() -> bool:
+            seen.extend(o.path for o in inbox.drain() if o.kind == "complete")
+            return str(root / "zz-last.nc") in seen
+
+        wait_for(last_seen, message="the watcher to see the last file")
+    finally:
+        watcher.stop()
+
+    class Seen:
+        def __init__(self, path: str) -> None:
+            self.path, self.root = path, str(root)
+
+    watched = {f.path for f in intake.allowed([Seen(p) for p in seen], lambda _root: follow)}
+    enqueued = set()
+    for path in (p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()):
+        with contextlib.suppress(Refused):
+            enqueued |= {f.path for f in offer(str(path), [watch])[1]}
+    assert enqueued == watched
+    links = {"link-in.nc", "link-out.nc"} if follow else set()
+    assert {os.path.relpath(p, root) for p in watched} == {"a.nc", "sub/c.nc", "zz-last.nc"} | links

@@ -29,7 +29,8 @@ from watchdog.utils.dirsnapshot import DirectorySnapshot, DirectorySnapshotDiff
 from dpypeline.config import WatchConfig
 from dpypeline.watching.patterns import PathMatcher
 from dpypeline.watching.scan import scan
-from dpypeline.watching.watch import Inbox, Scanner, build_specs
+from dpypeline.watching.scanner import Scanner
+from dpypeline.watching.watch import Inbox, build_specs
 
 
 def build_tree(root: str, files: int, per_dir: int) -> int:

@@ -371,3 +371,36 @@ def test_cluster_scale_is_a_fixed_size_or_adaptive_bounds(tmp_path: Path, inbox:
     assert "executor.cluster.scale: unknown key nodes (fixed size: jobs" in load_error(
         path, environ={}
     )
+
+
+def test_task_modules_next_to_the_config_import_in_the_service_and_on_workers_alike(
+    tmp_path: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from dpypeline.executors.dask import TaskPath
+    from dpypeline.pipeline import import_tasks
+    from dpypeline.taskpath import task_dirs
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    home = tmp_path / "deploy"
+    home.mkdir()
+    (home / "nexttoconfig.py").write_text("def clean(path):\n    return path\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where the service runs is not where tasks are
+    path = home / "pipeline.yaml"
+    path.write_text(
+        f"watch: [{{path: {inbox}}}]\njobs: [{{name: j, tasks: [{{task: nexttoconfig.clean}}]}}]\n"
+    )
+    config = load_config(path)
+    assert task_dirs(config) == [str(home)]
+    [job], _ = import_tasks(config)
+    assert job.tasks[0].name == "nexttoconfig.clean"
+    import_tasks(config)
+    worker = TaskPath(task_dirs(config))  # what the service hands each Dask worker
+    worker.setup(None)
+    worker.setup(None)  # a restarted worker
+    assert sys.path[0] == str(home)
+    assert sys.path.count(str(home)) == 1
+    in_code = {"watch": [{"path": str(inbox)}], "jobs": [{"name": "j", "tasks": [{"task": "x"}]}]}
+    assert task_dirs(config_from_dict(in_code)) == []

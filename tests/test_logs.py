@@ -37,6 +37,27 @@ def test_stdlib_loggers_of_libraries_come_out_as_json_lines() -> None:
     assert "timestamp" in lines[1]
 
 
+@pytest.mark.parametrize(("level", "expected"), [("debug", "WARNING"), ("error", "ERROR")])
+def test_libraries_that_set_their_own_levels_on_import_are_quieted_again(
+    level: str, expected: str
+) -> None:
+    stream = io.StringIO()
+    distributed = logging.getLogger("distributed")
+    try:
+        logs.configure("json", level, stream=stream)
+        assert logging.getLevelName(distributed.level) == expected
+        distributed.setLevel(logging.INFO)  # what importing distributed does
+        logs.quiet_libraries()
+        distributed.info("scheduler at %s", "tcp://x")
+        distributed.log(logging.getLevelName(expected), "worker %s lost", "w1")
+        events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert logging.getLevelName(distributed.level) == expected
+    assert events == ["worker w1 lost"]
+
+
 def test_each_job_ends_with_one_summary_line_with_its_context(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()

@@ -13,7 +13,9 @@ import pytest
 from watchdog.observers import inotify_c
 
 from conftest import ServiceProcess, runs, status, wait_for, write_config
+from dpypeline.config import WatchConfig
 from dpypeline.watching import overflow
+from dpypeline.watching.watch import Inbox, Watcher, build_specs
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
@@ -70,6 +72,13 @@ def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost_at_every_log_lev
     assert svc.wait(30) == 0
 
 
+def _parse(*events: tuple[int, int]) -> list[tuple[object, ...]]:
+    """What watchdog's reader makes of these raw (wd, mask) events."""
+    raw = b"".join(struct.pack("iIII", wd, mask, 0, 0) for wd, mask in events)
+    reader = getattr(inotify_c, "InotifyFD", None) or inotify_c.Inotify  # type: ignore[attr-defined]
+    return list(reader._parse_event_buffer(raw))
+
+
 def test_the_kernels_overflow_event_reaches_the_service_whatever_watchdog_does_with_it() -> None:
     """The hook sits where watchdog parses the raw events read from the kernel."""
     seen: list[int] = []
@@ -77,27 +86,56 @@ def test_the_kernels_overflow_event_reaches_the_service_whatever_watchdog_does_w
     def listener() -> None:
         seen.append(1)
 
-    def parse(*events: tuple[int, int]) -> list[tuple[object, ...]]:
-        raw = b"".join(struct.pack("iIII", wd, mask, 0, 0) for wd, mask in events)
-        reader = getattr(inotify_c, "InotifyFD", None) or inotify_c.Inotify  # type: ignore[attr-defined]
-        return list(reader._parse_event_buffer(raw))
-
+    overflow.install()
     overflow.listen(listener)
     try:
-        parse((1, 0x100))  # IN_CREATE
+        _parse((1, 0x100))  # IN_CREATE
         assert seen == []
-        assert len(parse((1, 0x100), (-1, overflow.IN_Q_OVERFLOW), (1, 0x8))) == 3
+        assert len(_parse((1, 0x100), (-1, overflow.IN_Q_OVERFLOW), (1, 0x8))) == 3
         assert seen == [1]
     finally:
         overflow.unlisten(listener)
-    parse((-1, overflow.IN_Q_OVERFLOW))
+    _parse((-1, overflow.IN_Q_OVERFLOW))
     assert seen == [1]
+
+
+def test_watchdog_is_hooked_once_however_often_it_is_set_up_and_watchers_start(
+    tmp_path: Path,
+) -> None:
+    overflow.install()
+    overflow.install()
+    reader = getattr(inotify_c, "InotifyFD", None) or inotify_c.Inotify  # type: ignore[attr-defined]
+    hook = reader._parse_event_buffer
+    assert hook.notices_overflow
+    assert not getattr(hook.__wrapped__, "notices_overflow", False)  # no hook in a hook
+    inboxes = [Inbox(), Inbox()]
+    watchers = [Watcher(build_specs([WatchConfig(path=tmp_path)]), inbox) for inbox in inboxes]
+    try:
+        for watcher in watchers:
+            watcher.start()
+        assert reader._parse_event_buffer is hook
+        _parse((-1, overflow.IN_Q_OVERFLOW))
+        for inbox in inboxes:
+            assert [o.kind for o in inbox.drain() if o.kind == "overflow"] == ["overflow"]
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+    _parse((-1, overflow.IN_Q_OVERFLOW))  # stopped watchers hear nothing
+    assert [o for inbox in inboxes for o in inbox.drain() if o.kind == "overflow"] == []
+
+
+def test_listening_without_the_hook_installed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    reader = getattr(inotify_c, "InotifyFD", None) or inotify_c.Inotify  # type: ignore[attr-defined]
+    overflow.install()
+    unhooked = reader._parse_event_buffer.__wrapped__
+    monkeypatch.setattr(reader, "_parse_event_buffer", staticmethod(unhooked))
+    with pytest.raises(RuntimeError, match="install"):
+        overflow.listen(lambda: None)
 
 
 MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
-@pytest.mark.slow
 def inotify_watches_in_use() -> int:
     """Inotify watches held by this user's processes (the kernel's per-user count)."""
     uid, total = os.getuid(), 0
@@ -114,6 +152,7 @@ def inotify_watches_in_use() -> int:
     return total
 
 
+@pytest.mark.slow
 def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:

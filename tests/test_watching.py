@@ -3,6 +3,7 @@ loop running in a thread of this process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -225,7 +226,8 @@ def _poll(scanner: Any, spec: Any) -> list[str]:
 
 def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Path) -> None:
     from dpypeline.config import WatchConfig
-    from dpypeline.watching.watch import Inbox, Scanner, build_specs
+    from dpypeline.watching.scanner import Scanner
+    from dpypeline.watching.watch import Inbox, build_specs
 
     root = tmp_path / "tree"
     for rel in ("y10/f1.nc", "y2/f10.nc", "y2/f9.nc", "skip.txt"):
@@ -250,7 +252,8 @@ def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Pa
 
 def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
     from dpypeline.config import WatchConfig
-    from dpypeline.watching.watch import Inbox, Scanner, build_specs
+    from dpypeline.watching.scanner import Scanner
+    from dpypeline.watching.watch import Inbox, build_specs
 
     (tmp_path / "f.nc").write_bytes(b"x")
     specs = build_specs(
@@ -268,9 +271,9 @@ def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
 
 def break_scans(monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:
     """Make the next ``count`` walks fail with an unexpected error; returns their roots."""
-    import dpypeline.watching.watch
+    import dpypeline.watching.scanner
 
-    real, broken = dpypeline.watching.watch.scan, []
+    real, broken = dpypeline.watching.scanner.scan, []
 
     def scan(root: str, *args: Any, **kwargs: Any) -> Any:
         if len(broken) < count:
@@ -278,7 +281,7 @@ def break_scans(monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:
             raise RuntimeError("the walk broke")
         return real(root, *args, **kwargs)
 
-    monkeypatch.setattr(dpypeline.watching.watch, "scan", scan)
+    monkeypatch.setattr(dpypeline.watching.scanner, "scan", scan)
     return broken
 
 
@@ -336,3 +339,92 @@ def test_a_poll_watch_keeps_polling_after_failed_scans(
         service.request_stop()
         running.thread.join(20)
     assert running.result == [0]
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_enqueue_takes_exactly_the_files_the_rescan_takes_under_their_own_names(
+    tmp_path: Path, follow: bool
+) -> None:
+    from dpypeline.config import WatchConfig
+    from dpypeline.watching.offer import Refused, offer
+    from dpypeline.watching.patterns import watch_matcher
+    from dpypeline.watching.scan import scan
+
+    root, outside = tmp_path / "inbox", tmp_path / "outside"
+    for rel in ("a.nc", ".hidden.nc", "b.nc.tmp", "notes.txt", "sub/c.nc", ".git/d.nc"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    outside.mkdir()
+    (outside / "x.nc").write_bytes(b"outside")
+    (root / "link-in.nc").symlink_to(root / "a.nc")
+    (root / "link-out.nc").symlink_to(outside / "x.nc")
+    (root / "dangling.nc").symlink_to(root / "gone.nc")
+    (root / "linkdir").symlink_to(root / "sub")
+    os.mkfifo(root / "fifo.nc")
+    watch = WatchConfig(path=root, patterns=["*.nc"], follow_symlinks=follow)
+    rescan = {f.path: f for f in scan(root, watch_matcher(watch), follow_symlinks=follow).files}
+    candidates = [Path(d, name) for d, dirs, files in os.walk(root) for name in dirs + files]
+    candidates.append(root / "linkdir" / "c.nc")
+    taken = {}
+    for path in candidates:
+        try:
+            where, files = offer(str(path), [watch])
+        except Refused:
+            continue
+        if not path.is_dir() or path.is_symlink():
+            [taken[str(path)]] = files
+            assert where == str(root)
+    assert taken == rescan
+    expected = {"a.nc", "sub/c.nc"} | ({"link-in.nc", "link-out.nc"} if follow else set())
+    assert {os.path.relpath(p, root) for p in rescan} == expected
+    assert offer(str(root / "sub"), [watch]) == (str(root), [rescan[str(root / "sub/c.nc")]])
+    with pytest.raises(Refused, match="symbolic link to a directory"):
+        offer(str(root / "linkdir"), [watch])
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_enqueue_refuses_what_the_watcher_ignores_and_takes_what_it_takes(
+    tmp_path: Path, follow: bool
+) -> None:
+    from dpypeline.config import WatchConfig
+    from dpypeline.watching import intake
+    from dpypeline.watching.offer import Refused, offer
+    from dpypeline.watching.watch import Inbox, Watcher, build_specs
+
+    root, outside = tmp_path / "inbox", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    outside.mkdir()
+    (outside / "x.nc").write_bytes(b"outside")
+    watch = WatchConfig(path=root, patterns=["*.nc"], follow_symlinks=follow)
+    inbox = Inbox()
+    watcher = Watcher(build_specs([watch]), inbox)
+    watcher.start()
+    seen: list[str] = []
+    try:
+        for rel in ("a.nc", ".hidden.nc", "b.nc.tmp", "notes.txt", "sub/c.nc", ".git/d.nc"):
+            (root / rel).write_bytes(b"x")
+        (root / "link-in.nc").symlink_to(root / "a.nc")
+        (root / "link-out.nc").symlink_to(outside / "x.nc")
+        (root / "zz-last.nc").write_bytes(b"x")  # events of one watch arrive in order
+
+        def last_seen() -> bool:
+            seen.extend(o.path for o in inbox.drain() if o.kind == "complete")
+            return str(root / "zz-last.nc") in seen
+
+        wait_for(last_seen, message="the watcher to see the last file")
+    finally:
+        watcher.stop()
+
+    class Seen:
+        def __init__(self, path: str) -> None:
+            self.path, self.root = path, str(root)
+
+    watched = {f.path for f in intake.allowed([Seen(p) for p in seen], lambda _root: follow)}
+    enqueued = set()
+    for path in (p for p in root.rglob("*") if not p.is_dir() or p.is_symlink()):
+        with contextlib.suppress(Refused):
+            enqueued |= {f.path for f in offer(str(path), [watch])[1]}
+    assert enqueued == watched
+    links = {"link-in.nc", "link-out.nc"} if follow else set()
+    assert {os.path.relpath(p, root) for p in watched} == {"a.nc", "sub/c.nc", "zz-last.nc"} | links

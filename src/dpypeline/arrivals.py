@@ -17,8 +17,9 @@ from dpypeline.logs import get_logger
 from dpypeline.state.ledger import Ledger
 from dpypeline.timers import Timer, Timers
 from dpypeline.watching import intake
+from dpypeline.watching.scanner import Scanner
 from dpypeline.watching.settle import Settler, StableFile
-from dpypeline.watching.watch import Inbox, Observation, Scanner, Watcher, WatchSpec, build_specs
+from dpypeline.watching.watch import Inbox, Observation, Watcher, WatchSpec, build_specs
 
 log = get_logger("dpypeline.service")
 

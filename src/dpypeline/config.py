@@ -3,8 +3,8 @@
 A bad config must stop start-up with a message the operator can act on without
 reading code, so the loader remembers the line of every key and list item and every
 problem is reported as ``<file>:<line>: <field.path>: <what is wrong>`` - all of them
-at once, not only the first. The file is data, never code: only a ``SafeLoader``
-subclass reads it, so tags such as ``!!python/object`` are refused.
+at once, not only the first. The file is read (safely, with its lines, ``${VAR}``
+expanded) by :mod:`dpypeline.configfile`; this module holds the models and the checks.
 
 Task modules are not imported here; whoever imports them uses
 :meth:`PipelineConfig.where` to point at the offending line.
@@ -32,13 +32,11 @@ from pydantic import (
     field_validator,
 )
 
+from dpypeline.configfile import Expansion, LineLoader, Loc, expand
 from dpypeline.durations import Duration
 from dpypeline.errors import ConfigError
 
-Loc = tuple[str | int, ...]
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_VARIABLE = re.compile(r"\$\$|\$\{([^}]*)(\}?)")
-_VARIABLE_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 _FIELD_NAMES = {"with_": "with", "class_": "class"}  # Python names -> the YAML keys used in locs
 
 
@@ -228,108 +226,6 @@ def _where(source: Path | None, lines: Mapping[Loc, int], loc: Loc) -> str:
     return f"{prefix}: {field}" if field else prefix
 
 
-# --- reading YAML ---------------------------------------------------------------------------
-
-
-class _LineDict(dict[Any, Any]):
-    lines: dict[Any, int]
-
-
-class _LineList(list[Any]):
-    lines: list[int]
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers where each key and item is and refuses duplicate keys."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # keys from a `<<` merge may be overridden; that is the point
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    continue  # an unhashable key; the base class reports it
-                if first is not None:
-                    problem = f"duplicate key {key!r} (first on line {first})"
-                    raise yaml.constructor.ConstructorError(
-                        None, None, problem, key_node.start_mark
-                    )
-                seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
-
-
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Any:
-    data = _LineDict()
-    yield data
-    data.update(loader.construct_mapping(node))
-    data.lines = {loader.construct_object(k): k.start_mark.line + 1 for k, _ in node.value}
-
-
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Any:
-    data = _LineList()
-    yield data
-    data.extend(loader.construct_sequence(node))
-    data.lines = [item.start_mark.line + 1 for item in node.value]
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
-# YAML 1.1 (PyYAML) reads `1.0e20` as a string; the fill values in task options need floats.
-_LineLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
-
-
-def _prepare(value: Any, loc: Loc, env: _Env) -> Any:
-    """Plain dicts/lists with ``${VAR}`` expanded; records line numbers on the way down."""
-    if isinstance(value, dict):
-        out: dict[Any, Any] = {}
-        for key, item in value.items():
-            if isinstance(value, _LineDict):
-                env.lines[(*loc, key)] = value.lines[key]
-            out[key] = _prepare(item, (*loc, key), env)
-        return out
-    if isinstance(value, list):
-        for index, line in enumerate(getattr(value, "lines", [])):
-            env.lines[(*loc, index)] = line
-        return [_prepare(item, (*loc, index), env) for index, item in enumerate(value)]
-    if isinstance(value, str):
-        return _VARIABLE.sub(lambda match: env.substitute(match, loc), value)
-    return value
-
-
-class _Env:
-    """Expansion state: the variables, the lines recorded so far and the problems found."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self.environ = environ
-        self.lines: dict[Loc, int] = {}
-        self.problems: list[tuple[Loc, str]] = []
-
-    def substitute(self, match: re.Match[str], loc: Loc) -> str:
-        if match[0] == "$$":
-            return "$"
-        spec = _VARIABLE_NAME.fullmatch(match[1])
-        if not match[2] or spec is None:
-            hint = "write ${NAME}, ${NAME:-default}, or $$ for a literal $"
-            self.problems.append((loc, f"bad variable reference {match[0]!r} ({hint})"))
-            return match[0]
-        name, default = spec[1], spec[2]
-        if self.environ.get(name) or (default is None and name in self.environ):
-            return self.environ[name]
-        if default is not None:
-            return default
-        hint = f"set it, or give a default: ${{{name}:-value}}"
-        self.problems.append((loc, f"environment variable {name} is not set ({hint})"))
-        return match[0]
-
-
 # --- validation -----------------------------------------------------------------------------
 
 
@@ -340,7 +236,7 @@ def load_config(
     source = Path(os.path.abspath(path))
     try:
         with open(source, "rb") as stream:
-            data = yaml.load(stream, Loader=_LineLoader)  # a SafeLoader subclass
+            data = yaml.load(stream, Loader=LineLoader)  # a SafeLoader subclass
     except FileNotFoundError:
         hint = "pass -c FILE or set DPYPELINE_CONFIG"
         raise ConfigError(f"config file not found: {path} ({hint})") from None
@@ -389,7 +285,7 @@ def _build(
 ) -> PipelineConfig:
     """Expand, fill in the defaults that depend on where the file is, and validate."""
     environ = os.environ if environ is None else environ
-    env = _Env(environ)
+    env = Expansion(environ)
     if source is not None:
         env.lines[()] = 1
     if not isinstance(data, dict):
@@ -397,7 +293,7 @@ def _build(
         problem = f"the config must be a mapping of keys (name, watch, jobs, ...), not a {kind}"
         raise _report([((), problem)], source, env.lines)
     try:
-        data = _prepare(data, (), env)
+        data = expand(data, (), env)
     except RecursionError:
         raise _report(
             [((), "nested too deeply (a recursive anchor?)")], source, env.lines

@@ -255,10 +255,18 @@ def configure(
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers = [handler]
-    numeric = getattr(logging, level.upper())
-    root.setLevel(numeric)
+    root.setLevel(getattr(logging, level.upper()))
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """The libraries' loggers (``NOISY``) at WARNING, or at the configured level if higher:
+    their INFO lines are noise in a service's log. ``configure`` calls it; call it again
+    after importing a library that sets its own loggers' levels as it is imported
+    (distributed sets its loggers to INFO)."""
+    level = max(logging.getLogger().level, logging.WARNING)
     for name in NOISY:
-        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+        logging.getLogger(name).setLevel(level)
 
 
 def get_logger(name: str = "dpypeline") -> Any:

@@ -1,7 +1,8 @@
-"""Named S3 endpoints: their credentials, their s3fs options, and S3 failures in dpypeline's terms.
+"""Named S3 endpoints: their s3fs options and clients, and S3 failures in dpypeline's terms.
 
-This is the one module that knows s3fs and botocore. Tasks get a filesystem or storage
-options here, and wrap their S3 calls in :func:`classify_errors`, which turns what
+Their credentials are read by :mod:`dpypeline.credentials` (re-exported here, the module
+tasks use). This is the one module that knows s3fs and botocore. Tasks get a filesystem or
+storage options here, and wrap their S3 calls in :func:`classify_errors`, which turns what
 s3fs/botocore/aiohttp raise into the failure kinds the worker acts on: bad credentials,
 missing permission or a missing bucket are :class:`PermanentError` (the job is ``dead`` at
 once, with a reason that says what to fix); an unreachable, failing or throttling store is
@@ -13,19 +14,15 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
-import os
 import re
 import socket
-import stat
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpypeline.config import ObjectStoreConfig
+from dpypeline.credentials import ENV_HINT, Credentials, load_credentials
 from dpypeline.errors import ConfigError, DpypelineError, PermanentError, Unavailable
 from dpypeline.logs import get_logger
 from dpypeline.outages import chain
@@ -56,8 +53,6 @@ log = get_logger("dpypeline.objectstore")
 _KEPT: list[tuple[Any, Callable[[Coroutine[Any, Any, Any]], Any]]] = []
 _KEPT_GUARD = threading.Lock()
 
-FILE_FORMAT = '{"token": ACCESS_KEY_ID, "secret": SECRET_KEY, "endpoint_url": "https://…"}'
-_ENV_HINT = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
 
 _CREDENTIAL_CODES = frozenset(
@@ -73,107 +68,6 @@ _NETWORK_ERRNOS = frozenset(
     {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
      errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
 )  # fmt: skip
-
-
-@dataclass(frozen=True, repr=False)
-class Credentials:
-    """An access key pair and where to use it; ``source`` says where it came from."""
-
-    key: str
-    secret: str = field(repr=False)
-    endpoint_url: str | None = None
-    region: str | None = None
-    source: str = f"the environment ({_ENV_HINT})"
-
-    def __repr__(self) -> str:
-        return (
-            f"Credentials(key={_mask(self.key)!r}, secret=<hidden>, "
-            f"endpoint_url={self.endpoint_url!r}, region={self.region!r}, source={self.source!r})"
-        )
-
-    __str__ = __repr__
-
-
-def _mask(key: str) -> str:
-    shown = key[:4] if len(key) >= 12 else ""
-    return f"{shown}…({len(key)} chars)"
-
-
-def load_credentials(
-    name: str, cfg: ObjectStoreConfig, environ: Mapping[str, str] = os.environ
-) -> Credentials:
-    """The credentials of objectstore *name*: from its ``credentials`` file (the original
-    dpypeline's JSON, ``token`` being the access key id), else from the AWS environment
-    variables. The config's ``endpoint_url``/``region`` win over the file's.
-
-    Raises ConfigError naming the objectstore and the file, never echoing its content.
-    """
-    if cfg.credentials is not None:
-        found = _read_file(name, Path(cfg.credentials))
-    else:
-        key, secret = environ.get("AWS_ACCESS_KEY_ID"), environ.get("AWS_SECRET_ACCESS_KEY")
-        if not key or not secret:
-            raise ConfigError(
-                f"objectstore '{name}' has no credentials: set its `credentials:` to a JSON file"
-                f" {FILE_FORMAT}, or set {_ENV_HINT} in the service's environment"
-            )
-        found = Credentials(
-            key,
-            secret,
-            environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"),
-            environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION"),
-        )
-    return replace(
-        found,
-        endpoint_url=cfg.endpoint_url or found.endpoint_url,
-        region=cfg.region or found.region,
-    )
-
-
-def _read_file(name: str, path: Path) -> Credentials:
-    where = f"objectstore '{name}': credentials file {path}"
-    try:  # O_NONBLOCK: a FIFO in its place must not hang start-up
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{where} does not exist (under systemd, LoadCredential= puts it in"
-            " $CREDENTIALS_DIRECTORY)"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
-    st = os.fstat(fd)  # the file we read, not whatever the name points to now
-    if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory itself
-        os.close(fd)
-        raise ConfigError(f"{where} is not a regular file")
-    with os.fdopen(fd, "rb") as stream:
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                f"{where} is accessible by group or others (mode {mode:04o}); a secret must be"
-                f" private to the service's user: run `chmod 600 {path}`, or let systemd hand"
-                " the service a private copy with LoadCredential="
-            )
-        raw = stream.read()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        at = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
-        # "from None": a JSONDecodeError carries the whole document, secret included
-        raise ConfigError(f"{where} is not valid JSON{at}; expected {FILE_FORMAT}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} is not a JSON object; expected {FILE_FORMAT}")
-    missing = [k for k in ("token", "secret") if not (isinstance(data.get(k), str) and data[k])]
-    if missing:
-        raise ConfigError(
-            f"{where} lacks {' and '.join(missing)} (non-empty strings); expected {FILE_FORMAT}"
-        )
-    optional = {k: data.get(k) for k in ("endpoint_url", "region")}
-    wrong = [k for k, v in optional.items() if v is not None and not isinstance(v, str)]
-    if wrong:
-        raise ConfigError(f"{where}: {', '.join(wrong)} must be a string")
-    return Credentials(
-        data["token"], data["secret"], optional["endpoint_url"], optional["region"], str(path)
-    )
 
 
 def _config(objectstores: Mapping[str, ObjectStoreConfig], name: str) -> ObjectStoreConfig:
@@ -342,7 +236,7 @@ def translate_error(
     elif config.credentials is not None:
         check = f"the token and secret in {config.credentials}"
     else:
-        check = _ENV_HINT
+        check = ENV_HINT
     client = _client_error(exc)
     if client is not None:
         code, status, bucket = client

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dpypeline.config import ObjectStoreConfig, PipelineConfig
 from dpypeline.errors import ConfigError
 from dpypeline.outages import disk_full_is_outage
+from dpypeline.taskpath import make_importable, task_dirs
 from dpypeline.tasks import BUILTINS
 
 
@@ -199,10 +198,7 @@ def import_tasks(config: PipelineConfig) -> tuple[list[Job], list[Task]]:
     """Import every task the config names. Task modules next to the config file are
     importable (the config's directory is put on ``sys.path``). Raises ConfigError naming
     the field and line of each task that cannot be imported."""
-    if config.source is not None:
-        config_dir = str(Path(config.source).resolve().parent)
-        if config_dir not in sys.path:
-            sys.path.insert(0, config_dir)
+    make_importable(task_dirs(config))
     problems: list[str] = []
 
     def load(tc: Any, *loc: str | int) -> Task | None:

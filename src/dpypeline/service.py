@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from enum import StrEnum
-from pathlib import Path
 from types import FrameType
 
 from dpypeline.arrivals import Arrivals
@@ -37,6 +36,7 @@ from dpypeline.signals import Previous, StopSignals
 from dpypeline.state.cachedir import forget_executor_status, write_executor_status
 from dpypeline.state.ledger import Ledger
 from dpypeline.systemd import Notifier
+from dpypeline.taskpath import task_dirs
 from dpypeline.timers import Timer, Timers
 from dpypeline.wakeup import Wakeup
 from dpypeline.watching.watch import Inbox
@@ -372,9 +372,7 @@ class Service:
         if self.config.executor.kind == "dask":
             from dpypeline.executors.dask import DaskExecutor
 
-            source = self.config.source
-            dirs = [str(Path(source).resolve().parent)] if source is not None else []
-            return DaskExecutor(self._inbox.wake, self.config.executor, dirs)
+            return DaskExecutor(self._inbox.wake, self.config.executor, task_dirs(self.config))
         return SerialExecutor(self._inbox.wake)
 
     def _sleep(self) -> None:

@@ -39,8 +39,6 @@ ignores its cancellation cannot overlap the next one.
 from __future__ import annotations
 
 import importlib
-import logging
-import sys
 import threading
 import time
 import uuid
@@ -55,7 +53,8 @@ from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig, ExecutorConfig
 from dpypeline.errors import ConfigError, JobTimeout
 from dpypeline.executors.ordering import CommitOrder, Held
 from dpypeline.executors.serial import Finished
-from dpypeline.logs import get_logger
+from dpypeline.logs import get_logger, quiet_libraries
+from dpypeline.taskpath import make_importable
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -88,9 +87,7 @@ class TaskPath(WorkerPlugin):
         self.dirs = dirs
 
     def setup(self, worker: Any) -> None:
-        for d in reversed(self.dirs):
-            if d not in sys.path:
-                sys.path.insert(0, d)
+        make_importable(self.dirs)
 
 
 class CloseClients(WorkerPlugin):
@@ -175,9 +172,7 @@ class DaskExecutor:
         import dask
         from distributed import Client
 
-        # importing distributed set its loggers to INFO; only its warnings are worth a line
-        root_level = logging.getLogger().getEffectiveLevel()
-        logging.getLogger("distributed").setLevel(max(root_level, logging.WARNING))
+        quiet_libraries()  # importing distributed set its loggers to INFO
         cfg = self._config
         try:
             if cfg.address:

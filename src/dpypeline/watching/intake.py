@@ -10,19 +10,14 @@ costs a few dozen extra queries, and the good files keep their order.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import stat
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from dpypeline.config import WatchConfig
 from dpypeline.errors import StateError
 from dpypeline.logs import get_logger
-from dpypeline.paths import refusal, shown
+from dpypeline.paths import refusal
 from dpypeline.state.ledger import FileVersionLike, Ledger
-from dpypeline.watching.patterns import PathMatcher
-from dpypeline.watching.scan import FileVersion, scan
 
 log = get_logger("dpypeline.intake")
 
@@ -108,44 +103,3 @@ def allowed(files: Sequence[Any], follows: Callable[[str], bool]) -> list[Any]:
         else:
             log.info("file_ignored", file=f.path, reason=reason)
     return kept
-
-
-class Refused(Exception):
-    """``dpypeline enqueue`` does not take this path; the message says why."""
-
-
-def offer(raw: str, watches: Sequence[WatchConfig]) -> tuple[str, list[FileVersion]]:
-    """What ``dpypeline enqueue RAW`` queues: the watch root and the files, chosen by the
-    same rules as the watcher and the scan (the watch's patterns, regular files only).
-    A directory gives its matching files; a file must match a watch's patterns itself."""
-    path = os.path.realpath(raw)
-    under = [
-        (root, w)
-        for root, w in ((os.path.realpath(w.path), w) for w in watches)
-        if path == root or path.startswith(root + os.sep)
-    ]
-    if not under:
-        roots = ", ".join(shown(os.path.realpath(w.path)) for w in watches)
-        raise Refused(f"{shown(raw)} is not under any watched directory ({roots})")
-    if os.path.isdir(path):
-        root, w = under[0]
-        found = scan(root, _matcher(w), follow_symlinks=w.follow_symlinks).files
-        return root, [f for f in found if path == root or f.path.startswith(path + os.sep)]
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise Refused(f"{shown(raw)}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise Refused(f"{shown(raw)} is not a regular file")
-    for root, w in under:
-        if _matcher(w).matches(path[len(root) + 1 :]):
-            return root, [FileVersion(path, st.st_size, st.st_mtime_ns)]
-    watched = "; ".join(
-        f"{shown(root)}: patterns {w.patterns}, ignore_patterns {w.ignore_patterns}"
-        for root, w in under
-    )
-    raise Refused(f"{shown(raw)} matches the patterns of no watch ({watched})")
-
-
-def _matcher(w: WatchConfig) -> PathMatcher:
-    return PathMatcher(w.patterns, w.ignore_patterns, w.case_sensitive)

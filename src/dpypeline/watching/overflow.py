@@ -8,11 +8,11 @@ file never processed until the next rescan. So dpypeline looks at the raw events
 
 Every watchdog from 6.0 to 7.x reads the inotify descriptor in one place and hands the
 bytes to one static method, ``_parse_event_buffer`` of ``inotify_c.Inotify`` (6.x) or
-``inotify_c.InotifyFD`` (7.x), which yields ``(wd, mask, cookie, name)`` per event. This
-module wraps that method, once per process, and calls every registered listener for each
-event whose mask holds ``IN_Q_OVERFLOW``. It is the only place that knows watchdog's
-internals: should a future watchdog move the method, :func:`listen` raises at start-up
-(and the overflow tests fail) rather than overflows going unnoticed.
+``inotify_c.InotifyFD`` (7.x), which yields ``(wd, mask, cookie, name)`` per event.
+:func:`install` wraps that method, once per process, and the wrapper calls every
+registered listener for each event whose mask holds ``IN_Q_OVERFLOW``. It is the only place
+that knows watchdog's internals: should a future watchdog move the method, :func:`install`
+raises at start-up (and the overflow tests fail) rather than overflows going unnoticed.
 """
 
 from __future__ import annotations
@@ -41,30 +41,42 @@ def _reader() -> Any:
     )
 
 
-def _install() -> None:
-    cls = _reader()
-    parse = cls._parse_event_buffer
-    if getattr(parse, "notices_overflow", False):
-        return
+def install() -> None:
+    """Wrap watchdog's parser of raw inotify events so that overflows reach the listeners.
 
-    def parse_and_notice(event_buffer: bytes) -> Iterator[tuple[Any, ...]]:
-        for event in parse(event_buffer):
-            if event[1] & IN_Q_OVERFLOW:
-                with _lock:
-                    listeners = tuple(_listeners)
-                for listener in listeners:
-                    listener()
-            yield event
+    The one place that changes watchdog: idempotent (a second call finds the wrapper and
+    leaves it), called by the watcher before its observer starts. Raises RuntimeError if
+    this watchdog parses events somewhere else."""
+    with _lock:
+        cls = _reader()
+        parse = cls._parse_event_buffer
+        if getattr(parse, "notices_overflow", False):
+            return
 
-    parse_and_notice.notices_overflow = True  # type: ignore[attr-defined]
-    cls._parse_event_buffer = staticmethod(parse_and_notice)
+        def parse_and_notice(event_buffer: bytes) -> Iterator[tuple[Any, ...]]:
+            for event in parse(event_buffer):
+                if event[1] & IN_Q_OVERFLOW:
+                    with _lock:
+                        listeners = tuple(_listeners)
+                    for listener in listeners:
+                        listener()
+                yield event
+
+        parse_and_notice.notices_overflow = True  # type: ignore[attr-defined]
+        parse_and_notice.__wrapped__ = parse  # type: ignore[attr-defined]
+        cls._parse_event_buffer = staticmethod(parse_and_notice)
+
+
+def installed() -> bool:
+    return bool(getattr(_reader()._parse_event_buffer, "notices_overflow", False))
 
 
 def listen(listener: Callable[[], None]) -> None:
     """Call ``listener()`` (on watchdog's reader thread: keep it short) at every overflow
-    of any inotify instance of this process."""
+    of any inotify instance of this process. :func:`install` must have run."""
+    if not installed():
+        raise RuntimeError("overflow.install() was not called: overflows would go unnoticed")
     with _lock:
-        _install()
         _listeners.add(listener)
 
 

@@ -37,8 +37,12 @@ a rescan runs it on every file of trees holding a million of them.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-__all__ = ["PathMatcher"]
+if TYPE_CHECKING:
+    from dpypeline.config import WatchConfig
+
+__all__ = ["PathMatcher", "watch_matcher"]
 
 _ANY_DIRS = "(?:[^/]+/)*"  # what a whole "**" segment followed by more segments matches
 
@@ -215,3 +219,9 @@ class PathMatcher:
             f"PathMatcher(patterns={self.patterns!r}, ignore_patterns={self.ignore_patterns!r}, "
             f"case_sensitive={self.case_sensitive!r})"
         )
+
+
+def watch_matcher(watch: WatchConfig) -> PathMatcher:
+    """The matcher of a configured watch: the one the watcher, the rescan and ``dpypeline
+    enqueue`` all use, built the same way for each."""
+    return PathMatcher(watch.patterns, watch.ignore_patterns, watch.case_sensitive)

@@ -1,4 +1,4 @@
-"""Adapter around watchdog, plus the scan thread: everything that notices files.
+"""Adapter around watchdog: the inotify watches, and the inbox every observation goes to.
 
 Nothing here decides anything: observations (``Observation``) go into one thread-safe
 inbox that the service loop drains. The observer thread only filters by pattern and
@@ -13,7 +13,7 @@ Covered traps of watchdog (SPEC §1):
 - a watch that cannot be set up (inotify limits) falls back to polling, loudly;
 - files present at start are not reported: the service scans at start;
 - only inotify reports close-after-write: ``poll`` watches scan every ``poll_interval``
-  on this module's scan thread (cheaper than watchdog's PollingObserver, which keeps and
+  on the scan thread (``scanner``) (cheaper than watchdog's PollingObserver, which keeps and
   diffs a full snapshot with inode maps) and rely on the settle time alone.
 """
 
@@ -46,8 +46,8 @@ from dpypeline.config import WatchConfig
 from dpypeline.logs import get_logger
 from dpypeline.watching import overflow
 from dpypeline.watching.fsinfo import filesystem_type, is_network_fstype
-from dpypeline.watching.patterns import PathMatcher
-from dpypeline.watching.scan import FileVersion, natural_key, scan
+from dpypeline.watching.patterns import PathMatcher, watch_matcher
+from dpypeline.watching.scan import FileVersion
 
 log = get_logger("dpypeline.watch")
 
@@ -102,8 +102,7 @@ def build_specs(watches: list[WatchConfig]) -> list[WatchSpec]:
         root = os.path.realpath(w.path)
         fstype = filesystem_type(root)
         mode = w.mode if w.mode != "auto" else ("poll" if is_network_fstype(fstype) else "inotify")
-        matcher = PathMatcher(w.patterns, w.ignore_patterns, w.case_sensitive)
-        specs.append(WatchSpec(i, w, root, matcher, mode, fstype))
+        specs.append(WatchSpec(i, w, root, watch_matcher(w), mode, fstype))
     return specs
 
 
@@ -180,6 +179,7 @@ class Watcher:
         self._short = 0  # consecutive checks that found fewer watches than directories
 
     def start(self) -> None:
+        overflow.install()
         overflow.listen(self._overflowed)
         # Full events: a file moved in from outside the tree is a move (complete), not a
         # creation (which would wait for a close that never comes).
@@ -300,98 +300,6 @@ def inotify_watch_count() -> int | None:
     except OSError:
         return None
     return count
-
-
-class Scanner(threading.Thread):
-    """Walks watched trees off the loop's thread: start-up and periodic reconciliation,
-    new subdirectories, and the polls of ``poll`` watches. Results go to the inbox."""
-
-    def __init__(self, specs: list[WatchSpec], inbox: Inbox) -> None:
-        super().__init__(name="dpypeline-scan", daemon=True)
-        self.specs, self.inbox = specs, inbox
-        self._requests: queue.SimpleQueue[tuple[int, str | None, str] | None] = queue.SimpleQueue()
-
-    def request(self, watch: int, reason: str, subdir: str | None = None) -> None:
-        self._requests.put((watch, subdir, reason))
-
-    def stop(self) -> None:
-        self._requests.put(None)
-
-    def run(self) -> None:
-        while (req := self._requests.get()) is not None:
-            watch, subdir, reason = req
-            spec = self.specs[watch]
-            try:
-                self.inbox.put(self._scan(spec, subdir, reason))
-            except Exception as exc:  # a failed walk must not end the thread (and the rescans)
-                log.exception(
-                    "scan_failed",
-                    watch=spec.root,
-                    path=subdir or spec.root,
-                    error=f"{type(exc).__name__}: {exc}",
-                    action="the next scan retries it",
-                )
-                # every scan reports its end, or the loop waits for it forever (--once)
-                path = subdir or spec.root
-                self.inbox.put(Observation("scanned", spec.index, path, failed=True, reason=reason))
-
-    def _scan(self, spec: WatchSpec, subdir: str | None, reason: str) -> Observation:
-        follow = spec.config.follow_symlinks
-        if subdir is not None:
-            rel = spec.relative(subdir) or ""
-            sub = PrefixMatcher(spec.matcher, rel)
-            result = scan(subdir, sub, follow_symlinks=follow)  # type: ignore[arg-type]
-            return Observation("scanned", spec.index, subdir, tuple(result.files), reason=reason)
-        if reason == "poll":
-            result = scan(
-                spec.root, spec.matcher, sort=False, known=spec.last_poll, follow_symlinks=follow
-            )
-            files = self._changed(spec, result.files)
-        else:
-            result = scan(spec.root, spec.matcher, follow_symlinks=follow)
-            files = result.files
-            # only a poll watch compares with the last look (a million-file dict otherwise)
-            spec.last_poll = {f.path: f for f in files} if spec.mode == "poll" else {}
-        spec.directories = result.directories
-        for path, err in result.errors:
-            log.warning(
-                "scan_unreadable",
-                watch=spec.root,
-                path=path,
-                error=str(err),
-                action="files below it are not seen until it is readable",
-            )
-        return Observation("scanned", spec.index, spec.root, tuple(files), full=True, reason=reason)
-
-    @staticmethod
-    def _changed(spec: WatchSpec, files: list[FileVersion]) -> list[FileVersion]:
-        """The files that are new or changed since the last look, in natural order; the
-        current look becomes the last one."""
-        last = spec.last_poll
-        changed = []
-        for f in files:
-            old = last.get(f.path)
-            if old is None or old.size != f.size or old.mtime_ns != f.mtime_ns:
-                changed.append(f)
-        if changed or len(files) != len(last):
-            spec.last_poll = {f.path: f for f in files}
-        # else: the same paths (none new, as many as before), so the last look stands
-        cut = len(spec.root) + 1
-        changed.sort(key=lambda f: natural_key(f.path[cut:]))
-        return changed
-
-
-class PrefixMatcher:
-    """A watch's matcher for a walk that starts in one of its subdirectories."""
-
-    def __init__(self, matcher: PathMatcher, prefix: str) -> None:
-        self._m, self._prefix = matcher, prefix + "/" if prefix else ""
-
-    def matches(self, relpath: str) -> bool:
-        return self._m.matches(self._prefix + relpath)
-
-    def could_contain(self, reldir: str) -> bool:
-        return self._m.could_contain(self._prefix + reldir)
 
 
 def _already_written(path: bytes | str) -> bool:

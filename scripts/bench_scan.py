@@ -86,11 +86,11 @@ def bench_poll_cpu(ctx: Context) -> Result:
         watch = WatchConfig(path=root, patterns=["**/*.nc"], mode="poll")
         specs = build_specs([watch])
         inbox = Inbox()
-        scanner = Scanner(specs, inbox)
+        scanner = Scanner(inbox)
         scanner.start()
 
         def poll() -> int:
-            scanner.request(0, "poll")
+            scanner.request(specs[0].target(), "poll")
             while not (found := inbox.drain()):
                 inbox.wake.wait(1.0)
                 inbox.wake.clear()

@@ -220,7 +220,7 @@ def test_periodic_rescan_does_not_take_a_file_whose_writer_paused(pipeline: Any)
 
 
 def _poll(scanner: Any, spec: Any) -> list[str]:
-    obs = scanner._scan(spec, None, "poll")
+    obs = scanner._scan(spec.target(), None, "poll")
     return [os.path.relpath(f.path, spec.root) for f in obs.files]
 
 
@@ -234,14 +234,14 @@ def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Pa
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"x")
     [spec] = build_specs([WatchConfig(path=root, patterns=["**/*.nc"], mode="poll")])
-    scanner = Scanner([spec], Inbox())
+    scanner = Scanner(Inbox())
     assert _poll(scanner, spec) == ["y2/f9.nc", "y2/f10.nc", "y10/f1.nc"]
     assert _poll(scanner, spec) == []
     (root / "y10/f1.nc").write_bytes(b"longer")
     (root / "y2/f2.nc").write_bytes(b"new")
     (root / "y2/f10.nc").unlink()
     assert _poll(scanner, spec) == ["y2/f2.nc", "y10/f1.nc"]
-    assert sorted(spec.last_poll) == sorted(
+    assert sorted(scanner.last_poll[spec.index]) == sorted(
         str(root / rel) for rel in ("y10/f1.nc", "y2/f2.nc", "y2/f9.nc")
     )
     (root / "y2/f9.nc").unlink()
@@ -262,11 +262,39 @@ def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
             WatchConfig(path=tmp_path, patterns=["*.nc"], mode="poll"),
         ]
     )
-    scanner = Scanner(specs, Inbox())
+    scanner = Scanner(Inbox())
     for spec in specs:
-        assert len(scanner._scan(spec, None, "startup").files) == 1
-    assert specs[0].last_poll == {}
-    assert list(specs[1].last_poll) == [str(tmp_path / "f.nc")]
+        assert len(scanner._scan(spec.target(), None, "startup").files) == 1
+    assert scanner.last_poll[0] == {}
+    assert list(scanner.last_poll[1]) == [str(tmp_path / "f.nc")]
+
+
+def test_the_scan_thread_works_on_a_copy_and_reports_what_it_learnt(tmp_path: Path) -> None:
+    """The loop thread alone owns the watch specs: a scan request carries a copy of what the
+    walk needs, and the number of directories found comes back in the observation."""
+    from dpypeline.config import WatchConfig
+    from dpypeline.watching.scanner import Scanner
+    from dpypeline.watching.watch import Inbox, build_specs
+
+    for rel in ("a/f.nc", "b/c/g.nc"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    [spec] = build_specs([WatchConfig(path=tmp_path, patterns=["**/*.nc"], mode="poll")])
+    inbox = Inbox()
+    scanner = Scanner(inbox)
+    scanner.start()
+    try:
+        target = spec.target()
+        spec.mode = "inotify"  # the loop changes its spec after the request: not the scan's
+        scanner.request(target, "startup")
+        wait_for(inbox.wake.is_set, timeout=10, message="the scan's report")
+        [obs] = inbox.drain()
+    finally:
+        scanner.stop()
+        scanner.join(5)
+    assert (obs.full, obs.directories, len(obs.files)) == (True, 4, 2)  # the root, a, b, b/c
+    assert spec.directories == 0  # set by the loop from the observation, never by the scan
+    assert list(scanner.last_poll[spec.index]) != []  # a poll watch's first look, kept
 
 
 def break_scans(monkeypatch: pytest.MonkeyPatch, count: int) -> list[str]:

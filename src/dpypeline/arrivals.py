@@ -45,7 +45,7 @@ class Arrivals:
         self.specs = build_specs(list(self.config.watch))
         self.watcher = Watcher(self.specs, self.inbox, on_progress=on_progress)
         self.watcher.start()
-        self.scanner = Scanner(self.specs, self.inbox)
+        self.scanner = Scanner(self.inbox)
         self.scanner.start()
         for spec in self.specs:
             self.request_scan(spec.index, "startup")
@@ -106,7 +106,7 @@ class Arrivals:
     def request_scan(self, watch: int, reason: str, subdir: str | None = None) -> None:
         assert self.scanner is not None
         self.pending_scans += 1
-        self.scanner.request(watch, reason, subdir)
+        self.scanner.request(self.specs[watch].target(), reason, subdir)
 
     def _schedule(self, spec: WatchSpec, now: float) -> None:
         interval = spec.config.rescan_interval
@@ -134,6 +134,8 @@ class Arrivals:
             self.request_scan(spec.index, "new directory", obs.path)
         elif obs.kind == "scanned":
             self.pending_scans -= 1  # a failed scan too: it was logged, the next one retries
+            if obs.full and not obs.failed:
+                spec.directories = obs.directories  # for the watcher's coverage check
             if not obs.failed:
                 self._reconcile(spec, obs, now)
 

@@ -3,7 +3,9 @@
 It runs the start-up and periodic reconciliation scans, the scans of new subdirectories,
 and the polls of ``poll`` watches, and puts what it found into the loop's inbox as one
 ``scanned`` observation per request, also when the walk failed, so the loop never waits
-for a scan that will not report.
+for a scan that will not report. It never touches the loop's watch specs: each request
+carries a :class:`ScanTarget` copied from one, and what a full scan learnt of the tree (its
+number of directories) travels back in the observation.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 from dpypeline.logs import get_logger
 from dpypeline.watching.patterns import PathMatcher
 from dpypeline.watching.scan import FileVersion, natural_key, scan
-from dpypeline.watching.watch import Inbox, Observation, WatchSpec
+from dpypeline.watching.watch import Inbox, Observation, ScanTarget
 
 __all__ = ["PrefixMatcher", "Scanner"]
 
@@ -25,21 +27,24 @@ class Scanner(threading.Thread):
     """Walks watched trees off the loop's thread: start-up and periodic reconciliation,
     new subdirectories, and the polls of ``poll`` watches. Results go to the inbox."""
 
-    def __init__(self, specs: list[WatchSpec], inbox: Inbox) -> None:
+    def __init__(self, inbox: Inbox) -> None:
         super().__init__(name="dpypeline-scan", daemon=True)
-        self.specs, self.inbox = specs, inbox
-        self._requests: queue.SimpleQueue[tuple[int, str | None, str] | None] = queue.SimpleQueue()
+        self.inbox = inbox
+        self._requests: queue.SimpleQueue[tuple[ScanTarget, str | None, str] | None] = (
+            queue.SimpleQueue()
+        )
+        # by watch index, of poll watches only: the last look a poll compares with
+        self.last_poll: dict[int, dict[str, FileVersion]] = {}
 
-    def request(self, watch: int, reason: str, subdir: str | None = None) -> None:
-        self._requests.put((watch, subdir, reason))
+    def request(self, target: ScanTarget, reason: str, subdir: str | None = None) -> None:
+        self._requests.put((target, subdir, reason))
 
     def stop(self) -> None:
         self._requests.put(None)
 
     def run(self) -> None:
         while (req := self._requests.get()) is not None:
-            watch, subdir, reason = req
-            spec = self.specs[watch]
+            spec, subdir, reason = req
             try:
                 self.inbox.put(self._scan(spec, subdir, reason))
             except Exception as exc:  # a failed walk must not end the thread (and the rescans)
@@ -54,24 +59,22 @@ class Scanner(threading.Thread):
                 path = subdir or spec.root
                 self.inbox.put(Observation("scanned", spec.index, path, failed=True, reason=reason))
 
-    def _scan(self, spec: WatchSpec, subdir: str | None, reason: str) -> Observation:
-        follow = spec.config.follow_symlinks
+    def _scan(self, spec: ScanTarget, subdir: str | None, reason: str) -> Observation:
+        follow = spec.follow_symlinks
         if subdir is not None:
             rel = spec.relative(subdir) or ""
             sub = PrefixMatcher(spec.matcher, rel)
             result = scan(subdir, sub, follow_symlinks=follow)  # type: ignore[arg-type]
             return Observation("scanned", spec.index, subdir, tuple(result.files), reason=reason)
         if reason == "poll":
-            result = scan(
-                spec.root, spec.matcher, sort=False, known=spec.last_poll, follow_symlinks=follow
-            )
+            known = self.last_poll.get(spec.index, {})
+            result = scan(spec.root, spec.matcher, sort=False, known=known, follow_symlinks=follow)
             files = self._changed(spec, result.files)
         else:
             result = scan(spec.root, spec.matcher, follow_symlinks=follow)
             files = result.files
             # only a poll watch compares with the last look (a million-file dict otherwise)
-            spec.last_poll = {f.path: f for f in files} if spec.mode == "poll" else {}
-        spec.directories = result.directories
+            self.last_poll[spec.index] = {f.path: f for f in files} if spec.poll else {}
         for path, err in result.errors:
             log.warning(
                 "scan_unreadable",
@@ -80,20 +83,27 @@ class Scanner(threading.Thread):
                 error=str(err),
                 action="files below it are not seen until it is readable",
             )
-        return Observation("scanned", spec.index, spec.root, tuple(files), full=True, reason=reason)
+        return Observation(
+            "scanned",
+            spec.index,
+            spec.root,
+            tuple(files),
+            full=True,
+            reason=reason,
+            directories=result.directories,
+        )
 
-    @staticmethod
-    def _changed(spec: WatchSpec, files: list[FileVersion]) -> list[FileVersion]:
+    def _changed(self, spec: ScanTarget, files: list[FileVersion]) -> list[FileVersion]:
         """The files that are new or changed since the last look, in natural order; the
         current look becomes the last one."""
-        last = spec.last_poll
+        last = self.last_poll.get(spec.index, {})
         changed = []
         for f in files:
             old = last.get(f.path)
             if old is None or old.size != f.size or old.mtime_ns != f.mtime_ns:
                 changed.append(f)
         if changed or len(files) != len(last):
-            spec.last_poll = {f.path: f for f in files}
+            self.last_poll[spec.index] = {f.path: f for f in files}
         # else: the same paths (none new, as many as before), so the last look stands
         cut = len(spec.root) + 1
         changed.sort(key=lambda f: natural_key(f.path[cut:]))

@@ -74,6 +74,24 @@ class Observation:
     full: bool = False  # for "scanned": the whole watch was walked
     failed: bool = False  # for "scanned": the walk failed (logged); nothing was found
     reason: str = ""
+    directories: int = 0  # for a full "scanned": the directories walked
+
+
+@dataclass(frozen=True, slots=True)
+class ScanTarget:
+    """What the scan thread needs of a watch, copied when a scan is requested: the loop
+    thread alone owns (and changes) the watch's :class:`WatchSpec`."""
+
+    index: int
+    root: str
+    matcher: PathMatcher
+    follow_symlinks: bool
+    poll: bool  # a ``poll`` watch: a full scan is also the look later polls compare with
+
+    def relative(self, path: str) -> str | None:
+        if path.startswith(self.root + os.sep):
+            return path[len(self.root) + 1 :]
+        return None
 
 
 @dataclass
@@ -88,7 +106,11 @@ class WatchSpec:
     fstype: str
     observed: ObservedWatch | None = None
     directories: int = 0  # found by the last full scan
-    last_poll: dict[str, FileVersion] = field(default_factory=dict)  # poll watches only
+
+    def target(self) -> ScanTarget:
+        return ScanTarget(
+            self.index, self.root, self.matcher, self.config.follow_symlinks, self.mode == "poll"
+        )
 
     def relative(self, path: str) -> str | None:
         if path.startswith(self.root + os.sep):

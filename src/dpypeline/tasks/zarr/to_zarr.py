@@ -19,12 +19,14 @@ PermanentError whose message says what differs and what to do.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from dpypeline.commits import Commit, commits
 from dpypeline.errors import ConfigError, PermanentError
 from dpypeline.tasks.zarr import store as zs
 from dpypeline.tasks.zarr.layout import Compressor
@@ -37,6 +39,20 @@ Overlap = Literal["replace", "skip", "forbid"]
 OVERLAPS = ("replace", "skip", "forbid")
 
 
+def _store(kwargs: Mapping[str, Any]) -> Commit | None:
+    """Writes to one store commit one at a time; an append store's in queue order (a
+    template store's in any)."""
+    store = kwargs.get("store")
+    if not isinstance(store, str):
+        return None
+    try:
+        url = zs.locate(store).url
+    except ConfigError:
+        return None  # to_zarr refuses it itself, with the reason
+    return Commit(url, ordered=kwargs.get("append_dim") is not None)
+
+
+@commits(_store)
 def to_zarr(
     ds: xr.Dataset,
     store: str,

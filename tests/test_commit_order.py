@@ -266,3 +266,67 @@ def test_a_template_store_takes_the_later_years_while_one_is_dead(
         np.testing.assert_array_equal(got.toce.isel({T: [i]}).values, want.toce.values)
     assert bool(got.toce.isel({T: 2}).isnull().all())
     assert status(cfg)["held"] == []
+
+
+DATABASE_WRITER = '''
+"""A user's own task: appends one row per file to a file standing in for a database
+table, and declares that table as the resource it commits to."""
+
+import os
+
+from dpypeline.commits import Commit, commits
+
+
+@commits(lambda kw: Commit("table:" + os.path.abspath(kw["table"]), ordered=True))
+def append_row(path, *, table, context=None):
+    with open(table, "a") as rows:
+        rows.write(os.path.basename(path) + "\\n")
+    return path
+'''
+
+
+@pytest.mark.parametrize(
+    "executor",
+    [pytest.param(None, id="serial"), pytest.param(DASK, id="dask", marks=pytest.mark.slow)],
+)
+def test_a_users_own_task_that_declares_its_table_gets_its_rows_in_queue_order(
+    tmp_path: Path, executor: dict[str, Any] | None
+) -> None:
+    inbox, marks, table = tmp_path / "inbox", tmp_path / "marks", tmp_path / "table.txt"
+    inbox.mkdir()
+    marks.mkdir()
+    names = [f"row{i}.dat" for i in range(1, 7)]
+    for name in names:
+        (inbox / name).write_text(name)
+    (tmp_path / "dbwriter.py").write_text(DATABASE_WRITER)
+    # row 3 fails once, after 2 s: with the dask executor the later rows are computed by
+    # then and wait for their turn to commit
+    fault = {"marks": str(marks), "match": "row3", "delay": 2.0}
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "monitor": False,
+            "watch": [{"path": str(inbox), "patterns": ["*.dat"], "settle": "100ms"}],
+            "executor": executor or {"kind": "serial"},
+            "retry": {"max_attempts": 3, "backoff": {"initial": "300ms", "max": "1s"}},
+            "jobs": [
+                {
+                    "name": "rows",
+                    "tasks": [
+                        {"task": "taskbox.fail_once", "with": fault},
+                        {"task": "dbwriter.append_row", "with": {"table": str(table)}},
+                    ],
+                }
+            ],
+            "logging": {"format": "json"},
+        },
+    )
+    events = run_once(cfg, timeout=180)
+    assert table.read_text().split() == names
+    state = {Path(j["path"]).name: j for j in jobs(cfg)}
+    assert {n: j["state"] for n, j in state.items()} == dict.fromkeys(names, "done")
+    assert [state[n]["attempts"] for n in names] == [1, 1, 2, 1, 1, 1]
+    held = [e for e in events if e["event"] == "job_held"]
+    assert held
+    assert {e["behind"] for e in held} == {state["row3.dat"]["id"]}

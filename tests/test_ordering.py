@@ -1,5 +1,6 @@
 """The commit-order rule on its own: which job may start, which commits next, which are
-withdrawn (pure, no Dask, Zarr or SQLite); then the ledger's side of it on real SQLite:
+withdrawn (pure, no Dask, Zarr or SQLite); how a job learns from its tasks' declarations
+what it commits to and where its chain splits; then the ledger's side of it on real SQLite:
 held jobs are not taken, spend no attempt, and go on once the job ahead commits or is
 skipped."""
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dpypeline.commits import Commit, commits, declared
 from dpypeline.executors.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
+from dpypeline.pipeline import Job, JobCall, JobContext, Task
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
 from dpypeline.state.queue import DB_FILE
 from dpypeline.watching.scan import FileVersion
@@ -56,7 +59,7 @@ def test_the_summary_names_each_job_holding_others_and_what_frees_it() -> None:
 def test_the_earliest_job_in_flight_commits_first_and_one_at_a_time() -> None:
     order = CommitOrder()
     for job_id in (3, 1, 2):
-        order.add(job_id, "s", append=True)
+        order.add(job_id, "s", ordered=True)
     order.computed(3)
     order.computed(2)
     assert order.next_commit("s") is None  # 1 is not computed: 2 and 3 wait
@@ -72,18 +75,18 @@ def test_the_earliest_job_in_flight_commits_first_and_one_at_a_time() -> None:
 
 def test_stores_commit_independently() -> None:
     order = CommitOrder()
-    order.add(1, "a", append=True)
-    order.add(2, "b", append=True)
+    order.add(1, "a", ordered=True)
+    order.add(2, "b", ordered=True)
     order.computed(2)
     assert order.next_commit("b") == 2
     assert order.next_commit("a") is None
 
 
-def test_a_failed_job_of_an_append_store_withdraws_the_later_ones_only() -> None:
+def test_a_failed_job_of_an_ordered_resource_withdraws_the_later_ones_only() -> None:
     order = CommitOrder()
     for job_id in (1, 2, 3, 4):
-        order.add(job_id, "s", append=True)
-    order.add(5, "other", append=True)
+        order.add(job_id, "s", ordered=True)
+    order.add(5, "other", ordered=True)
     order.computed(1)
     assert order.next_commit("s") == 1
     order.computed(3)
@@ -94,18 +97,75 @@ def test_a_failed_job_of_an_append_store_withdraws_the_later_ones_only() -> None
     assert 5 in order  # another store: untouched
     assert order.finished(1, failed=False) == []
     assert order.next_commit("s") is None
-    order.add(6, "s", append=True)
+    order.add(6, "s", ordered=True)
     order.computed(6)
     assert order.next_commit("s") == 6
 
 
-def test_a_failed_job_of_a_template_store_withdraws_nothing() -> None:
+def test_a_failed_job_of_an_unordered_resource_withdraws_nothing() -> None:
     order = CommitOrder()
     for job_id in (1, 2, 3):
-        order.add(job_id, "t", append=False)
+        order.add(job_id, "t", ordered=False)
     order.computed(2)
     assert order.finished(1, failed=True) == []
     assert order.next_commit("t") == 2
+
+
+# -- what a job commits to ----------------------------------------------------------------
+
+
+def length(path: str) -> int:
+    return len(path)
+
+
+def double(value: int) -> int:
+    return value * 2
+
+
+@commits(lambda kw: Commit(f"table:{kw['table']}", ordered=kw.get("append", True)))
+def insert(value: int, *, table: str, rows: list[int], append: bool = True) -> int:
+    rows.append(value)
+    return value + 1
+
+
+def call_on(job: Job, path: str) -> JobCall:
+    return JobCall(job, path, JobContext(1, 1, path, path, "/", job.name, None))
+
+
+def test_a_task_declares_its_commit_from_its_arguments() -> None:
+    assert declared(insert, {"table": "t", "rows": []}) == Commit("table:t", ordered=True)
+    assert declared(insert, {"table": "t", "rows": [], "append": False}) == Commit("table:t")
+    assert declared(double, {}) is None
+
+
+def test_a_job_commits_from_its_first_committing_task_and_splits_there() -> None:
+    rows: list[int] = []
+    job = Job("j", [Task(length), Task(insert, table="t", rows=rows), Task(double)])
+    assert job.commit_index() == 1
+    assert job.commit() == Commit("table:t", ordered=True)
+    assert job.ordered_resource() == "table:t"
+    call = call_on(job, "/data/f.nc")
+    assert call.commits_to == Commit("table:t", ordered=True)
+    computed = call.compute()
+    assert (computed, rows) == (10, [])  # nothing committed while computing
+    assert call.commit(computed) == 22
+    assert rows == [10]
+    assert call() == 22  # whole, as the serial executor runs it
+
+
+def test_a_job_without_a_committing_task_commits_nothing_and_runs_whole() -> None:
+    job = Job("j", [Task(length), Task(double)])
+    assert (job.commit_index(), job.commit(), job.ordered_resource()) == (None, None, None)
+    call = call_on(job, "abc")
+    assert call.commits_to is None
+    assert call.compute() == 6
+    assert call.commit(6) == 6
+
+
+def test_an_unordered_resource_is_not_an_ordered_one() -> None:
+    job = Job("j", [Task(insert, table="t", rows=[], append=False)])
+    assert job.commit() == Commit("table:t", ordered=False)
+    assert job.ordered_resource() is None
 
 
 # -- the ledger's side --------------------------------------------------------------------

@@ -186,3 +186,13 @@ def test_multipart_threshold_accepts_bytes_and_units() -> None:
     for bad in ("lots", "0", "-5MB", "5 parsecs", True, ""):
         with pytest.raises(ConfigError, match="not a size"):
             parse_size(bad)
+
+
+def test_uploads_commit_to_their_bucket_and_prefix_in_any_order_of_files() -> None:
+    from dpypeline.commits import Commit
+
+    for prefix in ("raw/2024", "/raw/2024/", "raw/2024/"):
+        task = Task("upload_file", objectstore="moto", bucket="b", prefix=prefix)
+        assert task.commit == Commit("s3://b/raw/2024", ordered=False)
+    assert Task("upload_file", objectstore="moto", bucket="b").commit == Commit("s3://b")
+    assert Task("create_bucket", objectstore="moto", bucket="b").commit is None

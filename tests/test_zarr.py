@@ -385,3 +385,19 @@ def test_store_lock_keeps_other_processes_out_of_a_local_store(tmp_path: Path) -
     with store_lock(location):
         assert try_lock() == 3
     assert try_lock() == 0
+
+
+def test_to_zarr_commits_to_its_store_in_queue_order_only_when_it_appends(
+    tmp_path: Path,
+) -> None:
+    from dpypeline.commits import Commit
+    from dpypeline.pipeline import Task
+
+    url = str(tmp_path / "out.zarr")
+    append = Task("to_zarr", store=f"file://{tmp_path}/x/../out.zarr", append_dim=T)
+    assert append.commit == Commit(url, ordered=True)
+    assert Task("to_zarr", store=url, region=T).commit == Commit(url, ordered=False)
+    s3 = Task("to_zarr", store="s3a://bucket/a.zarr/", objectstore="s", append_dim=T)
+    assert s3.commit == Commit("s3://bucket/a.zarr", ordered=True)
+    assert Task("to_zarr", store="ftp://host/a.zarr", append_dim=T).commit is None
+    assert Task("open_dataset").commit is None

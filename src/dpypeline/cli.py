@@ -161,7 +161,7 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         problems.append(str(exc))
     cluster = config.executor.cluster
     if config.executor.kind == "dask" and cluster is not None:
-        from dpypeline.executors.dask import cluster_class
+        from dpypeline.executors.cluster import cluster_class
 
         try:
             cluster_class(cluster.class_)
@@ -186,10 +186,10 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
 def _print_layouts(jobs: list[Job], sample: str) -> int:
     """The store layout each job's ``to_zarr`` would give a new store for ``sample``."""
     from dpypeline.errors import PermanentError
-    from dpypeline.tasks.zarr.to_zarr import plan_layout
+    from dpypeline.tasks.zarr.to_zarr import plan_layout, to_zarr
 
     for job in jobs:
-        split = job.commit_index()
+        split = next((i for i, t in enumerate(job.tasks) if t.func is to_zarr), None)
         if split is None:
             print(f"{job.name}: no to_zarr task")
             continue

@@ -5,6 +5,9 @@ each next task receives the previous task's return value as its first argument; 
 gives keyword arguments. A task that declares a ``context`` parameter also receives the
 ``JobContext``. Tasks are plain functions: a built-in short name (``open_dataset``) or a
 dotted path (``mypkg.tasks.fix_units``); only the tasks named in a config are imported.
+The core knows no task by name: the built-ins' short names are looked up in the table of
+:data:`BUILTIN_TASKS`, imported by its dotted path like any user's task, and a task that
+writes to a shared resource says so itself (:mod:`dpypeline.commits`).
 """
 
 from __future__ import annotations
@@ -15,23 +18,33 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpypeline.commits import Commit, declared
 from dpypeline.config import ObjectStoreConfig, PipelineConfig
 from dpypeline.errors import ConfigError
 from dpypeline.outages import disk_full_is_outage
 from dpypeline.taskpath import make_importable, task_dirs
-from dpypeline.tasks import BUILTINS
+
+BUILTIN_TASKS = "dpypeline.tasks:BUILTINS"  # short name -> "module:function"
+
+
+def builtin_tasks() -> Mapping[str, str]:
+    """The built-in tasks' short names and where each one lives."""
+    module_name, _, attr = BUILTIN_TASKS.partition(":")
+    table: Mapping[str, str] = getattr(importlib.import_module(module_name), attr)
+    return table
 
 
 def resolve_task(name: str) -> Callable[..., Any]:
     """The function a task name refers to. Raises ImportError/AttributeError with a
     message that says what was looked for."""
-    target = BUILTINS.get(name, name)
+    builtins = builtin_tasks()
+    target = builtins.get(name, name)
     module_name, sep, attr = target.partition(":")
     if not sep:
         module_name, _, attr = target.rpartition(".")
     if not module_name or not attr:
         raise ImportError(
-            f"'{name}' is neither a built-in task ({', '.join(sorted(BUILTINS))}) "
+            f"'{name}' is neither a built-in task ({', '.join(sorted(builtins))}) "
             "nor a dotted path such as mypkg.tasks.fix_units"
         )
     module = importlib.import_module(module_name)
@@ -45,12 +58,14 @@ def resolve_task(name: str) -> Callable[..., Any]:
 
 
 class Task:
-    """One step of a job: a function and its keyword arguments."""
+    """One step of a job: a function, its keyword arguments, and the commit it declares
+    it makes with them (:mod:`dpypeline.commits`), if any."""
 
     def __init__(self, func: Callable[..., Any] | str, /, **kwargs: Any) -> None:
         self.func = resolve_task(func) if isinstance(func, str) else func
         self.kwargs = kwargs
         self.name = func if isinstance(func, str) else _qualified_name(func)
+        self.commit = declared(self.func, kwargs)
         try:
             self.wants_context = "context" in inspect.signature(self.func).parameters
         except (TypeError, ValueError):  # some builtins have no signature
@@ -87,45 +102,30 @@ class Job:
         return value
 
     def commit_index(self) -> int | None:
-        """Where the chain starts writing to a Zarr store: the index of its first
-        ``to_zarr`` task, or None when it has none."""
-        for i, task in enumerate(self.tasks):
-            func = task.func
-            if (getattr(func, "__module__", ""), getattr(func, "__name__", "")) == _TO_ZARR:
-                return i
-        return None
+        """Where the chain starts to commit: the index of its first task that declares a
+        commit, or None when none does."""
+        return next((i for i, task in enumerate(self.tasks) if task.commit is not None), None)
 
-    def order_key(self) -> str | None:
-        """The Zarr store this job writes to (its normalised URL), or None. Jobs with the
-        same key must write one at a time and in queue order (see ``dask_executor``)."""
+    def commit(self) -> Commit | None:
+        """The resource this job commits to (its first committing task's), or None."""
         i = self.commit_index()
-        store = self.tasks[i].kwargs.get("store") if i is not None else None
-        if not isinstance(store, str):
-            return None
-        from dpypeline.tasks.zarr.store import locate
+        return self.tasks[i].commit if i is not None else None
 
-        try:
-            return locate(store).url
-        except ConfigError:
-            return None
-
-    def append_key(self) -> str | None:
-        """The store, when this job appends to it (``to_zarr`` with ``append_dim``): its
-        commits must follow queue order, and an earlier job that failed holds the later
-        ones (see ``ordering``). None for a template (region) store or no store."""
-        i = self.commit_index()
-        if i is None or self.tasks[i].kwargs.get("append_dim") is None:
-            return None
-        return self.order_key()
+    def ordered_resource(self) -> str | None:
+        """The resource, when it takes files in queue order only: an earlier job that
+        failed holds the later ones (see ``ordering``). None for an unordered resource
+        (a template store, an upload prefix) or none."""
+        commit = self.commit()
+        return commit.resource if commit is not None and commit.ordered else None
 
 
 @dataclass
 class JobCall:
     """One job on one file as a value that can be pickled to another process (a Dask
     worker): the job, the file and the context. Calling it runs the whole chain;
-    ``compute`` and ``commit`` run the chain in two stages, split where it starts writing
-    to a Zarr store, so executors can compute many files at once yet write one at a time.
-    """
+    ``compute`` and ``commit`` run the chain in two stages, split where it starts to
+    commit (:class:`dpypeline.commits.Staged`), so executors can compute many files at
+    once yet commit to one resource one at a time."""
 
     job: Job
     path: str
@@ -135,12 +135,8 @@ class JobCall:
         return self.job.run(self.path, self.context)
 
     @property
-    def order_key(self) -> str | None:
-        return self.job.order_key()
-
-    @property
-    def appends(self) -> bool:
-        return self.job.append_key() is not None
+    def commits_to(self) -> Commit | None:
+        return self.job.commit()
 
     def compute(self) -> Any:
         split = self.job.commit_index()
@@ -185,9 +181,6 @@ class JobContext:
         self.log = get_logger("dpypeline.task").bind(
             job_id=self.job_id, file=self.path, job=self.job, attempt=self.attempt
         )
-
-
-_TO_ZARR = ("dpypeline.tasks.zarr.to_zarr", "to_zarr")
 
 
 def _qualified_name(func: Callable[..., Any]) -> str:

@@ -78,7 +78,7 @@ class Worker:
     ) -> None:
         self.config, self.ledger, self.executor = config, ledger, executor
         self.jobs = {job.name: job for job in jobs}
-        self.stores = {job.name: key for job in jobs if (key := job.append_key()) is not None}
+        self.stores = {job.name: key for job in jobs if (key := job.ordered_resource()) is not None}
         self._writers: dict[str, list[str]] = {}  # append store -> the jobs writing it
         for name, key in self.stores.items():
             self._writers.setdefault(key, []).append(name)

@@ -1,12 +1,11 @@
 """The Dask executor: jobs run on the workers of a Dask cluster, the service loop stays here.
 
 The cluster is a ``LocalCluster`` on this machine by default, an existing scheduler when
-``executor.address`` is set, or any cluster class named in ``executor.cluster`` (such as
-``dask_jobqueue.SLURMCluster``), built with its ``options`` and sized by ``scale``
-(``{jobs: 4}``, ``{n: 8}``; ``{minimum: 0, maximum: 10}`` makes it adaptive). This module
-is the only one that imports ``distributed``. Workers only run tasks; the ledger and the
-queue stay with the service, which records every attempt before it is submitted and
-every outcome as it arrives.
+``executor.address`` is set, or any cluster class named in ``executor.cluster``
+(:mod:`dpypeline.executors.cluster`). This module and that one are the only ones that
+import ``distributed``. Workers only run tasks; the ledger and the queue stay with the
+service, which records every attempt before it is submitted and every outcome as it
+arrives.
 
 Slots. At most ``workers // workers_per_event`` jobs are in flight, counted afresh as
 workers come and go (batch jobs start late and die at walltime; adaptive clusters grow
@@ -20,25 +19,26 @@ transient error. A job past ``retry.job_timeout`` has its future cancelled and t
 that ran it restarted (a thread cannot be stopped any other way); the attempt counts as a
 timeout.
 
-Zarr writes: compute in parallel, commit in queue order. A job whose chain writes to a
-Zarr store (its first ``to_zarr`` task) runs in two stages: *compute* (opening, cleaning,
-encoding: every task before the write) is submitted at once and runs in parallel with
-others; *commit* (the write and anything after it) is submitted only when the job is the
-earliest one in flight for that store and no other commit to the store is running
-(:class:`dpypeline.executors.ordering.CommitOrder`). So writes to one store never overlap and happen
-in queue order, exactly as with the serial executor; writes to different stores and jobs
-without a store run freely. When a job of an append store fails, the later jobs of that
-store in flight are withdrawn before their commit and reported as ``Held``: they go back
-to the queue without spending an attempt, behind it. Time spent computed and waiting for
-the turn to commit does not count towards ``job_timeout``. The commit runs where its
-computed value lies, so the dataset is not moved. A commit whose future timed out keeps
-its store closed to the next commit until its worker has been restarted, so a write that
-ignores its cancellation cannot overlap the next one.
+Commits: compute in parallel, commit in order. A job that commits to a resource (its
+first task that declares a commit, :mod:`dpypeline.commits`: a Zarr store, an upload
+prefix, a user's database) runs in two stages: *compute* (every task before the commit:
+opening, cleaning, encoding) is submitted at once and runs in parallel with others;
+*commit* (the committing task and anything after it) is submitted only when the job is
+the earliest one in flight for that resource and no other commit to it is running
+(:class:`dpypeline.executors.ordering.CommitOrder`). So commits to one resource never
+overlap and happen in queue order, exactly as with the serial executor; commits to
+different resources and jobs that commit nothing run freely. When a job of an ordered
+resource (an append store) fails, the later jobs of that resource in flight are withdrawn
+before their commit and reported as ``Held``: they go back to the queue without spending
+an attempt, behind it. Time spent computed and waiting for the turn to commit does not
+count towards ``job_timeout``. The commit runs where its computed value lies, so the
+dataset is not moved. A commit whose future timed out keeps its resource closed to the
+next commit until its worker has been restarted, so a write that ignores its
+cancellation cannot overlap the next one.
 """
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 import uuid
@@ -47,14 +47,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from distributed import WorkerPlugin
-
-from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig, ExecutorConfig
-from dpypeline.errors import ConfigError, JobTimeout
+from dpypeline.commits import Staged
+from dpypeline.config import ClusterConfig, ExecutorConfig
+from dpypeline.errors import JobTimeout
+from dpypeline.executors.cluster import CloseClients, TaskPath, build_cluster, scale
 from dpypeline.executors.ordering import CommitOrder, Held
 from dpypeline.executors.serial import Finished
 from dpypeline.logs import get_logger, quiet_libraries
-from dpypeline.taskpath import make_importable
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -64,61 +63,25 @@ log = get_logger("dpypeline.dask")
 WORKERS_EVERY = 1.0  # seconds between counts of the cluster's workers
 CONNECT_TIMEOUT = 30.0
 RESTART_TIMEOUT = 60.0
-CLASS_ALIASES = {
-    "LocalCluster": "distributed.LocalCluster",
-    "dask.distributed.LocalCluster": "distributed.LocalCluster",
-    "SLURMCluster": "dask_jobqueue.SLURMCluster",
-    "PBSCluster": "dask_jobqueue.PBSCluster",
-}
-LOCAL_DEFAULTS: dict[str, Any] = {
-    "processes": True,  # tasks hold the GIL (decoding, cleaning): processes scale, threads don't
-    "threads_per_worker": 1,  # one job per worker process; slots count workers
-    "dashboard_address": ":0",  # any free port: two services on one host must not clash
-}
 
 
-class TaskPath(WorkerPlugin):
-    """A Dask worker plugin that puts the config's directory on the worker's ``sys.path``,
-    as the service does for itself, so task modules kept next to the config import there."""
-
-    name = "dpypeline-task-path"
-
-    def __init__(self, dirs: list[str]) -> None:
-        self.dirs = dirs
-
-    def setup(self, worker: Any) -> None:
-        make_importable(self.dirs)
-
-
-class CloseClients(WorkerPlugin):
-    """Closes a worker's kept S3 clients when the worker stops, as the service does for its
-    own (an HTTP session left open at exit is an "Unclosed client session" error)."""
-
-    name = "dpypeline-close-clients"
-
-    def teardown(self, worker: Any) -> None:
-        from dpypeline.objectstore import close_clients
-
-        close_clients()
-
-
-def run_whole(call: Callable[[], Any]) -> None:
+def run_whole(call: Staged) -> None:
     call()  # the chain's value stays on the worker: only the outcome comes back
 
 
-def run_compute(call: Any) -> Any:
+def run_compute(call: Staged) -> Any:
     return call.compute()
 
 
-def run_commit(call: Any, value: Any) -> None:
+def run_commit(call: Staged, value: Any) -> None:
     call.commit(value)
 
 
 @dataclass
 class _InFlight:
     job_id: int
-    call: Any
-    key: str | None  # the Zarr store it writes to: commits with one key run one at a time
+    call: Staged
+    key: str | None  # the resource it commits to: commits with one key run one at a time
     started: float
     timeout: float | None
     future: Future
@@ -262,16 +225,16 @@ class DaskExecutor:
 
     # -- running jobs ---------------------------------------------------------------------
 
-    def submit(self, job_id: int, fn: Callable[[], Any], timeout: float | None, now: float) -> None:
+    def submit(self, job_id: int, call: Staged, timeout: float | None, now: float) -> None:
         assert self._client is not None
-        key = getattr(fn, "order_key", None)
-        if key is None:
-            future = self._client.submit(run_whole, fn, pure=False, key=_key(job_id, "run"))
-            job = _InFlight(job_id, fn, None, now, timeout, future)
+        commit = call.commits_to
+        if commit is None:
+            future = self._client.submit(run_whole, call, pure=False, key=_key(job_id, "run"))
+            job = _InFlight(job_id, call, None, now, timeout, future)
         else:
-            future = self._client.submit(run_compute, fn, pure=False, key=_key(job_id, "compute"))
-            job = _InFlight(job_id, fn, key, now, timeout, future, stage="compute")
-            self._commits.add(job_id, key, append=bool(getattr(fn, "appends", False)))
+            future = self._client.submit(run_compute, call, pure=False, key=_key(job_id, "compute"))
+            job = _InFlight(job_id, call, commit.resource, now, timeout, future, stage="compute")
+            self._commits.add(job_id, commit.resource, ordered=commit.ordered)
         self._jobs[job_id] = job
         future.add_done_callback(self._events.callback(job_id))
 
@@ -426,32 +389,3 @@ def _key(job_id: int, stage: str) -> str:
     """A task key unique to this attempt (a key the scheduler still holds would return the
     old result), readable on the dashboard."""
     return f"dpypeline-job-{job_id}-{stage}-{uuid.uuid4().hex[:8]}"
-
-
-def cluster_class(name: str) -> Any:
-    """The cluster class ``executor.cluster.class`` names (a dotted path or an alias)."""
-    target = CLASS_ALIASES.get(name, name)
-    module_name, _, attr = target.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"executor.cluster.class: cannot import {name!r}: {exc}") from None
-
-
-def build_cluster(cc: ClusterConfig) -> Any:
-    """The cluster ``cluster.class`` names, made with ``cluster.options`` (for a
-    LocalCluster on top of dpypeline's defaults: single-threaded worker processes)."""
-    cls = cluster_class(cc.class_)
-    options = dict(cc.options)
-    if CLASS_ALIASES.get(cc.class_, cc.class_) == "distributed.LocalCluster":
-        options = {**LOCAL_DEFAULTS, **options}
-    return cls(**options)
-
-
-def scale(cluster: Any, spec: dict[str, Any]) -> bool:
-    """Size the cluster; True if it is adaptive (``minimum``/``maximum``)."""
-    if set(SCALE_ADAPTIVE) & spec.keys():
-        cluster.adapt(**spec)
-        return True
-    cluster.scale(**spec)
-    return False

@@ -1,25 +1,28 @@
-"""Writes to one append-mode store commit in queue order.
+"""Commits to one resource happen one at a time, and to an ordered one in queue order.
 
-An append store only takes steps after its last one: a file whose job failed once and runs
-again later must not be overtaken by the files after it, or its retry finds the store past
-it and the time series keeps a hole. The rule has two parts, both pure (facts in,
-decisions out); the ledger supplies the facts and the worker and executors carry out the
-decisions.
+The rule knows resources only by the name a task declares (:mod:`dpypeline.commits`): a
+Zarr store, an upload prefix, a user's database are all the same to it. An *ordered*
+resource (an append-mode store) only takes what comes after its last commit: a file whose
+job failed once and runs again later must not be overtaken by the files after it, or its
+retry finds the resource past it and the series keeps a hole. The rule has two parts, both
+pure (facts in, decisions out); the ledger supplies the facts and the worker and executors
+carry out the decisions.
 
-- *Start* (:func:`hold_for`): a job that appends to a store starts only when every earlier
-  job of that store, in queue order (ledger ids), has committed (``done``), was
-  ``skipped``, or is running now. Otherwise it is *held* behind the earliest of them: it
-  stays ``queued``, spends no attempt, and is not taken again until that job commits or
-  is skipped. Behind a ``dead`` job the hold lasts until the operator either retries it
-  (``dpypeline retry N``, once the cause is fixed) or accepts the gap
+- *Start* (:func:`hold_for`): a job that commits to an ordered resource starts only when
+  every earlier job of that resource, in queue order (ledger ids), has committed
+  (``done``), was ``skipped``, or is running now. Otherwise it is *held* behind the
+  earliest of them: it stays ``queued``, spends no attempt, and is not taken again until
+  that job commits or is skipped. Behind a ``dead`` job the hold lasts until the operator
+  either retries it (``dpypeline retry N``, once the cause is fixed) or accepts the gap
   (``dpypeline skip N``).
-- *Commit* (:class:`CommitOrder`): of the jobs of one store in flight at once (the dask
+- *Commit* (:class:`CommitOrder`): of the jobs of one resource in flight at once (the dask
   executor computes several files ahead), the earliest commits first, one at a time; when
-  one of them fails, the later ones of an append store are withdrawn before they commit
-  and held behind it.
+  one of them fails, the later ones of an ordered resource are withdrawn before they
+  commit and held behind it.
 
-Template (region) stores take files in any order: their jobs are never held, and the
-commit order only keeps their writes from overlapping.
+Unordered resources (a template store written by region, an upload prefix) take files in
+any order: their jobs are never held, and the commit order only keeps their commits from
+overlapping.
 """
 
 from __future__ import annotations
@@ -109,25 +112,25 @@ class Held(Exception):
 
 
 class CommitOrder:
-    """The commits of the jobs in flight, per store: the earliest job (lowest id) of a
-    store commits first, and one commit per store runs at a time.
+    """The commits of the jobs in flight, per resource: the earliest job (lowest id) of a
+    resource commits first, and one commit per resource runs at a time.
 
     Events in: ``add`` (a job started), ``computed`` (it is ready to commit),
     ``finished`` (it ended). Decisions out: ``next_commit`` (which job starts its commit
     now) and the jobs ``finished`` withdraws."""
 
     def __init__(self) -> None:
-        self._flight: dict[str, list[int]] = {}  # per store: job ids in flight, ascending
-        self._store: dict[int, tuple[str, bool]] = {}  # job id -> (store, append mode)
+        self._flight: dict[str, list[int]] = {}  # per resource: job ids in flight, ascending
+        self._store: dict[int, tuple[str, bool]] = {}  # job id -> (resource, ordered)
         self._ready: set[int] = set()
         self._committing: dict[str, int] = {}
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._store
 
-    def add(self, job_id: int, store: str, *, append: bool) -> None:
-        self._store[job_id] = (store, append)
-        insort(self._flight.setdefault(store, []), job_id)
+    def add(self, job_id: int, resource: str, *, ordered: bool) -> None:
+        self._store[job_id] = (resource, ordered)
+        insort(self._flight.setdefault(resource, []), job_id)
 
     def computed(self, job_id: int) -> None:
         if job_id in self._store:
@@ -148,20 +151,20 @@ class CommitOrder:
         return self._committing.get(store)
 
     def finished(self, job_id: int, *, failed: bool) -> list[int]:
-        """Forget a job that ended. When it failed and its store is in append mode, the
-        later jobs of that store in flight are withdrawn (forgotten too, and returned):
-        their commits would overtake it."""
+        """Forget a job that ended. When it failed and its resource is ordered, the later
+        jobs of that resource in flight are withdrawn (forgotten too, and returned): their
+        commits would overtake it."""
         entry = self._store.pop(job_id, None)
         if entry is None:
             return []
-        store, append = entry
+        store, ordered = entry
         self._ready.discard(job_id)
         if self._committing.get(store) == job_id:
             del self._committing[store]
         order = self._flight[store]
         order.remove(job_id)
         busy = self._committing.get(store)
-        withdrawn = [j for j in order if j > job_id and j != busy] if failed and append else []
+        withdrawn = [j for j in order if j > job_id and j != busy] if failed and ordered else []
         for j in withdrawn:
             order.remove(j)
             del self._store[j]

@@ -26,15 +26,15 @@ import math
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dpypeline.commits import Commit, commits
 from dpypeline.errors import ConfigError, PermanentError, TransientError
 from dpypeline.objectstore import check_bucket, classify_errors, filesystem, s3_error_code
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     import s3fs
 
     from dpypeline.config import ObjectStoreConfig
@@ -85,6 +85,16 @@ def create_bucket(bucket: str, objectstore: str, context: SetupContext | None = 
     return url
 
 
+def _destination(kwargs: Mapping[str, Any]) -> Commit | None:
+    """Uploads commit to their bucket and prefix, one at a time. In any order of files:
+    each has a key of its own, so a failed upload holds back no other."""
+    bucket, prefix = kwargs.get("bucket"), kwargs.get("prefix") or ""
+    if not isinstance(bucket, str) or not isinstance(prefix, str):
+        return None  # upload_file refuses it itself, with the reason
+    return Commit(f"s3://{bucket}/{prefix.strip('/')}".rstrip("/"))
+
+
+@commits(_destination)
 def upload_file(
     path: str,
     *,

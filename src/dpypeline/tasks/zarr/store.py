@@ -38,14 +38,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from dpypeline.errors import ConfigError, PermanentError
-from dpypeline.tasks.zarr import layout as zarrlayout
-from dpypeline.tasks.zarr.layout import Compressor, source_chunks, store_chunks
+from dpypeline.tasks.zarr import compat
 
 if TYPE_CHECKING:
-    import xarray as xr
     import zarr
     from zarr.abc.store import Store as ZarrStore
 
@@ -53,10 +49,6 @@ COMMITTED = "dpypeline_committed"
 APPEND_DIM = "dpypeline_append_dim"
 WRITTEN = "dpypeline_written"
 MARKERS = (COMMITTED, APPEND_DIM, WRITTEN)
-# What xarray needs to encode a variable as a store holds it. The rest of a NetCDF
-# source's encoding (chunksizes, zlib, shuffle, contiguous, source …) means nothing to Zarr.
-CF_ENCODING = ("dtype", "units", "calendar", "_FillValue", "missing_value", "scale_factor",
-               "add_offset", "coordinates")  # fmt: skip
 _GROUP_METADATA = frozenset({".zgroup", ".zattrs", ".zmetadata", "zarr.json"})
 
 _LOCKS: dict[str, threading.Lock] = {}
@@ -104,15 +96,13 @@ class Location:
         key = (self.url, json.dumps(self.storage_options, sort_keys=True, default=str))
         with _LOCKS_GUARD:
             if key not in _S3_STORES:
-                from zarr.core.sync import sync
-
                 from dpypeline.objectstore import S3FS_TRIES, keep_open
 
                 store = FsspecStore.from_url(
                     self.url, storage_options=dict(self.storage_options or {})
                 )
                 store.fs.retries = S3FS_TRIES  # botocore alone retries, within the timeouts
-                keep_open(store.fs, sync)  # zarr runs the client on its own event loop
+                keep_open(store.fs, compat.run)  # zarr runs the client on its own event loop
                 _S3_STORES[key] = store
             return _S3_STORES[key]
 
@@ -189,9 +179,8 @@ def open_store(zstore: ZarrStore, url: str) -> StoreState | None:
     new store may be created: nothing there yet, or a group without arrays. Anything else
     that is not a Zarr group is refused, never overwritten."""
     import zarr
-    from zarr.core.sync import sync
 
-    found = sync(_top_level(zstore))
+    found = compat.run(_top_level(zstore))
     try:
         group = zarr.open_group(zstore, mode="r+", use_consolidated=False)
     except FileNotFoundError:  # zarr's GroupNotFoundError derives from it
@@ -202,7 +191,7 @@ def open_store(zstore: ZarrStore, url: str) -> StoreState | None:
             ) from None
         return None
     names = sorted(set(found) - _GROUP_METADATA)
-    opened = sync(_open_arrays(zstore, names, group.metadata.zarr_format))
+    opened = compat.run(_open_arrays(zstore, names, group.metadata.zarr_format))
     arrays = {name: zarr.Array(a) for name, a in zip(names, opened, strict=True) if a is not None}
     if not arrays:
         return None
@@ -278,8 +267,6 @@ def resize(state: StoreState, name: str, dim: str, length: int) -> None:
 
 def grow(state: StoreState, dim: str, length: int) -> None:
     """Resize every array along ``dim`` to ``length`` (failpoint ``before_resize`` first)."""
-    from zarr.core.sync import sync
-
     failpoint("before_resize")
 
     async def each() -> None:
@@ -290,7 +277,7 @@ def grow(state: StoreState, dim: str, length: int) -> None:
             resizes.append(array.async_array.resize(tuple(shape)))
         await asyncio.gather(*resizes)
 
-    sync(each())  # at once: one round trip to S3 rather than one per array
+    compat.run(each())  # at once: one round trip to S3 rather than one per array
 
 
 def misaligned(state: StoreState, dim: str, start: int, stop: int, length: int) -> dict[str, int]:
@@ -316,249 +303,7 @@ def save_group(state: StoreState, attrs: Mapping[str, Any], consolidated: bool) 
     (what readers open the store with), made from the arrays as this write left them
     rather than by reading the whole store back. Without ``consolidated``, a consolidated
     copy left from earlier is removed, so that no reader is served a stale one."""
-    import dataclasses
-
-    import zarr
-    from zarr.core.group import AsyncGroup, ConsolidatedMetadata
-    from zarr.core.sync import sync
-
-    metadata = state.group.metadata
-    if consolidated:
-        members = {name: array.metadata for name, array in state.arrays.items()}
-        metadata = dataclasses.replace(
-            metadata,
-            consolidated_metadata=ConsolidatedMetadata(metadata=members),  # type: ignore[arg-type]
-        )
-    group = zarr.Group(AsyncGroup(metadata=metadata, store_path=state.group.store_path))
-    state.group = group.update_attributes(dict(attrs))
+    members = state.arrays if consolidated else None
+    state.group = compat.consolidating(state.group, members).update_attributes(dict(attrs))
     if not consolidated and state.zarr_format == 2:
-        sync(state.zstore.delete(".zmetadata"))
-
-
-def write_new(
-    ds: xr.Dataset,
-    zstore: ZarrStore,
-    state: StoreState | None,
-    zarr_format: int,
-    *,
-    layout: Layout,
-    attrs: Mapping[str, Any],
-) -> None:
-    """Write ``ds`` as a new store with group attributes ``ds.attrs | attrs``, replacing
-    ``state``'s arrays (a crashed creation) if given; encodings by :func:`new_encoding`.
-    Every variable is written in one dask computation, so all cores work on it."""
-    if state is not None:  # arrays first: until the group goes, the store is recognisable
-        for array in state.arrays:
-            del state.group[array]
-    out = ds.copy()
-    out.encoding = {}
-    for name in list(out.variables):
-        var = out.variables[name]
-        with _about(str(name), var):
-            encoding = new_encoding(str(name), var, layout, zarr_format)
-            if var.chunks is not None:
-                var = var.chunk(dict(zip(var.dims, encoding["chunks"], strict=True)))
-        var.encoding = encoding
-        out[name] = var
-    out.attrs = {k: v for k, v in ds.attrs.items() if k not in MARKERS} | dict(attrs)
-    try:
-        out.to_zarr(zstore, mode="w", consolidated=False, zarr_format=zarr_format)
-    except (ValueError, TypeError):
-        _name_the_culprit(out, zarr_format)
-        with _about(None, None):
-            raise
-
-
-def _name_the_culprit(ds: xr.Dataset, zarr_format: int) -> None:
-    """Find which variable of a dataset that failed to write is the cause, by writing
-    each one's metadata alone to memory, and raise the PermanentError that names it."""
-    import xarray as xr
-    from zarr.storage import MemoryStore
-
-    for name, var in ds.variables.items():
-        with _about(str(name), var):
-            one = (
-                xr.Dataset({name: var}) if name not in var.dims else xr.Dataset(coords={name: var})
-            )
-            one.to_zarr(MemoryStore(), mode="w", compute=False, zarr_format=zarr_format)
-    with _about(None, None):
-        xr.Dataset(attrs=ds.attrs).to_zarr(MemoryStore(), mode="w", zarr_format=zarr_format)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What decides a new store's arrays: chunk sizes from ``to_zarr``'s ``chunks:`` (by
-    dimension, -1 whole), the append or region dimension, and the codec."""
-
-    along: str | None = None
-    chunks: Mapping[str, int] = field(default_factory=dict)
-    compressor: Compressor = field(default_factory=Compressor)
-
-
-def new_encoding(name: str, var: xr.Variable, layout: Layout, zarr_format: int) -> dict[str, Any]:
-    """A new array's encoding: the source's CF encoding (units, calendar, dtype, fill
-    value …), chunks by the store's policy (:func:`dpypeline.tasks.zarr.layout.store_chunks`:
-    never the file's own chunks) and the layout's codec."""
-    enc = {k: var.encoding[k] for k in CF_ENCODING if k in var.encoding}
-    if "dtype" in var.encoding and "_FillValue" not in var.encoding:
-        enc["_FillValue"] = None  # the source file had none: do not invent one
-    fill, missing = enc.get("_FillValue"), enc.get("missing_value")
-    if fill is not None and missing is not None and not np.array_equal(fill, missing, True):
-        del enc["missing_value"]  # xarray refuses both; the data are masked (NaN) already
-    itemsize = np.dtype(enc.get("dtype", var.dtype)).itemsize
-    enc["chunks"] = store_chunks(
-        name,
-        [str(d) for d in var.dims],
-        var.shape,
-        itemsize,
-        along=layout.along,
-        overrides=layout.chunks,
-        source=source_chunks(var),
-    )
-    if np.dtype(enc.get("dtype", var.dtype)).kind not in "OUS":  # text keeps zarr's codec
-        enc |= layout.compressor.encoding(zarr_format, itemsize)
-    return enc
-
-
-def read_along_source(ds: xr.Dataset) -> xr.Dataset:
-    """``ds`` with every variable larger than a store chunk made lazy along the file's own
-    chunks (where it was opened without dask), so that writing reads each chunk of the file
-    once and never holds a whole large variable in memory; a contiguous variable, which
-    can be read in any slices at no extra cost, is read in slices of the store's chunks."""
-    out = ds.copy()
-    for name, var in ds.variables.items():
-        if var.chunks is not None or var.nbytes <= zarrlayout.TARGET_CHUNK_BYTES:
-            continue
-        chunks = source_chunks(var)
-        if not chunks:
-            chunks = dict(zip(map(str, var.dims), new_encoding(
-                str(name), var, Layout(), 2)["chunks"], strict=True))  # fmt: skip
-        out[name] = var.chunk({d: chunks.get(str(d), -1) for d in var.dims})
-    return out
-
-
-def open_lazy(state: StoreState) -> xr.Dataset:
-    """The store as xarray decodes it, every variable lazy (no index is loaded): the
-    variables' dtypes and encodings for the checks and for encoding new data. From the
-    consolidated metadata when it lists the same arrays (shapes may be stale there: data
-    are read from ``state.arrays``), else from the arrays themselves."""
-    import xarray as xr
-
-    def open_(consolidated: bool) -> xr.Dataset:
-        return xr.open_zarr(
-            state.zstore,
-            consolidated=consolidated,
-            chunks=None,
-            zarr_format=state.zarr_format,
-            create_default_indexes=False,
-            decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
-        )
-
-    try:
-        ds = open_(consolidated=True)
-        if set(map(str, ds.variables)) == set(state.arrays):
-            return ds
-    except (FileNotFoundError, KeyError, ValueError):  # no consolidated metadata
-        pass
-    return open_(consolidated=False)
-
-
-def encode_like(var: xr.Variable, stored: xr.Variable) -> xr.Variable:
-    """``var`` encoded as the store encodes ``stored`` (units, calendar, dtype, fill
-    value); lazily if it is a dask array larger than a chunk may be, else in memory."""
-    from xarray.conventions import encode_cf_variable
-
-    v = var.copy(deep=False)
-    if v.chunks is not None and v.nbytes <= zarrlayout.TARGET_CHUNK_BYTES:
-        # read at once: for a small variable dask's per-task cost is most of the work
-        # (encoding alone computes its first element to look for cftime dates)
-        v = v.compute(scheduler="synchronous")
-    v.encoding = {k: stored.encoding[k] for k in CF_ENCODING if k in stored.encoding}
-    v.encoding.pop("coordinates", None)  # a dataset-level matter, not this variable's
-    return encode_cf_variable(v)
-
-
-def raw(var: xr.Variable, stored: xr.Variable) -> np.ndarray:
-    return np.asarray(encode_like(var, stored).values)
-
-
-def write_arrays(
-    variables: list[tuple[str, xr.Variable, xr.Variable]],
-    state: StoreState,
-    *,
-    dim: str,
-    start: int,
-) -> None:
-    """Each ``(name, var, stored)``: ``var`` encoded like the store's ``stored``, into array
-    ``name`` from ``start`` along ``dim``, all in one dask computation (so every core works,
-    and each file chunk is read once: one dask task per store chunk, which gathers the file
-    chunks it holds). Alignment was checked, so every chunk is written whole, never read
-    back."""
-    sources, targets, regions = [], [], []
-    for name, var, stored in variables:
-        array = state.arrays[name]
-        where = _region(state, name, dim, start, var.sizes[dim])
-        with _about(name, var):
-            encoded = encode_like(var, stored)
-            if encoded.chunks is None:
-                array[where] = encoded.values
-                continue
-            sources.append(encoded.data.rechunk(array.chunks))
-        targets.append(array)
-        regions.append(where)
-    if sources:
-        import dask.array
-
-        with _about(None, None):
-            dask.array.store(sources, targets, regions=regions, lock=False)  # type: ignore[arg-type]
-
-
-@contextmanager
-def _about(name: str | None, var: xr.Variable | None) -> Iterator[None]:
-    """Errors that say the data do not fit the store (xarray's and zarr's ValueError and
-    TypeError: the same every time) as a PermanentError naming the variable, its chunks
-    as read and what to set."""
-    try:
-        yield
-    except (ValueError, TypeError) as exc:
-        if name is None:
-            what = "the dataset"
-        else:
-            chunks = source_chunks(var) if var is not None else {}
-            what = f"variable {name} (chunks as read: {chunks or 'none'})"
-        detail = " ".join(str(exc).split())[:300]
-        raise PermanentError(
-            f"{what} cannot be written to the Zarr store: {type(exc).__name__}: {detail}."
-            " Check open_dataset's `chunks:` and to_zarr's `chunks:`/`compressor:`, or fix"
-            " the variable with a task before to_zarr"
-        ) from exc
-
-
-def same(
-    var: xr.Variable, stored: xr.Variable, state: StoreState, name: str, *,
-    dim: str | None = None, start: int = 0,
-) -> bool:  # fmt: skip
-    """Whether ``var`` is what the store holds (from ``start`` along ``dim``), compared as
-    stored, NaN equal to NaN."""
-    new = raw(var, stored)
-    old = np.asarray(state.arrays[name][_region(state, name, dim, start, var.sizes.get(dim, 0))])
-    nan = new.dtype.kind in "fc" and old.dtype.kind in "fc"
-    return new.shape == old.shape and bool(np.array_equal(new, old, equal_nan=nan))
-
-
-def decode_values(values: np.ndarray, stored: xr.Variable) -> list[str]:
-    """Raw values of ``stored`` as a reader sees them (dates for times), for messages."""
-    import xarray as xr
-
-    attrs = {k: stored.encoding[k] for k in ("units", "calendar") if k in stored.encoding}
-    coder = xr.coders.CFDatetimeCoder(use_cftime=True)
-    var = xr.conventions.decode_cf_variable(
-        "v", xr.Variable("i", values, attrs), decode_times=coder
-    )
-    return [str(v) for v in var.values]
-
-
-def _region(
-    state: StoreState, name: str, dim: str | None, start: int, size: int
-) -> tuple[slice, ...]:
-    return tuple(slice(start, start + size) if d == dim else slice(None) for d in state.dims[name])
+        compat.run(state.zstore.delete(".zmetadata"))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dpypeline.executors.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
+from dpypeline.state.cachedir import DB_FILE
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
-from dpypeline.state.queue import DB_FILE
 from dpypeline.watching.scan import FileVersion
 
 # -- the start rule -----------------------------------------------------------------------
@@ -135,7 +135,6 @@ def store_gate(ledger: Ledger) -> Callable[[JobRecord], int | None]:
 
 
 def take(ledger: Ledger, now: float = 1.0) -> Claim | None:
-    ledger.admit()
     return ledger.claim(now, store_gate(ledger))
 
 

@@ -2,7 +2,7 @@
 
 ``Service.run`` opens the ledger, recovers from whatever stopped the last run, runs the
 setup tasks, starts the watcher and the scan thread, then loops: drain observations →
-settle → enqueue → promote retries → admit → collect finished jobs → start new ones →
+settle → enqueue → promote retries → collect finished jobs → start new ones →
 health. ``step(now)`` is one pass of that loop, so tests can drive it directly.
 
 Signal handlers only set flags (anything more is unsafe in a handler: a lock the loop
@@ -323,7 +323,6 @@ class Service:
                 self._executor.interrupt()
                 self._executor.close()
             return worker.busy()
-        ledger.admit()
         if not self._setup.done and not self._setup.run(now, background=True):
             return True
         while (

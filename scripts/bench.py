@@ -13,7 +13,7 @@ the benchmarks still work, not how fast anything is.
                           vs raw sqlite3 (WAL, synchronous=FULL), one INSERT per transaction
   backfill_enqueue        new files through Ledger.unknown + Ledger.enqueue in batches of 1000
                           vs raw sqlite3, 100 rows per transaction
-  claim_complete          Ledger.admit/claim/finish as the service loop calls them
+  claim_complete          Ledger.claim/finish as the service loop calls them
                           vs raw sqlite3 claim + ack, two transactions per item
   claim_complete_history  the same with a large finished history in the ledger
                           vs claim_complete (empty history), same run
@@ -326,22 +326,15 @@ def _insert_history(db_path: Path, count: int) -> float:
     return time.perf_counter() - start
 
 
-def _claim_loop(ledger: Ledger, n: int, start_index: int, *, admit_each_step: bool) -> float:
-    """Enqueue ``n`` jobs (not timed), then claim and finish them all; the seconds taken.
-
-    ``admit_each_step`` calls ``admit()`` before every claim, as ``Service.step`` does;
-    otherwise only when the ready queue has run dry."""
+def _claim_loop(ledger: Ledger, n: int, start_index: int) -> float:
+    """Enqueue ``n`` jobs (not timed), then claim and finish them all; the seconds taken."""
     ledger.enqueue(versions(n, start=start_index), "/data/inbox", [JOB], "scan", time.time())
     done = 0
     start = time.perf_counter()
     while True:
-        if admit_each_step:
-            ledger.admit()
         claim = ledger.claim(time.time())
         if claim is None:
-            if admit_each_step or ledger.admit() == 0:
-                break
-            continue
+            break
         ledger.finish(claim, JobState.DONE, time.time())
         done += 1
     elapsed = time.perf_counter() - start
@@ -379,36 +372,32 @@ def _raw_claim_loop(d: Path, n: int) -> float:
 
 
 def _claim_complete_empty(ctx: Context) -> dict[str, float]:
-    """Best seconds for n jobs: the ledger as the service drives it, the same admitting only
-    when the ready queue is empty, and the raw baseline. Computed once per run."""
+    """Best seconds for n jobs: the ledger as the service drives it, and the raw baseline.
+    Computed once per run."""
     if "claim_empty" in ctx.cache:
         return ctx.cache["claim_empty"]  # type: ignore[no-any-return]
     n = ctx.size("claim_complete")
 
-    def ours(admit_each_step: bool) -> Callable[[], float]:
-        def run() -> float:
-            with workdir(ctx, "claim") as d:
-                Ledger(d / "cache").close()  # the same steps as with history, minus its rows
-                ledger = Ledger(d / "cache", service=True)
-                try:
-                    return _claim_loop(ledger, n, 0, admit_each_step=admit_each_step)
-                finally:
-                    ledger.close()
-
-        return run
+    def ours() -> float:
+        with workdir(ctx, "claim") as d:
+            Ledger(d / "cache").close()  # the same steps as with history, minus its rows
+            ledger = Ledger(d / "cache", service=True)
+            try:
+                return _claim_loop(ledger, n, 0)
+            finally:
+                ledger.close()
 
     def baseline() -> float:
         with workdir(ctx, "claim-raw") as d:
             return _raw_claim_loop(d, n)
 
     repeats = ctx.repeats(3)
-    base_s, ours_s, batch_s = interleaved(repeats, baseline, ours(True), ours(False))
+    base_s, ours_s = interleaved(repeats, baseline, ours)
     ctx.cache["claim_empty"] = {
         "n": n,
         "repeats": repeats,
         "baseline": base_s,
         "ours": ours_s,
-        "ours_batched_admit": batch_s,
     }
     return ctx.cache["claim_empty"]  # type: ignore[no-any-return]
 
@@ -417,7 +406,7 @@ def bench_claim_complete(ctx: Context) -> Result:
     m = _claim_complete_empty(ctx)
     n = int(m["n"])
     ratio = m["baseline"] / m["ours"]
-    result = Result(
+    return Result(
         name="claim_complete",
         ours=n / m["ours"],
         unit="jobs/s",
@@ -430,12 +419,6 @@ def bench_claim_complete(ctx: Context) -> Result:
         n=n,
         repeats=int(m["repeats"]),
     )
-    result.notes.append(
-        f"admit() before every claim, as Service.step calls it; admitting only when the ready"
-        f" queue is empty: {n / m['ours_batched_admit']:,.0f} jobs/s"
-        f" ({m['baseline'] / m['ours_batched_admit']:.2f}x)"
-    )
-    return result
 
 
 def bench_claim_complete_history(ctx: Context) -> Result:
@@ -448,7 +431,7 @@ def bench_claim_complete_history(ctx: Context) -> Result:
         fill_s = _insert_history(d / "cache" / "dpypeline.db", history)
         ledger = Ledger(d / "cache", service=True)
         try:
-            best = min(_claim_loop(ledger, n, r * n, admit_each_step=True) for r in range(repeats))
+            best = min(_claim_loop(ledger, n, r * n) for r in range(repeats))
         finally:
             ledger.close()
     ratio = empty["ours"] / best

@@ -1,5 +1,6 @@
-"""ledger + ready queue: one job per file version, attempts counted before a job runs, no
-head-of-line blocking, and nothing lost across a crash. Real SQLite in tmp_path throughout."""
+"""The ledger: one job per file version, attempts counted before a job runs, no head-of-line
+blocking, every state change guarded by the transition table, and nothing lost across a
+crash. Real SQLite in tmp_path throughout."""
 
 from __future__ import annotations
 
@@ -16,16 +17,12 @@ from pathlib import Path
 import pytest
 
 from dpypeline.errors import StateError
-from dpypeline.state.cachedir import service_pid
-from dpypeline.state.ledger import Claim, JobState, Ledger, Recovery
-from dpypeline.state.queue import DB_FILE
+from dpypeline.state.cachedir import DB_FILE, service_pid
+from dpypeline.state.ledger import NEXT_READY, Claim, JobState, Ledger, Recovery
+from dpypeline.state.transitions import TRANSITIONS, Event, apply
 from dpypeline.watching.scan import FileVersion
 
 ROOT = "/data"
-ADMIT_QUERY = (
-    "SELECT id FROM jobs WHERE state = 'queued' AND admitted = 0 AND NOT EXISTS"
-    " (SELECT 1 FROM holds WHERE holds.job_id = jobs.id) ORDER BY id LIMIT ?"
-)
 
 
 def fv(name: str, size: int = 100, mtime_ns: int = 1_000) -> FileVersion:
@@ -37,9 +34,8 @@ def names(claims: list[Claim]) -> list[str]:
 
 
 def claim_all(ledger: Ledger, now: float) -> list[Claim]:
-    """Admit and claim until nothing is ready (without finishing anything)."""
+    """Claim until nothing is ready (without finishing anything)."""
     taken: list[Claim] = []
-    ledger.admit()
     while (c := ledger.claim(now)) is not None:
         taken.append(c)
     return taken
@@ -177,34 +173,19 @@ def test_job_ids_follow_the_order_files_are_given_in(service: Ledger) -> None:
 def test_jobs_are_claimed_in_enqueue_order(service: Ledger) -> None:
     service.enqueue([fv("3.nc"), fv("1.nc")], ROOT, ["ingest"], "watch", 1.0)
     service.enqueue([fv("2.nc")], ROOT, ["ingest"], "watch", 2.0)
-    assert service.claim(3.0) is None  # nothing admitted yet
-    assert service.admit() == 3
-    assert service.admit() == 0  # already in the ready queue
     taken = [service.claim(3.0) for _ in range(3)]
     assert names([c for c in taken if c]) == ["3.nc", "1.nc", "2.nc"]
     assert service.claim(3.0) is None
 
 
-def test_admit_keeps_the_ready_window_bounded_and_in_ledger_order(service: Ledger) -> None:
-    service.enqueue([fv(f"{i:02}.nc") for i in range(10)], ROOT, ["ingest"], "watch", 1.0)
-    assert service.admit(window=4) == 4
-    assert service.admit(window=4) == 0
-    first = service.claim(2.0)
-    assert first is not None
-    service.finish(first, JobState.DONE, 3.0)
-    assert service.admit(window=4) == 0  # 3 of 4 still ready: more than half, no batch yet
-    second = service.claim(3.0)
-    assert second is not None
-    service.finish(second, JobState.DONE, 3.0)
-    assert service.admit(window=4) == 2  # down to half: refilled to the window
-    order = [first, second]
-    while True:
-        service.admit(window=4)
-        c = service.claim(4.0)
-        if c is None:
-            break
+def test_jobs_are_taken_in_ledger_order_while_others_finish(service: Ledger) -> None:
+    service.enqueue([fv(f"{i:02}.nc") for i in range(5)], ROOT, ["ingest"], "watch", 1.0)
+    order = []
+    while (c := service.claim(2.0)) is not None:
         order.append(c)
-        service.finish(c, JobState.DONE, 5.0)
+        if len(order) == 2:
+            service.enqueue([fv(f"{i:02}.nc") for i in range(5, 10)], ROOT, ["ingest"], "w", 2.0)
+        service.finish(c, JobState.DONE, 3.0)
     assert names(order) == [f"{i:02}.nc" for i in range(10)]
 
 
@@ -214,7 +195,6 @@ def test_attempt_is_committed_before_the_job_runs(
     open_ledger: Callable[..., Ledger],
 ) -> None:
     service.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
-    service.admit()
     claim = service.claim(5.0)
     assert claim is not None
     assert (claim.record.state, claim.record.attempts, claim.record.started) == (
@@ -231,7 +211,7 @@ def test_attempt_is_committed_before_the_job_runs(
     assert (seen.state, seen.attempts) == (JobState.RUNNING, 1)
 
 
-def test_finish_records_the_outcome_and_clears_the_ready_entry(
+def test_finish_records_the_outcome(
     service: Ledger,
     cache: Path,
 ) -> None:
@@ -248,11 +228,34 @@ def test_finish_records_the_outcome_and_clears_the_ready_entry(
         4.0,
         "corrupt input: fix the file, then retry",
     )
-    assert service.ready is not None
-    assert service.ready.pending_job_ids() == set()
-    assert len(service.ready) == 0
     assert service.has_unfinished() is False
-    assert raw_rows(cache, "SELECT count(*) FROM jobs WHERE admitted = 1") == [(0,)]
+    assert service.claim(5.0) is None
+
+
+def test_finish_of_a_job_no_longer_running_changes_nothing(service: Ledger) -> None:
+    service.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
+    (a,) = claim_all(service, 2.0)
+    assert service.finish(a, JobState.DONE, 3.0) is True
+    assert service.finish(a, JobState.DEAD, 4.0, error="late report") is False
+    done = service.get(a.record.id)
+    assert done is not None
+    assert (done.state, done.error, done.finished) == (JobState.DONE, None, 3.0)
+
+
+@pytest.mark.parametrize("event", list(Event))
+def test_every_event_moves_a_job_only_from_the_states_in_the_transition_table(
+    service: Ledger, cache: Path, event: Event
+) -> None:
+    service.enqueue([fv(f"{s.value}.nc") for s in JobState], ROOT, ["ingest"], "watch", 1.0)
+    for state in JobState:
+        raw_write(
+            cache, "UPDATE jobs SET state = ? WHERE path = ?", (state.value, f"{ROOT}/{state}.nc")
+        )
+    rule = TRANSITIONS[event]
+    moved = apply(service._db, event, "1", {"now": 2.0}).rowcount
+    after = {r.path.rsplit("/", 1)[1][:-3]: r.state for r in service.jobs()}
+    assert moved == len(rule.from_states)
+    assert after == {s.value: rule.to if s in rule.from_states else s for s in JobState}
 
 
 # -- retries and backoff ------------------------------------------------------------------
@@ -262,7 +265,6 @@ def test_failed_job_waits_out_its_backoff_without_blocking_the_jobs_behind_it(
     service: Ledger,
 ) -> None:
     service.enqueue([fv("a.nc"), fv("b.nc"), fv("c.nc")], ROOT, ["ingest"], "watch", 1.0)
-    service.admit()
     a = service.claim(10.0)
     assert a is not None
     assert names([a]) == ["a.nc"]
@@ -274,13 +276,11 @@ def test_failed_job_waits_out_its_backoff_without_blocking_the_jobs_behind_it(
     assert service.next_retry_at() == 100.0
 
     # The others run meanwhile; the failed job is not handed out before its time.
-    service.admit()
     b = service.claim(11.0)
     assert b is not None
     assert names([b]) == ["b.nc"]
     service.finish(b, JobState.DONE, 12.0)
     assert service.promote_due(99.9) == 0
-    service.admit()
     c = service.claim(99.9)
     assert c is not None
     assert names([c]) == ["c.nc"]
@@ -289,7 +289,6 @@ def test_failed_job_waits_out_its_backoff_without_blocking_the_jobs_behind_it(
 
     assert service.promote_due(100.0) == 1
     assert service.next_retry_at() is None
-    service.admit()
     again = service.claim(100.0)
     assert again is not None
     assert again.record.id == a.record.id
@@ -298,23 +297,19 @@ def test_failed_job_waits_out_its_backoff_without_blocking_the_jobs_behind_it(
 
 def test_promoted_retry_goes_behind_every_job_already_ready(service: Ledger) -> None:
     service.enqueue([fv("a.nc"), fv("b.nc"), fv("c.nc")], ROOT, ["ingest"], "watch", 1.0)
-    service.admit()
     a = service.claim(10.0)
     assert a is not None
     service.finish(a, JobState.RETRYING, 10.0, error="throttled", not_before=20.0)
     service.enqueue([fv("d.nc")], ROOT, ["ingest"], "watch", 15.0)
-    service.admit()
     assert service.promote_due(30.0) == 1
     assert names(claim_all(service, 30.0)) == ["b.nc", "c.nc", "d.nc", "a.nc"]
 
 
-def test_retrying_job_is_not_claimable_from_a_stale_ready_entry(service: Ledger) -> None:
+def test_retrying_job_is_not_claimed_before_its_backoff_ends(service: Ledger) -> None:
     service.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
-    service.admit()
     a = service.claim(2.0)
     assert a is not None
     service.finish(a, JobState.RETRYING, 2.0, error="flaky", not_before=50.0)
-    service.admit()
     assert service.claim(10.0) is None
     assert service.get(a.record.id).state is JobState.RETRYING  # type: ignore[union-attr]
 
@@ -330,7 +325,6 @@ def _crash_after_claiming(cache: Path, files: list[str]) -> int:
         f"""
         ledger.enqueue([FileVersion('{ROOT}/' + n, 100, 1000) for n in {files!r}],
                        '{ROOT}', ['ingest'], 'watch', 1.0)
-        ledger.admit()
         claim = ledger.claim(2.0)
         print(claim.record.id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -363,7 +357,6 @@ def test_job_running_at_a_stop_without_release_is_queued_again(
 ) -> None:
     first = Ledger(cache, service=True)
     first.enqueue([fv("a.nc"), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
-    first.admit()
     assert first.claim(2.0) is not None
     first.close()
     first.close()  # closing twice is harmless
@@ -372,23 +365,6 @@ def test_job_running_at_a_stop_without_release_is_queued_again(
     assert ledger.recover(max_attempts=5, now=3.0) == Recovery(resumed=1, dead=0)
     assert ledger.counts()["queued"] == 2
     assert names(claim_all(ledger, 4.0)) == ["a.nc", "b.nc"]
-
-
-def test_ready_queue_lost_entirely_is_rebuilt_from_the_ledger(
-    cache: Path,
-    open_ledger: Callable[..., Ledger],
-) -> None:
-    first = Ledger(cache, service=True)
-    first.enqueue([fv("a.nc"), fv("b.nc"), fv("c.nc")], ROOT, ["ingest"], "watch", 1.0)
-    first.admit()
-    assert first.claim(2.0) is not None
-    first.close()
-    # A power loss may drop the last commits of the (unsynced) ready queue.
-    raw_write(cache, "DELETE FROM ack_queue_ready")
-
-    ledger = open_ledger(service=True)
-    assert ledger.recover(max_attempts=5, now=3.0) == Recovery(resumed=1, dead=0)
-    assert names(claim_all(ledger, 4.0)) == ["a.nc", "b.nc", "c.nc"]
 
 
 def test_job_that_keeps_killing_the_service_goes_dead_after_max_attempts(
@@ -400,7 +376,6 @@ def test_job_that_keeps_killing_the_service_goes_dead_after_max_attempts(
     for attempt in range(2, max_attempts + 1):
         ledger = Ledger(cache, service=True)
         assert ledger.recover(max_attempts, now=float(attempt)) == Recovery(resumed=1, dead=0)
-        ledger.admit()
         claim = ledger.claim(float(attempt))
         assert claim is not None
         assert (claim.record.id, claim.record.attempts) == (job_id, attempt)
@@ -416,11 +391,8 @@ def test_job_that_keeps_killing_the_service_goes_dead_after_max_attempts(
     assert dead.error is not None
     assert "3 attempts" in dead.error
     assert f"dpypeline retry {job_id}" in dead.error
-    # Its old ready entry is stale: skipped and acked, the next job runs.
     taken = claim_all(ledger, 11.0)
     assert names(taken) == ["good.nc"]
-    assert ledger.ready is not None
-    assert ledger.ready.pending_job_ids() == {taken[0].record.id}
 
 
 def test_recover_with_attempts_left_does_not_kill_jobs(
@@ -429,7 +401,6 @@ def test_recover_with_attempts_left_does_not_kill_jobs(
 ) -> None:
     first = Ledger(cache, service=True)
     first.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
-    first.admit()
     first.claim(2.0)
     first.close()
     ledger = open_ledger(service=True)
@@ -438,14 +409,13 @@ def test_recover_with_attempts_left_does_not_kill_jobs(
     assert names(claim_all(ledger, 4.0)) == ["a.nc"]
 
 
-def test_stale_ready_entry_is_acked_and_skipped_by_claim(
+def test_job_ended_by_another_process_is_not_taken(
     service: Ledger,
     cache: Path,
 ) -> None:
     service.enqueue([fv("a.nc"), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
-    service.admit()
     a_id = min(r.id for r in service.jobs())
-    # The job ended through another path while its id waited in the ready queue.
+    # The job ended through another path while it waited in line.
     raw_write(
         cache, "UPDATE jobs SET state = 'skipped', error = 'superseded' WHERE id = ?", (a_id,)
     )
@@ -455,34 +425,8 @@ def test_stale_ready_entry_is_acked_and_skipped_by_claim(
     skipped = service.get(a_id)
     assert skipped is not None
     assert (skipped.state, skipped.attempts) == (JobState.SKIPPED, 0)
-    assert service.ready is not None
-    assert service.ready.pending_job_ids() == {b.record.id}
     service.finish(b, JobState.DONE, 3.0)
-    assert service.ready.pending_job_ids() == set()
     assert service.claim(4.0) is None
-
-
-def test_duplicate_ready_entries_never_hand_out_a_job_twice(
-    cache: Path,
-    open_ledger: Callable[..., Ledger],
-) -> None:
-    first = Ledger(cache, service=True)
-    first.enqueue([fv("a.nc"), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
-    first.admit()
-    first.close()
-    # A crash between filling the ready queue and recording it: the ids go in again.
-    raw_write(cache, "UPDATE jobs SET admitted = 0")
-    ledger = open_ledger(service=True)
-    ledger.recover(max_attempts=5, now=2.0)
-    assert ledger.admit() == 2
-    taken = claim_all(ledger, 3.0)
-    assert names(taken) == ["a.nc", "b.nc"]
-    assert [c.record.attempts for c in taken] == [1, 1]
-    for c in taken:
-        ledger.finish(c, JobState.DONE, 4.0)
-    assert ledger.claim(5.0) is None
-    assert ledger.ready is not None
-    assert ledger.ready.pending_job_ids() == set()
 
 
 def test_release_puts_the_job_back_first_and_refunds_the_attempt(
@@ -490,7 +434,6 @@ def test_release_puts_the_job_back_first_and_refunds_the_attempt(
     cache: Path,
 ) -> None:
     service.enqueue([fv("a.nc"), fv("b.nc"), fv("c.nc")], ROOT, ["ingest"], "watch", 1.0)
-    service.admit()
     a = service.claim(2.0)
     b = service.claim(2.0)
     assert a is not None
@@ -558,7 +501,6 @@ def test_retry_all_revives_every_dead_job_and_nothing_else(service: Ledger) -> N
 
 def test_retry_of_a_job_that_is_not_dead_changes_nothing(service: Ledger) -> None:
     service.enqueue([fv("done.nc"), fv("queued.nc")], ROOT, ["ingest"], "watch", 1.0)
-    service.admit()
     c = service.claim(2.0)
     assert c is not None
     service.finish(c, JobState.DONE, 3.0)
@@ -580,14 +522,14 @@ def test_retry_from_the_cli_is_run_by_the_service(
 # -- the CLI and the service share CACHE_DIR ----------------------------------------------
 
 
-def test_cli_enqueue_while_the_service_runs_is_admitted_and_claimed(
+def test_cli_enqueue_while_the_service_runs_is_claimed(
     service: Ledger,
     open_ledger: Callable[..., Ledger],
 ) -> None:
     service.enqueue([fv("a.nc")], ROOT, ["ingest"], "watch", 1.0)
     (a,) = claim_all(service, 2.0)
     cli = open_ledger()
-    assert cli.ready is None
+    assert cli.service is False
     assert cli.enqueue([fv("backfill1.nc"), fv("backfill2.nc")], ROOT, ["ingest"], "cli", 3.0) == 2
     cli.close()
     service.finish(a, JobState.DONE, 4.0)
@@ -596,11 +538,11 @@ def test_cli_enqueue_while_the_service_runs_is_admitted_and_claimed(
     assert {c.record.source for c in taken} == {"cli"}
 
 
-def test_cli_ledger_cannot_touch_the_ready_queue(open_ledger: Callable[..., Ledger]) -> None:
+def test_cli_ledger_cannot_take_or_recover_jobs(open_ledger: Callable[..., Ledger]) -> None:
     cli = open_ledger()
     cli.enqueue([fv("a.nc")], ROOT, ["ingest"], "cli", 1.0)
     with pytest.raises(RuntimeError, match="service process"):
-        cli.admit()
+        cli.recover(5, 2.0)
     with pytest.raises(RuntimeError, match="service process"):
         cli.claim(2.0)
 
@@ -780,7 +722,6 @@ def test_prune_of_one_watch_leaves_the_jobs_of_other_watches(service: Ledger) ->
 def test_prune_never_forgets_unfinished_jobs(service: Ledger) -> None:
     states = ("running", "retrying", "queued")
     service.enqueue([fv(f"{s}.nc", mtime_ns=1) for s in states], ROOT, ["ingest"], "watch", 0.0)
-    service.admit(window=2)
     running, retrying = service.claim(1.0), service.claim(1.0)
     assert running is not None
     assert retrying is not None
@@ -795,21 +736,6 @@ def test_prune_never_forgets_unfinished_jobs(service: Ledger) -> None:
         "dead": 0,
         "skipped": 0,
     }
-
-
-def test_prune_deletes_acked_ready_queue_rows(service: Ledger, cache: Path) -> None:
-    service.enqueue([fv(f"{i}.nc") for i in range(20)], ROOT, ["ingest"], "watch", 0.0)
-    _run_all(service, 1.0)
-    service.enqueue([fv("waiting.nc")], ROOT, ["ingest"], "watch", 2.0)
-    service.admit()
-    count = "SELECT count(*) FROM ack_queue_ready"
-    assert raw_rows(cache, count) == [(21,)]
-    service.prune(now=3.0, retention=100.0)
-    assert raw_rows(cache, count) == [(1,)]
-    assert names(claim_all(service, 4.0)) == ["waiting.nc"]
-
-
-# -- history does not slow claims ---------------------------------------------------------
 
 
 def _vm_steps(cache: Path, sql: str, params: tuple) -> int:
@@ -831,31 +757,54 @@ def _vm_steps(cache: Path, sql: str, params: tuple) -> int:
     return steps
 
 
-def test_admit_query_reads_an_index_not_the_whole_table(service: Ledger, cache: Path) -> None:
+def _statements_run_by(ledger: Ledger, act: Callable[[], object]) -> list[str]:
+    """The statements the ledger runs on the jobs for ``act``, as SQLite ran them (values
+    bound), so that the tests below look at the real queries, not copies."""
+    seen: list[str] = []
+    ledger._db.set_trace_callback(seen.append)
+    try:
+        act()
+    finally:
+        ledger._db.set_trace_callback(None)
+    return [q for q in seen if q.split()[0] in ("SELECT", "UPDATE") and " jobs" in q]
+
+
+def test_taking_finishing_and_promoting_jobs_read_an_index_not_the_whole_table(
+    service: Ledger, cache: Path
+) -> None:
     service.enqueue([fv(f"{i}.nc") for i in range(50)], ROOT, ["ingest"], "watch", 0.0)
-    plan = " | ".join(
-        row[3] for row in raw_rows(cache, "EXPLAIN QUERY PLAN " + ADMIT_QUERY, (256,))
-    )
-    assert "USING INDEX" in plan
-    assert "jobs_to_admit" in plan or "jobs_by_state (state=?)" in plan
-    for sql in (
-        "UPDATE jobs SET state = 'running' WHERE id = ? AND state = 'queued'",
-        "UPDATE jobs SET state = 'queued' WHERE state = 'retrying' AND not_before <= ?",
-        "SELECT min(not_before) FROM jobs WHERE state = 'retrying' AND ? = 1",
-    ):
-        plan = " | ".join(row[3] for row in raw_rows(cache, "EXPLAIN QUERY PLAN " + sql, (1,)))
-        assert plan.startswith("SEARCH jobs"), (sql, plan)
+
+    def work() -> None:
+        first = service.claim(1.0)
+        assert first is not None
+        service.finish(first, JobState.RETRYING, 1.0, error="flaky", not_before=2.0)
+        service.next_retry_at()
+        service.promote_due(3.0)
+        again = service.claim(3.0)
+        assert again is not None
+        service.finish(again, JobState.DONE, 4.0)
+
+    statements = _statements_run_by(service, work)
+    assert NEXT_READY in statements
+    assert len(statements) >= 6
+    for sql in statements:
+        plan = [row[3] for row in raw_rows(cache, "EXPLAIN QUERY PLAN " + sql)]
+        assert all(not step.startswith("SCAN") for step in plan), (sql, plan)
+        assert plan[0].startswith("SEARCH jobs"), (sql, plan)
+    plan = " | ".join(row[3] for row in raw_rows(cache, "EXPLAIN QUERY PLAN " + NEXT_READY))
+    assert "jobs_ready (state=?)" in plan
+    assert "TEMP B-TREE" not in plan  # taken in line order straight from the index
 
 
-def test_finished_history_does_not_add_work_to_admitting_jobs(
+def test_finished_history_does_not_add_work_to_taking_jobs(
     service: Ledger,
     cache: Path,
 ) -> None:
     service.enqueue([fv(f"w{i}.nc") for i in range(5)], ROOT, ["ingest"], "watch", 0.0)
-    small = _vm_steps(cache, ADMIT_QUERY, (256,))
+    small = _vm_steps(cache, NEXT_READY, ())
     history = [fv(f"old{i}.nc") for i in range(20_000)]
     service.enqueue(history, ROOT, ["ingest"], "scan", 0.0)
     raw_write(cache, "UPDATE jobs SET state = 'done', finished = 0 WHERE path LIKE '%/old%'")
-    large = _vm_steps(cache, ADMIT_QUERY, (256,))
+    large = _vm_steps(cache, NEXT_READY, ())
     assert large <= small * 2, (small, large)
     assert names(claim_all(service, 1.0)) == [f"w{i}.nc" for i in range(5)]

@@ -15,8 +15,8 @@ import pytest
 from dpypeline.commits import Commit, commits, declared
 from dpypeline.executors.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
 from dpypeline.pipeline import Job, JobCall, JobContext, Task
+from dpypeline.state.cachedir import DB_FILE
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
-from dpypeline.state.queue import DB_FILE
 from dpypeline.watching.scan import FileVersion
 
 # -- the start rule -----------------------------------------------------------------------
@@ -195,7 +195,6 @@ def store_gate(ledger: Ledger) -> Callable[[JobRecord], int | None]:
 
 
 def take(ledger: Ledger, now: float = 1.0) -> Claim | None:
-    ledger.admit()
     return ledger.claim(now, store_gate(ledger))
 
 

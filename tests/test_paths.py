@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 
 from conftest import ServiceProcess, dpypeline, jobs, status, wait_for, write_config
 from dpypeline.paths import shown
+from dpypeline.state.cachedir import DB_FILE
 from dpypeline.state.ledger import JobState, Ledger
-from dpypeline.state.queue import DB_FILE
 from dpypeline.watching import intake
 from dpypeline.watching.scan import FileVersion
 
@@ -105,7 +105,6 @@ def test_the_ledger_keeps_the_bytes_of_a_name_exactly(tmp_path: Path) -> None:
         f = FileVersion(f"{root}/{BAD}", 1, 2)
         assert ledger.enqueue([f], root, ["j"], "watch", 0.0) == 1
         assert ledger.unknown([f], ["j"]) == []
-        ledger.admit()
         claim = ledger.claim(1.0)
         assert claim is not None
         assert (claim.record.path, claim.record.root) == (f.path, root)

@@ -245,7 +245,6 @@ class Service:
             return False
         if self._stop.requested:
             return self._stopping(now)
-        ledger.admit()
         if not self._setup.done and not self._setup.run(now, background=True):
             return True
         while (

@@ -31,8 +31,10 @@ from bisect import insort
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-DEAD = "dead"
-RUNNING = "running"
+from dpypeline.state.transitions import JobState
+
+DEAD = JobState.DEAD
+RUNNING = JobState.RUNNING
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from typing import Any
 from dpypeline.errors import StateError
 from dpypeline.watching.fsinfo import require_local_filesystem
 
+DB_FILE = "dpypeline.db"
+
 
 def prepare_cache_dir(cache_dir: Path) -> None:
     """Create CACHE_DIR private to its owner, and refuse one on a network filesystem."""

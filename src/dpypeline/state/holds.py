@@ -1,10 +1,10 @@
 """Held jobs in the ledger: the ``holds`` table, one row per ``queued`` job that waits for
 an earlier job of its append-mode store to commit (the rule is in :mod:`ordering`).
 
-A held job is not admitted to the ready queue, so it is neither taken nor counted again
-while it waits. Its row goes when the job it waits for commits or is skipped (by the
-service, or by ``dpypeline skip``). The functions take the ledger's connection and run
-inside the caller's transaction.
+A held job is passed over when the service takes the next job in line, so it is neither
+taken nor counted again while it waits. Its row goes when the job it waits for commits or
+is skipped (by the service, or by ``dpypeline skip``). The functions take the ledger's
+connection and run inside the caller's transaction.
 """
 
 from __future__ import annotations
@@ -13,24 +13,17 @@ import sqlite3
 from collections.abc import Sequence
 
 from dpypeline.executors.ordering import Hold, Pending
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS holds (
-    job_id INTEGER PRIMARY KEY,
-    behind INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS holds_behind ON holds (behind);
-"""
+from dpypeline.state.transitions import JobState, is_state
 
 # states in which a job keeps the later jobs of its store from committing
-HOLDING = ("queued", "running", "retrying", "dead")
+HOLDING = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.DEAD)
 # the same, without "running": jobs in flight commit first, so they hold no start
-AHEAD = ("queued", "retrying", "dead")
+AHEAD = (JobState.QUEUED, JobState.RETRYING, JobState.DEAD)
 
 # a job that is unfinished only because it is held behind a dead one
 HELD_BEHIND_DEAD = (
     "EXISTS (SELECT 1 FROM holds AS h JOIN jobs AS b ON b.id = h.behind"
-    " WHERE h.job_id = jobs.id AND b.state = 'dead')"
+    f" WHERE h.job_id = jobs.id AND {is_state([JobState.DEAD], 'b.state')})"
 )
 
 
@@ -42,9 +35,9 @@ def ahead(db: sqlite3.Connection, job_id: int, jobs: Sequence[str]) -> list[Pend
     found = []
     for state in AHEAD:
         row = db.execute(
-            f"SELECT id FROM jobs WHERE state = ? AND id < ? AND job IN ({marks})"
+            f"SELECT id FROM jobs WHERE {is_state([state])} AND id < ? AND job IN ({marks})"
             " ORDER BY id LIMIT 1",
-            (state, job_id, *jobs),
+            (job_id, *jobs),
         ).fetchone()
         if row is not None:
             found.append(Pending(row[0], state))
@@ -66,12 +59,10 @@ def release(db: sqlite3.Connection, behind: int) -> int:
 def sweep(db: sqlite3.Connection) -> int:
     """Forget holds that no longer hold anything: behind a job that is gone or finished
     (other than dead), or of a job that is no longer queued."""
-    holding = ",".join("?" * len(HOLDING))
     return db.execute(
         "DELETE FROM holds WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = holds.behind"
-        f" AND jobs.state IN ({holding})) OR NOT EXISTS (SELECT 1 FROM jobs"
-        " WHERE jobs.id = holds.job_id AND jobs.state = 'queued')",
-        HOLDING,
+        f" AND {is_state(HOLDING, 'jobs.state')}) OR NOT EXISTS (SELECT 1 FROM jobs"
+        f" WHERE jobs.id = holds.job_id AND {is_state([JobState.QUEUED], 'jobs.state')})"
     ).rowcount
 
 

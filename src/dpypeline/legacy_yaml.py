@@ -96,9 +96,9 @@ def _refuse(loader: _TagLoader, node: yaml.Node) -> Any:
         )
     else:
         what = (
-            f"a tag dpypeline does not know (it reads {', '.join(TAGS)}). Remove it, or"
-            " convert the file (`dpypeline migrate`) and write that part in the new form:"
-            " see docs/migrating.md"
+            f"a tag dpypeline does not know (it reads {', '.join(TAGS)}). Remove it and"
+            " what refers to it, convert the rest with `dpypeline migrate`, and write that"
+            " part in the new form: see docs/migrating.md"
         )
     raise ConfigError(f"{line}: {tag} is refused: {what}")
 

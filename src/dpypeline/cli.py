@@ -1,4 +1,5 @@
-"""The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue``.
+"""The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue |
+migrate``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
@@ -17,6 +18,7 @@ import time
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
+from dpypeline import legacy_config
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.paths import shown
@@ -44,9 +46,17 @@ def _parser() -> argparse.ArgumentParser:
         "-i",
         dest="legacy_config",
         metavar="FILE",
-        help="the original dpypeline's form: same as `run -c FILE`",
+        help="the original dpypeline's form: same as `run -c FILE`; also reads the"
+        " original's tagged YAML (convert it with `migrate`)",
     )
     sub = p.add_subparsers(dest="command")
+    migrate = sub.add_parser(
+        "migrate",
+        help="write the new form of the original dpypeline's tagged YAML",
+        description="write the new form of the original dpypeline's tagged YAML",
+    )
+    migrate.add_argument("old", metavar="OLD.yaml")
+    migrate.add_argument("-o", "--output", metavar="NEW.yaml", help="default: stdout")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -101,15 +111,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "retry" and not (args.job_ids or args.dead):
         print("dpypeline retry: give JOB_ID... or --dead", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "migrate":
+        return _migrate(args.old, args.output)
     path = _config_path(args.config)
     try:
-        config = load_config(path)
+        if args.legacy_config:
+            config, warning = legacy_config.load_any(path)
+            if warning:
+                print(f"dpypeline: warning: {warning}", file=sys.stderr)
+        else:
+            config = load_config(path)
         return int(COMMANDS[args.command](config, args))
     except ConfigError as exc:
         print(f"dpypeline: invalid config {path}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     except StateError as exc:
         print(f"dpypeline: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _migrate(old: str, new: str | None) -> int:
+    from dpypeline.migrate import migrate
+
+    try:
+        return migrate(old, new)
+    except ConfigError as exc:
+        print(f"dpypeline: cannot convert {old}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
 
 

@@ -251,6 +251,12 @@ def load_config(
     if data is None:
         raise ConfigError(f"{source.name}: the file is empty (it needs at least watch and jobs)")
     config = _build(data, base_dir=source.parent, name=source.stem, environ=environ, source=source)
+    check_watch_paths(config)
+    return config
+
+
+def check_watch_paths(config: PipelineConfig) -> None:
+    """Every watched directory must exist when the service starts (ConfigError if not)."""
     problems: list[tuple[Loc, str]] = []
     for i, watch in enumerate(config.watch):
         if not watch.path.exists():
@@ -261,8 +267,7 @@ def load_config(
             continue
         problems.append((("watch", i, "path"), f"{problem} watch[{i}].path)"))
     if problems:
-        raise _report(problems, source, config._lines)
-    return config
+        raise _report(problems, config.source, config._lines)
 
 
 def config_from_dict(
@@ -270,9 +275,17 @@ def config_from_dict(
     *,
     base_dir: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    source: Path | None = None,
+    lines: Mapping[Loc, int] | None = None,
 ) -> PipelineConfig:
-    """Validate a config given as Python data; relative paths are relative to *base_dir* (cwd)."""
-    return _build(data, base_dir=base_dir or Path.cwd(), name="pipeline", environ=environ)
+    """Validate a config given as Python data; relative paths are relative to *base_dir* (cwd).
+
+    *source* and *lines* (the line in *source* of each location) let errors point at the
+    file the data was read from, when it was not read by :func:`load_config`.
+    """
+    name = source.stem if source is not None else "pipeline"
+    base_dir = base_dir or Path.cwd()
+    return _build(data, base_dir=base_dir, name=name, environ=environ, source=source, lines=lines)
 
 
 def _build(
@@ -282,12 +295,14 @@ def _build(
     name: str,
     environ: Mapping[str, str] | None,
     source: Path | None = None,
+    lines: Mapping[Loc, int] | None = None,
 ) -> PipelineConfig:
     """Expand, fill in the defaults that depend on where the file is, and validate."""
     environ = os.environ if environ is None else environ
     env = Expansion(environ)
     if source is not None:
         env.lines[()] = 1
+    env.lines.update(lines or {})
     if not isinstance(data, dict):
         kind = "list" if isinstance(data, list) else type(data).__name__
         problem = f"the config must be a mapping of keys (name, watch, jobs, ...), not a {kind}"

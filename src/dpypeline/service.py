@@ -23,6 +23,7 @@ import time
 from enum import StrEnum
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from dpypeline.arrivals import Arrivals
 from dpypeline.config import PipelineConfig
@@ -79,8 +80,10 @@ class Service:
         *,
         once: bool | None = None,
         executor: Executor | None = None,
+        dask_client: Any = None,
     ) -> None:
         self.config, self.jobs, self.setup = config, jobs, setup or []
+        self._dask_client = dask_client  # the caller's own, for the dask executor
         self.once = (not config.monitor) if once is None else once
         self.job_names = [job.name for job in jobs]
         self.status = Status.CREATED
@@ -374,7 +377,7 @@ class Service:
 
             source = self.config.source
             dirs = [str(Path(source).resolve().parent)] if source is not None else []
-            return DaskExecutor(self._inbox.wake, self.config.executor, dirs)
+            return DaskExecutor(self._inbox.wake, self.config.executor, dirs, self._dask_client)
         return SerialExecutor(self._inbox.wake)
 
     def _sleep(self) -> None:

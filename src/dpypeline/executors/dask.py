@@ -3,10 +3,11 @@
 The cluster is a ``LocalCluster`` on this machine by default, an existing scheduler when
 ``executor.address`` is set, or any cluster class named in ``executor.cluster`` (such as
 ``dask_jobqueue.SLURMCluster``), built with its ``options`` and sized by ``scale``
-(``{jobs: 4}``, ``{n: 8}``; ``{minimum: 0, maximum: 10}`` makes it adaptive). This module
-is the only one that imports ``distributed``. Workers only run tasks; the ledger and the
-queue stay with the service, which records every attempt before it is submitted and
-every outcome as it arrives.
+(``{jobs: 4}``, ``{n: 8}``; ``{minimum: 0, maximum: 10}`` makes it adaptive); given a
+``Client`` of the caller's own, it runs on that client's cluster and leaves both open when
+it closes. This module is the only one that imports ``distributed``. Workers only run
+tasks; the ledger and the queue stay with the service, which records every attempt before
+it is submitted and every outcome as it arrives.
 
 Slots. At most ``workers // workers_per_event`` jobs are in flight, counted afresh as
 workers come and go (batch jobs start late and die at walltime; adaptive clusters grow
@@ -149,9 +150,14 @@ class DaskExecutor:
     """Jobs on a Dask cluster, at most ``workers // workers_per_event`` at a time."""
 
     def __init__(
-        self, wake: threading.Event, config: ExecutorConfig, task_dirs: list[str] | None = None
+        self,
+        wake: threading.Event,
+        config: ExecutorConfig,
+        task_dirs: list[str] | None = None,
+        client: Client | None = None,
     ) -> None:
         self._config = config
+        self._given = client  # the caller's: used, never closed
         self._task_dirs = task_dirs or []
         self._events = _Events(wake)
         self._wake = wake
@@ -180,7 +186,9 @@ class DaskExecutor:
         logging.getLogger("distributed").setLevel(max(root_level, logging.WARNING))
         cfg = self._config
         try:
-            if cfg.address:
+            if self._given is not None:
+                self._client = self._given
+            elif cfg.address:
                 self._client = Client(cfg.address, timeout=CONNECT_TIMEOUT)
             else:
                 cc = cfg.cluster or ClusterConfig()
@@ -202,11 +210,12 @@ class DaskExecutor:
 
     def close(self) -> None:
         """Cancel what runs, close the client and the cluster this executor started (a
-        batch cluster cancels its jobs). Idempotent."""
+        batch cluster cancels its jobs); a caller's client only loses this executor's
+        futures, which the scheduler then drops. Idempotent."""
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
         self._jobs.clear()
-        if client is not None:
+        if client is not None and client is not self._given:
             try:
                 client.close(timeout=10)
             except Exception as exc:  # noqa: BLE001 - closing must go on to the cluster

@@ -4,11 +4,13 @@ client, each a real process with CACHE_DIR set; a second run repeats nothing."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -135,3 +137,57 @@ def test_the_in_memory_queue_and_celery_pipeline_name_their_replacements(tmp_pat
         akita.queue.get()
     with pytest.raises(Replaced, match="ConsumerParallel"):
         CeleryPipeline()
+
+
+def note_span(path: str, log: str) -> str:
+    """A task that takes a moment and notes which Dask worker ran it, and when."""
+    from distributed import get_worker
+
+    start = time.monotonic()
+    time.sleep(0.2)
+    with open(log, "a") as out:
+        out.write(f"{get_worker().address}\t{start}\t{time.monotonic()}\n")
+    return path
+
+
+def start(span: list[str]) -> float:
+    return float(span[1])
+
+
+def test_consumer_parallel_runs_on_the_callers_client_honours_workers_per_event_and_leaves_it_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client, LocalCluster
+
+    from dpypeline.akita.core import Akita
+    from dpypeline.etl_pipeline.basic_pipeline import BasicPipeline
+    from dpypeline.etl_pipeline.core import Job, Task
+    from dpypeline.event_consumer.consumer_parallel import ConsumerParallel
+
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    inbox, log = tmp_path / "inbox", tmp_path / "spans.log"
+    inbox.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (inbox / name).write_text(name)
+    job = Job(name="note")
+    job.add_task(Task(function=note_span, kwargs={"log": str(log)}))
+    pipeline = BasicPipeline(jobs=[job])
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        akita = Akita(str(inbox), ["*.txt"], monitor=False)
+        consumer = ConsumerParallel(
+            cluster_client=client, workers_per_event=2, queue=akita.queue, job_producer=pipeline
+        )
+        akita.run()
+        assert consumer.run() == 0
+        assert client.submit(sum, [1, 2]).result() == 3  # still the caller's, still open
+        workers = set(client.scheduler_info()["workers"])
+    spans = sorted((line.split("\t") for line in log.read_text().splitlines()), key=start)
+    assert len(spans) == 3
+    assert {address for address, _, _ in spans} <= workers
+    # two workers, two workers per event: one file at a time
+    assert all(float(a[2]) <= float(b[1]) for a, b in itertools.pairwise(spans))

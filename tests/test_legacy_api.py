@@ -84,14 +84,16 @@ def test_original_example_1_converts_every_file_once_and_a_rerun_repeats_nothing
     tmp_path: Path, script: str
 ) -> None:
     names = gsod(tmp_path, 0, FILES)
-    run_script(tmp_path, script)
+    log = run_script(tmp_path, script)
+    assert log.count("INFO | event='job_done'") == FILES  # through the script's basicConfig
     assert_converted(tmp_path, names)
     assert sorted(outputs(tmp_path)) == names
     assert ledger_counts(tmp_path) == {"done": FILES}
     written = outputs(tmp_path)
 
     new = gsod(tmp_path, FILES, 2)  # the second run takes only the files added since
-    run_script(tmp_path, script)
+    log = run_script(tmp_path, script)
+    assert log.count("INFO | event='job_done'") == 2
     assert_converted(tmp_path, names + new)
     assert {n: t for n, t in outputs(tmp_path).items() if n in written} == written
     assert ledger_counts(tmp_path) == {"done": FILES + 2}  # one job per file, ever

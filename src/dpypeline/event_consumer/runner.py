@@ -1,7 +1,8 @@
 """What both consumers do on ``run()``: the service on the Akita's directory, running the
 job producer's jobs, with the ledger in ``CACHE_DIR`` (``.dpypeline`` in the working
 directory when unset). Files already there and files that arrive are each done exactly
-once, and a second run of the same script repeats nothing."""
+once, and a second run of the same script repeats nothing. Events are logged through the
+script's own ``logging`` set-up, as the original's were."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from dpypeline.akita.core import Akita, EventQueue
 from dpypeline.api import Pipeline
 from dpypeline.errors import ConfigError, Replaced
+from dpypeline.logs import into_host_logging
 
 
 def akita_of(queue: Any, akita: Akita | None) -> Akita:
@@ -39,4 +41,5 @@ def run_jobs(
     if dask_client is not None:
         sections["executor"] = {"kind": "dask", "workers_per_event": workers_per_event}
     pipeline = Pipeline(watch=[akita.watch()], jobs=jobs, **sections)
+    into_host_logging()
     return pipeline.run(dask_client=dask_client)

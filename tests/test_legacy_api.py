@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -132,13 +133,19 @@ def test_task_positional_args_follow_the_previous_result() -> None:
 def test_the_in_memory_queue_and_celery_pipeline_name_their_replacements(tmp_path: Path) -> None:
     from dpypeline.akita.core import Akita
     from dpypeline.errors import Replaced
+    from dpypeline.etl_pipeline.basic_pipeline import BasicPipeline
     from dpypeline.etl_pipeline.celery_pipeline import CeleryPipeline
+    from dpypeline.event_consumer.consumer_serial import ConsumerSerial
 
     akita = Akita(str(tmp_path), ["*.csv"], monitor=False)
     with pytest.raises(Replaced, match="CACHE_DIR"):
         akita.queue.get()
     with pytest.raises(Replaced, match="ConsumerParallel"):
         CeleryPipeline()
+    with pytest.raises(Replaced, match=r"akita\.queue"):
+        ConsumerSerial(queue=queue.Queue(), job_producer=BasicPipeline())
+    with pytest.raises(Replaced, match="start-up scan"):
+        Akita(str(tmp_path), ["*.csv"], glob_kwargs={"root_dir": "elsewhere"})
 
 
 def note_span(path: str, log: str) -> str:

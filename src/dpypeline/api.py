@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dpypeline.config import PipelineConfig, config_from_dict, load_config
+from dpypeline.errors import ConfigError
 from dpypeline.pipeline import Job, Task, import_tasks
 
 
@@ -49,8 +50,13 @@ class Pipeline:
         jobs, setup = import_tasks(config)
         return cls(jobs=jobs, setup=setup, config=config)
 
-    def run(self, once: bool | None = None) -> int:
-        """Run the service in this process; ``once=True`` drains and returns (exit code)."""
+    def run(self, once: bool | None = None, *, dask_client: Any = None) -> int:
+        """Run the service in this process; ``once=True`` drains and returns (exit code).
+        ``dask_client``: a ``dask.distributed.Client`` of your own for ``executor: {kind:
+        dask}`` to run on (left open at the end), instead of the cluster it would start."""
         from dpypeline.service import Service
 
-        return Service(self.config, self.jobs, self.setup, once=once).run()
+        if dask_client is not None and self.config.executor.kind != "dask":
+            raise ConfigError("a Dask client needs `executor: {kind: dask}`")
+        service = Service(self.config, self.jobs, self.setup, once=once, dask_client=dask_client)
+        return service.run()

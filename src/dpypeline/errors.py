@@ -52,3 +52,8 @@ class Unavailable(TransientError):
     """A service the job needs (the object store, say) is unreachable: an outage, not the
     file's fault. The job goes back to the queue without spending an attempt, and the worker
     pauses, with growing waits, until the service answers again."""
+
+
+class Replaced(DpypelineError, NotImplementedError):
+    """A part of the original dpypeline's API that this one does not carry; the message
+    names what replaces it."""

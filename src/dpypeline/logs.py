@@ -271,3 +271,25 @@ def quiet_libraries() -> None:
 
 def get_logger(name: str = "dpypeline") -> Any:
     return structlog.stdlib.get_logger(name)
+
+
+def into_host_logging() -> None:
+    """Our events through the standard library's logging as the host script set it up
+    (``logging.basicConfig``: its handlers, format and level), for dpypeline run inside
+    someone else's program. Changes nothing if logging is configured already, or if the
+    script set up no handler (the events then print as structlog's default does)."""
+    if structlog.is_configured() or not logging.getLogger().handlers:
+        return
+    processors: list[Any] = [
+        structlog.stdlib.filter_by_level,
+        structlog.contextvars.merge_contextvars,
+        printable_paths,
+        structlog.processors.format_exc_info,
+        structlog.processors.KeyValueRenderer(key_order=["event"]),
+    ]
+    structlog.configure(
+        processors=processors,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )

@@ -22,6 +22,7 @@ import sys
 import time
 from enum import StrEnum
 from types import FrameType
+from typing import Any
 
 from dpypeline.arrivals import Arrivals
 from dpypeline.config import PipelineConfig
@@ -79,8 +80,10 @@ class Service:
         *,
         once: bool | None = None,
         executor: Executor | None = None,
+        dask_client: Any = None,
     ) -> None:
         self.config, self.jobs, self.setup = config, jobs, setup or []
+        self._dask_client = dask_client  # the caller's own, for the dask executor
         self.once = (not config.monitor) if once is None else once
         self.job_names = [job.name for job in jobs]
         self.status = Status.CREATED
@@ -371,7 +374,9 @@ class Service:
         if self.config.executor.kind == "dask":
             from dpypeline.executors.dask import DaskExecutor
 
-            return DaskExecutor(self._inbox.wake, self.config.executor, task_dirs(self.config))
+            return DaskExecutor(
+                self._inbox.wake, self.config.executor, task_dirs(self.config), self._dask_client
+            )
         return SerialExecutor(self._inbox.wake)
 
     def _sleep(self) -> None:

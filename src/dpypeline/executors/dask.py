@@ -2,8 +2,9 @@
 
 The cluster is a ``LocalCluster`` on this machine by default, an existing scheduler when
 ``executor.address`` is set, or any cluster class named in ``executor.cluster``
-(:mod:`dpypeline.executors.cluster`). This module and that one are the only ones that
-import ``distributed``. Workers only run tasks; the ledger and the queue stay with the
+(:mod:`dpypeline.executors.cluster`); given a ``Client`` of the caller's own, it runs on
+that client's cluster and leaves both open when it closes. This module and that one are
+the only ones that import ``distributed``. Workers only run tasks; the ledger stays with the
 service, which records every attempt before it is submitted and every outcome as it
 arrives.
 
@@ -109,9 +110,14 @@ class DaskExecutor:
     """Jobs on a Dask cluster, at most ``workers // workers_per_event`` at a time."""
 
     def __init__(
-        self, wake: threading.Event, config: ExecutorConfig, task_dirs: list[str] | None = None
+        self,
+        wake: threading.Event,
+        config: ExecutorConfig,
+        task_dirs: list[str] | None = None,
+        client: Client | None = None,
     ) -> None:
         self._config = config
+        self._given = client  # the caller's: used, never closed
         self._task_dirs = task_dirs or []
         self._events = _Events(wake)
         self._wake = wake
@@ -138,7 +144,9 @@ class DaskExecutor:
         quiet_libraries()  # importing distributed set its loggers to INFO
         cfg = self._config
         try:
-            if cfg.address:
+            if self._given is not None:
+                self._client = self._given
+            elif cfg.address:
                 self._client = Client(cfg.address, timeout=CONNECT_TIMEOUT)
             else:
                 cc = cfg.cluster or ClusterConfig()
@@ -160,11 +168,12 @@ class DaskExecutor:
 
     def close(self) -> None:
         """Cancel what runs, close the client and the cluster this executor started (a
-        batch cluster cancels its jobs). Idempotent."""
+        batch cluster cancels its jobs); a caller's client only loses this executor's
+        futures, which the scheduler then drops. Idempotent."""
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
         self._jobs.clear()
-        if client is not None:
+        if client is not None and client is not self._given:
             try:
                 client.close(timeout=10)
             except Exception as exc:  # noqa: BLE001 - closing must go on to the cluster

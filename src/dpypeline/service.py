@@ -83,7 +83,6 @@ class Service:
         dask_client: Any = None,
     ) -> None:
         self.config, self.jobs, self.setup = config, jobs, setup or []
-        self._dask_client = dask_client  # the caller's own, for the dask executor
         self.once = (not config.monitor) if once is None else once
         self.job_names = [job.name for job in jobs]
         self.status = Status.CREATED
@@ -96,7 +95,7 @@ class Service:
         self._health = Health()
         self._timers = Timers()
         self._ledger: Ledger | None = None
-        self._executor = executor if executor is not None else self._make_executor()
+        self._executor = executor or self._make_executor(dask_client)  # a client: the caller's
         self._worker: Worker | None = None
         self._setup = PendingSetup([], None, config.retry.backoff)
         self._notifier = Notifier()
@@ -370,13 +369,12 @@ class Service:
             )
         )
 
-    def _make_executor(self) -> Executor:
+    def _make_executor(self, client: Any) -> Executor:
         if self.config.executor.kind == "dask":
             from dpypeline.executors.dask import DaskExecutor
 
-            return DaskExecutor(
-                self._inbox.wake, self.config.executor, task_dirs(self.config), self._dask_client
-            )
+            dirs = task_dirs(self.config)
+            return DaskExecutor(self._inbox.wake, self.config.executor, dirs, client)
         return SerialExecutor(self._inbox.wake)
 
     def _sleep(self) -> None:

@@ -18,7 +18,7 @@ import time
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-from dpypeline import legacy_config
+from dpypeline import migrate
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.paths import shown
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     path = _config_path(args.config)
     try:
         if args.legacy_config:
-            config, warning = legacy_config.load_any(path)
+            config, warning = migrate.load_any(path)
             if warning:
                 print(f"dpypeline: warning: {warning}", file=sys.stderr)
         else:
@@ -131,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _migrate(old: str, new: str | None) -> int:
-    from dpypeline.migrate import migrate
-
     try:
-        return migrate(old, new)
+        return migrate.migrate(old, new)
     except ConfigError as exc:
         print(f"dpypeline: cannot convert {old}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG

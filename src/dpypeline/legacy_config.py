@@ -23,17 +23,12 @@ from typing import Any
 
 from dpypeline.config import (
     Loc,
-    PipelineConfig,
     WatchConfig,
-    check_watch_paths,
-    config_from_dict,
-    load_config,
 )
 from dpypeline.errors import ConfigError
-from dpypeline.legacy_yaml import Tagged, is_tagged, parse
+from dpypeline.legacy_yaml import Tagged, parse
 
 _JOB_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
-HOW_TO_CONVERT = "dpypeline migrate {old} -o NEW.yaml"
 
 
 @dataclass
@@ -63,31 +58,6 @@ def read(path: str | os.PathLike[str], rebase: Callable[[str], str] | None = Non
             f" did, the last one (line {last}) is used",
         )
     return conversion
-
-
-def load(path: str | os.PathLike[str]) -> PipelineConfig:
-    """The original's file as a validated config, paths relative to the working directory."""
-    conversion = read(path)
-    config = config_from_dict(
-        conversion.data,
-        base_dir=Path.cwd(),
-        source=Path(os.path.abspath(path)),
-        lines=conversion.lines,
-    )
-    check_watch_paths(config)
-    return config
-
-
-def load_any(path: str) -> tuple[PipelineConfig, str | None]:
-    """``dpypeline -i``: either form. For the original's, also the one warning to give."""
-    if not is_tagged(path):
-        return load_config(path), None
-    warning = (
-        f"{path} is in the original dpypeline's tagged form: it runs as it is, but convert"
-        f" it once with `{HOW_TO_CONVERT.format(old=path)}` and run `dpypeline run -c"
-        " NEW.yaml` (the choices made are written there as comments; see docs/migrating.md)"
-    )
-    return load(path), warning
 
 
 class _Mapper:

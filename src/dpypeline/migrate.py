@@ -1,4 +1,5 @@
-"""``dpypeline migrate OLD.yaml [-o NEW.yaml]``: the original's tagged file, in the new form.
+"""The original's tagged files: run as they are (``dpypeline -i OLD.yaml``), or written in
+the new form once (``dpypeline migrate OLD.yaml [-o NEW.yaml]``).
 
 The conversion is :mod:`dpypeline.legacy_config`'s; this module writes it out as YAML with
 a comment wherever a choice was made, so the operator can review every one of them.
@@ -16,12 +17,40 @@ from typing import Any
 
 import yaml
 
-from dpypeline.config import Loc
+from dpypeline.config import Loc, PipelineConfig, check_watch_paths, config_from_dict, load_config
 from dpypeline.legacy_config import Conversion, read
+from dpypeline.legacy_yaml import is_tagged
+
+HOW_TO_CONVERT = "dpypeline migrate {old} -o NEW.yaml"
 
 _FLOW_KEYS = {"with", "patterns", "ignore_patterns", "scale", "options"}
 _FLOW_WIDTH = 72
 _COMMENT_WIDTH = 92
+
+
+def load(path: str | os.PathLike[str]) -> PipelineConfig:
+    """The original's file as a validated config, paths relative to the working directory."""
+    conversion = read(path)
+    config = config_from_dict(
+        conversion.data,
+        base_dir=Path.cwd(),
+        source=Path(os.path.abspath(path)),
+        lines=conversion.lines,
+    )
+    check_watch_paths(config)
+    return config
+
+
+def load_any(path: str) -> tuple[PipelineConfig, str | None]:
+    """``dpypeline -i``: either form. For the original's, also the one warning to give."""
+    if not is_tagged(path):
+        return load_config(path), None
+    warning = (
+        f"{path} is in the original dpypeline's tagged form: it runs as it is, but convert"
+        f" it once with `{HOW_TO_CONVERT.format(old=path)}` and run `dpypeline run -c"
+        " NEW.yaml` (the choices made are written there as comments; see docs/migrating.md)"
+    )
+    return load(path), warning
 
 
 def migrate(old: str, new: str | None) -> int:

@@ -147,7 +147,12 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.redact import known_secrets
     from dpypeline.service import ClusterLost, Service, StuckJob, reexec
 
-    logs.configure(config.logging.format, config.logging.level, secrets=known_secrets(config))
+    logs.configure(
+        config.logging.format,
+        config.logging.level,
+        secrets=known_secrets(config),
+        roots=[str(w.path) for w in config.watch],
+    )
     jobs, setup = import_tasks(config)
     preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
     service = Service(config, jobs, setup, once=True if args.once else None)

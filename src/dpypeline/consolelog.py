@@ -5,10 +5,11 @@
 Local time with its zone, the level, the event, the file relative to its watch root, the
 job (name and id), the duration and the error, always in that order. An event of the
 service's own (not about one job) also shows its counts (``files_enqueued files=20
-jobs=20``), and a warning or an error says why and what to do (``reason``, ``action``). Every other field of the
-event (attempt, state, logger, ...) is shown only at ``level: debug``, after these, in the
-order the event gave them: the JSON and journal outputs carry them all, at every level. A
-traceback (the ``exception`` field, already trimmed by ``logs``) follows on its own lines.
+jobs=20``), and a warning or an error says why and what to do (``reason``, ``action``).
+Every other field of the event (attempt, state, logger, ...) is shown only at ``level:
+debug``, after these, in the order the event gave them: the JSON and journal outputs carry
+them all, at every level. A traceback (the ``exception`` field, already trimmed by
+``logs``) follows on its own lines.
 """
 
 from __future__ import annotations

@@ -303,6 +303,13 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def _not_a_task_failure(record: logging.LogRecord) -> bool:
+    """Drops a Dask worker's "Compute Failed" error (with the whole traceback in one
+    field): the service logs the same failure as the job's own event, its traceback
+    trimmed, below the job's line."""
+    return not str(record.msg).startswith("Compute Failed")
+
+
 def quiet_libraries() -> None:
     """The libraries' loggers (``NOISY``) at WARNING, or at the configured level if higher:
     their INFO lines are noise in a service's log; and through our handler, not handlers
@@ -316,6 +323,9 @@ def quiet_libraries() -> None:
         if _settings:  # ``configure`` ran: one handler, ours, at the root
             logger.handlers.clear()
             logger.propagate = True
+    worker = logging.getLogger("distributed.worker")
+    if level > logging.DEBUG and _not_a_task_failure not in worker.filters:
+        worker.addFilter(_not_a_task_failure)
 
 
 def get_logger(name: str = "dpypeline") -> Any:

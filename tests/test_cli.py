@@ -301,3 +301,59 @@ def test_what_would_kill_every_job_is_refused_at_validate_and_run_naming_field_a
     for fragment in expected:
         assert fragment in proc.stderr
     assert not (tmp_path / "state").exists() or command == "validate"
+
+
+def test_config_is_taken_before_or_after_the_command(tmp_path: Path, good: dict) -> None:
+    good["monitor"] = False
+    cfg = write_config(tmp_path, good)
+    (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
+    assert dpypeline("-c", str(cfg), "run", timeout=60).returncode == 0
+    before = json.loads(dpypeline("-c", str(cfg), "status", "--json", check=True).stdout)
+    after = json.loads(dpypeline("status", "--json", "-c", str(cfg), check=True).stdout)
+    assert before["done"] == after["done"] == 1
+    assert before["cache_dir"] == after["cache_dir"] == str(tmp_path / "state")
+
+
+def test_v_prints_the_version_and_bare_dpypeline_prints_the_help_as_a_usage_error() -> None:
+    short, long = dpypeline("-v"), dpypeline("--version")
+    assert short.returncode == long.returncode == 0
+    assert short.stdout == long.stdout
+    assert short.stdout.startswith("dpypeline ")
+    bare = dpypeline()
+    assert bare.returncode == 2
+    assert bare.stdout == ""
+    assert bare.stderr.startswith("usage: dpypeline")
+    for command in ("run", "status", "jobs", "retry", "enqueue"):  # the whole help
+        assert f"\n    {command} " in bare.stderr
+
+
+def test_jobs_prints_a_header_and_aligned_columns_and_every_table_has_json(
+    tmp_path: Path, good: dict
+) -> None:
+    good["jobs"][0]["tasks"] = [{"task": "taskbox.behave", "with": {"log": str(tmp_path / "r")}}]
+    good["retry"] = {"max_attempts": 1}
+    cfg = write_config(tmp_path, good)
+    (tmp_path / "inbox" / "deeper").mkdir()
+    (tmp_path / "inbox" / "deeper" / "good-and-long.nc").write_bytes(b"g")
+    (tmp_path / "inbox" / "bad.nc").write_bytes(b"b")
+    assert dpypeline("run", "--once", "-c", str(cfg)).returncode == 3
+    header, *rows = dpypeline("jobs", "-c", str(cfg), check=True).stdout.splitlines()
+    assert header.split() == ["ID", "STATE", "TRIES", "JOB", "UPDATED", "FILE"]
+    by_file = {row.split()[-1]: row for row in rows if row.split()[-1].startswith("/")}
+    assert set(by_file) == {
+        str(tmp_path / "inbox" / "bad.nc"),
+        str(tmp_path / "inbox" / "deeper" / "good-and-long.nc"),
+    }
+    for row in by_file.values():
+        for column in ("STATE", "JOB", "FILE"):  # left-aligned under their names
+            at = header.index(column)
+            assert row[at] != " ", (column, row)
+            assert row[at - 1] == " ", (column, row)
+        assert row[header.index("TRIES") + len("TRIES") - 1] == "1"  # numbers to the right
+    [note] = [row for row in rows if "cannot make sense of bad.nc" in row]
+    assert note.startswith(" " * header.index("STATE"))
+    listed = json.loads(dpypeline("jobs", "-c", str(cfg), "--json", check=True).stdout)
+    assert sorted(j["state"] for j in listed) == ["dead", "done"]
+    assert json.loads(dpypeline("status", "-c", str(cfg), "--json", check=True).stdout)["dead"] == 1
+    checked = json.loads(dpypeline("validate", "-c", str(cfg), "--json", check=True).stdout)
+    assert (checked["ok"], checked["jobs"], checked["tasks"]) == (True, 1, 1)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +297,147 @@ def test_tracebacks_leave_out_dpypelines_own_frames_unless_debug_and_never_show_
         assert "in fails" in text
         assert text.endswith("ValueError: cannot read /in/x.nc (17)")
         assert "only-in-the-frame" not in text
+
+
+def _console(level: str, roots: list[str], emit: Any) -> str:
+    stream = io.StringIO()
+    try:
+        logs.configure("console", level, stream=stream, roots=roots)
+        emit(logs.get_logger("dpypeline.worker"))
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    return stream.getvalue()
+
+
+@pytest.fixture
+def paris(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_console_lines_are_short_in_a_fixed_order_in_local_time_and_the_rest_only_at_debug(
+    paris: None,
+) -> None:
+    def emit(log: Any) -> None:
+        log.bind(job_id=12, file="/data/in/2023/a.nc", job="convert", attempt=2).info(
+            "job_done", state="done", duration=0.5214, bytes_read=123
+        )
+        log.warning("scan_done", watch="/data/in", files=20, new=3, reason="rescan")
+
+    info = _console("info", ["/data", "/data/in"], emit).splitlines()
+    zone = time.strftime("%Z", time.localtime())
+    assert zone in ("CET", "CEST")
+    done = info[0].split()
+    assert done[1:] == [zone, "info", "job_done", "2023/a.nc", "convert#12", "0.52s"]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", done[0])
+    assert len(info[0]) < 80
+    assert info[1].split()[3:] == ["scan_done", "files=20", "new=3", "reason=rescan"]
+    debug = _console("debug", ["/data/in"], emit).splitlines()
+    # the other fields follow, in the order the event gave them, not alphabetically
+    assert debug[0].split()[7:] == [
+        "attempt=2",
+        "state=done",
+        "bytes_read=123",
+        "logger=dpypeline.worker",
+    ]
+
+
+def test_the_console_shows_no_frame_locals_even_with_rich_installed() -> None:
+    def emit(log: Any) -> None:
+        hidden_local = "only-in-the-frame"
+        try:
+            raise ValueError(f"bad header ({len(hidden_local)})")
+        except ValueError:
+            log.exception("job_dead", file="/in/x.nc")
+
+    for level in ("info", "debug"):
+        text = _console(level, [], emit)
+        assert "ValueError: bad header (17)" in text
+        assert "only-in-the-frame" not in text  # the local's value, never shown
+
+
+def test_a_short_traceback_keeps_the_users_frames_and_the_error_not_the_librarys() -> None:
+    def task(path: str) -> Any:
+        return json.loads(path)  # the error is raised inside the standard library
+
+    try:
+        Job("j", [Task(task)]).run("not json")
+    except json.JSONDecodeError as exc:
+        short, full = logs.format_exception(exc), logs.format_exception(exc, full=True)
+    assert "json/decoder.py" not in short
+    assert "json/decoder.py" in full
+    assert "in task" in short
+    assert short.endswith("json.decoder.JSONDecodeError: Expecting value: line 1 column 1 (char 0)")
+
+
+FAILING_TASK = """\
+import json
+
+
+def parse(path, context=None):
+    context.log.info("parsing", size=1)
+    hidden_local = "only-in-the-frame"
+    with open(path) as f:
+        return json.loads(f.read() + hidden_local[:0])
+"""
+
+
+def _failing_pipeline(tmp_path: Path, level: str, executor: dict[str, Any] | None = None) -> Path:
+    (tmp_path / "inbox" / "2023").mkdir(parents=True)
+    (tmp_path / "parsetasks.py").write_text(FAILING_TASK)
+    (tmp_path / "inbox" / "2023" / "bad.json").write_text("not json")
+    return write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(tmp_path / "inbox"), "settle": "50ms"}],
+            "retry": {"max_attempts": 1},
+            "executor": executor or {"kind": "serial"},
+            "jobs": [{"name": "parse", "tasks": [{"task": "parsetasks.parse"}]}],
+            "logging": {"format": "console", "level": level},
+        },
+    )
+
+
+def test_a_failing_tasks_traceback_is_trimmed_at_info_full_at_debug_never_with_locals(
+    tmp_path: Path,
+) -> None:
+    info = dpypeline("run", "--once", "-c", str(_failing_pipeline(tmp_path, "info")))
+    assert info.returncode == 3, info.stderr
+    lines = info.stderr.splitlines()
+    started = next(line for line in lines if " job_started " in line)
+    assert started.split()[2:] == ["info", "job_started", "2023/bad.json", "parse#1"]
+    dead = lines.index(next(line for line in lines if " job_dead " in line))
+    traceback = lines[dead + 1 : dead + 5]
+    assert traceback[0].startswith("Traceback (most recent call last; ")
+    assert traceback[1].startswith(f'  File "{tmp_path / "parsetasks.py"}", line 8, in parse')
+    assert traceback[3].startswith("json.decoder.JSONDecodeError: Expecting value")
+    assert not any(line.startswith("{") for line in lines)  # one format: no JSON lines
+    debug = dpypeline("run", "--once", "-c", str(_failing_pipeline(tmp_path / "d", "debug")))
+    assert debug.returncode == 3, debug.stderr
+    for frame in ("pipeline.py", "json/decoder.py", "parsetasks.py"):
+        assert frame in debug.stderr
+    for text in (info.stderr, debug.stderr):
+        assert "only-in-the-frame" not in text  # a local's value, never shown
+
+
+@pytest.mark.slow
+def test_dask_workers_log_in_the_services_console_format(tmp_path: Path) -> None:
+    cluster = {"options": {"n_workers": 1, "processes": True, "dashboard_address": ":0"}}
+    cfg = _failing_pipeline(tmp_path, "info", {"kind": "dask", "cluster": cluster})
+    proc = dpypeline("run", "--once", "-c", str(cfg), timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.splitlines()
+    said = [line for line in lines if " parsing " in line]  # logged by the task on the worker
+    assert len(said) == 1, proc.stderr
+    assert said[0].split()[2:] == ["info", "parsing", "2023/bad.json", "parse#1"]
+    assert not any(line.lstrip().startswith("{") for line in lines), proc.stderr
+    assert "Compute Failed" not in proc.stderr  # the worker's copy of the job's failure
+    dead = lines.index(next(line for line in lines if " job_dead " in line))
+    assert lines[dead + 2].endswith('parsetasks.py", line 8, in parse')  # the only frame
+    assert lines[dead + 4].startswith("json.decoder.JSONDecodeError: Expecting value")
+    assert "only-in-the-frame" not in proc.stderr

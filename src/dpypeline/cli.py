@@ -11,6 +11,7 @@ SQLite, and the service picks up what they changed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -36,12 +37,16 @@ def _config_path(arg: str | None) -> str:
     return arg or os.environ.get("DPYPELINE_CONFIG") or "pipeline.yaml"
 
 
+CONFIG_HELP = "pipeline YAML (default: $DPYPELINE_CONFIG, then ./pipeline.yaml)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dpypeline",
         description=("Run a pipeline exactly once in effect on every complete new file."),
     )
-    p.add_argument("--version", action="version", version=f"dpypeline {version('dpypeline')}")
+    p.add_argument("-v", "--version", action="version", version=f"dpypeline {version('dpypeline')}")
+    p.add_argument("-c", "--config", dest="config_first", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument(
         "-i",
         dest="legacy_config",
@@ -60,11 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument(
-            "-c",
-            "--config",
-            help="pipeline YAML (default: $DPYPELINE_CONFIG, then ./pipeline.yaml)",
-        )
+        sp.add_argument("-c", "--config", help=CONFIG_HELP)
         return sp
 
     run = command("run", "run the service")
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = command(
         "validate", "parse the config, import every task, check paths and credentials"
     )
+    validate.add_argument("--json", action="store_true")
     validate.add_argument(
         "--sample",
         metavar="FILE",
@@ -105,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.legacy_config:
         args.command, args.config, args.once = "run", args.legacy_config, False
-    if args.command is None:
-        parser.print_usage(sys.stderr)
+    if args.command is None:  # a usage error, as argparse's own: exit 2, help on stderr
+        parser.print_help(sys.stderr)
         return EXIT_CONFIG
+    args.config = getattr(args, "config", None) or args.config_first  # -c before the command
     if args.command == "retry" and not (args.job_ids or args.dead):
         print("dpypeline retry: give JOB_ID... or --dead", file=sys.stderr)
         return EXIT_CONFIG
@@ -145,7 +148,12 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.redact import known_secrets
     from dpypeline.service import ClusterLost, Service, StuckJob, reexec
 
-    logs.configure(config.logging.format, config.logging.level, secrets=known_secrets(config))
+    logs.configure(
+        config.logging.format,
+        config.logging.level,
+        secrets=known_secrets(config),
+        roots=[str(w.path) for w in config.watch],
+    )
     jobs, setup = import_tasks(config)
     preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
     service = Service(config, jobs, setup, once=True if args.once else None)
@@ -197,6 +205,24 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
+    if args.json:
+        report = {
+            "ok": True,
+            "name": config.name,
+            "watches": len(config.watch),
+            "jobs": len(jobs),
+            "tasks": sum(len(j.tasks) for j in jobs),
+            "setup_tasks": len(setup),
+            "objectstores": len(config.objectstores),
+            "cache_dir": str(config.cache_dir),
+        }
+        if args.sample:
+            layouts = _layouts(jobs, args.sample)
+            if layouts is None:
+                return EXIT_CONFIG
+            report["layouts"] = {job: rows for job, (_, rows) in layouts.items()}
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
     print(
         f"ok: {config.name}: {len(config.watch)} watch(es), "
         f"{len(jobs)} job(s) of {sum(len(j.tasks) for j in jobs)} task(s), "
@@ -208,24 +234,38 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_layouts(jobs: list[Job], sample: str) -> int:
-    """The store layout each job's ``to_zarr`` would give a new store for ``sample``."""
+def _layouts(jobs: list[Job], sample: str) -> dict[str, tuple[Any, list[Any] | None]] | None:
+    """Per job, its ``to_zarr`` store and the layout it would give a new store for
+    ``sample`` (None: no to_zarr task); None if the sample cannot be read (said on stderr)."""
     from dpypeline.errors import PermanentError
     from dpypeline.tasks.zarr.to_zarr import plan_layout, to_zarr
 
+    layouts: dict[str, tuple[Any, list[Any] | None]] = {}
     for job in jobs:
         split = next((i for i, t in enumerate(job.tasks) if t.func is to_zarr), None)
         if split is None:
-            print(f"{job.name}: no to_zarr task")
+            layouts[job.name] = (None, None)
             continue
         try:
             value = job.run_tasks(0, split, sample, None)
             rows = plan_layout(value, **job.tasks[split].kwargs)
         except (PermanentError, ConfigError, OSError) as exc:
             print(f"{job.name}: {sample}: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        store = job.tasks[split].kwargs.get("store")
-        print(f"{job.name}: a new store {store} gets (an existing store keeps its own):")
+            return None
+        layouts[job.name] = (job.tasks[split].kwargs.get("store"), rows)
+    return layouts
+
+
+def _print_layouts(jobs: list[Job], sample: str) -> int:
+    """The store layout each job's ``to_zarr`` would give a new store for ``sample``."""
+    layouts = _layouts(jobs, sample)
+    if layouts is None:
+        return EXIT_CONFIG
+    for name, (store, rows) in layouts.items():
+        if rows is None:
+            print(f"{name}: no to_zarr task")
+            continue
+        print(f"{name}: a new store {store} gets (an existing store keeps its own):")
         print(f"  {'variable':<22} {'chunks as read':<32} {'store chunks':<32} {'MiB':>7}  codec")
         for r in rows:
             read = "x".join(map(str, r["read_chunks"].values())) or "-"

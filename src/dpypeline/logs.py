@@ -8,11 +8,15 @@ and JSON lines otherwise (one object per line: ``event``, ``level``, ``timestamp
 event's fields). JSON printed to stdout would reach the journal as one unindexed text
 field, hence the journal's native protocol; without its socket, JSON lines on stderr.
 
+On a terminal each event is one short line (``consolelog``); JSON and the journal keep every
+field. One format per run: the Dask workers configure their logging the same way (a worker
+plugin, ``executors.cluster.LogSetup``, calls ``configure`` with ``settings()``).
+
 A traceback is text in the ``exception`` field, in every format, and never carries frame
-locals (they hold storage options, credentials, whole datasets). It is short: the task's
-and the libraries' frames and the error, without dpypeline's own machinery; at ``level:
-debug`` every frame. Last, every rendered line is scrubbed of the secrets the pipeline
-knows of (``redact``), whatever quoted them.
+locals (they hold storage options, credentials, whole datasets). It is short: the user's
+frames (the tasks', not dpypeline's machinery nor the standard library's or installed
+libraries') and the error; at ``level: debug`` every frame. Last, every rendered line is
+scrubbed of the secrets the pipeline knows of (``redact``), whatever quoted them.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import re
 import socket
 import struct
 import sys
+import sysconfig
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
 
+from dpypeline.consolelog import ConsoleLine
 from dpypeline.paths import shown
 from dpypeline.redact import Scrubber
 
@@ -52,7 +58,11 @@ PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "e
 _FIELD = re.compile(r"[^A-Z0-9_]")
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _TASKS = os.path.join(_PACKAGE, "tasks")
-MAX_FRAMES = 6  # of a short traceback: the first frame left after ours, and the last five
+_LIBRARIES = tuple(
+    os.path.abspath(p) + os.sep
+    for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
+MAX_FRAMES = 6  # of a short traceback: the first user frame, and the last five
 MAX_CHAIN = 3  # exceptions of a chain (``raise ... from ...``)
 MAX_MESSAGE = 1000  # characters of each exception's message
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
@@ -61,9 +71,10 @@ _CONTEXT = "\nDuring handling of the above exception, another exception occurred
 
 def format_exception(exc: BaseException, *, full: bool = False) -> str:
     """The traceback of *exc* as Python prints it, never with locals. Short unless *full*:
-    dpypeline's own frames (the loop, the executor, the chain of tasks; not the built-in
-    tasks) are left out, at most MAX_FRAMES others kept, at most MAX_CHAIN exceptions of a
-    chain, each message cut at MAX_MESSAGE characters."""
+    only the user's frames are kept (not dpypeline's machinery — the loop, the executor, the
+    chain of tasks — nor the standard library's or installed libraries'; the built-in tasks
+    are the user's), or the last frame if none is, at most MAX_FRAMES of them, at most
+    MAX_CHAIN exceptions of a chain, each message cut at MAX_MESSAGE characters."""
     te: traceback.TracebackException | None = traceback.TracebackException.from_exception(
         exc, capture_locals=False
     )
@@ -85,7 +96,7 @@ def format_exception(exc: BaseException, *, full: bool = False) -> str:
 
 def _format_one(te: traceback.TracebackException, full: bool) -> str:
     frames = list(te.stack)
-    kept = frames if full else [f for f in frames if not _machinery(f.filename)]
+    kept = frames if full else [f for f in frames if _users(f.filename)] or frames[-1:]
     if not full and len(kept) > MAX_FRAMES:
         kept = kept[:1] + kept[-(MAX_FRAMES - 1) :]
     message = "".join(te.format_exception_only())
@@ -103,9 +114,15 @@ def _format_one(te: traceback.TracebackException, full: bool) -> str:
     return f"Traceback (most recent call last{note}):\n{stack}{message}"
 
 
-def _machinery(filename: str) -> bool:
+def _users(filename: str) -> bool:
+    """A frame of the user's code: a task (the built-in ones too), not dpypeline's
+    machinery, the standard library or an installed library."""
+    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return False
     path = os.path.abspath(filename)
-    return path.startswith(_PACKAGE + os.sep) and not path.startswith(_TASKS + os.sep)
+    if path.startswith(_TASKS + os.sep):
+        return True
+    return not path.startswith((_PACKAGE + os.sep, *_LIBRARIES))
 
 
 def _exception(exc_info: Any) -> BaseException | None:
@@ -206,17 +223,35 @@ def printable_paths(logger: Any, method: str, event: dict[str, Any]) -> dict[str
     return event
 
 
+_settings: dict[str, Any] = {}
+
+
+def settings() -> dict[str, Any]:
+    """What ``configure`` was last called with, its format resolved (``auto`` → what it
+    chose): ``configure(**settings())`` in another process logs there as here."""
+    return dict(_settings)
+
+
 def configure(
     fmt: str = "auto",
     level: str = "info",
+    *,
     stream: TextIO | None = None,
     journal_socket: str = JOURNAL_SOCKET,
     secrets: Iterable[str] = (),
+    roots: Iterable[str] = (),
 ) -> None:
-    """Logging for the whole process; *secrets* are blanked out of every line."""
+    """Logging for the whole process; *secrets* are blanked out of every line; on the
+    console, files are shown relative to the watch *roots* they are under."""
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "journald" if under_journal(stream) else "console" if stream.isatty() else "json"
+    secrets, roots = tuple(secrets), tuple(str(r) for r in roots)
+    _settings.clear()
+    _settings.update(
+        fmt=fmt, level=level, journal_socket=journal_socket, secrets=secrets, roots=roots
+    )
+    debug = level.lower() == "debug"
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -225,7 +260,9 @@ def configure(
         printable_paths,
     ]
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+        ConsoleLine(roots, debug=debug, colors=_isatty(stream))
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[
@@ -240,7 +277,7 @@ def configure(
     )
     final: list[Any] = [
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-        _traceback_processor(full=level.lower() == "debug"),
+        _traceback_processor(full=debug),
         renderer,
         _scrub_processor(Scrubber(secrets)),  # last: the rendered line, whatever is in it
     ]
@@ -259,14 +296,36 @@ def configure(
     quiet_libraries()
 
 
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _not_a_task_failure(record: logging.LogRecord) -> bool:
+    """Drops a Dask worker's "Compute Failed" error (with the whole traceback in one
+    field): the service logs the same failure as the job's own event, its traceback
+    trimmed, below the job's line."""
+    return not str(record.msg).startswith("Compute Failed")
+
+
 def quiet_libraries() -> None:
     """The libraries' loggers (``NOISY``) at WARNING, or at the configured level if higher:
-    their INFO lines are noise in a service's log. ``configure`` calls it; call it again
-    after importing a library that sets its own loggers' levels as it is imported
-    (distributed sets its loggers to INFO)."""
+    their INFO lines are noise in a service's log; and through our handler, not handlers
+    of their own (distributed prints ``distributed.worker - INFO - ...`` lines otherwise).
+    ``configure`` calls it; call it again after importing a library that sets up its own
+    loggers as it is imported (distributed does)."""
     level = max(logging.getLogger().level, logging.WARNING)
     for name in NOISY:
-        logging.getLogger(name).setLevel(level)
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if _settings:  # ``configure`` ran: one handler, ours, at the root
+            logger.handlers.clear()
+            logger.propagate = True
+    worker = logging.getLogger("distributed.worker")
+    if level > logging.DEBUG and _not_a_task_failure not in worker.filters:
+        worker.addFilter(_not_a_task_failure)
 
 
 def get_logger(name: str = "dpypeline") -> Any:

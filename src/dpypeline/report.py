@@ -104,8 +104,45 @@ def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_job_dict(r, held) for r in records], indent=2))
         return EXIT_OK
-    for r in records:
-        line = f"{r.id:>7} {r.state.value:<8} {r.attempts:>2} {r.job:<16} {shown(r.path)}"
-        note = held[r.id].reason if r.id in held else r.error
-        print(line + (f"\n        {note}" if note else ""))
+    print(jobs_table(records, held), end="")
     return EXIT_OK
+
+
+JOB_COLUMNS = ("ID", "STATE", "TRIES", "JOB", "UPDATED", "FILE")
+
+
+def jobs_table(records: list[JobRecord], held: dict[int, Hold]) -> str:
+    """A header and one row per job, columns as wide as their widest value; a job's error
+    (or why it is held) on its own line below its row, indented, where it may be long."""
+    rows = [
+        (
+            str(r.id),
+            r.state.value,
+            str(r.attempts),
+            r.job,
+            _local(r.updated),
+            shown(r.path),
+        )
+        for r in records
+    ]
+    widths = [max(len(c) for c in column) for column in zip(JOB_COLUMNS, *rows, strict=False)]
+    right = {0, 2}  # numbers
+
+    def line(cells: tuple[str, ...]) -> str:
+        out = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(out).rstrip() + "\n"
+
+    text = line(JOB_COLUMNS)
+    for r, cells in zip(records, rows, strict=True):
+        text += line(cells)
+        note = held[r.id].reason if r.id in held else r.error
+        if note:
+            text += f"{'':>{widths[0]}}  {note}\n"
+    return text
+
+
+def _local(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M") if ts else "-"

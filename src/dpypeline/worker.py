@@ -177,7 +177,7 @@ class Worker:
             objectstores=self.config.objectstores,
         )
         self._active[rec.id] = (claim, jlog)
-        jlog.debug("job_started")
+        jlog.info("job_started")
         self.executor.submit(
             rec.id, JobCall(job, rec.path, context), self.config.retry.job_timeout, now
         )

@@ -44,6 +44,23 @@ class TaskPath(WorkerPlugin):
         make_importable(self.dirs)
 
 
+class LogSetup(WorkerPlugin):
+    """A Dask worker plugin that configures the worker's logging as the service's
+    (``logs.settings()``): the tasks' events and the worker's own lines come out in the
+    service's format, with its level and its secrets blanked out, not in a second format."""
+
+    name = "dpypeline-logs"
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def setup(self, worker: Any) -> None:
+        from dpypeline import logs
+
+        if self.settings:
+            logs.configure(**self.settings)
+
+
 class CloseClients(WorkerPlugin):
     """Closes a worker's kept S3 clients when the worker stops, as the service does for its
     own (an HTTP session left open at exit is an "Unclosed client session" error)."""

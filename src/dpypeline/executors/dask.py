@@ -51,10 +51,10 @@ from typing import TYPE_CHECKING, Any
 from dpypeline.commits import Staged
 from dpypeline.config import ClusterConfig, ExecutorConfig
 from dpypeline.errors import JobTimeout
-from dpypeline.executors.cluster import CloseClients, TaskPath, build_cluster, scale
+from dpypeline.executors.cluster import CloseClients, LogSetup, TaskPath, build_cluster, scale
 from dpypeline.executors.ordering import CommitOrder, Held
 from dpypeline.executors.serial import Finished
-from dpypeline.logs import get_logger, quiet_libraries
+from dpypeline.logs import get_logger, quiet_libraries, settings
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -155,8 +155,8 @@ class DaskExecutor:
                     if cc.scale:
                         self._adaptive = scale(self._cluster, cc.scale)
                 self._client = Client(self._cluster, timeout=CONNECT_TIMEOUT)
-            self._client.register_plugin(TaskPath(self._task_dirs), name=TaskPath.name)
-            self._client.register_plugin(CloseClients(), name=CloseClients.name)
+            for plugin in (TaskPath(self._task_dirs), CloseClients(), LogSetup(settings())):
+                self._client.register_plugin(plugin, name=plugin.name)
         except BaseException:
             self.close()
             raise

@@ -231,10 +231,10 @@ class TerminalProgress:
         console = Console(file=self._stream)
         self._live = Live(console=console, redirect_stdout=False, get_renderable=self._render)
         self._live.start()
-        proxy = sys.stderr  # rich's, while the line is up: it prints above the line
+        above = _AboveTheLine(console)
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is self._stream:
-                handler.setStream(proxy)
+                handler.setStream(above)
                 self._rerouted.append(handler)
 
     def _render(self) -> RenderableType:
@@ -250,6 +250,23 @@ class TerminalProgress:
             Text(progress_line(frame, self._meter.rate(time.time()))),
         )
         return grid
+
+
+class _AboveTheLine(io.TextIOBase):
+    """Where the log handlers write while the line is up: each complete line is printed
+    above it as it is, long lines left for the terminal to wrap (rich's own stand-in for
+    stderr, which catches any other writes, would break them at the terminal's width)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            shown = Text("\n").join(Text.from_ansi(line) for line in lines)
+            self._console.print(shown, soft_wrap=True)
+        return len(text)
 
 
 def wanted(no_progress: bool, stream: TextIO | None = None) -> bool:

@@ -274,21 +274,23 @@ def wanted(no_progress: bool, stream: TextIO | None = None) -> bool:
     return not no_progress and (stream or sys.stderr).isatty()
 
 
-def watch(show: Callable[[], object], every: float = WATCH_EVERY, live: bool = True) -> int:
+def watch(show: Callable[[], object], every: float = WATCH_EVERY, json: bool = False) -> int:
     """Run ``show`` (a command that prints) every ``every`` seconds and redraw what it
-    printed, like watch(1), until Ctrl-C. Not on a terminal (or not ``live``), each frame
-    is printed after the last."""
+    printed, like watch(1), until Ctrl-C. Not on a terminal, each frame is printed after
+    the last; ``json``: each document after the last, as printed (a stream for ``jq``)."""
     console = Console(file=sys.stdout)
 
     def frame() -> str:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             show()
+        if json:
+            return out.getvalue().rstrip()
         stamp = datetime.now().astimezone().strftime("%H:%M:%S %Z")
         return f"every {every:g}s, {stamp} (Ctrl-C ends)\n{out.getvalue().rstrip()}"
 
     try:
-        if not (live and console.is_terminal):
+        if json or not console.is_terminal:
             while True:
                 print(frame(), flush=True)
                 time.sleep(every)
@@ -297,4 +299,7 @@ def watch(show: Callable[[], object], every: float = WATCH_EVERY, live: bool = T
                 time.sleep(every)
                 screen.update(Text(frame()), refresh=True)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # the reader left (`| head`): stop, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -51,7 +51,7 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
         from dpypeline.progress import watch
 
         once = argparse.Namespace(**{**vars(args), "watch": False})
-        return watch(lambda: cmd_status(config, once), live=not args.json)
+        return watch(lambda: cmd_status(config, once), json=args.json)
     ledger = Ledger(config.cache_dir)
     try:
         counts = ledger.counts()

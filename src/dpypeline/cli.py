@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="process what is there (and what arrives meanwhile), then exit",
     )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live progress line (it is shown only when stderr is a terminal)",
+    )
     validate = command(
         "validate", "parse the config, import every task, check paths and credentials"
     )
@@ -86,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     status = command("status", "counts per state, oldest waiting job, recent errors")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="redraw every second; Ctrl-C ends")
     jobs = command("jobs", "list jobs, newest first")
     jobs.add_argument("--state", choices=[s.value for s in JobState])
     jobs.add_argument("--limit", type=int, default=50)
@@ -145,6 +151,7 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline import logs
     from dpypeline.pipeline import import_tasks
     from dpypeline.preflight import preflight
+    from dpypeline.progress import TerminalProgress, wanted
     from dpypeline.redact import known_secrets
     from dpypeline.service import ClusterLost, Service, StuckJob, reexec
 
@@ -156,7 +163,8 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     )
     jobs, setup = import_tasks(config)
     preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
-    service = Service(config, jobs, setup, once=True if args.once else None)
+    progress = (TerminalProgress(),) if wanted(getattr(args, "no_progress", False)) else ()
+    service = Service(config, jobs, setup, once=True if args.once else None, observers=progress)
     _set_stop_handlers(service.on_signal)  # a stop before the loop runs: its first step sees it
     try:
         return service.run()

@@ -47,6 +47,11 @@ def _job_dict(r: JobRecord, held: dict[int, Hold] | None = None) -> dict[str, An
 
 
 def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
+    if getattr(args, "watch", False):
+        from dpypeline.progress import watch
+
+        once = argparse.Namespace(**{**vars(args), "watch": False})
+        return watch(lambda: cmd_status(config, once), json=args.json)
     ledger = Ledger(config.cache_dir)
     try:
         counts = ledger.counts()

@@ -33,6 +33,7 @@ from dpypeline.logs import get_logger
 from dpypeline.objectstore import close_clients
 from dpypeline.outages import PendingSetup
 from dpypeline.pipeline import Job, SetupContext, Task
+from dpypeline.progress import ExecutorFile, Observer, Observers, StatusNotice
 from dpypeline.signals import Previous, StopSignals
 from dpypeline.state.cachedir import forget_executor_status, write_executor_status
 from dpypeline.state.ledger import Ledger
@@ -81,6 +82,7 @@ class Service:
         once: bool | None = None,
         executor: Executor | None = None,
         dask_client: Any = None,
+        observers: tuple[Observer, ...] = (),  # what shows progress (a terminal's live line)
     ) -> None:
         self.config, self.jobs, self.setup = config, jobs, setup or []
         self.once = (not config.monitor) if once is None else once
@@ -102,6 +104,7 @@ class Service:
         wd = self._notifier.watchdog_interval
         self._health_every = min(HEALTH_EVERY, wd) if wd else HEALTH_EVERY
         self._stuck_reported = False
+        self._live = Observers([StatusNotice(self._notifier, self.status_text), *observers])
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class Service:
             self._ledger = Ledger(cfg.cache_dir, service=True)
             self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
             self._worker.recover(now)
+            self._live.watch(self._ledger, self._worker)
             extend(START_STEP)  # a cluster may take a while to come up
             self._executor.start()
             ctx = SetupContext(objectstores=cfg.objectstores, log=log)
@@ -152,6 +156,7 @@ class Service:
             self._timers.every(Timer.HEALTH, self._health_every, now + self._health_every)
             if cfg.executor.kind != "serial":
                 self._timers.every(Timer.EXECUTOR_STATUS, EXECUTOR_STATUS_EVERY, None)
+                self._live.add(ExecutorFile(cfg.cache_dir, self._executor.describe))
         except BaseException:
             self.status = Status.FAILED
             self.close("start-up failed")
@@ -173,6 +178,7 @@ class Service:
         """Idempotent; always ends ``stopped`` (or ``failed``)."""
         if self.status is Status.STOPPED:
             return
+        self._live.close()  # a last frame while the ledger is open
         self._arrivals.close()
         self._executor.close()
         close_clients()
@@ -380,6 +386,7 @@ class Service:
     def _sleep(self) -> None:
         now = time.time()
         worker, ledger = self._worker, self._ledger
+        self._live.tick(now)  # what this pass changed: STATUS, the terminal's line
         deadlines = (
             self._arrivals.next_deadline(),
             ledger.next_retry_at() if ledger else None,
@@ -387,6 +394,7 @@ class Service:
             None if self._setup.done else self._setup.next_at,
             worker.paused_until if worker and worker.paused_until > now else None,
             self._timers.next_deadline(),
+            self._live.next_deadline(),
         )
         timeout = min([MAX_SLEEP, *(d - now for d in deadlines if d is not None)])
         if timeout > 0:

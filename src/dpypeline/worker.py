@@ -6,6 +6,7 @@ records the result; this module decides what the result means.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ class Worker:
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
         self.ended_dead = 0  # jobs recorded dead in this run (``run --once`` exits non-zero)
+        self.ended: Counter[JobState] = Counter()  # attempts recorded in this run, by outcome
         self.pause_reason = ""  # the outage behind the pause, for STATUS
 
     def recover(self, now: float) -> None:
@@ -289,6 +291,7 @@ class Worker:
         exc: BaseException | None = None,
     ) -> None:
         self.ledger.finish(claim, d.state, now, error=d.error, not_before=d.not_before)
+        self.ended[d.state] += 1
         if d.state is JobState.DEAD:
             self.ended_dead += 1
         fields: dict[str, Any] = {"state": d.state.value}

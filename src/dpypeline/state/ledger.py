@@ -338,6 +338,11 @@ class Ledger:
         the ledger and the scan are."""
         return reconcile.unknown(self._db, files, jobs)
 
+    @property
+    def changes(self) -> int:
+        """Rows this connection has written so far: a free "has anything changed?"."""
+        return self._db.total_changes
+
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}
         for state, n in self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state"):

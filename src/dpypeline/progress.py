@@ -1,0 +1,305 @@
+"""Progress, shown as it happens: STATUS for ``systemctl status``, what ``dpypeline
+status`` reads of the executor, the live line of ``dpypeline run`` on a terminal, and
+``dpypeline status --watch``.
+
+The loop calls ``Observers.tick`` after every pass. When the ledger changed (a job started
+or ended, a file was queued) the observers get a fresh ``View``, at most every ``REFRESH``
+seconds: a job's end shows in STATUS well within a second, and a backfill of thousands of
+short jobs costs a few queries a second, not one per job. The health timer still sends
+STATUS on its own, for what no write reveals (a pause, an unhealthy watcher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from dpypeline.paths import shown
+from dpypeline.state.cachedir import write_executor_status
+from dpypeline.state.transitions import TERMINAL, WAITING, JobState
+
+if TYPE_CHECKING:
+    from dpypeline.state.ledger import Claim, Ledger
+    from dpypeline.systemd import Notifier
+    from dpypeline.worker import Worker
+
+REFRESH = 0.25  # seconds: how often, at most, a change reaches the observers
+RATE_WINDOW = 30.0  # seconds of finished jobs the rate is measured over
+WATCH_EVERY = 1.0  # seconds between frames of `status --watch`
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the loop shows of itself: the ledger's counts and this run's work."""
+
+    counts: Mapping[str, int]  # every job of the ledger, by state
+    ended: Mapping[JobState, int]  # attempts that ended in this run, by outcome
+    running: tuple[str, ...] = ()  # the running jobs' files, relative to their watch roots
+
+    @property
+    def finished(self) -> int:
+        """Jobs of this run that will not run again (done, dead or skipped)."""
+        return sum(self.ended.get(state, 0) for state in TERMINAL)
+
+    @property
+    def waiting(self) -> int:
+        return sum(self.counts.get(state.value, 0) for state in WAITING)
+
+
+def view(counts: Mapping[str, int], ended: Mapping[JobState, int], claims: Sequence[Claim]) -> View:
+    running = tuple(shown(os.path.relpath(c.record.path, c.record.root)) for c in claims)
+    return View(dict(counts), dict(ended), running)
+
+
+class Observer(Protocol):
+    def update(self, view: View, now: float) -> None: ...
+    def close(self) -> None: ...
+
+
+class Observers:
+    """Hands a fresh ``View`` to each observer when the ledger changed, rate-limited."""
+
+    def __init__(self, observers: Sequence[Observer], every: float = REFRESH) -> None:
+        self._observers = list(observers)
+        self._every = every
+        self._source: tuple[Ledger, Worker] | None = None
+        self._version: int | None = None  # the ledger's writes when last looked at
+        self._shown: int | None = None  # ... and when last shown
+        self._last = -math.inf
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def watch(self, ledger: Ledger, worker: Worker) -> None:
+        self._source = (ledger, worker)
+
+    def tick(self, now: float) -> None:
+        if self._source is None:
+            return
+        self._version = self._source[0].changes
+        if self._version != self._shown and now >= self._last + self._every:
+            self._show(now)
+
+    def next_deadline(self) -> float | None:
+        """When a change not yet shown is due (None: nothing to show)."""
+        pending = self._source is not None and self._version != self._shown
+        return self._last + self._every if pending else None
+
+    def close(self) -> None:
+        """A last frame with the final counts (the ledger is still open), then close."""
+        try:
+            if self._source is not None:
+                with contextlib.suppress(sqlite3.Error):  # a broken database ends the run
+                    self._show(time.time())
+        finally:
+            self._source = None
+            for observer in self._observers:
+                observer.close()
+
+    def _show(self, now: float) -> None:
+        assert self._source is not None
+        ledger, worker = self._source
+        self._shown, self._last = ledger.changes, now
+        frame = view(ledger.counts(), worker.ended, worker.active_claims())
+        for observer in self._observers:
+            observer.update(frame, now)
+
+
+class StatusNotice:
+    """STATUS= for ``systemctl status`` as soon as the counts change (the notifier sends
+    only a line that differs from the last)."""
+
+    def __init__(self, notifier: Notifier, line: Callable[[float], str]) -> None:
+        self._notifier, self._line = notifier, line
+
+    def update(self, view: View, now: float) -> None:
+        if self._notifier.enabled:
+            self._notifier.status(self._line(now))
+
+    def close(self) -> None:
+        pass
+
+
+class ExecutorFile:
+    """What ``dpypeline status`` shows of a cluster (jobs in flight), written when a job
+    starts or ends rather than only on the executor-status timer."""
+
+    def __init__(self, cache_dir: Path, describe: Callable[[], dict[str, Any]]) -> None:
+        self._cache_dir, self._describe = cache_dir, describe
+
+    def update(self, view: View, now: float) -> None:
+        write_executor_status(self._cache_dir, self._describe())
+
+    def close(self) -> None:
+        pass
+
+
+class Meter:
+    """Jobs finished per second over about the last ``window`` seconds. The loop adds
+    samples; the terminal's refresh thread reads the rate, which falls while nothing ends."""
+
+    def __init__(self, window: float = RATE_WINDOW) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, now: float, finished: int) -> None:
+        with self._lock:
+            self._samples.append((now, finished))
+            while len(self._samples) > 1 and self._samples[1][0] <= now - self._window:
+                self._samples.popleft()
+
+    def rate(self, now: float) -> float | None:
+        with self._lock:
+            if not self._samples:
+                return None
+            (start, first), (_, last) = self._samples[0], self._samples[-1]
+        span = now - start
+        return (last - first) / span if span >= 0.5 else None
+
+
+def progress_line(view: View, rate: float | None) -> str:
+    """``812/2000 jobs  41.2 jobs/s  ETA 0:00:28  3 dead  running: f813.nc``"""
+    known = view.finished + view.waiting
+    if view.waiting == 0:
+        eta = "0:00:00"
+    elif rate:
+        eta = str(timedelta(seconds=round(view.waiting / rate)))
+    else:
+        eta = "-:--:--"
+    parts = [
+        f"{view.finished}/{known} jobs",
+        f"{rate:.1f} jobs/s" if rate is not None else "- jobs/s",
+        f"ETA {eta}",
+        f"{view.ended.get(JobState.DEAD, 0)} dead",
+    ]
+    if skipped := view.ended.get(JobState.SKIPPED, 0):
+        parts.append(f"{skipped} skipped")
+    if view.running:
+        more = len(view.running) - 1
+        parts.append("running: " + view.running[0] + (f" (+{more})" if more else ""))
+    return "  ".join(parts)
+
+
+class TerminalProgress:
+    """The live line at the bottom of a terminal while ``dpypeline run`` works, with the log
+    lines scrolling above it. rich redraws it four times a second from its own thread;
+    while it is up, the log handlers writing to the terminal go through rich's console."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._meter = Meter()
+        self._view: View | None = None
+        self._live: Live | None = None
+        self._rerouted: list[logging.StreamHandler[Any]] = []
+
+    def update(self, view: View, now: float) -> None:
+        self._meter.add(now, view.finished)
+        self._view = view
+        if self._live is None:
+            self._start()
+
+    def close(self) -> None:
+        if self._live is None:
+            return
+        for handler in self._rerouted:
+            handler.setStream(self._stream)
+        self._rerouted = []
+        self._live.stop()
+        self._live = None
+
+    def _start(self) -> None:
+        console = Console(file=self._stream)
+        self._live = Live(console=console, redirect_stdout=False, get_renderable=self._render)
+        self._live.start()
+        above = _AboveTheLine(console)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self._stream:
+                handler.setStream(above)
+                self._rerouted.append(handler)
+
+    def _render(self) -> RenderableType:
+        frame = self._view
+        if frame is None:
+            return Text("")
+        known = frame.finished + frame.waiting
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=20)
+        grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_row(
+            ProgressBar(total=max(known, 1), completed=frame.finished, width=20),
+            Text(progress_line(frame, self._meter.rate(time.time()))),
+        )
+        return grid
+
+
+class _AboveTheLine(io.TextIOBase):
+    """Where the log handlers write while the line is up: each complete line is printed
+    above it as it is, long lines left for the terminal to wrap (rich's own stand-in for
+    stderr, which catches any other writes, would break them at the terminal's width)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            shown = Text("\n").join(Text.from_ansi(line) for line in lines)
+            self._console.print(shown, soft_wrap=True)
+        return len(text)
+
+
+def wanted(no_progress: bool, stream: TextIO | None = None) -> bool:
+    """The live line only on a terminal: never for journald, a pipe or a file."""
+    return not no_progress and (stream or sys.stderr).isatty()
+
+
+def watch(show: Callable[[], object], every: float = WATCH_EVERY, json: bool = False) -> int:
+    """Run ``show`` (a command that prints) every ``every`` seconds and redraw what it
+    printed, like watch(1), until Ctrl-C. Not on a terminal, each frame is printed after
+    the last; ``json``: each document after the last, as printed (a stream for ``jq``)."""
+    console = Console(file=sys.stdout)
+
+    def frame() -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            show()
+        if json:
+            return out.getvalue().rstrip()
+        stamp = datetime.now().astimezone().strftime("%H:%M:%S %Z")
+        return f"every {every:g}s, {stamp} (Ctrl-C ends)\n{out.getvalue().rstrip()}"
+
+    try:
+        if json or not console.is_terminal:
+            while True:
+                print(frame(), flush=True)
+                time.sleep(every)
+        with Live(Text(frame()), console=console, auto_refresh=False) as screen:
+            while True:
+                time.sleep(every)
+                screen.update(Text(frame()), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # the reader left (`| head`): stop, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

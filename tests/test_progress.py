@@ -1,0 +1,264 @@
+"""Progress as people see it: the live line of `dpypeline run` under a real pseudo-terminal,
+`dpypeline status --watch` redrawing, and STATUS / `status --json` right after a job ends."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from conftest import dpypeline, env_for_subprocess, runs, status, wait_for, write_config
+from dpypeline.progress import Meter, Observers, View, progress_line
+from dpypeline.state.transitions import JobState
+from test_notify import NotifySocket, notify_socket, start  # noqa: F401 - the fixture
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LINE = re.compile(r"(\d+)/(\d+) jobs  ([\d.]+) jobs/s  ETA (\d+:\d\d:\d\d)  (\d+) dead")
+
+
+class Terminal:
+    """A command of the CLI on a real pseudo-terminal (120x30), its output kept as sent."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        env = {**env_for_subprocess(), "TERM": "xterm-256color"}
+        env.pop("NO_COLOR", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dpypeline", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.master, self.raw = master, ""
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw)
+
+    def read(self, until: Callable[[], Any], timeout: float = 20.0) -> None:
+        """Read what the program writes until ``until()`` holds or the program ends."""
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if ready:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # EIO: the program closed the terminal
+                    return
+                self.raw += data.decode(errors="replace")
+            elif self.proc.poll() is not None:
+                return
+
+    def finish(self, timeout: float = 30.0) -> int:
+        self.read(lambda: False, timeout)
+        code = self.proc.wait(10)
+        os.close(self.master)
+        return code
+
+
+def _twenty_files(tmp_path: Path, delay: float = 0.1) -> Path:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(1, 21):
+        (inbox / f"f{i:02}.nc").write_bytes(b"x")
+    return write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox), "settle": "100ms"}],
+            "jobs": [
+                {
+                    "name": "work",
+                    "tasks": [
+                        {
+                            "task": "taskbox.record",
+                            "with": {"log": str(tmp_path / "runs.log"), "delay": delay},
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+
+
+def test_run_on_a_terminal_shows_a_live_line_with_rate_and_eta_under_the_log(
+    tmp_path: Path,
+) -> None:
+    term = Terminal("run", "--once", "-c", str(_twenty_files(tmp_path)))
+    assert term.finish() == 0, term.text
+    frames = [m.groups() for m in LINE.finditer(term.text)]
+    assert frames, term.text
+    # while it works: a part done, a rate, a time left and the running job's file
+    midway = [f for f in frames if 0 < int(f[0]) < 20 and float(f[2]) > 0]
+    assert midway, frames
+    assert all(f[1] == "20" for f in midway)
+    assert re.search(r"\d+/20 jobs .* running: f\d\d\.nc", term.text)
+    assert frames[-1][:2] == ("20", "20")  # the last frame: everything finished
+    # log lines scroll above it: the line is erased, the log line printed, the line redrawn
+    assert re.search(r"jobs/s[^\n]*\r\x1b\[2K[^\n]*job_done", term.raw), term.raw[-3000:]
+    assert len(runs(tmp_path / "runs.log")) == 20
+
+
+def test_no_live_line_without_a_terminal_or_with_no_progress(tmp_path: Path) -> None:
+    cfg = _twenty_files(tmp_path, delay=0.0)
+    piped = dpypeline("run", "--once", "-c", str(cfg))  # stderr is a pipe
+    assert piped.returncode == 0, piped.stderr
+    assert "job_done" in piped.stderr
+    assert "jobs/s" not in piped.stderr
+    assert "\x1b[" not in piped.stderr
+    (tmp_path / "inbox" / "f21.nc").write_bytes(b"x")
+    term = Terminal("run", "--once", "--no-progress", "-c", str(cfg))
+    assert term.finish() == 0, term.text
+    assert "job_done" in term.text  # the log is there, on the terminal
+    assert "jobs/s" not in term.text
+
+
+def test_status_watch_redraws_the_counts_every_second(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.nc").write_bytes(b"a")
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox)}],
+            "jobs": [{"name": "work", "tasks": [{"task": "taskbox.noop"}]}],
+        },
+    )
+    term = Terminal("status", "--watch", "-c", str(cfg))
+    try:
+        term.read(lambda: "queued 0" in term.text)
+        assert "queued 0" in term.text, term.text
+        dpypeline("enqueue", "-c", str(cfg), str(inbox / "a.nc"), check=True)
+        term.read(lambda: "queued 1" in term.text)
+        assert "queued 1" in term.text, term.text  # a later frame, with the new count
+        stamps = re.findall(r"every 1s, (\d\d:\d\d:\d\d)", term.text)
+        assert len(set(stamps)) >= 2, term.text  # two frames, a second apart
+        os.killpg(term.proc.pid, signal.SIGINT)  # Ctrl-C
+        assert term.finish() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
+def test_status_and_status_json_show_a_jobs_end_within_a_second(
+    tmp_path: Path,
+    notify_socket: NotifySocket,  # noqa: F811 - the fixture imported above
+) -> None:
+    proc = start(tmp_path, notify_socket, watchdog_usec=0)  # STATUS on the health timer: 5 s
+    try:
+        wait_for(lambda: notify_socket.sent("READY=1"), message="READY=1")
+        (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
+        wait_for(lambda: runs(tmp_path / "runs.log"), interval=0.005, message="the job's run")
+        ended = time.monotonic()  # the task has returned: the job ends now
+
+        def done_status() -> float | None:
+            return next(
+                (t for t, m in notify_socket.poll() if re.search(r"STATUS=.*\b1 done", m)), None
+            )
+
+        arrived = wait_for(done_status, timeout=10, interval=0.01, message="STATUS 1 done")
+        assert arrived - ended < 1.0
+        asked: list[float] = []
+
+        def done_json() -> bool:
+            asked.append(time.monotonic())
+            return bool(status(tmp_path / "pipeline.yaml")["done"] == 1)
+
+        wait_for(done_json, timeout=10, interval=0.01, message="status --json: 1 done")
+        assert asked[-1] - ended < 1.0  # asked within the second, and answered with it
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- the pure parts -----------------------------------------------------------------------
+
+
+class _Ledger:
+    def __init__(self) -> None:
+        self.changes = 0
+        self.state = {"queued": 3, "running": 1}
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.state)
+
+
+class _Worker:
+    ended: ClassVar[dict[JobState, int]] = {JobState.DONE: 2}
+
+    def active_claims(self) -> list[Any]:
+        return []
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.frames: list[tuple[float, View]] = []
+
+    def update(self, view: View, now: float) -> None:
+        self.frames.append((now, view))
+
+    def close(self) -> None:
+        pass
+
+
+def test_observers_see_a_change_at_once_or_at_most_every_refresh() -> None:
+    ledger, seen = _Ledger(), _Seen()
+    live = Observers([seen], every=0.25)
+    live.watch(ledger, _Worker())  # type: ignore[arg-type]
+    live.tick(100.0)
+    assert [t for t, _ in seen.frames] == [100.0]
+    assert live.next_deadline() is None  # nothing new: the loop sleeps as long as it likes
+    ledger.changes = 1
+    live.tick(100.1)  # too soon after the last frame: shown at the deadline
+    assert len(seen.frames) == 1
+    assert live.next_deadline() == 100.25
+    live.tick(100.25)
+    assert [t for t, _ in seen.frames] == [100.0, 100.25]
+    live.tick(100.3)  # unchanged: nothing
+    assert len(seen.frames) == 2
+    live.close()  # a last frame
+    assert len(seen.frames) == 3
+    assert seen.frames[-1][1].finished == 2
+    assert seen.frames[-1][1].waiting == 4
+
+
+def test_rate_is_over_the_window_and_falls_while_nothing_ends() -> None:
+    meter = Meter(window=10.0)
+    assert meter.rate(0.0) is None
+    meter.add(0.0, 0)
+    meter.add(5.0, 50)
+    assert meter.rate(5.0) == pytest.approx(10.0)
+    assert meter.rate(10.0) == pytest.approx(5.0)  # no job ended for 5 s
+    meter.add(20.0, 100)  # the sample of t=0 is out of the window
+    assert meter.rate(20.0) == pytest.approx(50 / 15)
+
+
+def test_progress_line_says_done_of_known_rate_eta_dead_and_what_runs() -> None:
+    frame = View(
+        {"queued": 10, "running": 2, "dead": 7},
+        {JobState.DONE: 8, JobState.DEAD: 1, JobState.RETRYING: 3},
+        ("a/f1.nc", "a/f2.nc"),
+    )
+    assert progress_line(frame, 2.0) == (
+        "9/21 jobs  2.0 jobs/s  ETA 0:00:06  1 dead  running: a/f1.nc (+1)"
+    )
+    assert "- jobs/s  ETA -:--:--" in progress_line(frame, None)

@@ -153,7 +153,8 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.preflight import preflight
     from dpypeline.progress import TerminalProgress, wanted
     from dpypeline.redact import known_secrets
-    from dpypeline.service import ClusterLost, Service, StuckJob, reexec
+    from dpypeline.restart import ClusterLost, StuckJob, reexec
+    from dpypeline.service import Service
 
     logs.configure(
         config.logging.format,

@@ -17,8 +17,6 @@ either ``done`` or queued again.
 from __future__ import annotations
 
 import faulthandler
-import os
-import sys
 import time
 from enum import StrEnum
 from types import FrameType
@@ -34,6 +32,7 @@ from dpypeline.objectstore import close_clients
 from dpypeline.outages import PendingSetup
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.progress import ExecutorFile, Observer, Observers, StatusNotice
+from dpypeline.restart import ClusterLost, StuckJob
 from dpypeline.signals import Previous, StopSignals
 from dpypeline.state.cachedir import forget_executor_status, write_executor_status
 from dpypeline.state.ledger import Ledger
@@ -62,14 +61,6 @@ class Status(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-class StuckJob(RuntimeError):
-    """A job ignored its timeout; only a restart of the process can reclaim its thread."""
-
-
-class ClusterLost(RuntimeError):
-    """The Dask scheduler or cluster is gone; a restart reconnects to it or rebuilds it."""
 
 
 class Service:
@@ -399,10 +390,3 @@ class Service:
         timeout = min([MAX_SLEEP, *(d - now for d in deadlines if d is not None)])
         if timeout > 0:
             self._inbox.wake.wait(timeout)
-
-
-def reexec() -> None:
-    """Replace this process with a fresh copy of itself (same PID, same arguments)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, sys.orig_argv)

@@ -21,8 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import ROOT, ServiceProcess, dpypeline, status, wait_for, write_config
 from dpypeline.metrics import LedgerCollector, Metrics
 
-pytestmark = pytest.mark.slow
-
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -91,6 +89,7 @@ def start(tmp_path: Path, cfg: Path, started: list[ServiceProcess]) -> ServicePr
     return service
 
 
+@pytest.mark.slow
 def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
@@ -133,6 +132,7 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
         scrape(port, timeout=2)  # the endpoint closed with the service
 
 
+@pytest.mark.slow
 def test_a_scrape_answers_while_a_slow_job_runs(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
@@ -150,6 +150,7 @@ def test_a_scrape_answers_while_a_slow_job_runs(
     assert not (tmp_path / "runs.log").exists(), "the job finished: the test proved nothing"
 
 
+@pytest.mark.slow
 def test_a_port_in_use_stops_start_up_with_exit_2_naming_field_and_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

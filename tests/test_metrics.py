@@ -133,6 +133,62 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
 
 
 @pytest.mark.slow
+def test_retries_and_dead_jobs_are_counted_by_error_class(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    port = free_port()
+    cfg, inbox = make_pipeline(tmp_path, port)
+    text = cfg.read_text().replace("taskbox.record", "taskbox.behave").replace("delay: 0.0", "")
+    cfg.write_text(
+        text.replace(
+            "job_timeout: 60s",
+            "job_timeout: 60s\n  max_attempts: 2\n  backoff: {initial: 100ms, max: 100ms}",
+        )
+    )
+    for name in ("bad.nc", "corrupt.nc", "good.nc"):
+        (inbox / name).write_bytes(b"q")
+    start(tmp_path, cfg, service_processes)
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="dead") == 2)
+    samples = scrape(port)
+    assert value(samples, "dpypeline_job_retries_total", job="work", error="ValueError") == 1
+    assert value(samples, "dpypeline_jobs_dead_total", job="work", error="ValueError") == 1
+    assert value(samples, "dpypeline_jobs_dead_total", job="work", error="PermanentError") == 1
+    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="retrying") == 1
+    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="dead") == 2
+    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="done") == 1
+
+
+def test_an_outage_marks_the_object_store_it_names_until_a_job_ends_without_one() -> None:
+    metrics = Metrics(["work"], ["jasmin", "backup"])
+
+    def outage() -> dict[str, float | None]:
+        stores = {
+            s: metrics.registry.get_sample_value("dpypeline_objectstore_outage", {"objectstore": s})
+            for s in ("jasmin", "backup")
+        }
+        return {"any": metrics.registry.get_sample_value("dpypeline_outage"), **stores}
+
+    assert outage() == {"any": 0, "jasmin": 0, "backup": 0}
+    metrics.outage_began("the object store 'jasmin' is unreachable (ConnectionError) while writing")
+    assert outage() == {"any": 1, "jasmin": 1, "backup": 0}
+    metrics.outage_began("no space left on /data (ENOSPC; 0 B free) while writing")
+    assert outage() == {"any": 1, "jasmin": 0, "backup": 0}
+    metrics.outage_over()
+    assert outage() == {"any": 0, "jasmin": 0, "backup": 0}
+
+
+def test_health_names_the_failing_component() -> None:
+    metrics = Metrics()
+    metrics.health(["the scan thread has stopped"], False, [])
+    get = metrics.registry.get_sample_value
+    assert get("dpypeline_healthy") == 0
+    assert get("dpypeline_component_healthy", {"component": "watch"}) == 0
+    assert get("dpypeline_component_healthy", {"component": "executor"}) == 1
+    metrics.health([], False, [])
+    assert get("dpypeline_healthy") == 1
+
+
+@pytest.mark.slow
 def test_a_scrape_answers_while_a_slow_job_runs(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:

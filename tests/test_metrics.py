@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, ServiceProcess, dpypeline, status, wait_for, write_config
+from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
 from dpypeline.metrics import LedgerCollector, Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -110,7 +110,8 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
     wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="done") == 3)
     after = scrape(port)
     assert value(after, "dpypeline_files_seen_total", source="watch") == 2
-    assert value(after, "dpypeline_jobs_enqueued_total", source="watch") == 3
+    assert value(after, "dpypeline_jobs_enqueued_total", source="scan") == 1
+    assert value(after, "dpypeline_jobs_enqueued_total", source="watch") == 2
     assert value(after, "dpypeline_jobs_finished_total", job="work", outcome="done") == 3
     assert value(after, "dpypeline_job_duration_seconds_count", job="work") == 3
     assert value(after, "dpypeline_job_duration_seconds_sum", job="work") > 0
@@ -124,6 +125,15 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
     assert set(by_state(scraped)) == {"queued", "running", "retrying", "done", "dead", "skipped"}
     assert value(scraped, "dpypeline_jobs_held") == len(report["held"])
     assert report["oldest_waiting"] is None
+    listed = jobs(cfg)
+    for source in ("watch", "scan", "cli"):
+        in_ledger = sum(j["source"] == source for j in listed)
+        assert value(scraped, "dpypeline_ledger_jobs_by_source", source=source) == in_ledger
+    assert {j["path"].rsplit("/", 1)[1]: j["source"] for j in listed} == {
+        "early.nc": "scan",
+        "late1.nc": "watch",
+        "late2.nc": "watch",
+    }
     assert value(scraped, "dpypeline_oldest_waiting_seconds") == 0
 
     service.signal(signal.SIGTERM)

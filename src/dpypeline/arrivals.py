@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from itertools import groupby
 
 from dpypeline.config import PipelineConfig
 from dpypeline.logs import get_logger
@@ -41,6 +42,7 @@ class Arrivals:
         self.metrics = metrics or Metrics()
         self.settler = Settler()
         self.pending_scans = 0  # requested and not yet reported back
+        self.found_by: dict[str, str] = {}  # settling files found by a scan (or a poll)
         self.specs: list[WatchSpec] = []
         self.timers = Timers()
         self._ledger: Ledger | None = None
@@ -165,8 +167,10 @@ class Arrivals:
         assert self._ledger is not None
         files = obs.files
         new = [files[i] for i in intake.unknown(self._ledger, files, self.job_names)]
-        unseen = sum(self.settler.quiet_for(f.path, now) is None for f in new)
-        self.metrics.files_seen.labels("scan").inc(unseen)
+        source = "watch" if obs.reason == "poll" else "scan"  # polling is how a poll watch watches
+        unseen = [f.path for f in new if self.settler.quiet_for(f.path, now) is None]
+        self.found_by.update(dict.fromkeys(unseen, source))
+        self.metrics.files_seen.labels(source).inc(len(unseen))
         trust_events = spec.mode == "inotify" and obs.reason in ("rescan", "watch check")
         stale = max(spec.config.rescan_interval, spec.config.settle)
         for f in new:
@@ -189,15 +193,23 @@ class Arrivals:
                 log.info("ledger_pruned", removed=removed)
 
     def _enqueue(self, stable: list[StableFile], now: float) -> None:
+        """Stable files into the ledger, in the order they settled, each job recording
+        whether an event or a scan found its file (``source``)."""
         assert self._ledger is not None
+        found_by = {f.path: self.found_by.pop(f.path, "watch") for f in stable}
+        if not len(self.settler):
+            self.found_by.clear()  # files a scan found that vanished before they settled
         by_root: dict[str, list[StableFile]] = defaultdict(list)
         follows = {s.root: s.config.follow_symlinks for s in self.specs}
         for f in intake.allowed(stable, lambda root: follows.get(root, False)):
             by_root[f.root].append(f)
         for root, files in by_root.items():
-            added = intake.enqueue(
-                self._ledger, files, root, self.job_names, source="watch", now=now
-            )
-            self.metrics.enqueued.labels("watch").inc(added)
+            added = 0
+            for source, run in groupby(files, key=lambda f: found_by[f.path]):
+                n = intake.enqueue(
+                    self._ledger, list(run), root, self.job_names, source=source, now=now
+                )
+                self.metrics.enqueued.labels(source).inc(n)
+                added += n
             if added:
                 log.info("files_enqueued", watch=root, files=len(files), jobs=added)

@@ -36,6 +36,7 @@ from dpypeline.state.transitions import JobState
 OUTCOMES = (JobState.DONE, JobState.RETRYING, JobState.DEAD, JobState.SKIPPED)
 COMPONENTS = ("watch", "job_timeout", "executor")  # what a health check looks at
 SOURCES = ("watch", "scan")  # how the service finds files (`dpypeline enqueue` is another process)
+LEDGER_SOURCES = (*SOURCES, "cli")  # a job's source in the ledger
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf"))
 BYTE_BUCKETS = (*(float(2**n) for n in range(10, 41, 3)), float("inf"))  # 1 KiB .. 1 TiB
 LATENCY_BUCKETS = (0.1, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, float("inf"))
@@ -62,18 +63,23 @@ class LedgerCollector(Collector):
         with self._lock:
             if self._ledger is None:
                 self._ledger = Ledger(self.cache_dir)
-            by_job = self._ledger.counts_by_job()
+            tally = self._ledger.tally()
             oldest = self._ledger.oldest_waiting()
             held = len(self._ledger.held())
         counts = {(job, s.value): 0 for job in self.job_names for s in JobState}
-        counts.update(by_job)
+        sources = dict.fromkeys(LEDGER_SOURCES, 0)
+        for (job, state, source), n in tally.items():
+            counts[job, state] = counts.get((job, state), 0) + n
+            sources[source] = sources.get(source, 0) + n
         age = max(time.time() - oldest.created, 0.0) if oldest is not None else 0.0
-        jobs, lag, holds = self._families()
+        jobs, by_source, lag, holds = self._families()
         for (job, state), n in sorted(counts.items()):
             jobs.add_metric([job, state], n)
+        for source, n in sorted(sources.items()):
+            by_source.add_metric([source], n)
         lag.add_metric([], age)
         holds.add_metric([], held)
-        return [jobs, lag, holds]
+        return [jobs, by_source, lag, holds]
 
     @staticmethod
     def _families() -> list[GaugeMetricFamily]:
@@ -82,6 +88,11 @@ class LedgerCollector(Collector):
                 "dpypeline_jobs",
                 "Jobs in the ledger, by pipeline job and state",
                 labels=["job", "state"],
+            ),
+            GaugeMetricFamily(
+                "dpypeline_ledger_jobs_by_source",
+                "Jobs in the ledger by how their file came in (cli: `dpypeline enqueue`)",
+                labels=["source"],
             ),
             GaugeMetricFamily(
                 "dpypeline_oldest_waiting_seconds",
@@ -194,7 +205,7 @@ class Metrics:
             self.duration.labels(name)
         for source in SOURCES:
             self.files_seen.labels(source)
-        self.enqueued.labels("watch")
+            self.enqueued.labels(source)
         self.healthy.set(1)
         for component in COMPONENTS:
             self.component.labels(component).set(1)

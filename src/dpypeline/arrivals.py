@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from itertools import groupby
 
 from dpypeline.config import PipelineConfig
 from dpypeline.logs import get_logger
+from dpypeline.metrics import Metrics
 from dpypeline.state.ledger import Ledger
 from dpypeline.timers import Timer, Timers
 from dpypeline.watching import intake
@@ -29,10 +31,18 @@ PRUNE_EVERY = 3600.0
 class Arrivals:
     """Owns the watcher, the scan thread, the settler and the per-watch timers."""
 
-    def __init__(self, config: PipelineConfig, job_names: list[str], inbox: Inbox) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        job_names: list[str],
+        inbox: Inbox,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config, self.job_names, self.inbox = config, job_names, inbox
+        self.metrics = metrics or Metrics()
         self.settler = Settler()
         self.pending_scans = 0  # requested and not yet reported back
+        self.found_by: dict[str, str] = {}  # settling files found by a scan (or a poll)
         self.specs: list[WatchSpec] = []
         self.timers = Timers()
         self._ledger: Ledger | None = None
@@ -51,6 +61,7 @@ class Arrivals:
             self.request_scan(spec.index, "startup")
             self._schedule(spec, now)
             self.timers.every(Timer.PRUNE, PRUNE_EVERY, None, spec.index)
+        self.metrics.watches((spec.root, spec.mode) for spec in self.specs)
 
     def close(self) -> None:
         if self.scanner is not None:
@@ -101,11 +112,13 @@ class Arrivals:
                 self.request_scan(index, "watch check")
         if self.scanner is not None and not self.scanner.is_alive():
             problems.append("the scan thread has stopped")
+        self.metrics.watches((spec.root, spec.mode) for spec in self.specs)
         return problems
 
     def request_scan(self, watch: int, reason: str, subdir: str | None = None) -> None:
         assert self.scanner is not None
         self.pending_scans += 1
+        self.metrics.scans.labels(reason).inc()
         self.scanner.request(self.specs[watch].target(), reason, subdir)
 
     def _schedule(self, spec: WatchSpec, now: float) -> None:
@@ -118,12 +131,15 @@ class Arrivals:
 
     def _observe(self, obs: Observation, now: float) -> None:
         if obs.kind == "overflow":
+            self.metrics.overflows.inc()
             log.warning("watch_overflow", reason=obs.reason, action="rescanning every watch")
             for spec in self.specs:
                 self.request_scan(spec.index, "overflow")
             return
         spec = self.specs[obs.watch]
         settle = spec.config.settle
+        if obs.kind in ("writing", "complete") and self.settler.quiet_for(obs.path, now) is None:
+            self.metrics.files_seen.labels("watch").inc()  # once per file version noticed
         if obs.kind == "writing":
             self.settler.note(obs.path, spec.root, settle, now, eligible=spec.mode == "poll")
         elif obs.kind == "complete":
@@ -151,6 +167,10 @@ class Arrivals:
         assert self._ledger is not None
         files = obs.files
         new = [files[i] for i in intake.unknown(self._ledger, files, self.job_names)]
+        source = "watch" if obs.reason == "poll" else "scan"  # polling is how a poll watch watches
+        unseen = [f.path for f in new if self.settler.quiet_for(f.path, now) is None]
+        self.found_by.update(dict.fromkeys(unseen, source))
+        self.metrics.files_seen.labels(source).inc(len(unseen))
         trust_events = spec.mode == "inotify" and obs.reason in ("rescan", "watch check")
         stale = max(spec.config.rescan_interval, spec.config.settle)
         for f in new:
@@ -173,14 +193,23 @@ class Arrivals:
                 log.info("ledger_pruned", removed=removed)
 
     def _enqueue(self, stable: list[StableFile], now: float) -> None:
+        """Stable files into the ledger, in the order they settled, each job recording
+        whether an event or a scan found its file (``source``)."""
         assert self._ledger is not None
+        found_by = {f.path: self.found_by.pop(f.path, "watch") for f in stable}
+        if not len(self.settler):
+            self.found_by.clear()  # files a scan found that vanished before they settled
         by_root: dict[str, list[StableFile]] = defaultdict(list)
         follows = {s.root: s.config.follow_symlinks for s in self.specs}
         for f in intake.allowed(stable, lambda root: follows.get(root, False)):
             by_root[f.root].append(f)
         for root, files in by_root.items():
-            added = intake.enqueue(
-                self._ledger, files, root, self.job_names, source="watch", now=now
-            )
+            added = 0
+            for source, run in groupby(files, key=lambda f: found_by[f.path]):
+                n = intake.enqueue(
+                    self._ledger, list(run), root, self.job_names, source=source, now=now
+                )
+                self.metrics.enqueued.labels(source).inc(n)
+                added += n
             if added:
                 log.info("files_enqueued", watch=root, files=len(files), jobs=added)

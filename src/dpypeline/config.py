@@ -161,6 +161,28 @@ class LoggingConfig(_Section):
     level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"  # INFO works too
 
 
+class MetricsConfig(_Section):
+    # host:port of the Prometheus endpoint (/metrics); None: no endpoint. Loopback keeps it
+    # off the network unless the operator chooses otherwise.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            listen_address(value)
+        return value
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` -> ("127.0.0.1", 9464); ``"[::1]:9464"`` -> ("::1", 9464)."""
+    host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host, int(port)
+
+
 class _DuplicateJob(ValueError):
     """Carries the location below ``jobs`` so the error points at the second name's line."""
 
@@ -184,6 +206,7 @@ class PipelineConfig(_Section):
     setup: list[TaskConfig] = []
     jobs: list[JobConfig] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: Path | None = None  # set by load_config; not a key of the file
     _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
 

@@ -28,6 +28,7 @@ from dpypeline.executors.ordering import held_summary
 from dpypeline.executors.serial import Executor, SerialExecutor
 from dpypeline.health import Health, Snapshot, Verdict, status_line
 from dpypeline.logs import get_logger
+from dpypeline.metrics import Metrics
 from dpypeline.objectstore import close_clients
 from dpypeline.outages import PendingSetup
 from dpypeline.pipeline import Job, SetupContext, Task
@@ -84,7 +85,8 @@ class Service:
         self._stop = StopSignals(self._wake)
         self._stop_deadline: float | None = None
         self._inbox = Inbox(self._wake)
-        self._arrivals = Arrivals(config, self.job_names, self._inbox)
+        self.metrics = Metrics(self.job_names, list(config.objectstores))
+        self._arrivals = Arrivals(config, self.job_names, self._inbox, self.metrics)
         self._health = Health()
         self._timers = Timers()
         self._ledger: Ledger | None = None
@@ -131,7 +133,8 @@ class Service:
         try:
             extend(START_STEP)
             self._ledger = Ledger(cfg.cache_dir, service=True)
-            self._worker = Worker(cfg, self.jobs, self._ledger, self._executor)
+            self.metrics.serve(cfg)  # a port in use: ConfigError, before any job runs
+            self._worker = Worker(cfg, self.jobs, self._ledger, self._executor, self.metrics)
             self._worker.recover(now)
             self._live.watch(self._ledger, self._worker)
             extend(START_STEP)  # a cluster may take a while to come up
@@ -172,6 +175,7 @@ class Service:
         self._live.close()  # a last frame while the ledger is open
         self._arrivals.close()
         self._executor.close()
+        self.metrics.close()
         close_clients()
         if self.config.executor.kind != "serial":
             forget_executor_status(self.config.cache_dir)
@@ -336,12 +340,10 @@ class Service:
 
     def check_health(self, now: float) -> Verdict:
         """Repair what can be repaired; what is left makes the service unhealthy."""
-        verdict = self._health.assess(
-            now,
-            watching=self._arrivals.check(now),
-            overdue=self._executor.is_overdue(now),
-            executor=self._executor.problems(),
-        )
+        watching, overdue = self._arrivals.check(now), self._executor.is_overdue(now)
+        executor = self._executor.problems()
+        self.metrics.health(watching, overdue, executor)
+        verdict = self._health.assess(now, watching=watching, overdue=overdue, executor=executor)
         if verdict.changed:
             (log.info if verdict.healthy else log.error)(
                 "health_changed", problems=verdict.problems

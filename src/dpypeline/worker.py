@@ -15,6 +15,7 @@ from dpypeline.errors import ConfigError, JobTimeout, PermanentError, SkipFile, 
 from dpypeline.executors.ordering import Held, hold_for
 from dpypeline.executors.serial import Executor, Finished
 from dpypeline.logs import get_logger
+from dpypeline.metrics import Metrics
 from dpypeline.paths import refusal
 from dpypeline.pipeline import Job, JobCall, JobContext
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
@@ -75,9 +76,15 @@ class Worker:
     """Starts claimed jobs on the executor and records how they end."""
 
     def __init__(
-        self, config: PipelineConfig, jobs: list[Job], ledger: Ledger, executor: Executor
+        self,
+        config: PipelineConfig,
+        jobs: list[Job],
+        ledger: Ledger,
+        executor: Executor,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config, self.ledger, self.executor = config, ledger, executor
+        self.metrics = metrics or Metrics()
         self.jobs = {job.name: job for job in jobs}
         self.stores = {job.name: key for job in jobs if (key := job.ordered_resource()) is not None}
         self._writers: dict[str, list[str]] = {}  # append store -> the jobs writing it
@@ -107,6 +114,7 @@ class Worker:
             )
         self.ended_dead += len(rec.dead_jobs)
         for job in rec.dead_jobs:  # one entry each, like any other job that ends dead
+            self.metrics.job_ended(job.job, JobState.DEAD, None, None)
             log.error(
                 "job_dead",
                 job_id=job.id,
@@ -179,6 +187,7 @@ class Worker:
             objectstores=self.config.objectstores,
         )
         self._active[rec.id] = (claim, jlog)
+        self.metrics.job_started(rec.job, rec.size, rec.attempts, now - rec.created)
         jlog.info("job_started")
         self.executor.submit(
             rec.id, JobCall(job, rec.path, context), self.config.retry.job_timeout, now
@@ -222,6 +231,7 @@ class Worker:
         if isinstance(f.error, Held):
             return self._park(claim, f.error, jlog, now)
         self._outages = 0
+        self.metrics.outage_over()
         if f.error is None:
             decision = Decision(JobState.DONE)
         else:
@@ -238,6 +248,7 @@ class Worker:
         wait = backoff(self._outages, self.config.retry)
         self.paused_until = now + wait
         self.pause_reason = _short(str(exc))
+        self.metrics.outage_began(str(exc))
         self.ledger.release(claim, now)
         jlog.warning(
             "service_paused",
@@ -292,6 +303,7 @@ class Worker:
     ) -> None:
         self.ledger.finish(claim, d.state, now, error=d.error, not_before=d.not_before)
         self.ended[d.state] += 1
+        self.metrics.job_ended(claim.record.job, d.state, duration, exc)
         if d.state is JobState.DEAD:
             self.ended_dead += 1
         fields: dict[str, Any] = {"state": d.state.value}

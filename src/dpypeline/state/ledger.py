@@ -345,9 +345,14 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}
-        for state, n in self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
-            counts[state] = n
+        for (_, state, _), n in self.tally().items():
+            counts[state] += n
         return counts
+
+    def tally(self) -> dict[tuple[str, str, str], int]:
+        """Jobs by (job name, state, source): what ``counts`` sums, for the metrics."""
+        rows = self._db.execute("SELECT job, state, source, count(*) FROM jobs GROUP BY 1, 2, 3")
+        return {(job, state, source): n for job, state, source, n in rows}
 
     def has_unfinished(self) -> bool:
         """Whether a job will still run without the operator: jobs held behind a dead job

@@ -1,0 +1,320 @@
+"""The Prometheus endpoint, scraped over HTTP from a real ``dpypeline run`` process, and the
+shipped dashboard and alert rules checked against what the service exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from dpypeline.metrics import LedgerCollector, Metrics
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_pipeline(tmp_path: Path, port: int, delay: float = 0.0) -> tuple[Path, Path]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox), "settle": "100ms", "rescan_interval": "30s"}],
+            "retry": {"job_timeout": "60s"},
+            "jobs": [
+                {
+                    "name": "work",
+                    "tasks": [
+                        {
+                            "task": "taskbox.record",
+                            "with": {"log": str(tmp_path / "runs.log"), "delay": delay},
+                        }
+                    ],
+                }
+            ],
+            "logging": {"format": "json"},
+            "metrics": {"listen": f"127.0.0.1:{port}"},
+        },
+    )
+    return cfg, inbox
+
+
+def scrape(port: int, timeout: float = 5.0) -> Samples:
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), float("nan"))
+
+
+def by_state(samples: Samples) -> dict[str, float]:
+    """dpypeline_jobs summed over the pipeline's jobs: the counts `status` prints."""
+    totals: dict[str, float] = {}
+    for (name, labels), v in samples.items():
+        if name == "dpypeline_jobs":
+            state = dict(labels)["state"]
+            totals[state] = totals.get(state, 0) + v
+    return totals
+
+
+def start(tmp_path: Path, cfg: Path, started: list[ServiceProcess]) -> ServiceProcess:
+    service = ServiceProcess(cfg)
+    started.append(service)
+    service.wait_ready()
+    return service
+
+
+@pytest.mark.slow
+def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    port = free_port()
+    cfg, inbox = make_pipeline(tmp_path, port)
+    (inbox / "early.nc").write_bytes(b"x" * 1000)  # found by the start-up scan
+    service = start(tmp_path, cfg, service_processes)
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="done") == 1)
+    wait_for(lambda: any(e.get("event") == "scan_done" for e in service.events()))
+    before = scrape(port)
+    assert value(before, "dpypeline_build_info", version=_version(), python=_python()) == 1
+    assert value(before, "dpypeline_watch_mode", watch=str(inbox), mode="inotify") == 1
+    assert value(before, "dpypeline_healthy") == 1
+    assert value(before, "dpypeline_files_seen_total", source="scan") == 1
+
+    for i in (1, 2):
+        (inbox / f"late{i}.nc").write_bytes(b"y" * 2000)  # seen by their close events
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="done") == 3)
+    after = scrape(port)
+    assert value(after, "dpypeline_files_seen_total", source="watch") == 2
+    assert value(after, "dpypeline_jobs_enqueued_total", source="scan") == 1
+    assert value(after, "dpypeline_jobs_enqueued_total", source="watch") == 2
+    assert value(after, "dpypeline_jobs_finished_total", job="work", outcome="done") == 3
+    assert value(after, "dpypeline_job_duration_seconds_count", job="work") == 3
+    assert value(after, "dpypeline_job_duration_seconds_sum", job="work") > 0
+    assert value(after, "dpypeline_job_input_bytes_sum", job="work") == 1000 + 2 * 2000
+    assert value(after, "dpypeline_job_claim_latency_seconds_count", job="work") == 3
+    assert value(after, "dpypeline_scans_total", reason="startup") == 1
+
+    report = status(cfg)  # nothing moves any more: both must read the same ledger rows
+    scraped = scrape(port)
+    assert by_state(scraped) == {s: float(report[s]) for s in by_state(scraped)}
+    assert set(by_state(scraped)) == {"queued", "running", "retrying", "done", "dead", "skipped"}
+    assert value(scraped, "dpypeline_jobs_held") == len(report["held"])
+    assert report["oldest_waiting"] is None
+    listed = jobs(cfg)
+    for source in ("watch", "scan", "cli"):
+        in_ledger = sum(j["source"] == source for j in listed)
+        assert value(scraped, "dpypeline_ledger_jobs_by_source", source=source) == in_ledger
+    assert {j["path"].rsplit("/", 1)[1]: j["source"] for j in listed} == {
+        "early.nc": "scan",
+        "late1.nc": "watch",
+        "late2.nc": "watch",
+    }
+    assert value(scraped, "dpypeline_oldest_waiting_seconds") == 0
+
+    service.signal(signal.SIGTERM)
+    assert service.wait(30) == 0
+    with pytest.raises(urllib.error.URLError, match="Connection refused"):
+        scrape(port, timeout=2)  # the endpoint closed with the service
+
+
+@pytest.mark.slow
+def test_retries_and_dead_jobs_are_counted_by_error_class(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    port = free_port()
+    cfg, inbox = make_pipeline(tmp_path, port)
+    text = cfg.read_text().replace("taskbox.record", "taskbox.behave").replace("delay: 0.0", "")
+    cfg.write_text(
+        text.replace(
+            "job_timeout: 60s",
+            "job_timeout: 60s\n  max_attempts: 2\n  backoff: {initial: 100ms, max: 100ms}",
+        )
+    )
+    for name in ("bad.nc", "corrupt.nc", "good.nc"):
+        (inbox / name).write_bytes(b"q")
+    start(tmp_path, cfg, service_processes)
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="dead") == 2)
+    samples = scrape(port)
+    assert value(samples, "dpypeline_job_retries_total", job="work", error="ValueError") == 1
+    assert value(samples, "dpypeline_jobs_dead_total", job="work", error="ValueError") == 1
+    assert value(samples, "dpypeline_jobs_dead_total", job="work", error="PermanentError") == 1
+    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="retrying") == 1
+    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="dead") == 2
+    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="done") == 1
+
+
+def test_an_outage_marks_the_object_store_it_names_until_a_job_ends_without_one() -> None:
+    metrics = Metrics(["work"], ["jasmin", "backup"])
+
+    def outage() -> dict[str, float | None]:
+        stores = {
+            s: metrics.registry.get_sample_value("dpypeline_objectstore_outage", {"objectstore": s})
+            for s in ("jasmin", "backup")
+        }
+        return {"any": metrics.registry.get_sample_value("dpypeline_outage"), **stores}
+
+    assert outage() == {"any": 0, "jasmin": 0, "backup": 0}
+    metrics.outage_began("the object store 'jasmin' is unreachable (ConnectionError) while writing")
+    assert outage() == {"any": 1, "jasmin": 1, "backup": 0}
+    metrics.outage_began("no space left on /data (ENOSPC; 0 B free) while writing")
+    assert outage() == {"any": 1, "jasmin": 0, "backup": 0}
+    metrics.outage_over()
+    assert outage() == {"any": 0, "jasmin": 0, "backup": 0}
+
+
+def test_health_names_the_failing_component() -> None:
+    metrics = Metrics()
+    metrics.health(["the scan thread has stopped"], False, [])
+    get = metrics.registry.get_sample_value
+    assert get("dpypeline_healthy") == 0
+    assert get("dpypeline_component_healthy", {"component": "watch"}) == 0
+    assert get("dpypeline_component_healthy", {"component": "executor"}) == 1
+    metrics.health([], False, [])
+    assert get("dpypeline_healthy") == 1
+
+
+@pytest.mark.slow
+def test_a_scrape_answers_while_a_slow_job_runs(
+    tmp_path: Path, service_processes: list[ServiceProcess]
+) -> None:
+    port = free_port()
+    cfg, inbox = make_pipeline(tmp_path, port, delay=6.0)
+    start(tmp_path, cfg, service_processes)
+    (inbox / "slow.nc").write_bytes(b"z" * 10)
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="running") == 1)
+    for _ in range(5):
+        began = time.monotonic()
+        samples = scrape(port, timeout=2)
+        assert time.monotonic() - began < 1.0
+        assert value(samples, "dpypeline_jobs", job="work", state="running") == 1
+        assert value(samples, "dpypeline_oldest_waiting_seconds") == 0
+    assert not (tmp_path / "runs.log").exists(), "the job finished: the test proved nothing"
+
+
+@pytest.mark.slow
+def test_a_port_in_use_stops_start_up_with_exit_2_naming_field_and_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        cfg, inbox = make_pipeline(tmp_path, port)
+        (inbox / "a.nc").write_bytes(b"a")
+        proc = dpypeline("run", "-c", str(cfg), "--once", timeout=60)
+    line = next(n for n, text in enumerate(cfg.read_text().splitlines(), 1) if "listen:" in text)
+    assert proc.returncode == 2, proc.stderr
+    assert f"pipeline.yaml:{line}: metrics.listen: cannot serve metrics on 127.0.0.1:{port}" in (
+        proc.stderr
+    )
+    assert "Address already in use" in proc.stderr
+    assert not (tmp_path / "runs.log").exists()  # no job ran
+
+
+def test_listen_must_be_host_and_port(tmp_path: Path) -> None:
+    cfg, _ = make_pipeline(tmp_path, 9464)
+    cfg.write_text(cfg.read_text().replace("127.0.0.1:9464", "localhost"))
+    proc = dpypeline("validate", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert "metrics.listen: 'localhost' is not host:port" in proc.stderr
+
+
+# -- the shipped dashboard and alert rules --------------------------------------------------
+
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "info": ("_info",),
+    "gauge": ("",),
+}
+
+
+def exported(tmp_path: Path) -> set[str]:
+    """Every sample name the service can export, whether or not it has a value yet."""
+    metrics = Metrics(["work"], ["store"])
+    metrics.registry.register(collector := LedgerCollector(tmp_path, ["work"]))
+    try:
+        return {
+            family.name + suffix
+            for family in metrics.registry.collect()
+            for suffix in SUFFIXES[family.type]
+        }
+    finally:
+        collector.close()
+
+
+def names_in(text: str) -> set[str]:
+    return set(re.findall(r"\bdpypeline_[a-z_]+\b", text))
+
+
+def expressions(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, item in node.items():
+            if key == "expr" and isinstance(item, str):
+                yield item
+            else:
+                yield from expressions(item)
+    elif isinstance(node, list):
+        for item in node:
+            yield from expressions(item)
+
+
+def test_the_dashboard_uses_only_metrics_the_service_exports(tmp_path: Path) -> None:
+    dashboard = json.loads((ROOT / "deploy/grafana/dpypeline.json").read_text())
+    exprs = list(expressions(dashboard))
+    assert len(exprs) >= 8
+    used = set().union(*(names_in(e) for e in exprs))
+    assert used <= exported(tmp_path), f"unknown: {sorted(used - exported(tmp_path))}"
+    assert {"dpypeline_jobs", "dpypeline_oldest_waiting_seconds", "dpypeline_healthy"} <= used
+
+
+def test_the_alert_rules_parse_and_use_only_metrics_the_service_exports(tmp_path: Path) -> None:
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    alerts = {r["alert"]: r for group in rules["groups"] for r in group["rules"]}
+    assert all({"expr", "labels", "annotations"} <= set(r) for r in alerts.values())
+    used = set().union(*(names_in(r["expr"]) for r in alerts.values()))
+    assert used <= exported(tmp_path), f"unknown: {sorted(used - exported(tmp_path))}"
+    wanted = {
+        "dpypeline_jobs_dead_total",
+        "dpypeline_oldest_waiting_seconds",
+        "dpypeline_healthy",
+        "dpypeline_objectstore_outage",
+    }
+    assert wanted <= used
+    outage = next(r for r in alerts.values() if "dpypeline_objectstore_outage" in r["expr"])
+    assert outage["for"] == "10m"
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("dpypeline")
+
+
+def _python() -> str:
+    import sys
+
+    return sys.version.split()[0]

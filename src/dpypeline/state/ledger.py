@@ -381,27 +381,18 @@ class Ledger:
 
     def jobs(self, state: JobState | None = None, limit: int = 50) -> list[JobRecord]:
         """The most recent jobs first (optionally of one state)."""
-        if state is None:
-            cur = self._db.execute(f"SELECT {COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            cur = self._db.execute(
-                f"SELECT {COLUMNS} FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?",
-                (state.value, limit),
-            )
-        return [record(row) for row in cur]
+        where = f"WHERE {is_state([state])}" if state is not None else ""
+        return self._records(f"{where} ORDER BY id DESC LIMIT ?", limit)
 
     def oldest_waiting(self) -> JobRecord | None:
-        row = self._db.execute(
-            f"SELECT {COLUMNS} FROM jobs WHERE {is_state([JobState.QUEUED, JobState.RETRYING])}"
-            " ORDER BY id LIMIT 1"
-        ).fetchone()
-        return record(row) if row else None
+        waiting = is_state([JobState.QUEUED, JobState.RETRYING])
+        return next(iter(self._records(f"WHERE {waiting} ORDER BY id LIMIT ?", 1)), None)
 
     def recent_errors(self, limit: int = 5) -> list[JobRecord]:
-        cur = self._db.execute(
-            f"SELECT {COLUMNS} FROM jobs WHERE error IS NOT NULL AND"
-            f" {is_state([JobState.DEAD, JobState.RETRYING, JobState.SKIPPED])}"
-            " ORDER BY updated DESC LIMIT ?",
-            (limit,),
-        )
-        return [record(row) for row in cur]
+        failed = is_state([JobState.DEAD, JobState.RETRYING, JobState.SKIPPED])
+        where = f"WHERE error IS NOT NULL AND {failed}"
+        return self._records(f"{where} ORDER BY updated DESC LIMIT ?", limit)
+
+    def _records(self, clauses: str, *params: object) -> list[JobRecord]:
+        rows = self._db.execute(f"SELECT {COLUMNS} FROM jobs {clauses}", params)
+        return [record(r) for r in rows]

@@ -97,7 +97,6 @@ def test_the_kernels_overflow_event_reaches_the_service_whatever_watchdog_does_w
 MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
-@pytest.mark.slow
 def inotify_watches_in_use() -> int:
     """Inotify watches held by this user's processes (the kernel's per-user count)."""
     uid, total = os.getuid(), 0
@@ -114,6 +113,7 @@ def inotify_watches_in_use() -> int:
     return total
 
 
+@pytest.mark.slow
 def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:

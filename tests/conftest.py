@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -80,16 +83,29 @@ def dpypeline(
     return proc
 
 
+def _cli_json(command: str, config: Path, **args: Any) -> Any:
+    """What ``dpypeline COMMAND -c CONFIG --json`` prints, from the CLI's own function run
+    in this process: the same config loading and ledger reads, without the interpreter
+    start-up (a third of a second) that would dominate every poll of a wait loop. Tests of
+    the command itself run the real process with ``dpypeline(...)``."""
+    from dpypeline import cli
+    from dpypeline.config import load_config
+
+    loaded = load_config(config, environ=env_for_subprocess())
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.COMMANDS[command](loaded, argparse.Namespace(json=True, **args))
+    if code != 0:
+        pytest.fail(f"dpypeline {command} -c {config} returned {code}")
+    return json.loads(out.getvalue())
+
+
 def status(config: Path) -> dict[str, Any]:
-    proc = dpypeline("status", "-c", str(config), "--json", check=True)
-    return json.loads(proc.stdout)
+    return _cli_json("status", config)
 
 
 def jobs(config: Path, state: str | None = None) -> list[dict[str, Any]]:
-    args = ["jobs", "-c", str(config), "--json", "--limit", "100000"]
-    if state:
-        args += ["--state", state]
-    return json.loads(dpypeline(*args, check=True).stdout)
+    return _cli_json("jobs", config, state=state, limit=100000)
 
 
 class ServiceProcess:
@@ -151,23 +167,49 @@ def service_processes() -> Iterator[list[ServiceProcess]]:
         p.kill()
 
 
+# Threads that live for the rest of the process by design, by name prefix, each with its
+# owner; any other thread a test starts must be gone when it ends.
+LONG_LIVED_THREADS = {
+    "fsspecIO": "fsspec's event loop for async filesystems (s3fs), one per process",
+    "asyncio_": "the default executor of that loop (aiohttp resolves host names in it)",
+    "zarr_io": "zarr's event loop for its synchronous API, one per process",
+    "moto-s3-server": "the session's S3 server (tests/s3server.py), restarted by outage tests",
+}
+
+
+def _dask_default_pool() -> set[threading.Thread]:
+    """The threads of dask's default pool: made on the first ``compute`` in the main thread
+    and kept for the life of the process (dask shuts it down at exit)."""
+    threaded = sys.modules.get("dask.threaded")
+    pool = getattr(threaded, "default_pool", None)
+    return set(getattr(pool, "_threads", ()))
+
+
+def threads_left(before: set[threading.Thread]) -> list[threading.Thread]:
+    """Threads started since ``before`` that are still alive, but for the process-long
+    ones named in LONG_LIVED_THREADS and dask's default pool."""
+    kept = _dask_default_pool()
+    return [
+        t
+        for t in threading.enumerate()
+        if t not in before
+        and t not in kept
+        and t.is_alive()
+        and not t.name.startswith(tuple(LONG_LIVED_THREADS))
+    ]
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
-    """Fail a test that leaves dpypeline threads running (a service not closed)."""
+    """Fail a test that leaves a thread running (a service, watcher, executor, client or
+    pool not closed), ours or a library's."""
     before = set(threading.enumerate())
     yield
-
-    def leaked() -> list[threading.Thread]:
-        return [
-            t
-            for t in threading.enumerate()
-            if t not in before and t.is_alive() and t.name.startswith("dpypeline")
-        ]
-
     deadline = time.monotonic() + 5
-    while leaked() and time.monotonic() < deadline:
+    while threads_left(before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not leaked(), f"threads left running: {leaked()}"
+    left = threads_left(before)
+    assert not left, f"threads left running: {left}"
 
 
 pytest_plugins = ["s3server", "sandbox", "tcpproxy"]

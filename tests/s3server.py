@@ -42,7 +42,7 @@ class S3Server:
 
     def start(self) -> None:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
+        start(self.server)
 
     def credentials_file(self, directory: Path, name: str = "s3.json") -> Path:
         """The original dpypeline's credentials format, private to its owner."""
@@ -63,11 +63,18 @@ class S3Server:
         }
 
 
+def start(server: ThreadedMotoServer) -> None:
+    """Start the server in a thread named for the thread-leak guard (tests/conftest.py),
+    which lets it outlive the test that restarted it."""
+    server.start()
+    server._thread.name = "moto-s3-server"  # type: ignore[union-attr]
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     port = free_port()
     srv = S3Server(port, ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
-    srv.server.start()
+    start(srv.server)
     yield srv
     srv.stop()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import socket
 import socketserver
 import threading
 import time
@@ -263,6 +265,10 @@ class _Faulty(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # answers botocore's "Expect: 100-continue"
 
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections.add(self.connection)  # type: ignore[attr-defined]
+
     def do_any(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
@@ -285,10 +291,16 @@ class _Faulty(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def faulty() -> Iterator[socketserver.TCPServer]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Faulty)
+    server.connections = set()  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, name="faulty-s3", daemon=True)
     thread.start()
     yield server
     server.shutdown()
+    for connection in server.connections:  # type: ignore[attr-defined]
+        # the client keeps its connection for the next request: hang up, so that the
+        # thread serving it ends with the test
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
     server.server_close()
     thread.join(5)
 

@@ -84,7 +84,8 @@ def test_stop_start_reruns_nothing_and_takes_files_made_while_stopped_in_path_or
     service_processes.append(second)
     second.wait_ready()
     wait_for(lambda: len(runs(log)) == 7, message="files made while stopped")
-    time.sleep(0.5)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0  # stopped: whatever it would have run more, it ran by now
     assert [r[0] for r in runs(log)] == [
         "before1.nc",
         "before2.nc",
@@ -94,8 +95,6 @@ def test_stop_start_reruns_nothing_and_takes_files_made_while_stopped_in_path_or
         "y2/m10.nc",
         "y10/m1.nc",
     ]
-    second.signal(signal.SIGTERM)
-    assert second.wait(30) == 0
 
 
 def test_sigkill_at_random_moments_loses_no_file_and_runs_each_done_once(
@@ -253,7 +252,10 @@ def test_second_sigterm_puts_the_running_job_back_without_counting_the_attempt(
     svc.wait_ready()
     wait_for(lambda: status(cfg)["running"] == 1, message="the long job to start")
     svc.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_for(
+        lambda: any(e.get("event") == "service_stopping" for e in svc.events()),
+        message="the first signal taken",
+    )
     svc.signal(signal.SIGTERM)
     assert svc.wait(15) == 0
     [job] = jobs(cfg)

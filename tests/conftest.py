@@ -212,4 +212,21 @@ def no_leaked_threads() -> Iterator[None]:
     assert not left, f"threads left running: {left}"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def uncached_loggers() -> Iterator[None]:
+    """In-process tests read log events with ``structlog.testing.capture_logs``, which
+    cannot reach a logger cached under an earlier test's ``logs.configure``: within the
+    tests, loggers are never cached (the service and CLI processes cache them as ever)."""
+    import structlog
+
+    real = structlog.configure
+
+    def configure(*args: Any, **kwargs: Any) -> None:
+        real(*args, **{**kwargs, "cache_logger_on_first_use": False})
+
+    structlog.configure = configure  # type: ignore[assignment]
+    yield
+    structlog.configure = real
+
+
 pytest_plugins = ["s3server", "sandbox", "tcpproxy"]

@@ -118,6 +118,7 @@ def run_side(
     argv += [json.dumps(compressor), *map(str, files)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
+    os.sync()  # the last side's store is on disk: neither side pays for the other's writeback
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env)
     out = proc.stdout.read() if proc.stdout else b""
     _, status, usage = os.wait4(proc.pid, 0)

@@ -154,10 +154,9 @@ def clean_dataset(
         cleaned = da.copy(deep=False)
         if missing_value is not None:
             target = np.asarray(missing_value, dtype=da.dtype)
-            missing = da == target
-            if threshold is not None:
-                missing = missing | (abs(da - target) < threshold)
-            cleaned = cleaned.where(~missing)
+            # one comparison per value (NaN compares False where it matters: it stays NaN)
+            keep = da != target if threshold is None else abs(da - target) >= threshold
+            cleaned = cleaned.where(keep)
         cleaned.attrs = {k: v for k, v in da.attrs.items() if k != "missing_value"}
         cleaned.encoding = {k: v for k, v in da.encoding.items() if k != "missing_value"}
         if fill_value is not None:

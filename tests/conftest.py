@@ -174,6 +174,8 @@ LONG_LIVED_THREADS = {
     "asyncio_": "the default executor of that loop (aiohttp resolves host names in it)",
     "zarr_io": "zarr's event loop for its synchronous API, one per process",
     "moto-s3-server": "the session's S3 server (tests/s3server.py), restarted by outage tests",
+    "Dask-Offload": "distributed's offload executor, one per process, made on first use",
+    "Dask-Callback-Thread": "distributed's callback thread of that executor, also per process",
 }
 
 

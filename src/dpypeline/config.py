@@ -32,7 +32,7 @@ from pydantic import (
     field_validator,
 )
 
-from dpypeline.configfile import Expansion, LineLoader, Loc, expand
+from dpypeline.configfile import Expansion, LineLoader, Loc, expand, yaml_errors
 from dpypeline.durations import Duration
 from dpypeline.errors import ConfigError
 
@@ -258,19 +258,13 @@ def load_config(
     """Read, expand and validate the pipeline file; ConfigError lists every problem found."""
     source = Path(os.path.abspath(path))
     try:
-        with open(source, "rb") as stream:
+        with open(source, "rb") as stream, yaml_errors(source.name):
             data = yaml.load(stream, Loader=LineLoader)  # a SafeLoader subclass
     except FileNotFoundError:
         hint = "pass -c FILE or set DPYPELINE_CONFIG"
         raise ConfigError(f"config file not found: {path} ({hint})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source.name}{line}: invalid YAML: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source.name}: invalid YAML: {exc}") from None
     if data is None:
         raise ConfigError(f"{source.name}: the file is empty (it needs at least watch and jobs)")
     config = _build(data, base_dir=source.parent, name=source.stem, environ=environ, source=source)

@@ -9,10 +9,13 @@ recorded here are what lets :mod:`dpypeline.config` report a problem as ``file:l
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
+
+from dpypeline.errors import ConfigError
 
 Loc = tuple[str | int, ...]
 _VARIABLE = re.compile(r"\$\$|\$\{([^}]*)(\}?)")
@@ -48,6 +51,19 @@ class LineLoader(yaml.SafeLoader):
                     )
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
+
+
+@contextmanager
+def yaml_errors(name: str) -> Iterator[None]:
+    """PyYAML's errors while reading the file ``name`` as a ConfigError naming its line."""
+    try:
+        yield
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{name}{line}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
 
 
 def _construct_map(loader: LineLoader, node: yaml.MappingNode) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from dpypeline.configfile import yaml_errors
 from dpypeline.errors import ConfigError
 
 TAGS = (
@@ -136,20 +137,15 @@ def parse(path: str | os.PathLike[str]) -> tuple[Any, list[tuple[str, int, int]]
     """The file's document, its tags as :class:`Tagged`, and the keys it gives twice
     (key, first line, last line). ConfigError names the file and line of a problem."""
     source = Path(path)
-    try:
-        with open(source, "rb") as stream:
-            loader = _TagLoader(stream)
-            try:
-                return loader.get_single_data(), loader.duplicates
-            finally:
-                loader.dispose()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"{source.name}:{exc}") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source.name}{line}: invalid YAML: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source.name}: invalid YAML: {exc}") from None
+    with yaml_errors(source.name):  # outside: its errors name the file already
+        try:
+            with open(source, "rb") as stream:
+                loader = _TagLoader(stream)
+                try:
+                    return loader.get_single_data(), loader.duplicates
+                finally:
+                    loader.dispose()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except ConfigError as exc:  # a refused tag: its line, in this file
+            raise ConfigError(f"{source.name}:{exc}") from None

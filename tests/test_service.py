@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
+from watchdog.events import FileCreatedEvent
 
 from conftest import wait_for
 from dpypeline.config import config_from_dict
@@ -25,6 +26,7 @@ from dpypeline.pipeline import Job, Task
 from dpypeline.service import HEALTH_EVERY, Service, Status
 from dpypeline.state.ledger import JobState, Ledger
 from dpypeline.timers import Timer, Timers
+from dpypeline.watching.watch import _Handler
 
 SETTLE = 0.5
 GRACE = 2.0  # how long the fake executor's jobs get to honour an interruption
@@ -355,6 +357,33 @@ def test_once_waits_for_a_file_that_arrived_meanwhile_and_still_settles(
     h.executor.finish(late)
     assert not h.step()
     assert h.jobs() == {"a.nc": (JobState.DONE, 1), "late.nc": (JobState.DONE, 1)}
+
+
+def test_a_late_report_of_an_empty_file_as_created_neither_holds_it_nor_the_run_back(
+    make: Callable[..., Harness],
+) -> None:
+    """watchdog reports each file of a new directory as created when it adds that
+    directory's watch, which can be after the file's close or a scan has shown it
+    complete. An empty file so reported must still settle, and once taken it must not
+    linger as being written: a ``--once`` run would never end."""
+    h = make("a.nc", once=True)
+    h.settle()
+    [first] = h.running()
+    empty = h.inbox / "new" / "empty.nc"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    settler = h.service._arrivals.settler
+    h.steps_until(lambda: settler.next_deadline() is not None, "the empty file's close or scan")
+    report = _Handler(h.service._arrivals.specs[0], h.service._inbox)
+    report.dispatch(FileCreatedEvent(str(empty)))
+    assert h.step()
+    h.clock.advance(SETTLE)
+    h.executor.finish(first)
+    [job] = h.running()
+    report.dispatch(FileCreatedEvent(str(empty)))  # later still: the ledger has it
+    h.executor.finish(job)
+    assert not h.step(), "the --once run waits for a file it has already taken"
+    assert h.jobs() == {"a.nc": (JobState.DONE, 1), "empty.nc": (JobState.DONE, 1)}
 
 
 def test_a_failed_job_runs_again_when_its_backoff_has_passed(

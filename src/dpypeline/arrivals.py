@@ -9,6 +9,7 @@ that falls back to polling is switched by ``check``).
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from itertools import groupby
@@ -19,6 +20,7 @@ from dpypeline.metrics import Metrics
 from dpypeline.state.ledger import Ledger
 from dpypeline.timers import Timer, Timers
 from dpypeline.watching import intake
+from dpypeline.watching.scan import FileVersion
 from dpypeline.watching.scanner import Scanner
 from dpypeline.watching.settle import Settler, StableFile
 from dpypeline.watching.watch import Inbox, Observation, Watcher, WatchSpec, build_specs
@@ -138,9 +140,12 @@ class Arrivals:
             return
         spec = self.specs[obs.watch]
         settle = spec.config.settle
-        if obs.kind in ("writing", "complete") and self.settler.quiet_for(obs.path, now) is None:
+        if obs.kind == "created" and self._known(obs.path):
+            return  # a late report: a close or a scan has shown this version complete
+        noticed = obs.kind in ("created", "writing", "complete")
+        if noticed and self.settler.quiet_for(obs.path, now) is None:
             self.metrics.files_seen.labels("watch").inc()  # once per file version noticed
-        if obs.kind == "writing":
+        if obs.kind in ("created", "writing"):
             self.settler.note(obs.path, spec.root, settle, now, eligible=spec.mode == "poll")
         elif obs.kind == "complete":
             self.settler.note(obs.path, spec.root, settle, now, eligible=True)
@@ -154,6 +159,19 @@ class Arrivals:
                 spec.directories = obs.directories  # for the watcher's coverage check
             if not obs.failed:
                 self._reconcile(spec, obs, now)
+
+    def _known(self, path: str) -> bool:
+        """Whether the version of ``path`` on disk now is settling as complete already, or
+        in the ledger."""
+        assert self._ledger is not None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False  # gone: its deletion is reported too
+        version = FileVersion(path, st.st_size, st.st_mtime_ns)
+        if self.settler.settling(path, (version.size, version.mtime_ns)):
+            return True
+        return not intake.unknown(self._ledger, [version], self.job_names)
 
     def _reconcile(self, spec: WatchSpec, obs: Observation, now: float) -> None:
         """Hand the files a scan found, and the ledger does not know, to the settler.

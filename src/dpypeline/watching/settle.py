@@ -86,6 +86,11 @@ class Settler:
         if c.eligible:
             heapq.heappush(self._due, (now + settle, next(self._order), path))
 
+    def settling(self, path: str, sig: tuple[int, int]) -> bool:
+        """Whether ``path`` is settling as the version ``sig``, shown complete already."""
+        c = self._candidates.get(path)
+        return c is not None and c.eligible and c.sig == sig
+
     def quiet_for(self, path: str, now: float) -> float | None:
         """Seconds since ``path`` was last seen changing, or None if it is not tracked."""
         c = self._candidates.get(path)

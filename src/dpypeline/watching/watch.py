@@ -51,7 +51,7 @@ from dpypeline.watching.scan import FileVersion
 
 log = get_logger("dpypeline.watch")
 
-Kind = Literal["writing", "complete", "deleted", "directory", "overflow", "scanned"]
+Kind = Literal["created", "writing", "complete", "deleted", "directory", "overflow", "scanned"]
 
 EVENT_TYPES: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
@@ -157,10 +157,14 @@ class _Handler(FileSystemEventHandler):
             # watch existed (synthetic in watchdog 6, a simulated IN_CREATE in 7), is no sign
             # of a writer: no close will follow it; nor is a hard link made to a file already
             # there (ln, rsync --link-dest). A writer still at work sends IN_MODIFY next.
-            whole = event.is_synthetic or (
-                isinstance(event, FileCreatedEvent) and _already_written(event.src_path)
-            )
-            self._file("complete" if whole else "writing", src)
+            # An empty file reported created may be one of those too ("created": the loop
+            # looks whether this version is known already).
+            if isinstance(event, FileModifiedEvent):
+                self._file("writing", src)
+            elif event.is_synthetic or _already_written(event.src_path):
+                self._file("complete", src)
+            else:
+                self._file("created", src)
         elif isinstance(event, FileDeletedEvent):
             self.inbox.put(Observation("deleted", self.spec.index, src))
 

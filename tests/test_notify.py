@@ -10,13 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from conftest import env_for_subprocess, wait_for, write_config
+from dpypeline import systemd
 from dpypeline.systemd import Notifier
 
 pytestmark = pytest.mark.slow
@@ -163,3 +166,30 @@ def test_notifier_is_silent_without_systemd_and_computes_half_the_watchdog() -> 
         }
     )
     assert other.watchdog_interval is None  # the watchdog is meant for another process
+
+
+def test_a_notify_socket_nobody_reads_never_holds_the_loop_up(
+    notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd drains its notify socket; when it does not (PID 1 busy: the queue is full),
+    a send must not wait for it: the first costs ``SEND_TIMEOUT``, the next are dropped at
+    once, with one warning, until systemd reads again."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    monkeypatch.setattr(systemd, "SEND_TIMEOUT", 0.2)
+    notifier = Notifier()
+    sender = threading.Thread(
+        target=lambda: [notifier.status(f"step {i}") for i in range(100)], daemon=True
+    )
+    with capture_logs() as logs:
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "a send to a full notify socket blocked the loop"
+    assert [e["event"] for e in logs] == ["systemd_notify_failed"]
+    assert "dropped" in logs[0]["action"]
+    kept = [m for _, m in notify_socket.poll()]
+    assert 0 < len(kept) < 100
+    assert kept == [f"STATUS=step {i}" for i in range(len(kept))]  # the first ones, in order
+    with capture_logs() as logs:
+        notifier.status("read again")
+    assert [m for _, m in notify_socket.poll()][-1] == "STATUS=read again"
+    assert [e["event"] for e in logs] == ["systemd_notify_resumed"]

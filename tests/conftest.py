@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -201,6 +203,26 @@ def threads_left(before: set[threading.Thread]) -> list[threading.Thread]:
     ]
 
 
+# The tests run in parallel (pytest-xdist). One marked ``machine_wide`` (it lowers a kernel
+# inotify limit) runs alone: from when it asks, no test starts, and it begins when the
+# running ones have ended. The lock files are the machine's, as the settings are.
+_ALONE = Path(tempfile.gettempdir()) / f"dpypeline-tests-{os.getuid()}.alone"
+_RUNNING = Path(tempfile.gettempdir()) / f"dpypeline-tests-{os.getuid()}.running"
+
+
+@pytest.fixture(autouse=True)
+def machine_to_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    with _ALONE.open("a") as alone, _RUNNING.open("a") as running:
+        if request.node.get_closest_marker("machine_wide") is not None:
+            fcntl.flock(alone, fcntl.LOCK_EX)
+            fcntl.flock(running, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(alone, fcntl.LOCK_SH)  # waits while a machine-wide test waits or runs
+            fcntl.flock(running, fcntl.LOCK_SH)
+            fcntl.flock(alone, fcntl.LOCK_UN)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """Fail a test that leaves a thread running (a service, watcher, executor, client or
@@ -229,6 +251,14 @@ def uncached_loggers() -> Iterator[None]:
     structlog.configure = configure  # type: ignore[assignment]
     yield
     structlog.configure = real
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first: run side by side, they then end together rather than one
+    of them holding the whole run up at its end."""
+    items.sort(
+        key=lambda item: not any(item.iter_markers("slow")) and "systemd" not in item.keywords
+    )
 
 
 pytest_plugins = ["s3server", "sandbox", "tcpproxy"]

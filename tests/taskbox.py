@@ -32,6 +32,15 @@ def record(path: str, log: str, delay: float = 0.0, context: JobContext | None =
     return path
 
 
+def record_held(path: str, log: str, context: JobContext | None = None) -> str:
+    """As ``record``; but the first attempt on a file named ``*held*`` holds on for a
+    minute first: a job surely running when the test strikes."""
+    assert context is not None
+    if "held" in os.path.basename(path) and context.attempt == 1:
+        time.sleep(60)
+    return record(path, log, context=context)
+
+
 def behave(path: str, log: str, context: JobContext | None = None) -> str:
     """By file name: ``crash`` kills the process, ``hang`` blocks forever where no
     exception can reach it, ``spin`` loops in Python, ``flaky`` fails its first two

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import ROOT, ServiceProcess, jobs, runs, status, wait_for, write_config
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# one SLURM for the machine: its tests on one worker
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 SANDBOX = Path(ROOT).parent / "shared/tools/slurm-sandbox"
 

@@ -129,6 +129,52 @@ def test_clean_dataset_threshold_is_a_tolerance_around_missing_value(dirty: xr.D
         clean_dataset(dirty, threshold=1.0)
 
 
+def test_clean_dataset_leaves_data_as_read_where_reading_masked_the_value_already(
+    series: list[Path],
+) -> None:
+    """A value equal to the file's ``_FillValue`` was made NaN when the file was read: data
+    still as read need no second comparison (a pass over every value of the file)."""
+    ds = open_dataset(str(series[0]), chunks={"time_counter": 1})
+    assert ds.toce.encoding["_FillValue"] == np.float32(1e20)
+    out = clean_dataset(ds, missing_value=1.0e20)
+    assert out.toce.data.name == ds.toce.data.name  # the same dask graph: no pass added
+    assert "missing_value" not in out.toce.encoding
+    raw = xr.open_dataset(series[0], mask_and_scale=False).toce.values
+    np.testing.assert_array_equal(out.toce.isnull().values, raw == np.float32(1e20))
+    # any other value, or a tolerance, is compared
+    assert clean_dataset(ds, missing_value=-999.0).toce.data.name != ds.toce.data.name
+    masked = clean_dataset(ds, missing_value=1.0e20, threshold=1.0e17)
+    assert masked.toce.data.name != ds.toce.data.name
+
+
+def test_clean_dataset_masks_a_value_put_back_after_reading(series: list[Path]) -> None:
+    ds = open_dataset(str(series[0]), chunks={"time_counter": 1})
+    west = ds.toce.x < 3
+    back = ds.assign(toce=ds.toce.where(~west, np.float32(1e20)))  # a task wrote sentinels
+    out = clean_dataset(back, missing_value=1.0e20)
+    expected = (ds.toce.isnull() | west).transpose(*ds.toce.dims)
+    np.testing.assert_array_equal(out.toce.isnull().values, expected.values)
+    assert int(out.toce.isnull().sum()) >= 3 * 22 * 4
+
+
+def test_clean_dataset_compares_where_the_files_missing_value_has_another_dtype(
+    tmp_path: Path,
+) -> None:
+    """A float ``missing_value`` of a float32 variable is not float32(1e20): what reading
+    masked is not what ``clean_dataset(missing_value=1e20)`` means, so it compares."""
+    import netCDF4
+
+    path = tmp_path / "double-missing.nc"
+    with netCDF4.Dataset(path, "w") as nc:
+        nc.createDimension("x", 3)
+        var = nc.createVariable("v", "f4", ("x",))
+        var.missing_value = np.float64(1e20)
+        var[:] = np.array([1.0, 1e20, 2.0], dtype=np.float32)
+    ds = open_dataset(str(path), chunks={})
+    out = clean_dataset(ds, missing_value=1.0e20)
+    assert out.v.isnull().values.tolist() == [False, True, False]
+
+
 def test_clean_dataset_sets_fill_value_and_drops_missing_value(dirty: xr.Dataset) -> None:
     assert dirty.toce.encoding["missing_value"] == np.float32(1e20)
     out = clean_dataset(dirty, missing_value=1.0e20, fill_value=-1.0)

@@ -118,6 +118,23 @@ def test_appends_from_dask_chunked_files(files: list[Path], tmp_path: Path) -> N
     assert zarr.open_array(store, path="toce", mode="r").chunks == (1, 4, 11, 32)
 
 
+def test_a_chunk_holding_only_the_fill_value_is_written_all_the_same(
+    files: list[Path], tmp_path: Path
+) -> None:
+    """zarr leaves such a chunk out only after comparing it with the fill value, value by
+    value: the store's chunks span the grid and always hold ocean, so the test is not
+    made (it cost a quarter of an ORCA025 append)."""
+    store = tmp_path / "n.zarr"
+    for i, p in enumerate(files[:2]):
+        ds = open_dataset(str(p), chunks={T: 1})
+        if i == 1:  # a step of land only: every value the fill value
+            ds["toce"] = ds.toce.where(False)
+        to_zarr(ds, str(store), append_dim=T)
+    array = zarr.open_array(str(store), path="toce", mode="r")
+    assert array.nchunks_initialized == array.nchunks == 2
+    assert bool(xr.open_zarr(store).toce[1].isnull().all())
+
+
 @pytest.fixture
 def bucket(s3: S3Server) -> str:
     fs = s3fs.S3FileSystem(**s3.storage_options())  # type: ignore[arg-type]

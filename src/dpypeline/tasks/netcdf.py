@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,6 +51,43 @@ class _LibraryLock:
 
 _LIBRARY_LOCK = _LibraryLock()
 
+# The values reading already made NaN, by the name of the dask array read: a dask array's
+# name is a hash of how it was made, so a task that changes the data (a sentinel written
+# back) makes a new name. ``clean_dataset`` skips its pass over data still as read when
+# they are masked for its ``missing_value`` already. Bounded: a service reads for months.
+_MASKED_ON_READ: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+_MASKED_ON_READ_MAX = 4096
+
+
+def _note_masked_on_read(ds: xr.Dataset) -> None:
+    """Record, for each float data variable read into dask, the values that decoding
+    turned into NaN: its ``_FillValue`` and ``missing_value`` where they have the data's
+    own dtype (not when the variable is packed: the comparison was on packed values)."""
+    for da in ds.data_vars.values():
+        enc = da.encoding
+        name = getattr(da.data, "name", None)
+        if name is None or da.chunks is None or da.dtype.kind != "f":
+            continue
+        if "scale_factor" in enc or "add_offset" in enc or enc.get("dtype", da.dtype) != da.dtype:
+            continue
+        values = tuple(  # of another dtype, the value may not be the one compared
+            v
+            for key in ("_FillValue", "missing_value")
+            for v in np.ravel(enc.get(key, np.array([], dtype=da.dtype)))
+            if v.dtype == da.dtype
+        )
+        if values:
+            _MASKED_ON_READ[name] = values
+            _MASKED_ON_READ.move_to_end(name)
+    while len(_MASKED_ON_READ) > _MASKED_ON_READ_MAX:
+        _MASKED_ON_READ.popitem(last=False)
+
+
+def _masked_on_read(da: xr.DataArray, target: np.ndarray) -> bool:
+    """Whether ``da`` holds data as read, where values equal to ``target`` are NaN already."""
+    values = _MASKED_ON_READ.get(getattr(da.data, "name", None) or "", ())
+    return any(np.asarray(v, dtype=da.dtype) == target for v in values)
+
 
 def open_dataset(
     path: str,
@@ -83,7 +121,7 @@ def open_dataset(
     kwargs.setdefault("lock", _LIBRARY_LOCK)
     try:
         with _LIBRARY_LOCK:
-            return xr.open_dataset(path, engine=engine, chunks=chunks, **kwargs)
+            ds = xr.open_dataset(path, engine=engine, chunks=chunks, **kwargs)
     except (FileNotFoundError, IsADirectoryError):
         raise
     except PermissionError as exc:
@@ -101,6 +139,8 @@ def open_dataset(
             f"{path} is not readable NetCDF ({type(exc).__name__}: {detail}); it may be"
             " truncated or not NetCDF at all: re-send the file"
         ) from exc
+    _note_masked_on_read(ds)
+    return ds
 
 
 def _check_open_options(engine: str | None = None, **_: Any) -> dict[str, str]:
@@ -154,9 +194,10 @@ def clean_dataset(
         cleaned = da.copy(deep=False)
         if missing_value is not None:
             target = np.asarray(missing_value, dtype=da.dtype)
-            # one comparison per value (NaN compares False where it matters: it stays NaN)
-            keep = da != target if threshold is None else abs(da - target) >= threshold
-            cleaned = cleaned.where(keep)
+            if threshold is not None:
+                cleaned = cleaned.where(abs(da - target) >= threshold)
+            elif not _masked_on_read(da, target):
+                cleaned = cleaned.where(da != target)  # NaN compares unequal: it stays NaN
         cleaned.attrs = {k: v for k, v in da.attrs.items() if k != "missing_value"}
         cleaned.encoding = {k: v for k, v in da.encoding.items() if k != "missing_value"}
         if fill_value is not None:

@@ -16,7 +16,7 @@ import numpy as np
 from dpypeline.errors import PermanentError
 from dpypeline.tasks.zarr import layout as zarrlayout
 from dpypeline.tasks.zarr.layout import Compressor, source_chunks, store_chunks
-from dpypeline.tasks.zarr.store import MARKERS, StoreState
+from dpypeline.tasks.zarr.store import MARKERS, WRITE_EMPTY_CHUNKS, StoreState
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -55,7 +55,13 @@ def write_new(
         out[name] = var
     out.attrs = {k: v for k, v in ds.attrs.items() if k not in MARKERS} | dict(attrs)
     try:
-        out.to_zarr(zstore, mode="w", consolidated=False, zarr_format=zarr_format)
+        out.to_zarr(
+            zstore,
+            mode="w",
+            consolidated=False,
+            zarr_format=zarr_format,
+            write_empty_chunks=WRITE_EMPTY_CHUNKS,
+        )
     except (ValueError, TypeError):
         _name_the_culprit(out, zarr_format)
         with _about(None, None):

@@ -205,22 +205,39 @@ def threads_left(before: set[threading.Thread]) -> list[threading.Thread]:
 
 # The tests run in parallel (pytest-xdist). One marked ``machine_wide`` (it lowers a kernel
 # inotify limit) runs alone: from when it asks, no test starts, and it begins when the
-# running ones have ended. The lock files are the machine's, as the settings are.
+# running ones have ended. The lock files are the machine's, as the settings are. Those
+# tests come last and on one worker, which keeps the machine from one to the next.
 _ALONE = Path(tempfile.gettempdir()) / f"dpypeline-tests-{os.getuid()}.alone"
 _RUNNING = Path(tempfile.gettempdir()) / f"dpypeline-tests-{os.getuid()}.running"
+_held: list[Any] = []  # this process's exclusive hold: the two open lock files
+
+
+def _machine_wide(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker("machine_wide") is not None
 
 
 @pytest.fixture(autouse=True)
 def machine_to_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    if _machine_wide(request.node):
+        if not _held:
+            _held[:] = [_ALONE.open("a"), _RUNNING.open("a")]
+            for lock in _held:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # released after the teardown of the last one in a row
+        return
     with _ALONE.open("a") as alone, _RUNNING.open("a") as running:
-        if request.node.get_closest_marker("machine_wide") is not None:
-            fcntl.flock(alone, fcntl.LOCK_EX)
-            fcntl.flock(running, fcntl.LOCK_EX)
-        else:
-            fcntl.flock(alone, fcntl.LOCK_SH)  # waits while a machine-wide test waits or runs
-            fcntl.flock(running, fcntl.LOCK_SH)
-            fcntl.flock(alone, fcntl.LOCK_UN)
+        fcntl.flock(alone, fcntl.LOCK_SH)  # waits while a machine-wide test waits or runs
+        fcntl.flock(running, fcntl.LOCK_SH)
+        fcntl.flock(alone, fcntl.LOCK_UN)
         yield
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own teardown has put the settings back
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _held and not _machine_wide(nextitem):
+        for lock in _held:
+            lock.close()
+        _held.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -255,10 +272,13 @@ def uncached_loggers() -> Iterator[None]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long tests first: run side by side, they then end together rather than one
-    of them holding the whole run up at its end."""
-    items.sort(
-        key=lambda item: not any(item.iter_markers("slow")) and "systemd" not in item.keywords
-    )
+    of them holding the whole run up at its end. The machine-wide ones last."""
+
+    def order(item: pytest.Item) -> int:
+        marks = {m.name for m in item.iter_markers()}
+        return 2 if "machine_wide" in marks else 0 if marks & {"slow", "systemd"} else 1
+
+    items.sort(key=order)
 
 
 pytest_plugins = ["s3server", "sandbox", "tcpproxy"]

@@ -36,6 +36,7 @@ def tiny_inotify_queue() -> Iterator[None]:
 
 @pytest.mark.slow
 @pytest.mark.machine_wide
+@pytest.mark.xdist_group("machine_wide")
 @pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
 def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost_at_every_log_level(
     tmp_path: Path, tiny_inotify_queue: None, service_processes: list[ServiceProcess], level: str
@@ -155,6 +156,7 @@ def inotify_watches_in_use() -> int:
 
 @pytest.mark.slow
 @pytest.mark.machine_wide
+@pytest.mark.xdist_group("machine_wide")
 def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:

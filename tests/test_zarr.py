@@ -123,7 +123,7 @@ def test_a_chunk_holding_only_the_fill_value_is_written_all_the_same(
 ) -> None:
     """zarr leaves such a chunk out only after comparing it with the fill value, value by
     value: the store's chunks span the grid and always hold ocean, so the test is not
-    made (it cost a quarter of an ORCA025 append)."""
+    made (it cost a fifth of an ORCA025 append)."""
     store = tmp_path / "n.zarr"
     for i, p in enumerate(files[:2]):
         ds = open_dataset(str(p), chunks={T: 1})

@@ -51,7 +51,7 @@ WRITTEN = "dpypeline_written"
 MARKERS = (COMMITTED, APPEND_DIM, WRITTEN)
 # Every chunk is written, even one holding nothing but the fill value: zarr's test for
 # such a chunk compares it with the fill value value by value, NaN equal to NaN, through
-# masked copies of the chunk. With NEMO's 1e20 fill value that test took a quarter of an
+# masked copies of the chunk. With NEMO's 1e20 fill value that test took a fifth of an
 # ORCA025 append (scripts/bench_orca.py), and a chunk that spans the horizontal grid, as
 # the store's chunks do, always holds ocean.
 WRITE_EMPTY_CHUNKS = True

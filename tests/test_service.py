@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
-from watchdog.events import FileCreatedEvent
+from watchdog.events import DirCreatedEvent, FileCreatedEvent
 
 from conftest import wait_for
 from dpypeline.config import config_from_dict
@@ -384,6 +384,27 @@ def test_a_late_report_of_an_empty_file_as_created_neither_holds_it_nor_the_run_
     h.executor.finish(job)
     assert not h.step(), "the --once run waits for a file it has already taken"
     assert h.jobs() == {"a.nc": (JobState.DONE, 1), "empty.nc": (JobState.DONE, 1)}
+
+
+def test_a_link_to_a_directory_reported_as_a_new_directory_is_not_scanned(
+    make: Callable[..., Harness],
+) -> None:
+    """watchdog reports a link to a directory, found in a new directory, as a directory
+    created; scans never go through such a link (a link to the tree's own top would show
+    every file again under a second name)."""
+    h = make("a.nc")
+    h.settle()
+    [job] = h.running()
+    loop = h.inbox / "loop"
+    loop.symlink_to(h.inbox)
+    report = _Handler(h.service._arrivals.specs[0], h.service._inbox)
+    with capture_logs() as captured:
+        report.dispatch(DirCreatedEvent(str(loop)))
+        assert h.step()
+        h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "no scan pending")
+    assert [e for e in events(captured, "scan_done") if e.get("reason") == "new directory"] == []
+    assert not any("/loop/" in path for path in h.service._arrivals.settler._candidates)
+    h.executor.finish(job)
 
 
 def test_a_failed_job_runs_again_when_its_backoff_has_passed(

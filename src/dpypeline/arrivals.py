@@ -151,7 +151,9 @@ class Arrivals:
             self.settler.note(obs.path, spec.root, settle, now, eligible=True)
         elif obs.kind == "deleted":
             self.settler.forget(obs.path)
-        elif obs.kind == "directory":
+        elif obs.kind == "directory" and not os.path.islink(obs.path):
+            # watchdog reports a link to a directory inside a new one as a directory; scans
+            # never go through links to directories
             self.request_scan(spec.index, "new directory", obs.path)
         elif obs.kind == "scanned":
             self.pending_scans -= 1  # a failed scan too: it was logged, the next one retries

@@ -170,9 +170,9 @@ class Arrivals:
             st = os.stat(path)
         except OSError:
             return False  # gone: its deletion is reported too
-        version = FileVersion(path, st.st_size, st.st_mtime_ns)
-        if self.settler.settling(path, (version.size, version.mtime_ns)):
+        if self.settler.settling(path, (st.st_size, st.st_mtime_ns)):
             return True
+        version = FileVersion(path, st.st_size, st.st_mtime_ns)
         return not intake.unknown(self._ledger, [version], self.job_names)
 
     def _reconcile(self, spec: WatchSpec, obs: Observation, now: float) -> None:

@@ -86,7 +86,7 @@ def _note_masked_on_read(ds: xr.Dataset) -> None:
 def _masked_on_read(da: xr.DataArray, target: np.ndarray) -> bool:
     """Whether ``da`` holds data as read, where values equal to ``target`` are NaN already."""
     values = _MASKED_ON_READ.get(getattr(da.data, "name", None) or "", ())
-    return any(np.asarray(v, dtype=da.dtype) == target for v in values)
+    return any(v == target for v in values)  # values of the data's dtype, as recorded
 
 
 def open_dataset(

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 
 from conftest import dpypeline, env_for_subprocess, runs, status, wait_for, write_config
-from dpypeline.progress import Meter, Observers, View, progress_line
+from dpypeline.progress import Meter, Observers, View, progress_line, watch
 from dpypeline.state.transitions import JobState
 from test_notify import NotifySocket, notify_socket, start  # noqa: F401 - the fixture
 
@@ -151,10 +151,33 @@ def test_status_watch_redraws_the_counts_every_second(tmp_path: Path) -> None:
         stamps = re.findall(r"every 1s, (\d\d:\d\d:\d\d)", term.text)
         assert len(set(stamps)) >= 2, term.text  # two frames, a second apart
         os.killpg(term.proc.pid, signal.SIGINT)  # Ctrl-C
-        assert term.finish() == 0
+        assert term.finish() == 0, term.text
     finally:
         if term.proc.poll() is None:
             term.proc.kill()
+
+
+def test_status_watch_ends_on_a_ctrl_c_that_lands_in_a_finalizer() -> None:
+    """Raised as KeyboardInterrupt inside a finalizer, a Ctrl-C is only printed as
+    "Exception ignored", and the redrawing goes on: the signal must end it all the same."""
+    frames: list[int] = []
+
+    class Collected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # the handler runs here, inside the finalizer
+                pass
+
+    def show() -> None:
+        frames.append(len(frames))
+        assert len(frames) < 5, "the Ctrl-C was lost: still redrawing"
+        Collected()  # made and collected at once
+        print("queued 0")
+
+    before = signal.getsignal(signal.SIGINT)
+    assert watch(show, every=0.01) == 0
+    assert frames == [0]  # it ended after the frame in which Ctrl-C came
+    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
 
 
 def test_status_and_status_json_show_a_jobs_end_within_a_second(

@@ -34,8 +34,10 @@ from rich.table import Table
 from rich.text import Text
 
 from dpypeline.paths import shown
+from dpypeline.signals import StopSignals
 from dpypeline.state.cachedir import write_executor_status
 from dpypeline.state.transitions import TERMINAL, WAITING, JobState
+from dpypeline.wakeup import Wakeup
 
 if TYPE_CHECKING:
     from dpypeline.state.ledger import Claim, Ledger
@@ -276,9 +278,18 @@ def wanted(no_progress: bool, stream: TextIO | None = None) -> bool:
 
 def watch(show: Callable[[], object], every: float = WATCH_EVERY, json: bool = False) -> int:
     """Run ``show`` (a command that prints) every ``every`` seconds and redraw what it
-    printed, like watch(1), until Ctrl-C. Not on a terminal, each frame is printed after
-    the last; ``json``: each document after the last, as printed (a stream for ``jq``)."""
+    printed, like watch(1), until Ctrl-C or SIGTERM. Not on a terminal, each frame is
+    printed after the last; ``json``: each document after the last, as printed (a stream
+    for ``jq``).
+
+    The signal only sets a flag (``signals.StopSignals``), read between frames. Left to
+    raise KeyboardInterrupt, a Ctrl-C that lands while a finalizer runs (a connection or a
+    console being collected) is printed as "Exception ignored" and lost, and the redrawing
+    would go on for ever."""
     console = Console(file=sys.stdout)
+    wake = Wakeup()
+    stop = StopSignals(wake)
+    previous = stop.install()
 
     def frame() -> str:
         out = io.StringIO()
@@ -289,17 +300,24 @@ def watch(show: Callable[[], object], every: float = WATCH_EVERY, json: bool = F
         stamp = datetime.now().astimezone().strftime("%H:%M:%S %Z")
         return f"every {every:g}s, {stamp} (Ctrl-C ends)\n{out.getvalue().rstrip()}"
 
+    def pause() -> bool:
+        """Wait ``every`` seconds; False once a stop was asked for."""
+        if not stop.requested:
+            wake.wait(every)
+        return not stop.requested
+
     try:
         if json or not console.is_terminal:
-            while True:
+            while not stop.requested:
                 print(frame(), flush=True)
-                time.sleep(every)
+                pause()
+            return 0
         with Live(Text(frame()), console=console, auto_refresh=False) as screen:
-            while True:
-                time.sleep(every)
+            while pause():
                 screen.update(Text(frame()), refresh=True)
-    except KeyboardInterrupt:
         return 0
     except BrokenPipeError:  # the reader left (`| head`): stop, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        StopSignals.restore(previous)

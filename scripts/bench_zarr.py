@@ -89,7 +89,7 @@ def moto_s3() -> Iterator[dict[str, Any]]:
 
 
 CASES = ("local_small", "local_large", "s3_small", "s3_large")
-FILES = {"small": (12, 3), "large": (6, 2)}  # size -> (full, quick) number of files
+FILES = {"small": (12, 2), "large": (6, 2)}  # size -> (full, quick) number of files
 
 
 def _zarr_cases(ctx: Context) -> dict[str, dict[str, float]]:

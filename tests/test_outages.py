@@ -457,7 +457,7 @@ def test_a_run_against_an_object_store_ends_without_unclosed_sessions(
     cfg, inbox = s3_config(tmp_path, s3_proxy)
     if executor == "dask":  # the workers keep clients of their own
         data = yaml.safe_load(cfg.read_text())
-        data["executor"] = {"kind": "dask", "cluster": {"options": {"n_workers": 2}}}
+        data["executor"] = {"kind": "dask", "cluster": {"options": {"n_workers": 1}}}
         write_config(tmp_path, data)
     drop(make_series(tmp_path / "made", 2), inbox)
     done = subprocess.run(

@@ -20,6 +20,11 @@ pytestmark = pytest.mark.systemd
 UNITS = [ROOT / "systemd" / "dpypeline.service", ROOT / "systemd" / "dpypeline@.service"]
 USER_UNIT = ROOT / "systemd" / "user" / "dpypeline.service"
 
+# pip's compiling of every installed module is two thirds of an install's CPU time, and
+# no test here depends on it: the tests that install skip it (each module is compiled when
+# first imported instead)
+NO_BYTECODE = "PIP_COMPILE=0"
+
 
 def ready(box: Sandbox, **config: object) -> None:
     box.add_service_user()
@@ -290,6 +295,7 @@ def test_install_script_then_the_skeleton_config_runs_the_main_job(
     make_nemo = [sys.executable, str(ROOT / "scripts" / "make_nemo.py"), str(nemo), "--files", "3"]
     subprocess.run(make_nemo, check=True, capture_output=True)
     install = [str(deploy / "install.sh"), "--wheelhouse", str(wheels), "--bindir", "/opt/bin"]
+    install = ["env", NO_BYTECODE, *install]
     out = box.run(*install, timeout=300).stdout
     assert "installed dpypeline" in out
     assert "credentials placeholder /etc/dpypeline/credentials.json (mode 0600)" in out
@@ -381,7 +387,7 @@ def test_user_install_runs_without_root(sandbox: Sandbox, wheelhouse: Path) -> N
             timeout=300,
         ).stdout
 
-    out = as_alice(f"{deploy}/install.sh --user --wheelhouse {wheels}")
+    out = as_alice(f"{NO_BYTECODE} {deploy}/install.sh --user --wheelhouse {wheels}")
     assert "config skeleton /home/alice/.config/dpypeline/pipeline.yaml" in out
     as_alice("systemd-analyze --user verify dpypeline.service")
     as_alice("dpypeline validate -c ~/.config/dpypeline/pipeline.yaml")

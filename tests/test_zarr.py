@@ -142,17 +142,19 @@ def bucket(s3: S3Server) -> str:
     return "nemo"
 
 
-def test_twelve_files_appended_to_s3_equal_their_concat(
+def test_six_files_appended_to_s3_equal_their_concat(
     files: list[Path], s3: S3Server, bucket: str, tmp_path: Path
 ) -> None:
-    """Through a named objectstore, as a pipeline config gives it."""
+    """Through a named objectstore, as a pipeline config gives it. (Twelve files are
+    appended to a local store above: the S3 store takes the same code past the first.)"""
     stores = {"jasmin": ObjectStoreConfig(credentials=s3.credentials_file(tmp_path))}
     url = f"s3://{bucket}/n06/n06_T.zarr"
-    for p in files:
+    six = files[:6]
+    for p in six:
         to_zarr(open_dataset(str(p)), url, append_dim=T, objectstore="jasmin",
                 context=context(objectstores=stores))  # fmt: skip
-    to_zarr(open_dataset(str(files[4])), url, append_dim=T, storage_options=s3.storage_options())
-    assert_store_equals(url, files, storage_options=s3.storage_options())
+    to_zarr(open_dataset(str(six[4])), url, append_dim=T, storage_options=s3.storage_options())
+    assert_store_equals(url, six, storage_options=s3.storage_options())
 
 
 def test_s3_outage_is_unavailable_and_the_store_is_intact_after(

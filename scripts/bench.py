@@ -6,7 +6,7 @@ Every benchmark works in a fresh temporary directory under ``--dir`` (default: $
 the system's temporary directory), and its baseline runs in the same place, interleaved with
 the measurement, so the disk, the page cache and the machine's noise are shared and cancel
 in the ratio. Times come from ``time.perf_counter``; each side is the best of 1 to 3 runs
-depending on its cost. ``--quick`` runs small sizes in about three minutes: it shows
+depending on its cost. ``--quick`` runs small sizes in about two and a half minutes: it shows
 that the benchmarks still work, not how fast anything is.
 
   enqueue_one             durable enqueue of one event per transaction (Ledger.enqueue)

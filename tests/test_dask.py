@@ -353,7 +353,7 @@ def test_slots_are_workers_over_workers_per_event_and_follow_the_cluster_size() 
     from dpypeline.config import ClusterConfig, ExecutorConfig
     from dpypeline.executors.dask import DaskExecutor
 
-    options = {"n_workers": 2, "processes": False, "dashboard_address": None}
+    options = {"n_workers": 2, "processes": False, "dashboard_address": ":0"}
     config = ExecutorConfig(
         kind="dask", cluster=ClusterConfig(options=options), workers_per_event=2
     )

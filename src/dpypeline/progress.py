@@ -301,9 +301,9 @@ def watch(show: Callable[[], object], every: float = WATCH_EVERY, json: bool = F
         return f"every {every:g}s, {stamp} (Ctrl-C ends)\n{out.getvalue().rstrip()}"
 
     def pause() -> bool:
-        """Wait ``every`` seconds; False once a stop was asked for."""
-        if not stop.requested:
-            wake.wait(every)
+        """Wait ``every`` seconds; False once a stop was asked for (the signal's wake-up
+        byte ends the wait at once)."""
+        wake.wait(every)
         return not stop.requested
 
     try:

@@ -57,6 +57,7 @@ _LIBRARY_LOCK = _LibraryLock()
 # they are masked for its ``missing_value`` already. Bounded: a service reads for months.
 _MASKED_ON_READ: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
 _MASKED_ON_READ_MAX = 4096
+_MASKED_ON_READ_LOCK = threading.Lock()  # files are opened in threads side by side
 
 
 def _note_masked_on_read(ds: xr.Dataset) -> None:
@@ -77,10 +78,11 @@ def _note_masked_on_read(ds: xr.Dataset) -> None:
             if v.dtype == da.dtype
         )
         if values:
-            _MASKED_ON_READ[name] = values
-            _MASKED_ON_READ.move_to_end(name)
-    while len(_MASKED_ON_READ) > _MASKED_ON_READ_MAX:
-        _MASKED_ON_READ.popitem(last=False)
+            with _MASKED_ON_READ_LOCK:
+                _MASKED_ON_READ[name] = values
+                _MASKED_ON_READ.move_to_end(name)
+                while len(_MASKED_ON_READ) > _MASKED_ON_READ_MAX:
+                    _MASKED_ON_READ.popitem(last=False)
 
 
 def _masked_on_read(da: xr.DataArray, target: np.ndarray) -> bool:

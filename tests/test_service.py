@@ -346,10 +346,14 @@ def test_once_waits_for_a_file_that_arrived_meanwhile_and_still_settles(
     h = make("a.nc", once=True)
     h.settle()
     [first] = h.running()
-    (h.inbox / "late.nc").write_bytes(b"late")  # closed: it settles from now on
+    # moved in whole, as rsync or a model's post-processing delivers: one report, so no
+    # report of a write or a close can come after the clock has moved on and restart its
+    # settle time beyond the clock's reach
+    written = h.inbox.parent / "late.nc"
+    written.write_bytes(b"late")
+    written.replace(h.inbox / "late.nc")
     settler = h.service._arrivals.settler
-    # its close, not only its creation: a close that came later would restart its settle time
-    h.steps_until(lambda: settler.next_deadline() is not None, "the late file's close")
+    h.steps_until(lambda: settler.next_deadline() is not None, "the late file's arrival")
     h.executor.finish(first)
     assert h.step(), "exited with a file still settling"
     h.clock.advance(SETTLE)

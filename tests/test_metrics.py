@@ -89,6 +89,17 @@ def start(tmp_path: Path, cfg: Path, started: list[ServiceProcess]) -> ServicePr
     return service
 
 
+def wait_ended(service: ServiceProcess, n: int) -> None:
+    """Until n job ends are logged. A job's end is written to the ledger, which the job gauges
+    read, before it is counted: a gauge can show a job done whose counters are not yet moved."""
+    ends = ("job_done", "job_retrying", "job_dead", "job_skipped")
+    wait_for(
+        lambda: sum(e.get("event") in ends for e in service.events()) == n,
+        message=f"{n} job end(s) logged",
+        detail=service.log.read_text,
+    )
+
+
 @pytest.mark.slow
 def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
     tmp_path: Path, service_processes: list[ServiceProcess]
@@ -108,6 +119,7 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
     for i in (1, 2):
         (inbox / f"late{i}.nc").write_bytes(b"y" * 2000)  # seen by their close events
     wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="done") == 3)
+    wait_ended(service, 3)
     after = scrape(port)
     assert value(after, "dpypeline_files_seen_total", source="watch") == 2
     assert value(after, "dpypeline_jobs_enqueued_total", source="scan") == 1
@@ -157,8 +169,9 @@ def test_retries_and_dead_jobs_are_counted_by_error_class(
     )
     for name in ("bad.nc", "corrupt.nc", "good.nc"):
         (inbox / name).write_bytes(b"q")
-    start(tmp_path, cfg, service_processes)
+    service = start(tmp_path, cfg, service_processes)
     wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="dead") == 2)
+    wait_ended(service, 4)  # bad.nc: retrying, then dead
     samples = scrape(port)
     assert value(samples, "dpypeline_job_retries_total", job="work", error="ValueError") == 1
     assert value(samples, "dpypeline_jobs_dead_total", job="work", error="ValueError") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -80,11 +81,16 @@ class Sandbox:
         return int(self.show("MainPID", unit))
 
     def journal(self, *matches: str, unit: str = UNIT) -> list[dict[str, Any]]:
-        out = self.run("journalctl", "-u", unit, "-o", "json", "--no-pager", *matches).stdout
+        out = self._journalctl("-u", unit, "-o", "json", "--no-pager", *matches)
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
     def journal_text(self, unit: str = UNIT) -> str:
-        return self.run("journalctl", "-u", unit, "-o", "cat", "--no-pager").stdout
+        return self._journalctl("-u", unit, "-o", "cat", "--no-pager")
+
+    def _journalctl(self, *args: str) -> str:
+        """journald stores what it was sent first (`--sync`): a line logged before the call,
+        even by a process that has exited since, is in the answer."""
+        return self.sh(f"journalctl --sync && {shlex.join(['journalctl', *args])}")
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """The dpypeline command line, as the service user (the state's owner)."""

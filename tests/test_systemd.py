@@ -130,7 +130,12 @@ def test_start_waits_for_ready_then_files_are_processed_and_journaled(sandbox: S
     assert "5 done" not in box.show("StatusText")  # counts per job entry, not per file
     assert box.wait(lambda: "10 done" in box.show("StatusText"), message="status text updated")
 
-    done = box.journal("DPYPELINE_STATE=done", "DPYPELINE_JOB=record")
+    done = box.wait(  # the ledger is written before the line is logged
+        lambda: (
+            (d := box.journal("DPYPELINE_STATE=done", "DPYPELINE_JOB=record")) and len(d) >= 5 and d
+        ),
+        message="five job_done lines",
+    )
     assert sorted(e["DPYPELINE_FILE"] for e in done) == [str(box.inbox / n) for n in names]
     one = box.journal(f"DPYPELINE_FILE={box.inbox / names[0]}")
     assert {e["DPYPELINE_EVENT"] for e in one} >= {"job_done"}

@@ -124,13 +124,16 @@ class ServiceProcess:
             env=env_for_subprocess(),
         )
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self, *names: str) -> list[dict[str, Any]]:
+        """The service's JSON log lines so far; with names, only those events."""
         out = []
         for line in self.log.read_text().splitlines():
             try:
-                out.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not names or event.get("event") in names:
+                out.append(event)
         return out
 
     def wait_ready(self, timeout: float = 30.0) -> None:

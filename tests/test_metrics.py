@@ -94,7 +94,7 @@ def wait_ended(service: ServiceProcess, n: int) -> None:
     read, before it is counted: a gauge can show a job done whose counters are not yet moved."""
     ends = ("job_done", "job_retrying", "job_dead", "job_skipped")
     wait_for(
-        lambda: sum(e.get("event") in ends for e in service.events()) >= n,
+        lambda: len(service.events(*ends)) >= n,
         message=f"{n} job end(s) logged",
         detail=service.log.read_text,
     )

@@ -58,10 +58,6 @@ def drop(files: list[Path], inbox: Path) -> None:
         (inbox / f".{f.name}.part").rename(inbox / f.name)
 
 
-def events(svc: ServiceProcess, name: str) -> list[dict[str, Any]]:
-    return [e for e in svc.events() if e.get("event") == name]
-
-
 def read_store(s3: S3Server) -> xr.Dataset:
     return xr.open_zarr(
         STORE, storage_options=s3.storage_options(), consolidated=None,
@@ -182,8 +178,8 @@ def test_a_full_output_disk_pauses_jobs_without_spending_attempts_until_space_re
     service_processes.append(svc)
     svc.wait_ready()
     drop(files, inbox)
-    wait_for(lambda: len(events(svc, "service_paused")) >= 3, timeout=60, message="pauses")
-    paused = events(svc, "service_paused")
+    wait_for(lambda: len(svc.events("service_paused")) >= 3, timeout=60, message="pauses")
+    paused = svc.events("service_paused")
     assert str(store) in paused[0]["error"]
     assert "ENOSPC" in paused[0]["error"]
     assert " free of 2.0 MiB" in paused[0]["error"]
@@ -198,8 +194,8 @@ def test_a_full_output_disk_pauses_jobs_without_spending_attempts_until_space_re
     filler.unlink()  # space returns
     wait_for(lambda: status(cfg)["done"] == 4, timeout=60, message="every file done")
     assert [j["attempts"] for j in jobs(cfg)] == [1, 1, 1, 1]
-    assert not events(svc, "job_retrying")
-    assert not events(svc, "job_dead")
+    assert not svc.events("job_retrying")
+    assert not svc.events("job_dead")
     coder = xr.coders.CFDatetimeCoder(use_cftime=True)
     with xr.open_zarr(store, decode_times=coder) as got:
         assert list(got.time_counter.values) == time_values(files)
@@ -297,11 +293,11 @@ def test_a_store_that_hangs_mid_ingest_pauses_the_service_and_costs_no_attempt(
 
     s3_proxy.set_mode("blackhole")
     drop(files[1:], inbox)
-    wait_for(lambda: events(svc, "service_paused"), timeout=30, message="the outage noticed")
-    paused = events(svc, "service_paused")[0]
+    wait_for(lambda: svc.events("service_paused"), timeout=30, message="the outage noticed")
+    paused = svc.events("service_paused")[0]
     assert "does not answer" in paused["error"]
     assert paused["state"] == "queued"
-    wait_for(lambda: len(events(svc, "service_paused")) >= 2, timeout=30, message="a 2nd pause")
+    wait_for(lambda: len(svc.events("service_paused")) >= 2, timeout=30, message="a 2nd pause")
     now = status(cfg)
     assert now["dead"] == 0
     assert now["retrying"] == 0
@@ -330,8 +326,8 @@ def test_with_the_shipped_timeouts_a_silent_store_pauses_the_service_within_a_mi
     s3_proxy.set_mode("blackhole")
     silent_at = time.time()
     drop(files[1:], inbox)
-    wait_for(lambda: events(svc, "service_paused"), timeout=120, message="the outage noticed")
-    noticed = events(svc, "service_paused")[0]
+    wait_for(lambda: svc.events("service_paused"), timeout=120, message="the outage noticed")
+    noticed = svc.events("service_paused")[0]
     latency = _timestamp(noticed["timestamp"]) - silent_at
     print(f"pause latency with the shipped defaults: {latency:.1f} s")
     assert latency < 90

@@ -65,19 +65,15 @@ def test_names_that_are_not_utf8_are_processed_on_the_real_file_and_never_stop_t
         f"{BAD_DIR}/{BAD}": b"in a bad directory".hex(),
         "good.dat": b"good".hex(),
     }
-
-    def done() -> list[dict[str, Any]]:  # logged after the task's own write to `log`
-        return [e for e in svc.events() if e.get("event") == "job_done"]
-
-    wait_for(
-        lambda: len(done()) >= len(expected) or svc.proc.poll() is not None,
+    wait_for(  # job_done is logged after the task's own write to `log`
+        lambda: len(svc.events("job_done")) >= len(expected) or svc.proc.poll() is not None,
         message="every job done",
         detail=svc.log.read_text,
     )
     assert svc.proc.poll() is None, svc.log.read_text()
     assert read_log(log) == expected
     # people see the bytes escaped, in the log and on the command line
-    assert sorted(e["file"] for e in done()) == sorted(
+    assert sorted(e["file"] for e in svc.events("job_done")) == sorted(
         [
             f"{inbox}/bad\\xff.dat",
             f"{inbox}/d\\xfe\\xfd/bad\\xff.dat",

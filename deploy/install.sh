@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
         --python) python=$2; shift 2 ;;
         --source) source=$2; shift 2 ;;
         --bindir) bindir=$2; shift 2 ;;
-        -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done

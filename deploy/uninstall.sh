@@ -14,7 +14,7 @@ while [ $# -gt 0 ]; do
         --user) mode=user; shift ;;
         --purge) purge=yes; shift ;;
         --bindir) bindir=$2; shift 2 ;;
-        -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "uninstall.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -421,8 +421,10 @@ def test_user_install_runs_without_root(sandbox: Sandbox, wheelhouse: Path) -> N
     as_alice(f"cp {nemo_file} {inbox}/.x && mv {inbox}/.x {inbox}/{nemo_file.name}")
     done = "journalctl --user -u dpypeline DPYPELINE_STATE=done -o cat --no-pager -q"
     box.wait(lambda: nemo_file.name in as_alice(done, check=False), message="the file done")
-    out = as_alice("dpypeline status --json -c ~/.config/dpypeline/pipeline.yaml")
+    out = as_alice("dpypeline status --json")  # found where install.sh --user put it
     assert '"done": 1' in out
+    guide = as_alice("systemctl --user show -p Documentation --value dpypeline").strip()
+    as_alice(f"test -f {guide.removeprefix('file:')}")
     out = as_alice(f"{deploy}/uninstall.sh --user")
     assert "kept /home/alice/.config/dpypeline" in out
 

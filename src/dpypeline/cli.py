@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpypeline import migrate
@@ -33,11 +34,24 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
+def config_candidates() -> list[Path]:
+    """Where a config is looked for when neither -c nor $DPYPELINE_CONFIG names one: the
+    current directory, then where ``deploy/install.sh --user`` and ``install.sh`` put it."""
+    user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [Path("pipeline.yaml"), user / "dpypeline/pipeline.yaml", SYSTEM_CONFIG]
+
+
 def _config_path(arg: str | None) -> str:
-    return arg or os.environ.get("DPYPELINE_CONFIG") or "pipeline.yaml"
+    if arg or os.environ.get("DPYPELINE_CONFIG"):
+        return arg or os.environ["DPYPELINE_CONFIG"]
+    return str(next((p for p in config_candidates() if p.is_file()), "pipeline.yaml"))
 
 
-CONFIG_HELP = "pipeline YAML (default: $DPYPELINE_CONFIG, then ./pipeline.yaml)"
+SYSTEM_CONFIG = Path("/etc/dpypeline/pipeline.yaml")
+CONFIG_HELP = (
+    "pipeline YAML (default: $DPYPELINE_CONFIG, then ./pipeline.yaml,"
+    " ~/.config/dpypeline/pipeline.yaml, /etc/dpypeline/pipeline.yaml)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="redraw every second; Ctrl-C ends")
     jobs = command("jobs", "list jobs, newest first")
     jobs.add_argument("--state", choices=[s.value for s in JobState])
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument(
+        "--limit", type=int, default=50, help="how many, newest first (default 50; 0: all)"
+    )
     jobs.add_argument("--json", action="store_true")
     retry = command("retry", "move dead jobs back to the queue with fresh attempts")
     retry.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID")

@@ -261,7 +261,7 @@ def load_config(
         with open(source, "rb") as stream, yaml_errors(source.name):
             data = yaml.load(stream, Loader=LineLoader)  # a SafeLoader subclass
     except FileNotFoundError:
-        hint = "pass -c FILE or set DPYPELINE_CONFIG"
+        hint = "pass -c FILE or set DPYPELINE_CONFIG; see dpypeline --help for where it looks"
         raise ConfigError(f"config file not found: {path} ({hint})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -102,14 +103,25 @@ def _by_job(held: list[Hold]) -> dict[int, Hold]:
 def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
     ledger = Ledger(config.cache_dir)
     try:
-        records = ledger.jobs(JobState(args.state) if args.state else None, args.limit)
+        # one more than shown tells whether the list was cut; SQLite reads LIMIT -1 as none
+        records = ledger.jobs(
+            JobState(args.state) if args.state else None, args.limit + 1 if args.limit > 0 else -1
+        )
         held = _by_job(ledger.held())
     finally:
         ledger.close()
+    cut = 0 < args.limit < len(records)
+    records = records[: args.limit] if cut else records
     if args.json:
         print(json.dumps([_job_dict(r, held) for r in records], indent=2))
-        return EXIT_OK
-    print(jobs_table(records, held), end="")
+    else:
+        print(jobs_table(records, held), end="")
+    if cut:
+        print(
+            f"dpypeline jobs: only the newest {args.limit} shown, there are more:"
+            " --limit N shows N, --limit 0 all",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
 from dpypeline.metrics import LedgerCollector, Metrics
+from dpypeline.state.transitions import JobState
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -108,7 +111,7 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
     cfg, inbox = make_pipeline(tmp_path, port)
     (inbox / "early.nc").write_bytes(b"x" * 1000)  # found by the start-up scan
     service = start(tmp_path, cfg, service_processes)
-    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="done") == 1)
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", pipeline_job="work", state="done") == 1)
     wait_for(lambda: any(e.get("event") == "scan_done" for e in service.events()))
     before = scrape(port)
     assert value(before, "dpypeline_build_info", version=_version(), python=_python()) == 1
@@ -118,17 +121,17 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
 
     for i in (1, 2):
         (inbox / f"late{i}.nc").write_bytes(b"y" * 2000)  # seen by their close events
-    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="done") == 3)
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", pipeline_job="work", state="done") == 3)
     wait_ended(service, 3)
     after = scrape(port)
     assert value(after, "dpypeline_files_seen_total", source="watch") == 2
     assert value(after, "dpypeline_jobs_enqueued_total", source="scan") == 1
     assert value(after, "dpypeline_jobs_enqueued_total", source="watch") == 2
-    assert value(after, "dpypeline_jobs_finished_total", job="work", outcome="done") == 3
-    assert value(after, "dpypeline_job_duration_seconds_count", job="work") == 3
-    assert value(after, "dpypeline_job_duration_seconds_sum", job="work") > 0
-    assert value(after, "dpypeline_job_input_bytes_sum", job="work") == 1000 + 2 * 2000
-    assert value(after, "dpypeline_job_claim_latency_seconds_count", job="work") == 3
+    assert value(after, "dpypeline_jobs_finished_total", pipeline_job="work", outcome="done") == 3
+    assert value(after, "dpypeline_job_duration_seconds_count", pipeline_job="work") == 3
+    assert value(after, "dpypeline_job_duration_seconds_sum", pipeline_job="work") > 0
+    assert value(after, "dpypeline_job_input_bytes_sum", pipeline_job="work") == 1000 + 2 * 2000
+    assert value(after, "dpypeline_job_claim_latency_seconds_count", pipeline_job="work") == 3
     assert value(after, "dpypeline_scans_total", reason="startup") == 1
 
     report = status(cfg)  # nothing moves any more: both must read the same ledger rows
@@ -170,15 +173,19 @@ def test_retries_and_dead_jobs_are_counted_by_error_class(
     for name in ("bad.nc", "corrupt.nc", "good.nc"):
         (inbox / name).write_bytes(b"q")
     service = start(tmp_path, cfg, service_processes)
-    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="dead") == 2)
+    wait_for(lambda: value(scrape(port), "dpypeline_jobs", pipeline_job="work", state="dead") == 2)
     wait_ended(service, 4)  # bad.nc: retrying, then dead
     samples = scrape(port)
-    assert value(samples, "dpypeline_job_retries_total", job="work", error="ValueError") == 1
-    assert value(samples, "dpypeline_jobs_dead_total", job="work", error="ValueError") == 1
-    assert value(samples, "dpypeline_jobs_dead_total", job="work", error="PermanentError") == 1
-    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="retrying") == 1
-    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="dead") == 2
-    assert value(samples, "dpypeline_jobs_finished_total", job="work", outcome="done") == 1
+
+    def work(name: str, **labels: str) -> float:
+        return value(samples, name, pipeline_job="work", **labels)
+
+    assert work("dpypeline_job_retries_total", error="ValueError") == 1
+    assert work("dpypeline_jobs_dead_total", error="ValueError") == 1
+    assert work("dpypeline_jobs_dead_total", error="PermanentError") == 1
+    assert work("dpypeline_jobs_finished_total", outcome="retrying") == 1
+    assert work("dpypeline_jobs_finished_total", outcome="dead") == 2
+    assert work("dpypeline_jobs_finished_total", outcome="done") == 1
 
 
 def test_an_outage_marks_the_object_store_it_names_until_a_job_ends_without_one() -> None:
@@ -219,12 +226,14 @@ def test_a_scrape_answers_while_a_slow_job_runs(
     cfg, inbox = make_pipeline(tmp_path, port, delay=6.0)
     start(tmp_path, cfg, service_processes)
     (inbox / "slow.nc").write_bytes(b"z" * 10)
-    wait_for(lambda: value(scrape(port), "dpypeline_jobs", job="work", state="running") == 1)
+    wait_for(
+        lambda: value(scrape(port), "dpypeline_jobs", pipeline_job="work", state="running") == 1
+    )
     for _ in range(5):
         began = time.monotonic()
         samples = scrape(port, timeout=2)
         assert time.monotonic() - began < 1.0
-        assert value(samples, "dpypeline_jobs", job="work", state="running") == 1
+        assert value(samples, "dpypeline_jobs", pipeline_job="work", state="running") == 1
         assert value(samples, "dpypeline_oldest_waiting_seconds") == 0
     assert not (tmp_path / "runs.log").exists(), "the job finished: the test proved nothing"
 
@@ -311,7 +320,7 @@ def test_the_alert_rules_parse_and_use_only_metrics_the_service_exports(tmp_path
     used = set().union(*(names_in(r["expr"]) for r in alerts.values()))
     assert used <= exported(tmp_path), f"unknown: {sorted(used - exported(tmp_path))}"
     wanted = {
-        "dpypeline_jobs_dead_total",
+        "dpypeline_jobs_finished_total",
         "dpypeline_oldest_waiting_seconds",
         "dpypeline_healthy",
         "dpypeline_objectstore_outage",
@@ -319,6 +328,80 @@ def test_the_alert_rules_parse_and_use_only_metrics_the_service_exports(tmp_path
     assert wanted <= used
     outage = next(r for r in alerts.values() if "dpypeline_objectstore_outage" in r["expr"])
     assert outage["for"] == "10m"
+
+
+RESERVED = {"job", "instance"}  # set by Prometheus on every scraped series
+
+
+def test_no_series_uses_a_label_that_prometheus_sets_itself(tmp_path: Path) -> None:
+    metrics = Metrics(["work", "other"], ["store"])
+    metrics.registry.register(collector := LedgerCollector(tmp_path, ["work", "other"]))
+    metrics.job_ended("work", JobState.DEAD, 1.0, ValueError("x"))
+    metrics.job_ended("work", JobState.RETRYING, 1.0, OSError("x"))
+    metrics.job_started("work", 10, 1, 0.5)
+    try:
+        families = list(metrics.registry.collect())
+    finally:
+        collector.close()
+    labels = {name for f in families for s in f.samples for name in s.labels}
+    assert "pipeline_job" in labels
+    assert not labels & RESERVED, sorted(labels & RESERVED)
+    for text in (
+        (ROOT / "deploy/grafana/dpypeline.json").read_text(),
+        (ROOT / "deploy/prometheus/alerts.yml").read_text(),
+    ):  # what a dashboard or rule groups by is ours, or Prometheus's own "instance"/"job"
+        assert "{{job}}" not in text
+        assert "$labels.job " not in text
+
+
+def test_every_series_an_alert_uses_exists_from_the_start_at_zero(tmp_path: Path) -> None:
+    """increase() sees a rise only from a sample it already has: a series that appears at its
+    first death, at 1, never fires the dead-jobs alert for that death."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    exprs = [r["expr"] for group in rules["groups"] for r in group["rules"]]
+    metrics = Metrics(["work", "other"], ["store"])
+    metrics.registry.register(collector := LedgerCollector(tmp_path, ["work", "other"]))
+    try:
+        samples = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in metrics.registry.collect()
+            for s in family.samples
+        }
+    finally:
+        collector.close()
+    for expr in exprs:
+        for name in names_in(expr):
+            selector = re.search(name + r"\{([^}]*)\}", expr)
+            wanted = dict(re.findall(r'(\w+)="([^"]*)"', selector[1])) if selector else {}
+            found = [
+                (dict(labels), v)
+                for (n, labels), v in samples.items()
+                if n == name and wanted.items() <= dict(labels).items()
+            ]
+            assert found, f"{name}{wanted} is not exported before its first event"
+            if name.endswith("_total"):  # a counter starts at 0; a gauge has its value
+                assert all(v == 0 for _, v in found), (name, found)
+            if name.startswith("dpypeline_jobs_finished"):
+                assert {d["pipeline_job"] for d, _ in found} == {"work", "other"}
+
+
+def test_the_alert_rules_pass_their_promtool_unit_tests() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(
+            "promtool is not installed (Debian package prometheus), so the rules' unit"
+            " tests cannot run"
+        )
+    proc = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yml"],
+        cwd=ROOT / "deploy/prometheus",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
 
 
 def _version() -> str:

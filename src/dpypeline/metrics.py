@@ -39,6 +39,7 @@ SOURCES = ("watch", "scan")  # how the service finds files (`dpypeline enqueue` 
 LEDGER_SOURCES = (*SOURCES, "cli")  # a job's source in the ledger
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf"))
 BYTE_BUCKETS = (*(float(2**n) for n in range(10, 41, 3)), float("inf"))  # 1 KiB .. 1 TiB
+JOB_LABEL = "pipeline_job"  # the pipeline job a series is of (config `jobs[].name`)
 LATENCY_BUCKETS = (0.1, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, float("inf"))
 
 
@@ -87,7 +88,7 @@ class LedgerCollector(Collector):
             GaugeMetricFamily(
                 "dpypeline_jobs",
                 "Jobs in the ledger, by pipeline job and state",
-                labels=["job", "state"],
+                labels=[JOB_LABEL, "state"],
             ),
             GaugeMetricFamily(
                 "dpypeline_ledger_jobs_by_source",
@@ -117,7 +118,9 @@ class Metrics:
     def __init__(self, job_names: Sequence[str] = (), objectstores: Sequence[str] = ()) -> None:
         self.job_names, self.objectstores = list(job_names), list(objectstores)
         self.registry = r = CollectorRegistry()
-        job = ["job"]
+        # Not "job": Prometheus sets that label to the scrape job's name (and moves ours to
+        # "exported_job"), as it does "instance".
+        job = [JOB_LABEL]
         self.finished = Counter(
             "dpypeline_jobs_finished",
             "Job attempts ended, by outcome",

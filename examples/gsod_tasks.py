@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpypeline import JobContext
+from dpypeline import JobContext, LocalPath
 from dpypeline.errors import PermanentError
 
 MISSING_TEMP = 9999.9  # GSOD's marker for "no temperature that day"
@@ -33,7 +33,7 @@ def to_celsius(df: pd.DataFrame, col: str = "TEMP") -> pd.DataFrame:
     return out
 
 
-def write_csv(df: pd.DataFrame, output_dir: str, context: JobContext) -> str:
+def write_csv(df: pd.DataFrame, output_dir: LocalPath, context: JobContext) -> str:
     """Write next to the same relative path under ``output_dir``, atomically (a temp name,
     then rename), so a crash never leaves a half-written output behind."""
     target = Path(output_dir) / context.relpath

@@ -400,3 +400,40 @@ def test_a_job_dead_after_writing_its_data_is_retried_without_duplicating_steps(
     assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
     assert status(cfg)["done"] == 4
     assert_store_is(read_store(s3), [*files, extra])
+
+
+def test_the_store_follows_the_config_file_whichever_directory_the_service_starts_in(
+    tmp_path: Path,
+) -> None:
+    """Every relative path of a config, a task's path arguments included, is relative to
+    the config file: a run from examples/ appends to the same store as one from the top."""
+    import subprocess
+
+    from conftest import env_for_subprocess
+
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "examples", work / "examples")
+    inbox = work / "inbox" / "nemo"
+
+    def make(files: int) -> int:
+        argv = [sys.executable, str(ROOT / "scripts/make_nemo.py"), str(inbox), "--files"]
+        subprocess.run(
+            [*argv, str(files)], check=True, env=env_for_subprocess(), capture_output=True
+        )
+        return len(list(inbox.glob("*_grid_T.nc")))
+
+    first_files = make(1)
+    first = dpypeline_in(work, "run", "--once", "-c", "examples/netcdf-to-zarr.yaml")
+    assert first.returncode == 0, first.stderr[-3000:]
+    all_files = make(2)
+    second = dpypeline_in(work / "examples", "run", "--once", "-c", "netcdf-to-zarr.yaml")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stderr.count('"job_done"') == all_files - first_files > 0
+    assert not (work / "examples" / "output").exists()
+    store = xr.open_zarr(work / "output" / "nemo_T.zarr", decode_times=False)
+    steps = sum(
+        xr.open_dataset(f, decode_times=False).sizes["time_counter"] for f in inbox.iterdir()
+    )
+    assert store.sizes["time_counter"] == steps
+    checked = dpypeline_in(work / "examples", "validate", "-c", "netcdf-to-zarr.yaml")
+    assert f"jobs[0].tasks[2].with.store: {work / 'output' / 'nemo_T.zarr'}" in checked.stdout

@@ -4,6 +4,6 @@ every complete new file."""
 from __future__ import annotations
 
 from dpypeline.api import Pipeline
-from dpypeline.pipeline import Job, JobContext, Task
+from dpypeline.pipeline import Job, JobContext, LocalPath, Task
 
-__all__ = ["Job", "JobContext", "Pipeline", "Task"]
+__all__ = ["Job", "JobContext", "LocalPath", "Pipeline", "Task"]

@@ -230,9 +230,11 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
+    paths = _resolved_paths(config, jobs)
     if args.json:
         report = {
             "ok": True,
+            "paths": paths,
             "name": config.name,
             "watches": len(config.watch),
             "jobs": len(jobs),
@@ -254,9 +256,25 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         f"{len(setup)} setup task(s), {len(config.objectstores)} object store(s);"
         f" state in {config.cache_dir}"
     )
+    for where, resolved in paths.items():
+        print(f"  {where}: {resolved}")
     if getattr(args, "sample", None):
         return _print_layouts(jobs, args.sample)
     return EXIT_OK
+
+
+def _resolved_paths(config: PipelineConfig, jobs: list[Job]) -> dict[str, str]:
+    """Every path of the config as the service will use it (relative ones are relative to
+    the config file), by field: what validate prints."""
+    from dpypeline.pipeline import local_path_arguments
+
+    paths = {"cache_dir": str(config.cache_dir)}
+    paths.update({f"watch[{w}].path": str(watch.path) for w, watch in enumerate(config.watch)})
+    for j, job in enumerate(jobs):
+        for t, task in enumerate(job.tasks):
+            for key, value in local_path_arguments(task).items():
+                paths[f"jobs[{j}].tasks[{t}].with.{key}"] = value
+    return paths
 
 
 def _layouts(jobs: list[Job], sample: str) -> dict[str, tuple[Any, list[Any] | None]] | None:

@@ -209,6 +209,13 @@ class PipelineConfig(_Section):
     metrics: MetricsConfig = MetricsConfig()
     source: Path | None = None  # set by load_config; not a key of the file
     _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
+    _base_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        """What a relative path in the config is relative to: the config file's directory
+        (the current directory for a config given as data without one)."""
+        return self._base_dir or Path.cwd()
 
     @field_validator("jobs")
     @classmethod
@@ -261,7 +268,7 @@ def load_config(
         with open(source, "rb") as stream, yaml_errors(source.name):
             data = yaml.load(stream, Loader=LineLoader)  # a SafeLoader subclass
     except FileNotFoundError:
-        hint = "pass -c FILE or set DPYPELINE_CONFIG; see dpypeline --help for where it looks"
+        hint = "pass -c FILE or set DPYPELINE_CONFIG"
         raise ConfigError(f"config file not found: {path} ({hint})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
@@ -346,6 +353,7 @@ def _build(
         raise _report(problems, source, env.lines)
     config = config.model_copy(update={"source": source})
     config._lines = env.lines
+    config._base_dir = base_dir
     return config
 
 

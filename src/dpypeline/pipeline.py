@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 from dpypeline.commits import Commit, declared
 from dpypeline.config import ObjectStoreConfig, PipelineConfig
@@ -183,6 +185,55 @@ class JobContext:
         )
 
 
+class ConfigRelative:
+    """Marks a task parameter that names a local path (``LocalPath``): given relative in a
+    config file, it is relative to that file, as every other path of the config is, not to
+    wherever the service was started."""
+
+
+LocalPath = Annotated[str, ConfigRelative()]
+
+
+def local_paths(func: Callable[..., Any], kwargs: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """*kwargs* with each ``LocalPath`` argument of *func* made absolute against *base*
+    (``~`` expanded, as in the rest of the config); URLs (``s3://...``) are left alone."""
+    marked = {name for name, hint in _annotations(func).items() if _is_local_path(hint, func)}
+    return {
+        key: os.path.normpath(base / Path(value).expanduser())
+        if key in marked and isinstance(value, str) and value and "://" not in value
+        else value
+        for key, value in kwargs.items()
+    }
+
+
+def local_path_arguments(task: Task) -> dict[str, str]:
+    """The task's ``LocalPath`` arguments, as it will be called with them."""
+    marked = {n for n, hint in _annotations(task.func).items() if _is_local_path(hint, task.func)}
+    return {k: v for k, v in task.kwargs.items() if k in marked and isinstance(v, str)}
+
+
+def _annotations(func: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return {n: p.annotation for n, p in inspect.signature(func).parameters.items()}
+    except (TypeError, ValueError):  # some builtins have no signature
+        return {}
+
+
+def _is_local_path(hint: Any, func: Callable[..., Any]) -> bool:
+    """Whether a parameter's annotation is ``LocalPath``. Annotations are often strings
+    (``from __future__ import annotations``) naming types imported only for type checkers,
+    so each is evaluated on its own in the task's module, as typing.get_type_hints would,
+    and one that cannot be is not a LocalPath."""
+    if isinstance(hint, str):
+        if "LocalPath" not in hint:
+            return False
+        try:
+            hint = eval(hint, dict(getattr(inspect.unwrap(func), "__globals__", {})))
+        except Exception:  # noqa: BLE001 - an annotation that cannot be evaluated
+            return False
+    return any(isinstance(m, ConfigRelative) for m in getattr(hint, "__metadata__", ()))
+
+
 def _qualified_name(func: Callable[..., Any]) -> str:
     return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
 
@@ -196,7 +247,10 @@ def import_tasks(config: PipelineConfig) -> tuple[list[Job], list[Task]]:
 
     def load(tc: Any, *loc: str | int) -> Task | None:
         try:
-            return Task(tc.task, **tc.with_)
+            func = resolve_task(tc.task)
+            task = Task(func, **local_paths(func, tc.with_, config.base_dir))
+            task.name = tc.task
+            return task
         except Exception as exc:  # noqa: BLE001 - any import-time failure of user code is a config problem
             problems.append(f"{config.where(*loc, 'task')}: cannot import task: {exc}")
             return None

@@ -28,6 +28,7 @@ import numpy as np
 
 from dpypeline.commits import Commit, commits
 from dpypeline.errors import ConfigError, PermanentError
+from dpypeline.pipeline import LocalPath
 from dpypeline.tasks.zarr import encoding as ze
 from dpypeline.tasks.zarr import store as zs
 from dpypeline.tasks.zarr.layout import Compressor
@@ -55,7 +56,7 @@ def _store(kwargs: Mapping[str, Any]) -> Commit | None:
 @commits(_store)
 def to_zarr(
     ds: xr.Dataset,
-    store: str,
+    store: LocalPath,
     *,
     append_dim: str | None = None,
     region: str | None = None,
@@ -121,7 +122,7 @@ def to_zarr(
 
 def create_template(
     ds: xr.Dataset,
-    store: str,
+    store: LocalPath,
     dim: str,
     values: Any,
     *,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,16 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, ServiceProcess, jobs, runs, status, wait_for, write_config
+from conftest import (
+    ROOT,
+    ServiceProcess,
+    env_for_subprocess,
+    jobs,
+    runs,
+    status,
+    wait_for,
+    write_config,
+)
 
 # one SLURM for the machine: its tests on one worker
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -130,3 +140,65 @@ def test_files_run_on_slurm_workers_a_cancelled_worker_job_costs_a_retry_and_sto
     service.signal(signal.SIGTERM)
     assert service.wait(60) == 0
     wait_for(lambda: not slurm_jobs(name), timeout=30, message="no SLURM job left behind")
+
+
+def test_the_lotus_batch_script_stops_at_its_budget_and_the_next_run_finishes(
+    slurm: None, tmp_path: Path
+) -> None:
+    """deploy/jasmin/dpypeline.sbatch as a real batch job: the budget ends the run with exit
+    4 and work left in the ledger; the next job takes it up; each file runs once."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(inbox), "settle": "100ms"}],
+            "jobs": [
+                {
+                    "name": "work",
+                    "tasks": [
+                        {
+                            "task": "taskbox.record",
+                            "with": {"log": str(tmp_path / "runs.log"), "delay": 2.0},
+                        }
+                    ],
+                }
+            ],
+            "logging": {"format": "json"},
+        },
+    )
+    for n in range(4):
+        (inbox / f"f{n}.dat").write_bytes(b"x")
+    job_name = f"dpypeline-{uuid.uuid4().hex[:8]}"
+
+    def submit(budget: str) -> tuple[int, str]:
+        env = {
+            **env_for_subprocess(),
+            "DPYPELINE_CONFIG": str(cfg),
+            "DPYPELINE_MAX_RUNTIME": budget,
+            "DPYPELINE": f"{sys.executable} -m dpypeline",
+        }
+        proc = subprocess.run(
+            # the script's own #SBATCH lines name LOTUS's partition and memory; the
+            # sandbox has one partition and less memory
+            ["sbatch", "--wait", "--parsable", "--partition=debug", "--mem=1G",
+             f"--job-name={job_name}", f"--chdir={tmp_path}", "--export=ALL",
+             str(ROOT / "deploy/jasmin/dpypeline.sbatch")],
+            capture_output=True, text=True, env=env, timeout=300, check=False,
+        )  # fmt: skip
+        job_id = proc.stdout.strip().split(";")[0]
+        return proc.returncode, (tmp_path / f"dpypeline-{job_id}.out").read_text()
+
+    code, output = submit("1s")
+    assert code == 4, output[-3000:]
+    assert '"time_budget_reached"' in output
+    counts = status(cfg)
+    assert counts["running"] == 0
+    assert counts["done"] + counts["queued"] == 4
+    assert counts["queued"] > 0
+    code, output = submit("10m")
+    assert code == 0, output[-3000:]
+    assert sorted(rel for rel, _, _ in runs(tmp_path / "runs.log")) == [
+        f"f{n}.dat" for n in range(4)
+    ]

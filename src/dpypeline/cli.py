@@ -3,9 +3,10 @@ migrate``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
-finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``). status, jobs,
-retry, skip and enqueue work while the service runs: they only touch the ledger, through
-SQLite, and the service picks up what they changed.
+finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``), 4 ``run
+--max-runtime`` stopped at its time budget with work left (``service.EXIT_TIME_BUDGET``).
+status, jobs, retry, skip and enqueue work while the service runs: they only touch the
+ledger, through SQLite, and the service picks up what they changed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpypeline import migrate
 from dpypeline.config import PipelineConfig, load_config
+from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.paths import shown
 from dpypeline.report import cmd_jobs, cmd_status, iso
@@ -32,6 +34,14 @@ if TYPE_CHECKING:
     from dpypeline.pipeline import Job
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _duration(text: str) -> float:
+    """An argparse type: ``90s``, ``11h``, ``1d``."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def config_candidates() -> list[Path]:
@@ -87,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         "--once",
         action="store_true",
         help="process what is there (and what arrives meanwhile), then exit",
+    )
+    run.add_argument(
+        "--max-runtime",
+        metavar="DURATION",
+        type=_duration,
+        help="a time budget (e.g. 11h): after it no new job starts, running jobs get"
+        " stop_grace, and the run exits 4 if work is left (cron, SLURM)",
     )
     run.add_argument(
         "--no-progress",
@@ -181,7 +198,14 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     jobs, setup = import_tasks(config)
     preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
     progress = (TerminalProgress(),) if wanted(getattr(args, "no_progress", False)) else ()
-    service = Service(config, jobs, setup, once=True if args.once else None, observers=progress)
+    service = Service(
+        config,
+        jobs,
+        setup,
+        once=True if args.once else None,
+        observers=progress,
+        max_runtime=getattr(args, "max_runtime", None),
+    )
     _set_stop_handlers(service.on_signal)  # a stop before the loop runs: its first step sees it
     try:
         return service.run()

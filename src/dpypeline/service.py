@@ -53,6 +53,7 @@ EXECUTOR_STATUS_EVERY = 1.0  # how fresh `dpypeline status` shows the cluster
 SYSTEMD_RESTARTS = "health pings stop so that systemd restarts the service"
 RESTART = "the service restarts to reclaim the worker"
 EXIT_JOBS_DEAD = 3  # `run --once` when a job ended dead: cron and batch wrappers see it
+EXIT_TIME_BUDGET = 4  # `--max-runtime` ran out with work left: the next run goes on with it
 
 
 class Status(StrEnum):
@@ -75,9 +76,14 @@ class Service:
         executor: Executor | None = None,
         dask_client: Any = None,
         observers: tuple[Observer, ...] = (),  # what shows progress (a terminal's live line)
+        max_runtime: float | None = None,  # seconds from start; then stop as on SIGTERM
     ) -> None:
         self.config, self.jobs, self.setup = config, jobs, setup or []
         self.once = (not config.monitor) if once is None else once
+        self.max_runtime = max_runtime
+        self._budget_ends: float | None = None  # on the monotonic clock
+        self.budget_reached = False
+        self.work_left = False  # after a stop for the budget: jobs still queued
         self.job_names = [job.name for job in jobs]
         self.status = Status.CREATED
         self.stuck = self.cluster_lost = False
@@ -117,9 +123,14 @@ class Service:
                     raise StuckJob("a job did not stop after its timeout")
                 if self.cluster_lost:
                     raise ClusterLost("the Dask scheduler is unreachable")
+                if self.budget_reached and self._ledger is not None:
+                    self.work_left = self._ledger.has_unfinished() or not self._arrivals.idle
+                if self.work_left:
+                    return EXIT_TIME_BUDGET
                 return EXIT_JOBS_DEAD if self.once and self.jobs_dead else 0
             finally:
                 reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else ""
+                reason = reason or ("time budget reached" if self.budget_reached else "")
                 self.close(reason or "stopped")
         finally:
             self._restore_signal_handlers(previous)  # after close: more signals change nothing
@@ -128,6 +139,8 @@ class Service:
         """Either fully succeeds or closes what it opened, marks itself failed and re-raises."""
         self.status = Status.STARTING
         cfg = self.config
+        if self.max_runtime is not None:  # start-up counts: it is part of the wall time
+            self._budget_ends = time.monotonic() + self.max_runtime
         now = time.time() if now is None else now
         extend = self._notifier.extend_timeout  # each step that makes progress asks for time
         try:
@@ -184,7 +197,14 @@ class Service:
             self._ledger = None
         if self.status is not Status.FAILED:
             self.status = Status.STOPPED
-        if self.once and self.jobs_dead:
+        if self.work_left:
+            log.warning(
+                "service_stopped",
+                reason=reason,
+                exit_code=EXIT_TIME_BUDGET,
+                action="work is left in the queue: the next run takes it up where this one stopped",
+            )
+        elif self.once and self.jobs_dead:
             log.warning(
                 "service_stopped",
                 reason=reason,
@@ -246,6 +266,8 @@ class Service:
             worker.release_all(now)
             self.cluster_lost = True
             return False
+        if self._budget_spent():
+            self._stop.request()
         if self._stop.requested:
             return self._stopping(now)
         if not self._setup.done and not self._setup.run(now, background=True):
@@ -287,6 +309,23 @@ class Service:
             self.stuck = True
             return True
         return False
+
+    def _budget_spent(self) -> bool:
+        """``--max-runtime`` ran out: no new job starts, running ones get ``stop_grace``,
+        as on SIGTERM. Said once."""
+        if self._budget_ends is None or self.budget_reached:
+            return False
+        if time.monotonic() < self._budget_ends:
+            return False
+        self.budget_reached = True
+        log.info(
+            "time_budget_reached",
+            max_runtime=self.max_runtime,
+            running=len(self._worker.active_claims()) if self._worker else 0,
+            action="no new job starts; running jobs get stop_grace, the rest waits for the"
+            " next run",
+        )
+        return True
 
     def _stopping(self, now: float) -> bool:
         """A stop was asked for: no new work; running jobs get ``stop_grace``, then (or at
@@ -388,6 +427,7 @@ class Service:
             worker.paused_until if worker and worker.paused_until > now else None,
             self._timers.next_deadline(),
             self._live.next_deadline(),
+            None if self._budget_ends is None else now + self._budget_ends - time.monotonic(),
         )
         timeout = min([MAX_SLEEP, *(d - now for d in deadlines if d is not None)])
         if timeout > 0:

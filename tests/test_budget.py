@@ -4,11 +4,14 @@ without losing or repeating anything, and says by its exit status that work is l
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import dpypeline, runs, status, write_config
+from conftest import ROOT, dpypeline, env_for_subprocess, runs, status, write_config
 
 EXIT_TIME_BUDGET = 4
 
@@ -85,3 +88,31 @@ def test_a_budget_that_is_not_a_duration_is_a_usage_error(tmp_path: Path) -> Non
     assert proc.returncode == 2
     assert "--max-runtime" in proc.stderr
     assert "not a duration: 'soon'" in proc.stderr
+
+
+def test_the_shipped_crontab_line_runs_its_command(tmp_path: Path) -> None:
+    """The command inside deploy/jasmin/crontab's crontamer line, run as cron would (a
+    shell, HOME set), against a config where the line says."""
+    line = next(
+        ln for ln in (ROOT / "deploy/jasmin/crontab").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    )  # fmt: skip
+    fields = line.split(None, 5)
+    assert fields[5].startswith("crontamer ")
+    command = shlex.split(fields[5])[-1]
+    assert command.startswith("dpypeline run --once --max-runtime ")
+    home = tmp_path / "home"
+    (home / ".config/dpypeline").mkdir(parents=True)
+    cfg, inbox = _pipeline(tmp_path, delay=0.0)
+    (home / ".config/dpypeline/pipeline.yaml").write_text(cfg.read_text())
+    (inbox / "a.dat").write_bytes(b"x")
+    proc = subprocess.run(
+        ["sh", "-c", command.replace("dpypeline", f"{sys.executable} -m dpypeline", 1)],
+        env={**env_for_subprocess(), "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert status(cfg)["done"] == 1

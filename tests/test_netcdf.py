@@ -198,3 +198,58 @@ def test_clean_dataset_output_round_trips_through_netcdf(dirty: xr.Dataset, tmp_
     assert int((raw.toce == -1.0).sum()) == 2 * 32
     for name in ("toce", "soce", "e3t"):
         xr.testing.assert_identical(back[name].load(), out[name])
+
+
+def test_an_option_no_engine_takes_is_refused_before_any_file_and_is_permanent(
+    series: list[Path], tmp_path: Path
+) -> None:
+    from conftest import write_config
+    from dpypeline.config import load_config
+    from dpypeline.pipeline import import_tasks
+    from dpypeline.preflight import preflight
+
+    (tmp_path / "inbox").mkdir()
+    cfg = write_config(
+        tmp_path,
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(tmp_path / "inbox")}],
+            "jobs": [
+                {
+                    "name": "zarr",
+                    "tasks": [
+                        {"task": "open_dataset", "with": {"no_such_arg": 1, "group": "/"}},
+                        {"task": "to_zarr", "with": {"store": "out.zarr", "nor_this": 2}},
+                    ],
+                }
+            ],
+        },
+    )
+    config = load_config(cfg)
+    jobs, setup = import_tasks(config)
+    with pytest.raises(ConfigError) as refused:
+        preflight(config, jobs, setup)
+    text = str(refused.value)
+    # both wrong options, each at its line, in one report; `group` is the backend's own
+    assert "pipeline.yaml:9: jobs[0].tasks[0].with.no_such_arg: open_dataset: neither" in text
+    assert "takes 'no_such_arg'" in text
+    assert "jobs[0].tasks[1].with.nor_this" in text
+    assert "group" not in text.split("no_such_arg", maxsplit=1)[0]
+    # a call that gets past validate (the Python API) fails as the config's fault: dead at once
+    with pytest.raises(ConfigError, match=r"no_such_arg.*fix the task's `with:`"):
+        open_dataset(str(series[0]), no_such_arg=1)
+
+
+def test_a_task_called_with_an_option_it_does_not_take_is_a_config_error_not_a_retry() -> None:
+    from dpypeline.pipeline import Task
+
+    def convert(path: str, factor: float = 1.0) -> str:
+        return path
+
+    def broken_inside(path: str) -> str:
+        return len(5)  # type: ignore[arg-type] # a TypeError of the task's own
+
+    with pytest.raises(ConfigError, match=r"convert.*unexpected keyword argument 'facter'"):
+        Task(convert, facter=2.0)("a.nc")
+    with pytest.raises(TypeError, match="has no len"):  # not the config's fault: retried
+        Task(broken_inside)("a.nc")

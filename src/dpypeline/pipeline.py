@@ -74,9 +74,24 @@ class Task:
             self.wants_context = False
 
     def __call__(self, value: Any, context: JobContext | None = None) -> Any:
-        if self.wants_context:
-            return self.func(value, context=context, **self.kwargs)
-        return self.func(value, **self.kwargs)
+        extra = {"context": context} if self.wants_context else {}
+        try:
+            return self.func(value, **extra, **self.kwargs)
+        except TypeError as exc:
+            if self._binds(value, extra):
+                raise  # raised inside the task: its own failure, classified as any other
+            # the call itself is wrong (an option the task does not take): every file would
+            # fail the same way, so it is the config's fault, not the file's
+            raise ConfigError(f"{self.name}: {exc}; fix its `with:` in the config") from exc
+
+    def _binds(self, value: Any, extra: dict[str, Any]) -> bool:
+        try:
+            inspect.signature(self.func).bind(value, **extra, **self.kwargs)
+        except TypeError:
+            return False
+        except ValueError:  # no signature to check against
+            return True
+        return True
 
     def run_setup(self, context: SetupContext) -> Any:
         if self.wants_context:

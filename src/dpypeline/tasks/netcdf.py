@@ -8,6 +8,7 @@ value handling, made safe for ``to_zarr``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections import OrderedDict
@@ -133,6 +134,11 @@ def open_dataset(
         ) from exc
     except ImportError as exc:
         raise ConfigError(f"open_dataset: engine {engine!r} is not usable here: {exc}") from exc
+    except TypeError as exc:  # an option no engine takes: every file would fail the same way
+        raise ConfigError(
+            f"open_dataset: {exc}; fix the task's `with:` (`dpypeline validate` lists the"
+            " options it takes)"
+        ) from exc
     except (OSError, ValueError, RuntimeError) as exc:
         # netCDF4 says "NetCDF: Unknown file format" / "HDF error" (truncated HDF5), h5py
         # "file signature not found" / "truncated file", xarray's engine guess ValueError.
@@ -145,20 +151,46 @@ def open_dataset(
     return ds
 
 
-def _check_open_options(engine: str | None = None, **_: Any) -> dict[str, str]:
+def _check_open_options(
+    engine: str | None = None,
+    chunks: dict[str, int] | None = None,
+    use_cftime: bool | None = None,
+    **kwargs: Any,
+) -> dict[str, str]:
     """What ``dpypeline validate`` can tell before any file arrives: the engine exists and
-    is installed here."""
-    if engine is None:
-        return {}
-    if engine not in ENGINES:
+    is installed here, and every other option is one that :func:`xarray.open_dataset` or
+    the engine's backend takes (xarray passes what it does not know on to the backend,
+    which refuses it only when a file is opened)."""
+    import xarray as xr
+
+    installed = xr.backends.list_engines()
+    if engine is not None and engine not in ENGINES:
         return {
             "engine": f"open_dataset: engine must be one of {', '.join(ENGINES)}, not {engine!r}"
         }
-    import xarray as xr
-
-    if engine not in xr.backends.list_engines():
+    if engine is not None and engine not in installed:
         return {"engine": f"open_dataset: engine {engine!r} is not installed here"}
-    return {}
+    engines = [engine] if engine is not None else [e for e in ENGINES if e in installed]
+    known = _parameters(xr.open_dataset)
+    taken = {e: _parameters(installed[e].open_dataset) for e in engines}
+    problems = {}
+    for option in kwargs:
+        if option in known or any(option in names for names in taken.values()):
+            continue
+        which = f"the {engine} engine" if engine is not None else " or ".join(engines)
+        options = sorted(known | set().union(*taken.values()))
+        problems[option] = (
+            f"open_dataset: neither xarray.open_dataset nor {which} takes {option!r}"
+            f" (they take: engine, chunks, use_cftime, {', '.join(options)})"
+        )
+    return problems
+
+
+def _parameters(func: Any) -> set[str]:
+    """The keyword parameters *func* takes by name (not its file argument, not **kwargs)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = list(inspect.signature(func).parameters.values())[1:]
+    return {p.name for p in params if p.kind in kinds}
 
 
 open_dataset.check_options = _check_open_options  # type: ignore[attr-defined]

@@ -43,11 +43,30 @@ def unavailable() -> str | None:
     return None
 
 
+SHARED = (Path("/usr"), Path("/root/.pyenv"))  # what every container has (the tool's binds)
+
+
+def reachable_python(work: Path) -> tuple[str, Path | None]:
+    """The interpreter running the tests, as a unit in the container can run it, and the
+    mount made for that (None: none was needed). An interpreter under the shared trees is
+    there as it is; a virtual environment anywhere else (under /tmp, which the units'
+    PrivateTmp= hides, or a home directory) is bind-mounted under *work*, which is bound
+    into the container. Its base interpreter must be under the shared trees."""
+    prefix = Path(sys.prefix)
+    if any(prefix.is_relative_to(tree) for tree in SHARED) or sys.prefix == sys.base_prefix:
+        return sys.executable, None
+    mount = work / "venv"
+    mount.mkdir()
+    subprocess.run(["mount", "--bind", str(prefix), str(mount)], check=True)
+    return str(mount / Path(sys.executable).relative_to(prefix)), mount
+
+
 class Sandbox:
-    def __init__(self, name: str, work: Path) -> None:
+    def __init__(self, name: str, work: Path, python: str = sys.executable) -> None:
         self.name, self.work = name, work
         self.inbox, self.output = work / "inbox", work / "output"
         self.code = work / "code"
+        self.python = python  # the tests' interpreter, as the units reach it
 
     # -- running things inside ------------------------------------------------------------
 
@@ -101,7 +120,7 @@ class Sandbox:
             "--init-groups",
             "env",
             f"PYTHONPATH={self.code / 'src'}:{self.code / 'tests'}",
-            sys.executable,
+            self.python,
             "-m",
             "dpypeline",
             *args,
@@ -124,9 +143,7 @@ class Sandbox:
 
     def install_units(self) -> None:
         """The shipped units, with ExecStart running this checkout and the test's paths."""
-        python = (
-            f"/usr/bin/env PYTHONPATH={self.code / 'src'}:{self.code / 'tests'} {sys.executable}"
-        )
+        python = f"/usr/bin/env PYTHONPATH={self.code / 'src'}:{self.code / 'tests'} {self.python}"
         for name in (UNIT, "dpypeline@.service"):
             text = (ROOT / "systemd" / name).read_text()
             text = text.replace("/opt/dpypeline/bin/dpypeline", f"{python} -m dpypeline")
@@ -290,15 +307,20 @@ def sandbox() -> Iterator[Sandbox]:
     )
     for path in (work, *work.rglob("*")):  # readable by the service user
         path.chmod(0o755 if path.is_dir() else 0o644)
-    if not boot(name, work):
-        subprocess.run([str(TOOL), "stop", name], check=False, capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-        pytest.fail(f"the systemd sandbox {name} did not boot within {BOOT_TIMEOUT}s")
-    box = Sandbox(name, work)
+    python, mount = reachable_python(work)
     try:
-        # the container's /root holds the bound interpreter; the service user must reach it
-        box.run("chmod", "0711", "/root")
-        yield box
+        if not boot(name, work):
+            subprocess.run([str(TOOL), "stop", name], check=False, capture_output=True)
+            pytest.fail(f"the systemd sandbox {name} did not boot within {BOOT_TIMEOUT}s")
+        box = Sandbox(name, work, python)
+        try:
+            # the container's /root holds the bound interpreter; the service user must reach it
+            box.run("chmod", "0711", "/root")
+            yield box
+        finally:
+            subprocess.run([str(TOOL), "stop", name], check=False, capture_output=True)
     finally:
-        subprocess.run([str(TOOL), "stop", name], check=False, capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if mount is not None:
+            subprocess.run(["umount", "--lazy", str(mount)], check=False)
+        if mount is None or not os.path.ismount(mount):  # never delete through the mount
+            shutil.rmtree(work, ignore_errors=True)

@@ -167,7 +167,8 @@ def test_bad_inputs_end_dead_with_clear_reasons_and_good_files_go_on(
     for name in ("zero.nc", "text.nc", "truncated.nc"):
         assert zarr_jobs[name]["state"] == "skipped", zarr_jobs[name]
         assert zarr_jobs[name]["attempts"] == 1  # permanent: no retry
-        assert name in zarr_jobs[name]["error"]
+        assert name in zarr_jobs[name]["path"]  # the file in its own field, once
+        assert "the file is" in zarr_jobs[name]["error"]
         assert "re-send" in zarr_jobs[name]["error"]
     assert zarr_jobs["z-schema-U.nc"]["state"] == "skipped"
     assert "does not match" in zarr_jobs["z-schema-U.nc"]["error"]

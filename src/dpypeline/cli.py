@@ -26,7 +26,7 @@ from dpypeline.config import PipelineConfig, load_config
 from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError, StateError
 from dpypeline.paths import shown
-from dpypeline.report import cmd_jobs, cmd_status, iso
+from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid
 from dpypeline.state.ledger import JobState, Ledger
 
@@ -407,7 +407,7 @@ def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
                 file=rec.path,
                 job=rec.job,
                 state=rec.state.value,
-                error=rec.error,
+                error=error_of(rec),
                 by="operator",
             )
             print(f"job {rec.id} skipped ({shown(rec.path)}); jobs held behind it go on")

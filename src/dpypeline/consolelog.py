@@ -9,7 +9,8 @@ jobs=20``), and a warning or an error says why and what to do (``reason``, ``act
 Every other field of the event (attempt, state, logger, ...) is shown only at ``level:
 debug``, after these, in the order the event gave them: the JSON and journal outputs carry
 them all, at every level. A traceback (the ``exception`` field, already trimmed by
-``logs``) follows on its own lines.
+``logs``) follows on its own lines at ``level: debug``; at other levels the line's error
+says what happened, and the JSON and journal outputs keep the traceback.
 """
 
 from __future__ import annotations
@@ -103,6 +104,6 @@ class ConsoleLine:
         if self.debug:
             parts += [f"{k}={_value(v)}" for k, v in event.items() if k not in skip]
         line = " ".join(p for p in parts if p).rstrip()
-        if event.get("exception"):
+        if event.get("exception") and self.debug:  # JSON and the journal always have it
             line += "\n" + str(event["exception"])
         return line

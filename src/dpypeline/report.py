@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -27,6 +28,21 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
 
+# what a dead job's error tells the operator to do, which a job that ended otherwise
+# (skipped by the operator, say) no longer asks for
+_RETRY_ADVICE = re.compile(
+    r" \(permanent; fix the cause, then run: dpypeline retry \d+\)"
+    r"|\.? Fix the cause, then run: dpypeline retry \d+"
+)
+
+
+def error_of(r: JobRecord) -> str | None:
+    """The job's error as shown: without the advice to retry unless the job is dead."""
+    if r.error is None or r.state is JobState.DEAD:
+        return r.error
+    return _RETRY_ADVICE.sub("", r.error)
+
+
 def _job_dict(r: JobRecord, held: dict[int, Hold] | None = None) -> dict[str, Any]:
     hold = (held or {}).get(r.id)
     return {
@@ -39,7 +55,7 @@ def _job_dict(r: JobRecord, held: dict[int, Hold] | None = None) -> dict[str, An
         "size": r.size,
         "mtime_ns": r.mtime_ns,
         "attempts": r.attempts,
-        "error": r.error,
+        "error": error_of(r),
         "source": r.source,
         "created": iso(r.created),
         "updated": iso(r.updated),
@@ -92,7 +108,7 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
     if held:
         print(f"  held: {held_summary(held)}")
     for r in errors:
-        print(f"  #{r.id} {r.state.value}: {shown(r.path)}: {r.error}")
+        print(f"  #{r.id} {r.state.value}: {shown(r.path)}: {error_of(r)}")
     return EXIT_OK
 
 
@@ -155,7 +171,7 @@ def jobs_table(records: list[JobRecord], held: dict[int, Hold]) -> str:
     text = line(JOB_COLUMNS)
     for r, cells in zip(records, rows, strict=True):
         text += line(cells)
-        note = held[r.id].reason if r.id in held else r.error
+        note = held[r.id].reason if r.id in held else error_of(r)
         if note:
             text += f"{'':>{widths[0]}}  {note}\n"
     return text

@@ -32,8 +32,12 @@ class Decision:
     not_before: float | None = None
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, path: str | None = None, shown_as: str = "the file") -> str:
+    """One line: the exception's class and message; the job's own *path*, which the line,
+    the ledger row and status already show, is named *shown_as* instead of repeated."""
     text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    if path:
+        text = text.replace(repr(path), shown_as).replace(path, shown_as)
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 3] + "..."
 
 
@@ -56,12 +60,13 @@ def decide(exc: BaseException, claim: Claim, retry: RetryConfig, now: float) -> 
     if isinstance(exc, PermanentError | ConfigError):  # a task's own settings are wrong
         return Decision(
             JobState.DEAD,
-            f"{describe(exc)} (permanent; fix the cause, then run: dpypeline retry {rec.id})",
+            f"{describe(exc, rec.path)} (permanent; fix the cause, then run:"
+            f" dpypeline retry {rec.id})",
         )
     if isinstance(exc, JobTimeout):
         reason = f"timed out after {retry.job_timeout:g}s (retry.job_timeout)"
     else:
-        reason = describe(exc)
+        reason = describe(exc, rec.path)
     if rec.attempts >= retry.max_attempts:
         return Decision(
             JobState.DEAD,

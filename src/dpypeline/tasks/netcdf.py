@@ -119,7 +119,7 @@ def open_dataset(
             f"open_dataset: engine must be one of {', '.join(ENGINES)}, not {engine!r}"
         )
     if os.stat(path).st_size == 0:
-        raise PermanentError(f"{path} is empty (0 bytes), not a NetCDF file: re-send the file")
+        raise PermanentError(f"{path} is empty (0 bytes), not NetCDF: re-send the file")
     kwargs.setdefault("decode_times", xr.coders.CFDatetimeCoder(use_cftime=use_cftime))
     kwargs.setdefault("lock", _LIBRARY_LOCK)
     try:
@@ -142,10 +142,11 @@ def open_dataset(
     except (OSError, ValueError, RuntimeError) as exc:
         # netCDF4 says "NetCDF: Unknown file format" / "HDF error" (truncated HDF5), h5py
         # "file signature not found" / "truncated file", xarray's engine guess ValueError.
-        detail = (str(exc).splitlines() or [""])[0]
+        detail = (str(exc).splitlines() or [""])[0].replace(f": {path!r}", "")
+        exc.__suppress_context__ = True  # a miss of xarray's file cache: no news to anyone
         raise PermanentError(
-            f"{path} is not readable NetCDF ({type(exc).__name__}: {detail}); it may be"
-            " truncated or not NetCDF at all: re-send the file"
+            f"{path} is not readable NetCDF ({detail}); it may be truncated or not NetCDF at"
+            " all: re-send the file"
         ) from exc
     _note_masked_on_read(ds)
     return ds

@@ -146,7 +146,7 @@ def test_the_lotus_batch_script_stops_at_its_budget_and_the_next_run_finishes(
     slurm: None, tmp_path: Path
 ) -> None:
     """deploy/jasmin/dpypeline.sbatch as a real batch job: the budget ends the run with exit
-    4 and work left in the ledger; the next job takes it up; each file runs once."""
+    75 and work left in the ledger; the next job takes it up; each file runs once."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     cfg = write_config(
@@ -191,7 +191,7 @@ def test_the_lotus_batch_script_stops_at_its_budget_and_the_next_run_finishes(
         return proc.returncode, (tmp_path / f"dpypeline-{job_id}.out").read_text()
 
     code, output = submit("1s")
-    assert code == 4, output[-3000:]
+    assert code == 75, output[-3000:]
     assert '"time_budget_reached"' in output
     counts = status(cfg)
     assert counts["running"] == 0

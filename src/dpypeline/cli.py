@@ -3,7 +3,7 @@ migrate``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
-finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``), 4 ``run
+finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``), 75 ``run
 --max-runtime`` stopped at its time budget with work left (``service.EXIT_TIME_BUDGET``).
 status, jobs, retry, skip and enqueue work while the service runs: they only touch the
 ledger, through SQLite, and the service picks up what they changed.
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         type=_duration,
         help="a time budget (e.g. 11h): after it no new job starts, running jobs get"
-        " stop_grace, and the run exits 4 if work is left (cron, SLURM)",
+        " stop_grace, and the run exits 75 if work is left (cron, SLURM)",
     )
     run.add_argument(
         "--no-progress",

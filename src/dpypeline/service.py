@@ -53,7 +53,9 @@ EXECUTOR_STATUS_EVERY = 1.0  # how fresh `dpypeline status` shows the cluster
 SYSTEMD_RESTARTS = "health pings stop so that systemd restarts the service"
 RESTART = "the service restarts to reclaim the worker"
 EXIT_JOBS_DEAD = 3  # `run --once` when a job ended dead: cron and batch wrappers see it
-EXIT_TIME_BUDGET = 4  # `--max-runtime` ran out with work left: the next run goes on with it
+# `--max-runtime` ran out with work left: the next run goes on with it (sysexits.h's
+# EX_TEMPFAIL, "try again later", which batch wrappers know)
+EXIT_TIME_BUDGET = 75
 
 
 class Status(StrEnum):

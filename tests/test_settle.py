@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dpypeline.watching.settle import Settler, StableFile
+from dpypeline.watching.settle import RECHECK, Settler, StableFile
 
 ROOT = "/watched"
 
@@ -295,3 +295,19 @@ def test_close_note_stats_the_file_at_once_so_settle_starts_at_the_close(
     write(path, b"12", mtime_ns=9)  # changed after the close: not stable at 2.0
     assert settler.poll(2.0) == []
     assert settler.poll(4.0) == [stable(f, 2, 9)]
+
+
+def test_a_settled_file_a_writer_holds_open_waits_for_the_close_and_a_zero_settle_cannot_spin(
+    settler: Settler, tmp_path: Path
+) -> None:
+    f = write(tmp_path / "held.nc", b"half")
+    writer = os.open(f, os.O_WRONLY | os.O_APPEND)  # silent, but still open for writing
+    try:
+        settler.note(f, ROOT, 0.0, 10.0, eligible=True)
+        assert settler.poll(10.0) == []  # one look per poll, though settle is zero
+        assert settler.next_deadline() == 10.0 + RECHECK
+        assert settler.poll(10.0 + RECHECK) == []
+        assert f in settler
+    finally:
+        os.close(writer)
+    assert settler.poll(10.0 + 2 * RECHECK) == [stable(f, 4)]

@@ -90,7 +90,11 @@ class Arrivals:
             if self.timers.fire(Timer.RESCAN, now, spec.index):
                 self.request_scan(spec.index, "rescan")
             if self.timers.fire(Timer.POLL, now, spec.index) and self.pending_scans == 0:
-                self.request_scan(spec.index, "poll")
+                if spec.mode == "poll":
+                    self.request_scan(spec.index, "poll")
+                else:  # an inotify watch polls only its directories refused a watch
+                    for directory in spec.polled_directories():
+                        self.request_scan(spec.index, "poll", directory)
         self._enqueue(self.settler.poll(now), now)
 
     def check(self, now: float) -> list[str]:
@@ -151,6 +155,8 @@ class Arrivals:
             self.settler.note(obs.path, spec.root, settle, now, eligible=True)
         elif obs.kind == "deleted":
             self.settler.forget(obs.path)
+        elif obs.kind == "unwatched":
+            self._poll_unwatched(spec, obs, now)
         elif obs.kind == "directory" and not os.path.islink(obs.path):
             # watchdog reports a link to a directory inside a new one as a directory; scans
             # never go through links to directories
@@ -159,8 +165,35 @@ class Arrivals:
             self.pending_scans -= 1  # a failed scan too: it was logged, the next one retries
             if obs.full and not obs.failed:
                 spec.directories = obs.directories  # for the watcher's coverage check
+            elif obs.path in spec.unwatched and obs.reason == "poll":
+                if obs.directories:
+                    spec.unwatched[obs.path] = obs.directories
+                else:  # gone: nothing left there to poll
+                    del spec.unwatched[obs.path]
             if not obs.failed:
                 self._reconcile(spec, obs, now)
+
+    def _poll_unwatched(self, spec: WatchSpec, obs: Observation, now: float) -> None:
+        """Poll, from now on, a directory of an inotify watch that the kernel refused a
+        watch (the user's ``fs.inotify.max_user_watches`` reached): watchdog goes on
+        without it, and files written there would otherwise wait for the next rescan."""
+        if spec.mode != "inotify" or obs.path in spec.unwatched:
+            return  # a poll watch (or one that fell back to polling) sees it already
+        if not spec.unwatched:
+            poll = spec.config.poll_interval
+            self.timers.every(Timer.POLL, poll, now + poll, spec.index)
+        spec.unwatched[obs.path] = 1
+        log.warning(
+            "directory_polled",
+            watch=spec.root,
+            directory=obs.path,
+            error=obs.reason,
+            polled=len(spec.unwatched),
+            action=f"no inotify watch could be added: polling it every"
+            f" {spec.config.poll_interval:g}s instead; raise the sysctl"
+            " fs.inotify.max_user_watches and restart to restore its events",
+        )
+        self.request_scan(spec.index, "poll", obs.path)
 
     def _known(self, path: str) -> bool:
         """Whether the version of ``path`` on disk now is settling as complete already, or

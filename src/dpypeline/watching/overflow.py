@@ -1,4 +1,4 @@
-"""Noticing an inotify queue overflow, whatever watchdog does with it.
+"""Noticing what watchdog keeps to itself: an inotify queue overflow, and a refused watch.
 
 When the kernel's event queue of an inotify instance is full it drops events and queues one
 ``IN_Q_OVERFLOW`` event (watch descriptor -1) instead. What watchdog makes of it depends on
@@ -10,13 +10,24 @@ Every watchdog from 6.0 to 7.x reads the inotify descriptor in one place and han
 bytes to one static method, ``_parse_event_buffer`` of ``inotify_c.Inotify`` (6.x) or
 ``inotify_c.InotifyFD`` (7.x), which yields ``(wd, mask, cookie, name)`` per event.
 :func:`install` wraps that method, once per process, and the wrapper calls every
-registered listener for each event whose mask holds ``IN_Q_OVERFLOW``. It is the only place
-that knows watchdog's internals: should a future watchdog move the method, :func:`install`
-raises at start-up (and the overflow tests fail) rather than overflows going unnoticed.
+registered listener for each event whose mask holds ``IN_Q_OVERFLOW``.
+
+A directory created after start whose watch the kernel refuses (``fs.inotify.
+max_user_watches`` reached) is skipped by watchdog with at most a warning, and nothing in
+it would be seen until the next rescan. Every watchdog asks the kernel for a watch in one
+method, ``Inotify._add_watch`` (6.x) or ``InotifyFD.add_callback`` (7.x), which raises
+OSError when refused: :func:`install` wraps it too, and tells every listener of
+:func:`listen_refused` which directory went without a watch, so that it is polled at once.
+
+This is the only place that knows watchdog's internals: should a future watchdog move these
+methods, :func:`install` raises at start-up (and the overflow tests fail) rather than
+overflows or refusals going unnoticed.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,8 +36,15 @@ from watchdog.observers import inotify_c
 
 IN_Q_OVERFLOW = 0x4000  # <sys/inotify.h>
 _CLASSES = ("InotifyFD", "Inotify")  # watchdog 7.x, 6.x
+_ADDERS = (("InotifyFD", "add_callback"), ("Inotify", "_add_watch"))  # watchdog 7.x, 6.x
+#: What inotify_add_watch(2) fails with when the user's watches (or the kernel's memory for
+#: them) are used up; a directory gone meanwhile (ENOENT) needs no polling.
+REFUSALS = frozenset({errno.ENOSPC, errno.ENOMEM})
+
+Refused = Callable[[str, OSError], None]
 
 _listeners: set[Callable[[], None]] = set()
+_refused_listeners: set[Refused] = set()
 _lock = threading.Lock()
 
 
@@ -41,13 +59,51 @@ def _reader() -> Any:
     )
 
 
-def install() -> None:
-    """Wrap watchdog's parser of raw inotify events so that overflows reach the listeners.
+def _adder() -> tuple[Any, str]:
+    for cls_name, method in _ADDERS:
+        cls = getattr(inotify_c, cls_name, None)
+        if cls is not None and callable(getattr(cls, method, None)):
+            return cls, method
+    raise RuntimeError(
+        "this watchdog version adds inotify watches in an unknown way, so directories left"
+        " without a watch could go unnoticed (looked for "
+        + " or ".join(f"{c}.{m}" for c, m in _ADDERS)
+        + ")"
+    )
 
-    The one place that changes watchdog: idempotent (a second call finds the wrapper and
-    leaves it), called by the watcher before its observer starts. Raises RuntimeError if
-    this watchdog parses events somewhere else."""
+
+def _install_refusals() -> None:
+    """Wrap watchdog's request for a watch so that refusals reach the listeners."""
+    cls, method = _adder()
+    add = getattr(cls, method)
+    if getattr(add, "notices_refusal", False):
+        return
+
+    def add_and_notice(self: Any, path: bytes, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return add(self, path, *args, **kwargs)
+        except OSError as exc:
+            if exc.errno in REFUSALS:
+                with _lock:
+                    listeners = tuple(_refused_listeners)
+                for listener in listeners:
+                    listener(os.fsdecode(path), exc)
+            raise
+
+    add_and_notice.notices_refusal = True  # type: ignore[attr-defined]
+    add_and_notice.__wrapped__ = add  # type: ignore[attr-defined]
+    setattr(cls, method, add_and_notice)
+
+
+def install() -> None:
+    """Wrap watchdog's parser of raw inotify events so that overflows reach the listeners,
+    and its request for a watch so that refusals do.
+
+    The one place that changes watchdog: idempotent (a second call finds the wrappers and
+    leaves them), called by the watcher before its observer starts. Raises RuntimeError if
+    this watchdog parses events or adds watches somewhere else."""
     with _lock:
+        _install_refusals()
         cls = _reader()
         parse = cls._parse_event_buffer
         if getattr(parse, "notices_overflow", False):
@@ -68,7 +124,11 @@ def install() -> None:
 
 
 def installed() -> bool:
-    return bool(getattr(_reader()._parse_event_buffer, "notices_overflow", False))
+    cls, method = _adder()
+    return bool(
+        getattr(_reader()._parse_event_buffer, "notices_overflow", False)
+        and getattr(getattr(cls, method), "notices_refusal", False)
+    )
 
 
 def listen(listener: Callable[[], None]) -> None:
@@ -83,3 +143,18 @@ def listen(listener: Callable[[], None]) -> None:
 def unlisten(listener: Callable[[], None]) -> None:
     with _lock:
         _listeners.discard(listener)
+
+
+def listen_refused(listener: Refused) -> None:
+    """Call ``listener(directory, error)`` whenever the kernel refuses any inotify instance
+    of this process a watch for lack of room (:data:`REFUSALS`), on the thread that asked:
+    keep it short. :func:`install` must have run."""
+    if not installed():
+        raise RuntimeError("overflow.install() was not called: refused watches would go unnoticed")
+    with _lock:
+        _refused_listeners.add(listener)
+
+
+def unlisten_refused(listener: Refused) -> None:
+    with _lock:
+        _refused_listeners.discard(listener)

@@ -65,7 +65,14 @@ class Scanner(threading.Thread):
             rel = spec.relative(subdir) or ""
             sub = PrefixMatcher(spec.matcher, rel)
             result = scan(subdir, sub, follow_symlinks=follow)  # type: ignore[arg-type]
-            return Observation("scanned", spec.index, subdir, tuple(result.files), reason=reason)
+            return Observation(
+                "scanned",
+                spec.index,
+                subdir,
+                tuple(result.files),
+                reason=reason,
+                directories=result.directories,
+            )
         if reason == "poll":
             known = self.last_poll.get(spec.index, {})
             result = scan(spec.root, spec.matcher, sort=False, known=known, follow_symlinks=follow)

@@ -11,6 +11,10 @@ Covered traps of watchdog (SPEC §1):
 - an emitter thread can die (e.g. its root was removed) while the observer lives on:
   ``check`` finds dead emitters and re-schedules them, reporting what it could not fix;
 - a watch that cannot be set up (inotify limits) falls back to polling, loudly;
+- a directory made after start that the kernel refuses a watch (``max_user_watches``
+  reached) is skipped by watchdog; the ``overflow`` module sees the refusal and the
+  directory is polled from then on (an ``unwatched`` observation), the rest of the tree
+  keeping its events;
 - files present at start are not reported: the service scans at start;
 - only inotify reports close-after-write: ``poll`` watches scan every ``poll_interval``
   on the scan thread (``scanner``) (cheaper than watchdog's PollingObserver, which keeps and
@@ -51,7 +55,9 @@ from dpypeline.watching.scan import FileVersion
 
 log = get_logger("dpypeline.watch")
 
-Kind = Literal["created", "writing", "complete", "deleted", "directory", "overflow", "scanned"]
+Kind = Literal[
+    "created", "writing", "complete", "deleted", "directory", "unwatched", "overflow", "scanned"
+]
 
 EVENT_TYPES: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
@@ -74,7 +80,7 @@ class Observation:
     full: bool = False  # for "scanned": the whole watch was walked
     failed: bool = False  # for "scanned": the walk failed (logged); nothing was found
     reason: str = ""
-    directories: int = 0  # for a full "scanned": the directories walked
+    directories: int = 0  # for "scanned": the directories walked
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,22 @@ class WatchSpec:
     fstype: str
     observed: ObservedWatch | None = None
     directories: int = 0  # found by the last full scan
+    # directories of an inotify watch refused a watch of their own, polled instead: each
+    # with the directories its last poll walked (it and those below it have no watch)
+    unwatched: dict[str, int] = field(default_factory=dict)
+
+    def polled_directories(self) -> list[str]:
+        """The unwatched directories to poll: each once, and none below another (a poll
+        walks the whole tree below its directory)."""
+        polled: list[str] = []
+        for path in sorted(self.unwatched):
+            if not polled or not path.startswith(polled[-1] + os.sep):
+                polled.append(path)
+        return polled
+
+    def polled_count(self) -> int:
+        """How many directories of the last full scan have no watch and are polled."""
+        return sum(self.unwatched[path] for path in self.polled_directories())
 
     def target(self) -> ScanTarget:
         return ScanTarget(
@@ -207,6 +229,7 @@ class Watcher:
     def start(self) -> None:
         overflow.install()
         overflow.listen(self._overflowed)
+        overflow.listen_refused(self._refused)
         # Full events: a file moved in from outside the tree is a move (complete), not a
         # creation (which would wait for a close that never comes).
         self._observer = InotifyObserver(generate_full_events=True)
@@ -219,6 +242,13 @@ class Watcher:
 
     def _overflowed(self) -> None:
         self.inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
+
+    def _refused(self, directory: str, error: OSError) -> None:
+        """On the thread that asked for the watch (watchdog's, or the loop's in
+        ``_schedule``): tell the loop, which polls the directory if its watch uses inotify."""
+        for spec in self.specs:
+            if directory == spec.root or spec.relative(directory) is not None:
+                self.inbox.put(Observation("unwatched", spec.index, directory, reason=str(error)))
 
     def _schedule(self, spec: WatchSpec) -> None:
         assert self._observer is not None
@@ -235,6 +265,7 @@ class Watcher:
                 " sysctls fs.inotify.max_user_watches / max_user_instances to restore events",
             )
             spec.mode, spec.observed = "poll", None
+            spec.unwatched.clear()
 
     def check(self) -> WatchHealth:
         """Find dead parts and repair what can be repaired: re-establish dead emitters, and
@@ -254,7 +285,7 @@ class Watcher:
         reached, say), so count the watches the kernel really holds for this process."""
         inotify = [s for s in self.specs if s.mode == "inotify"]
         held = inotify_watch_count()
-        expected = sum(s.directories for s in inotify)
+        expected = sum(s.directories - s.polled_count() for s in inotify)
         if held is None or held >= expected:
             self._short = 0
             return
@@ -274,6 +305,7 @@ class Watcher:
                 with contextlib.suppress(KeyError):
                     self._observer.unschedule(spec.observed)
             spec.mode, spec.observed = "poll", None
+            spec.unwatched.clear()
             health.polling.append(spec.index)
         self._short = 0
 
@@ -297,6 +329,7 @@ class Watcher:
 
     def stop(self) -> None:
         overflow.unlisten(self._overflowed)
+        overflow.unlisten_refused(self._refused)
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=10)

@@ -126,16 +126,31 @@ def test_version_known_to_the_service_is_not_added_again_by_a_cli_process(
     ]
 
 
-def test_new_mtime_or_size_is_a_new_version_with_its_own_job(service: Ledger) -> None:
+def test_a_new_version_of_a_written_file_has_a_job_of_its_own(service: Ledger) -> None:
     service.enqueue([fv("a.nc", 100, 1_000)], ROOT, ["ingest"], "watch", 1.0)
+    first = service.claim(1.0)
+    assert first is not None
+    service.finish(first, JobState.DONE, 1.0)
     assert service.enqueue([fv("a.nc", 100, 2_000)], ROOT, ["ingest"], "watch", 2.0) == 1
-    assert service.enqueue([fv("a.nc", 101, 2_000)], ROOT, ["ingest"], "watch", 3.0) == 1
     assert service.enqueue([fv("a.nc", 100, 1_000)], ROOT, ["ingest"], "watch", 4.0) == 0
-    assert sorted((r.size, r.mtime_ns) for r in service.jobs()) == [
-        (100, 1_000),
-        (100, 2_000),
-        (101, 2_000),
+    assert sorted((r.id, r.size, r.mtime_ns, r.state) for r in service.jobs()) == [
+        (1, 100, 1_000, JobState.DONE),
+        (2, 100, 2_000, JobState.QUEUED),
     ]
+
+
+def test_a_new_version_of_a_file_not_yet_written_takes_its_jobs_place(service: Ledger) -> None:
+    service.enqueue([fv("a.nc", 100, 1_000), fv("b.nc")], ROOT, ["ingest"], "watch", 1.0)
+    assert service.enqueue([fv("a.nc", 100, 2_000)], ROOT, ["ingest"], "watch", 2.0) == 1
+    assert service.enqueue([fv("a.nc", 101, 2_000)], ROOT, ["ingest"], "scan", 3.0) == 1
+    assert service.enqueue([fv("a.nc", 101, 2_000)], ROOT, ["ingest"], "watch", 4.0) == 0
+    assert sorted((r.id, Path(r.path).name, r.size, r.mtime_ns) for r in service.jobs()) == [
+        (1, "a.nc", 101, 2_000),
+        (2, "b.nc", 100, 1_000),
+    ]
+    a = service.get(1)
+    assert a is not None
+    assert (a.state, a.source) == (JobState.QUEUED, "scan")
 
 
 def test_enqueue_counts_only_new_jobs_one_per_job_name(service: Ledger) -> None:
@@ -728,10 +743,11 @@ def test_prune_never_forgets_unfinished_jobs(service: Ledger) -> None:
     service.finish(retrying, JobState.RETRYING, 1.0, error="flaky", not_before=1e9)
     service.enqueue([fv(f"{s}.nc", mtime_ns=2) for s in states], ROOT, ["ingest"], "watch", 2.0)
     assert service.prune(now=1e6, retention=1.0, present=set()) == 0
+    # the new versions of the retrying and the queued file took their jobs' places
     assert service.counts() == {
-        "queued": 4,
+        "queued": 3,
         "running": 1,
-        "retrying": 1,
+        "retrying": 0,
         "done": 0,
         "dead": 0,
         "skipped": 0,

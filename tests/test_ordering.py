@@ -336,3 +336,107 @@ def _vm_steps(cache: Path, ledger: Ledger, job_id: int) -> int:
     finally:
         ledger._db.set_progress_handler(None, 1)
     return steps
+
+
+# -- a new version of a file takes its job's place ----------------------------------------
+
+
+def resent(i: int, mtime_ns: int = 2_000) -> FileVersion:
+    return FileVersion(f"{ROOT}/y{i}.nc", 200, mtime_ns)
+
+
+def test_a_new_version_of_a_dead_file_takes_its_place_and_the_held_ones_follow_it(
+    ledger: Ledger,
+) -> None:
+    ledger.enqueue([year(i) for i in range(1, 6)], ROOT, ["ingest"], "scan", 0.0)
+    one = take(ledger)
+    assert one is not None
+    ledger.finish(one, JobState.DONE, 1.0)
+    two = take(ledger)
+    assert two is not None
+    ledger.finish(two, JobState.DEAD, 1.0, error="PermanentError: truncated")
+    assert take(ledger) is None
+    assert [(h.job_id, h.behind_state) for h in ledger.held()] == [
+        (3, "dead"),
+        (4, "dead"),
+        (5, "dead"),
+    ]
+    assert ledger.enqueue([resent(2)], ROOT, ["ingest"], "watch", 2.0) == 1
+    again = ledger.get(2)
+    assert again is not None
+    assert (again.state, again.size, again.attempts, again.error) == (
+        JobState.QUEUED,
+        200,
+        0,
+        None,
+    )
+    assert [r.id for r in ledger.jobs(limit=10)] == [5, 4, 3, 2, 1]  # no job of its own
+    assert {(h.behind, h.behind_state) for h in ledger.held()} == {(2, "queued")}
+    assert ledger.has_unfinished()  # a run --once waits for it now
+    taken = []
+    while (claim := take(ledger, 3.0)) is not None:
+        taken.append(claim.record.id)
+        ledger.finish(claim, JobState.DONE, 3.0)
+    assert taken == [2, 3, 4, 5]
+
+
+def test_a_new_version_that_arrives_while_its_file_runs_takes_the_place_if_the_run_fails(
+    ledger: Ledger,
+) -> None:
+    ledger.enqueue([year(i) for i in range(1, 4)], ROOT, ["ingest"], "scan", 0.0)
+    one = take(ledger)
+    assert one is not None
+    ledger.enqueue([resent(1, 2_000), resent(1, 3_000)], ROOT, ["ingest"], "watch", 1.0)
+    assert [r.id for r in ledger.jobs(limit=10)] == [5, 4, 3, 2, 1]  # while 1 runs
+    ledger.finish(one, JobState.DEAD, 2.0, error="PermanentError: truncated")
+    assert [r.id for r in ledger.jobs(limit=10)] == [3, 2, 1]
+    rec = ledger.get(1)
+    assert rec is not None
+    assert (rec.state, rec.mtime_ns, rec.attempts) == (JobState.QUEUED, 3_000, 0)
+    assert taken_id(ledger, 3.0) == 1
+
+
+def test_a_new_version_of_a_file_written_meanwhile_is_a_job_of_its_own_at_the_end(
+    ledger: Ledger,
+) -> None:
+    ledger.enqueue([year(i) for i in range(1, 3)], ROOT, ["ingest"], "scan", 0.0)
+    one = take(ledger)
+    assert one is not None
+    ledger.enqueue([resent(1)], ROOT, ["ingest"], "watch", 1.0)
+    ledger.finish(one, JobState.DONE, 2.0)
+    assert [(r.id, r.state) for r in ledger.jobs(limit=10)] == [
+        (3, JobState.QUEUED),
+        (2, JobState.QUEUED),
+        (1, JobState.DONE),
+    ]
+    assert [taken_id(ledger, 3.0) for _ in range(2)] == [2, 3]
+
+
+def test_versions_queued_behind_their_files_dead_job_by_an_older_release_merge_at_start(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "cache"
+    ledger = Ledger(cache, service=True)
+    try:
+        ledger.enqueue([year(i) for i in range(1, 4)], ROOT, ["ingest"], "scan", 0.0)
+        one = take(ledger)
+        assert one is not None
+        ledger.finish(one, JobState.DEAD, 1.0, error="bad")
+    finally:
+        ledger.close()
+    db = sqlite3.connect(cache / DB_FILE)
+    with db:  # as a release that gave each version a job of its own left it
+        db.execute(
+            "INSERT INTO jobs (path, size, mtime_ns, job, root, state, source, created,"
+            " updated, position) VALUES (?, 200, 2000, 'ingest', ?, 'queued', 'watch', 2, 2, 9)",
+            (f"{ROOT}/y1.nc", ROOT),
+        )
+        db.execute("INSERT INTO holds (job_id, behind) VALUES (4, 1)")
+    db.close()
+    ledger = Ledger(cache, service=True)
+    try:
+        ledger.recover(5, 3.0)
+        assert [r.id for r in ledger.jobs(limit=10)] == [3, 2, 1]
+        assert [taken_id(ledger, 3.0) for _ in range(1)] == [1]
+    finally:
+        ledger.close()

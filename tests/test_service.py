@@ -432,6 +432,37 @@ def test_a_failed_job_runs_again_when_its_backoff_has_passed(
     assert h.jobs() == {"flaky.nc": (JobState.RUNNING, 2)}
 
 
+def test_a_job_whose_file_changed_before_it_started_waits_for_the_new_version_in_its_place(
+    make: Callable[..., Harness],
+) -> None:
+    """The file changed between its job's queueing and its start (rewritten, or re-sent
+    while the service was stopped and its dead job retried): the job neither runs the
+    half-written file nor ends skipped (which would let the later files of an append store
+    overtake the new version); it waits, and the new version, once settled, takes it over."""
+    h = make(
+        "a.nc",
+        "b.nc",
+        retry={"max_attempts": 3, "backoff": {"initial": "20s"}, "job_timeout": "1h"},
+    )
+    h.settle()
+    [a] = h.running()
+    (h.inbox / "b.nc").write_bytes(b"b, written again")
+    h.executor.finish(a)
+    h.steps_until(lambda: h.jobs()["b.nc"][0] is not JobState.QUEUED, "b taken")
+    assert h.jobs() == {"a.nc": (JobState.DONE, 1), "b.nc": (JobState.RETRYING, 1)}
+    assert h.executor.running == {}
+    settler = h.service._arrivals.settler
+    h.steps_until(lambda: settler.next_deadline() is not None, "the new version's arrival")
+    h.clock.advance(SETTLE)
+    with capture_logs() as captured:
+        [b] = h.running()
+    assert b == a + 1  # its own job, in its place: the new version has none of its own
+    assert h.jobs() == {"a.nc": (JobState.DONE, 1), "b.nc": (JobState.RUNNING, 1)}
+    [superseded] = events(captured, "job_superseded")
+    assert (superseded["job_id"], superseded["was"]) == (b, "retrying")
+    h.executor.finish(b)
+
+
 def test_health_is_a_pure_decision_with_the_cluster_grace() -> None:
     health = Health()
     verdict = health.assess(0.0, watching=[], overdue=False, executor=[])

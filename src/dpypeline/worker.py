@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpypeline.config import PipelineConfig, RetryConfig
-from dpypeline.errors import ConfigError, JobTimeout, PermanentError, SkipFile, Unavailable
+from dpypeline.errors import (
+    ConfigError,
+    JobTimeout,
+    PermanentError,
+    SkipFile,
+    TransientError,
+    Unavailable,
+)
 from dpypeline.executors.ordering import Held, hold_for
 from dpypeline.executors.serial import Executor, Finished
 from dpypeline.logs import get_logger
@@ -19,6 +26,7 @@ from dpypeline.metrics import Metrics
 from dpypeline.paths import refusal
 from dpypeline.pipeline import Job, JobCall, JobContext
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
+from dpypeline.watching.scan import FileVersion
 
 log = get_logger("dpypeline.worker")
 
@@ -163,16 +171,7 @@ class Worker:
         if refused is not None or st is None:
             return self._record(claim, Decision(JobState.SKIPPED, f"skipped: {refused}"), jlog, now)
         if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
-            return self._record(
-                claim,
-                Decision(
-                    JobState.SKIPPED,
-                    "skipped: superseded by a newer version of the file"
-                    f" (size {st.st_size}); that version gets its own job",
-                ),
-                jlog,
-                now,
-            )
+            return self._record(claim, self._changed(claim, st, now), jlog, now)
         job = self.jobs.get(rec.job)
         if job is None:
             return self._record(
@@ -198,6 +197,25 @@ class Worker:
             rec.id, JobCall(job, rec.path, context), self.config.retry.job_timeout, now
         )
         return None
+
+    def _changed(self, claim: Claim, st: os.stat_result, now: float) -> Decision:
+        """The file changed since its job was queued. A version the ledger knows has its
+        own job: this one is skipped. An unknown one is still settling; once it settles it
+        takes this job's place (``holds.absorb``), so the job waits for it, as after a
+        transient failure, and keeps holding the later files of its store meanwhile."""
+        rec = claim.record
+        version = FileVersion(rec.path, st.st_size, st.st_mtime_ns)
+        if not self.ledger.unknown([version], [rec.job]):
+            return Decision(
+                JobState.SKIPPED,
+                "skipped: superseded by a newer version of the file"
+                f" (size {st.st_size}), which has its own job",
+            )
+        waiting = TransientError(
+            f"{rec.path} changed since this job was queued (size {rec.size}, now"
+            f" {st.st_size}); the new version takes this job's place once it has settled"
+        )
+        return decide(waiting, claim, self.config.retry, now)
 
     def _gate(self, rec: JobRecord) -> int | None:
         """The job ``rec`` must wait behind (an earlier job of its append store that has
@@ -334,6 +352,7 @@ class Worker:
                     store=self.stores[claim.record.job],
                     held=held,
                     reason=f"{held} later job(s) of the store wait behind dead job {rid}:"
-                    f" fix its cause and run `dpypeline retry {rid}`, or accept the gap with"
+                    " a new version of its file takes its place by itself; else fix its cause"
+                    f" and run `dpypeline retry {rid}`, or accept the gap with"
                     f" `dpypeline skip {rid}`",
                 )

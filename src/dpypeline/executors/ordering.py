@@ -12,9 +12,16 @@ carry out the decisions.
   every earlier job of that resource, in queue order (ledger ids), has committed
   (``done``), was ``skipped``, or is running now. Otherwise it is *held* behind the
   earliest of them: it stays ``queued``, spends no attempt, and is not taken again until
-  that job commits or is skipped. Behind a ``dead`` job the hold lasts until the operator
-  either retries it (``dpypeline retry N``, once the cause is fixed) or accepts the gap
-  (``dpypeline skip N``).
+  that job commits or is skipped. Behind a ``dead`` job the hold lasts until a new version
+  of its file arrives, or the operator either retries it (``dpypeline retry N``, once the
+  cause is fixed) or accepts the gap (``dpypeline skip N``).
+- *Place*: a job's place in its store's order is its id, and it belongs to the file, not
+  to one version of it. A new version of a file whose job is not written yet (dead, held,
+  queued, retrying) takes that job, with its place and fresh attempts
+  (:func:`dpypeline.state.holds.absorb`): a superseded version never holds anything, and
+  re-sending a bad file is enough for it and the files held behind it to be written in
+  order. A new version of a file already written is a job of its own, at the end of the
+  line, which writes the file's steps again where they are (``to_zarr``'s ``overlap``).
 - *Commit* (:class:`CommitOrder`): of the jobs of one resource in flight at once (the dask
   executor computes several files ahead), the earliest commits first, one at a time; when
   one of them fails, the later ones of an ordered resource are withdrawn before they
@@ -64,8 +71,9 @@ class Hold:
         if self.needs_operator:
             return (
                 f"held behind dead job {self.behind}, an earlier file of the same append store:"
-                f" fix its cause and run `dpypeline retry {self.behind}`, or accept the gap"
-                f" with `dpypeline skip {self.behind}`"
+                " a new version of that file takes its place by itself; else fix its cause and"
+                f" run `dpypeline retry {self.behind}`, or accept the gap with"
+                f" `dpypeline skip {self.behind}`"
             )
         return (
             f"held behind job {self.behind} ({self.behind_state}), an earlier file of the"

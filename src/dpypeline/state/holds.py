@@ -5,20 +5,38 @@ A held job is passed over when the service takes the next job in line, so it is 
 taken nor counted again while it waits. Its row goes when the job it waits for commits or
 is skipped (by the service, or by ``dpypeline skip``). The functions take the ledger's
 connection and run inside the caller's transaction.
+
+A job's place in its store's order is its id, and a new version of a file takes the place
+of the file's job that is not written yet (:func:`absorb`): the job that a dead, held,
+queued or retrying version had is given the new version, with fresh attempts, and the jobs
+held behind it stay held behind it. A superseded version therefore never holds anything,
+and re-sending a file that went dead is enough: it is written in its place, then the
+files after it.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from dpypeline.executors.ordering import Hold, Pending
-from dpypeline.state.transitions import JobState, is_state
+from dpypeline.logs import get_logger
+from dpypeline.state.transitions import Event, JobState, apply, is_state
+
+log = get_logger("dpypeline.state")
 
 # states in which a job keeps the later jobs of its store from committing
 HOLDING = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.DEAD)
 # the same, without "running": jobs in flight commit first, so they hold no start
 AHEAD = (JobState.QUEUED, JobState.RETRYING, JobState.DEAD)
+# a job of a file not written yet and not running: a new version of the file takes it
+OPEN = AHEAD
+# what a job taken over by a new version of its file starts again with
+FRESH = (
+    "size = :size, mtime_ns = :mtime_ns, source = :source, attempts = 0, error = NULL,"
+    " not_before = NULL, started = NULL, finished = NULL"
+)
 
 # a job that is unfinished only because it is held behind a dead one
 HELD_BEHIND_DEAD = (
@@ -74,3 +92,88 @@ def listing(db: sqlite3.Connection) -> list[Hold]:
             " ON b.id = h.behind ORDER BY h.job_id"
         )
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """Job ``job_id`` now processes a newer version of its file (``size`` bytes), in its
+    place; it was ``state`` (with ``error``), and the later jobs ``dropped`` that had
+    been made for newer versions are gone."""
+
+    job_id: int
+    path: str
+    state: str
+    error: str | None
+    size: int
+    dropped: tuple[int, ...]
+
+
+def superseding(db: sqlite3.Connection, after: int = 0) -> list[int]:
+    """The queued jobs after id ``after`` (those one enqueue made, or all) of a file whose
+    job of the same name before them is still open: new versions that take its place."""
+    return [
+        row[0]
+        for row in db.execute(
+            f"SELECT n.id FROM jobs AS n WHERE {is_state([JobState.QUEUED], 'n.state')}"
+            " AND n.id > ? AND EXISTS (SELECT 1 FROM jobs AS o"
+            " WHERE o.path = n.path AND o.job = n.job AND o.id < n.id"
+            f" AND {is_state(OPEN, 'o.state')})",
+            (after,),
+        )
+    ]
+
+
+def absorb(db: sqlite3.Connection, job_ids: Iterable[int], now: float) -> list[Superseded]:
+    """For the file (and job name) of each of ``job_ids``: when its earliest open job has
+    later jobs still queued, made for newer versions of the file, the open job takes the
+    newest version (queued, fresh attempts, its id and so its place kept) and the later
+    jobs go. Nothing happens while a job of that file runs: its end calls this again."""
+    done: list[Superseded] = []
+    for job_id in job_ids:
+        rows = sorted(
+            db.execute(
+                "SELECT id, state, path, error FROM jobs WHERE (path, job) ="
+                " (SELECT path, job FROM jobs WHERE id = ?)",
+                (job_id,),
+            )
+        )
+        if any(state == JobState.RUNNING for _, state, _, _ in rows):
+            continue
+        place = next((r for r in rows if r[1] in OPEN), None)
+        if place is None:
+            continue
+        later = [i for i, state, _, _ in rows if i > place[0] and state == JobState.QUEUED]
+        if not later:
+            continue
+        size, mtime_ns, source = db.execute(
+            "SELECT size, mtime_ns, source FROM jobs WHERE id = ?", (later[-1],)
+        ).fetchone()
+        marks = ",".join("?" * len(later))
+        db.execute(f"DELETE FROM holds WHERE job_id IN ({marks})", later)
+        behind = db.execute("SELECT behind FROM holds WHERE job_id = ?", (place[0],)).fetchone()
+        db.execute(
+            f"UPDATE holds SET behind = ? WHERE behind IN ({marks})",
+            (behind[0] if behind else place[0], *later),
+        )
+        db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", later)
+        params = {"now": now, "id": place[0], "size": size, "mtime_ns": mtime_ns}
+        apply(db, Event.SUPERSEDE, "id = :id", params | {"source": source}, assign=FRESH)
+        done.append(Superseded(place[0], place[2], place[1], place[3], size, tuple(later)))
+    return done
+
+
+def log_superseded(superseded: list[Superseded]) -> None:
+    """After the transaction that made them: one line per job taken over."""
+    for s in superseded:
+        log.info(
+            "job_superseded",
+            job_id=s.job_id,
+            file=s.path,
+            was=s.state,
+            error=s.error,
+            size=s.size,
+            dropped=list(s.dropped),
+            state=JobState.QUEUED.value,
+            reason="a new version of the file takes this job's place: it is processed in the"
+            " job's place in its store's order, with fresh attempts",
+        )

@@ -147,10 +147,12 @@ class Ledger:
     ) -> int:
         """Add a job per (file version, job name) unless that version is known. Returns how
         many jobs are new. Files keep the order given (ids grow in that order) and go to
-        the end of the line."""
+        the end of the line, except a new version of a file whose job is not written yet:
+        it takes that job's place (``holds.absorb``)."""
         root_b = to_db(root)
         with self._tx() as db:
             tail = db.execute(TAIL).fetchone()[0]
+            after = db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
             rows = (
                 (to_db(f.path), f.size, f.mtime_ns, job, root_b, source, now, now, tail)
                 for f in files
@@ -163,11 +165,15 @@ class Ledger:
                 f" CAST(? AS TEXT), '{JobState.QUEUED.value}', ?, ?, ?, ?)",
                 rows,
             )
-            return db.total_changes - before
+            added = db.total_changes - before
+            superseded = holds.absorb(db, holds.superseding(db, after), now)
+        holds.log_superseded(superseded)
+        return added
 
     def recover(self, max_attempts: int, now: float) -> Recovery:
         """Start-up after any stop: jobs that were running run again, or go ``dead`` when
-        they have used all their attempts, since they keep taking the process down."""
+        they have used all their attempts, since they keep taking the process down; new
+        versions of files queued behind their file's open job take its place."""
         self._service_only()
         with self._tx() as db:
             exhausted = apply(
@@ -183,6 +189,8 @@ class Ledger:
             dead_jobs = tuple(sorted(map(record, exhausted), key=lambda r: r.id))
             resumed = apply(db, Event.RESUME, "1", {"now": now}).rowcount
             holds.sweep(db)
+            superseded = holds.absorb(db, holds.superseding(db), now)
+        holds.log_superseded(superseded)
         return Recovery(resumed=resumed, dead=len(dead_jobs), dead_jobs=dead_jobs)
 
     def promote_due(self, now: float) -> int:
@@ -251,6 +259,8 @@ class Ledger:
             ).rowcount
             if moved and state in (JobState.DONE, JobState.SKIPPED):
                 holds.release(db, claim.record.id)
+            superseded = holds.absorb(db, [claim.record.id], now) if moved else []
+        holds.log_superseded(superseded)
         return bool(moved)
 
     def release(self, claim: Claim, now: float) -> None:
@@ -264,6 +274,8 @@ class Ledger:
                 {"now": now, "id": claim.record.id},
                 assign="attempts = max(attempts - 1, 0)",
             )
+            superseded = holds.absorb(db, [claim.record.id], now)
+        holds.log_superseded(superseded)
 
     def park(self, claim: Claim, behind: int, now: float) -> None:
         """Hold a job that was running behind ``behind`` (an earlier job of its store that
@@ -279,6 +291,8 @@ class Ledger:
             ).rowcount
             if moved:
                 holds.hold(db, claim.record.id, behind)
+            superseded = holds.absorb(db, [claim.record.id], now)
+        holds.log_superseded(superseded)
 
     def skip(self, job_id: int, now: float, note: str) -> JobRecord | None:
         """The operator accepts that a dead job will never be written: it ends ``skipped``

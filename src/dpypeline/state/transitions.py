@@ -9,6 +9,7 @@ each event may move it to which.
       │                  │────drop──────► skipped    dead ──skip──► skipped
       │                  │────exhaust───► dead      (at start-up, out of attempts)
       └──────────────────┴──release | park | resume  (a stop, a hold, a crash)
+    queued | retrying | dead ──supersede──► queued  (a new version of its file)
 
 Every change of a job's state is made by :func:`apply`, which writes the event's
 from-states into the SQL (``UPDATE jobs ... WHERE state IN (...)``): an event that does
@@ -54,6 +55,7 @@ class Event(StrEnum):
     PROMOTE = "promote"  # its backoff has passed
     RETRY = "retry"  # the operator revives a dead job
     SKIP = "skip"  # the operator accepts the gap a dead job leaves
+    SUPERSEDE = "supersede"  # a new version of its file takes its place, with fresh attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ TRANSITIONS: Mapping[Event, Transition] = {
     Event.PROMOTE: Transition((W,), Q),
     Event.RETRY: Transition((JobState.DEAD,), Q),
     Event.SKIP: Transition((JobState.DEAD,), JobState.SKIPPED),
+    Event.SUPERSEDE: Transition((Q, W, JobState.DEAD), Q),
 }
 
 # how an attempt ends, by the state it ends in (``Ledger.finish``)

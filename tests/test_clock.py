@@ -139,7 +139,7 @@ def test_a_step_forward_neither_times_out_a_running_job_nor_spends_an_attempt(
     cfg, inbox = pipeline(
         tmp_path,
         task="taskbox.work",
-        args={"log": str(log), "seconds": 3},
+        args={"log": str(log), "seconds": 4},
         retry={"max_attempts": 1, "job_timeout": "1h"},  # the last attempt: a timeout kills it
     )
     (inbox / "a.nc").write_bytes(b"a")
@@ -148,6 +148,7 @@ def test_a_step_forward_neither_times_out_a_running_job_nor_spends_an_attempt(
     svc.wait_ready()
     started(svc)
     wall_clock.step(DAY)
+    assert not svc.events("job_done"), "the job ended before the step: nothing to prove"
     wait_for(lambda: svc.events("job_done", "job_dead", "job_retrying"), message="the job's end")
     [end] = svc.events("job_done", "job_dead", "job_retrying")
     assert end["event"] == "job_done", end
@@ -161,7 +162,7 @@ def test_a_step_back_still_times_out_a_job_on_time(
         tmp_path,
         task="taskbox.work",
         args={"log": str(tmp_path / "runs.log"), "seconds": 40},
-        retry={"max_attempts": 1, "job_timeout": "2s"},
+        retry={"max_attempts": 1, "job_timeout": "3s"},
     )
     (inbox / "long.nc").write_bytes(b"l")
     svc = ServiceProcess(cfg)
@@ -169,10 +170,11 @@ def test_a_step_back_still_times_out_a_job_on_time(
     svc.wait_ready()
     started(svc)
     wall_clock.step(-HOUR)
-    # 2 s of timeout, the rest for a loaded machine: far from the 40 s the job would take
+    assert not svc.events("job_dead"), "timed out before the step: nothing to prove"
+    # 3 s of timeout, the rest for a loaded machine: far from the 40 s the job would take
     wait_for(lambda: svc.events("job_dead"), timeout=15, message="the job timed out")
     [dead] = svc.events("job_dead")
-    assert "timed out after 2s" in dead["error"]
+    assert "timed out after 3s" in dead["error"]
 
 
 def test_a_file_settling_across_a_step_back_is_taken(
@@ -184,7 +186,7 @@ def test_a_file_settling_across_a_step_back_is_taken(
         task="taskbox.work",
         args={"log": str(log), "seconds": 0},
         retry={"max_attempts": 1, "job_timeout": "1m"},
-        settle="3s",
+        settle="5s",
     )
     (inbox / "a.nc").write_bytes(b"a")
     svc = ServiceProcess(cfg)
@@ -193,7 +195,7 @@ def test_a_file_settling_across_a_step_back_is_taken(
     wait_for(lambda: svc.events("scan_done"), message="the start-up scan")  # a.nc settles
     assert not svc.events("files_enqueued"), "settled before the step: nothing to prove"
     wall_clock.step(-HOUR)
-    wait_for(lambda: svc.events("job_done"), timeout=15, message="the settled file's job")
+    wait_for(lambda: svc.events("job_done"), timeout=20, message="the settled file's job")
 
 
 def test_a_retry_due_across_a_step_back_runs_when_its_backoff_ends(
@@ -204,7 +206,7 @@ def test_a_retry_due_across_a_step_back_runs_when_its_backoff_ends(
         task="taskbox.work",
         args={"log": str(tmp_path / "runs.log"), "seconds": 0},
         # the largest backoff allowed is long: only the step itself may bring the retry back
-        retry={"max_attempts": 2, "backoff": {"initial": "3s", "max": "1h"}, "job_timeout": "1m"},
+        retry={"max_attempts": 2, "backoff": {"initial": "4s", "max": "1h"}, "job_timeout": "1m"},
     )
     (inbox / "flaky.nc").write_bytes(b"f")
     svc = ServiceProcess(cfg)
@@ -212,7 +214,8 @@ def test_a_retry_due_across_a_step_back_runs_when_its_backoff_ends(
     svc.wait_ready()
     wait_for(lambda: svc.events("job_retrying"), message="the first attempt's failure")
     wall_clock.step(-HOUR)
-    wait_for(lambda: svc.events("job_done"), timeout=15, message="the retry, 3 s later")
+    assert len(svc.events("job_started")) == 1, "retried before the step: nothing to prove"
+    wait_for(lambda: svc.events("job_done"), timeout=15, message="the retry, 4 s later")
     assert [(j["state"], j["attempts"]) for j in jobs(cfg)] == [("done", 2)]
 
 

@@ -484,6 +484,37 @@ def test_a_stored_backoff_end_beyond_the_largest_backoff_is_due_within_it(
     assert list(h.executor.running) == [job]
 
 
+def test_a_restart_brings_a_backoff_end_stored_beyond_the_largest_backoff_within_it(
+    make: Callable[..., Harness],
+) -> None:
+    """The wall clock stepped back while the service was stopped: at start-up, before the
+    first pass of the loop, no stored backoff end is further than the largest backoff."""
+    h = make(
+        "flaky.nc",
+        retry={"max_attempts": 3, "backoff": {"initial": "20s", "max": "1m"}, "job_timeout": "1h"},
+    )
+    h.settle()
+    [job] = h.running()
+    h.executor.finish(job, TransientError("the network blinked"))
+    assert h.step()
+    h.service.close()
+    db = sqlite3.connect(h.cache_dir / DB_FILE)
+    with db:
+        db.execute("UPDATE jobs SET not_before = ?", (h.clock.now + 3600,))
+    db.close()
+    jobs = [Job("work", [Task("taskbox.noop")])]
+    again = Service(h.service.config, jobs, executor=FakeExecutor())
+    again.start(h.clock.now)
+    try:
+        ledger = Ledger(h.cache_dir)
+        try:
+            assert ledger.next_retry_at() == h.clock.now + 60.0
+        finally:
+            ledger.close()
+    finally:
+        again.close()
+
+
 def test_health_is_a_pure_decision_with_the_cluster_grace() -> None:
     health = Health()
     verdict = health.assess(0.0, watching=[], overdue=False, executor=[])

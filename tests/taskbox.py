@@ -196,3 +196,17 @@ def leak(path: str, storage_options: dict, context: JobContext | None = None) ->
     assert env_secret
     context.log.warning("connecting", options=storage_options, using=file_key)
     raise PermissionError(f"access denied for key {storage_options['key']} ({env_secret!r})")
+
+
+def work(path: str, log: str, seconds: float, context: JobContext | None = None) -> str:
+    """Record the run after ``seconds`` of work in short waits, timed on the monotonic
+    clock: a job that takes that long whatever the wall clock does, and that a timeout
+    interrupts between two waits. The first attempt on a file named ``*flaky*`` fails."""
+    assert context is not None
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        threading.Event().wait(0.02)
+    _record(log, context)
+    if "flaky" in os.path.basename(path) and context.attempt == 1:
+        raise TransientError(f"flaky failure on attempt {context.attempt}")
+    return path

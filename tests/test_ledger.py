@@ -824,3 +824,42 @@ def test_finished_history_does_not_add_work_to_taking_jobs(
     large = _vm_steps(cache, NEXT_READY, ())
     assert large <= small * 2, (small, large)
     assert names(claim_all(service, 1.0)) == [f"w{i}.nc" for i in range(5)]
+
+
+def test_a_backoff_end_beyond_the_largest_backoff_is_brought_within_it(service: Ledger) -> None:
+    """A wall clock stepped back while the service was down: a stored backoff end an hour
+    ahead would park the job for that hour; the largest backoff the config allows is the
+    longest a retry can be due from now."""
+    service.enqueue([fv("far.nc"), fv("near.nc")], ROOT, ["ingest"], "watch", 1000.0)
+    far, near = claim_all(service, 1000.0)
+    service.finish(far, JobState.RETRYING, 1000.0, error="flaky", not_before=1000.0 + 3605)
+    service.finish(near, JobState.RETRYING, 1000.0, error="flaky", not_before=1005.0)
+    assert service.retime_retries(now=1000.0, longest=600.0) == 1
+    assert sorted((r.id, r.not_before) for r in service.jobs(JobState.RETRYING)) == [
+        (far.record.id, 1600.0),
+        (near.record.id, 1005.0),
+    ]
+    assert service.retime_retries(now=1000.0, longest=600.0) == 0  # nothing left beyond it
+    assert service.next_retry_at() == 1005.0
+
+
+def test_a_clock_step_moves_every_backoff_end_with_it(service: Ledger) -> None:
+    """The service saw the wall clock step: each retry stays due as long from now as it
+    was, in the stored times the CLI shows and a restart reads."""
+    service.enqueue([fv("a.nc"), fv("b.nc"), fv("c.nc")], ROOT, ["ingest"], "watch", 1000.0)
+    a, b, c = claim_all(service, 1000.0)
+    service.finish(a, JobState.RETRYING, 1000.0, error="flaky", not_before=1005.0)
+    service.finish(b, JobState.RETRYING, 1000.0, error="flaky", not_before=1500.0)
+    service.finish(c, JobState.DONE, 1000.0)
+    assert service.retime_retries(now=1000.0 - 3600, longest=600.0, stepped=-3600.0) == 2
+    assert sorted(r.not_before for r in service.jobs(JobState.RETRYING)) == [  # type: ignore[type-var]
+        1005.0 - 3600,
+        1500.0 - 3600,
+    ]
+    assert service.get(c.record.id).not_before is None  # type: ignore[union-attr]
+    # stepped forward, a backoff end keeps its wait, capped by the largest backoff
+    assert service.retime_retries(now=1000.0 + 86400, longest=300.0, stepped=86400.0 + 3600) == 2
+    assert sorted(r.not_before for r in service.jobs(JobState.RETRYING)) == [  # type: ignore[type-var]
+        1005.0 + 86400,
+        1000.0 + 86400 + 300,
+    ]

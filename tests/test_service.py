@@ -6,6 +6,7 @@ test_signals.py; here each guarantee of the loop costs milliseconds."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from dpypeline.executors.serial import Finished
 from dpypeline.health import CLUSTER_GRACE, Health, Snapshot, status_line
 from dpypeline.pipeline import Job, Task
 from dpypeline.service import HEALTH_EVERY, Service, Status
+from dpypeline.state.cachedir import DB_FILE
 from dpypeline.state.ledger import JobState, Ledger
 from dpypeline.timers import Timer, Timers
 from dpypeline.watching.watch import _Handler
@@ -461,6 +463,87 @@ def test_a_job_whose_file_changed_before_it_started_waits_for_the_new_version_in
     [superseded] = events(captured, "job_superseded")
     assert (superseded["job_id"], superseded["was"]) == (b, "retrying")
     h.executor.finish(b)
+
+
+def test_a_wall_clock_step_keeps_a_retry_due_when_its_backoff_ends(
+    make: Callable[..., Harness],
+) -> None:
+    """``now`` is monotonic; the ledger's backoff end is a wall-clock time, moved with a
+    step of that clock (the real clocks under a running process: test_clock.py)."""
+    h = make(
+        "flaky.nc", retry={"max_attempts": 3, "backoff": {"initial": "20s"}, "job_timeout": "1h"}
+    )
+    h.settle()
+    [job] = h.running()
+    h.executor.finish(job, TransientError("the network blinked"))
+    assert h.step()
+    with capture_logs() as captured:
+        assert h.service.step(h.clock.now, wall=h.clock.now - 3600)  # stepped back an hour
+    assert [e["seconds"] for e in events(captured, "clock_stepped")] == [-3600.0]
+    h.clock.advance(20.0 - 0.01)
+    assert h.service.step(h.clock.now, wall=h.clock.now - 3600)
+    assert h.executor.running == {}
+    h.clock.advance(0.01)
+    assert h.service.step(h.clock.now, wall=h.clock.now - 3600)
+    assert list(h.executor.running) == [job]
+    assert h.jobs() == {"flaky.nc": (JobState.RUNNING, 2)}
+
+
+def test_a_stored_backoff_end_beyond_the_largest_backoff_is_due_within_it(
+    make: Callable[..., Harness],
+) -> None:
+    """A wall clock stepped back while nothing watched it leaves a backoff end far ahead:
+    the job waits at most the largest backoff the config allows, not the size of the step."""
+    h = make(
+        "flaky.nc",
+        retry={"max_attempts": 3, "backoff": {"initial": "20s", "max": "1m"}, "job_timeout": "1h"},
+    )
+    h.settle()
+    [job] = h.running()
+    h.executor.finish(job, TransientError("the network blinked"))
+    assert h.step()
+    db = sqlite3.connect(h.cache_dir / DB_FILE)
+    with db:
+        db.execute("UPDATE jobs SET not_before = ?", (h.clock.now + 3600,))
+    db.close()
+    assert h.step()
+    h.clock.advance(60.0 - 0.01)
+    assert h.step()
+    assert h.executor.running == {}
+    h.clock.advance(0.01)
+    assert h.step()
+    assert list(h.executor.running) == [job]
+
+
+def test_a_restart_brings_a_backoff_end_stored_beyond_the_largest_backoff_within_it(
+    make: Callable[..., Harness],
+) -> None:
+    """The wall clock stepped back while the service was stopped: at start-up, before the
+    first pass of the loop, no stored backoff end is further than the largest backoff."""
+    h = make(
+        "flaky.nc",
+        retry={"max_attempts": 3, "backoff": {"initial": "20s", "max": "1m"}, "job_timeout": "1h"},
+    )
+    h.settle()
+    [job] = h.running()
+    h.executor.finish(job, TransientError("the network blinked"))
+    assert h.step()
+    h.service.close()
+    db = sqlite3.connect(h.cache_dir / DB_FILE)
+    with db:
+        db.execute("UPDATE jobs SET not_before = ?", (h.clock.now + 3600,))
+    db.close()
+    jobs = [Job("work", [Task("taskbox.noop")])]
+    again = Service(h.service.config, jobs, executor=FakeExecutor())
+    again.start(h.clock.now)
+    try:
+        ledger = Ledger(h.cache_dir)
+        try:
+            assert ledger.next_retry_at() == h.clock.now + 60.0
+        finally:
+            ledger.close()
+    finally:
+        again.close()
 
 
 def test_health_is_a_pure_decision_with_the_cluster_grace() -> None:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from itertools import groupby
 
+from dpypeline.clock import Clock
 from dpypeline.config import PipelineConfig
 from dpypeline.logs import get_logger
 from dpypeline.metrics import Metrics
@@ -39,9 +40,12 @@ class Arrivals:
         job_names: list[str],
         inbox: Inbox,
         metrics: Metrics | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.config, self.job_names, self.inbox = config, job_names, inbox
         self.metrics = metrics or Metrics()
+        self.clock = clock or Clock()  # settling is monotonic; the ledger's times are wall
         self.settler = Settler()
         self.pending_scans = 0  # requested and not yet reported back
         self.found_by: dict[str, str] = {}  # settling files found by a scan (or a poll)
@@ -240,7 +244,10 @@ class Arrivals:
         full_walk = obs.full and obs.reason in ("startup", "rescan")
         if full_walk and self.timers.fire(Timer.PRUNE, now, spec.index):
             removed = self._ledger.prune(
-                now, self.config.retention, present=(f.path for f in files), root=spec.root
+                self.clock.wall(now),
+                self.config.retention,
+                present=(f.path for f in files),
+                root=spec.root,
             )
             if removed:
                 log.info("ledger_pruned", removed=removed)
@@ -260,7 +267,12 @@ class Arrivals:
             added = 0
             for source, run in groupby(files, key=lambda f: found_by[f.path]):
                 n = intake.enqueue(
-                    self._ledger, list(run), root, self.job_names, source=source, now=now
+                    self._ledger,
+                    list(run),
+                    root,
+                    self.job_names,
+                    source=source,
+                    now=self.clock.wall(now),
                 )
                 self.metrics.enqueued.labels(source).inc(n)
                 added += n

@@ -111,7 +111,7 @@ class Observers:
         try:
             if self._source is not None:
                 with contextlib.suppress(sqlite3.Error):  # a broken database ends the run
-                    self._show(time.time())
+                    self._show(time.monotonic())
         finally:
             self._source = None
             for observer in self._observers:
@@ -249,7 +249,7 @@ class TerminalProgress:
         grid.add_column(no_wrap=True, overflow="ellipsis")
         grid.add_row(
             ProgressBar(total=max(known, 1), completed=frame.finished, width=20),
-            Text(progress_line(frame, self._meter.rate(time.time()))),
+            Text(progress_line(frame, self._meter.rate(time.monotonic()))),
         )
         return grid
 

@@ -5,7 +5,8 @@ setup tasks, starts the watcher and the scan thread, then loops: intake (observa
 settle → enqueue, in ``arrivals``) → health (decided in ``health``) → promote retries →
 collect finished jobs → stop or start new ones. ``step(now)`` is one pass of that loop,
 so tests drive it with their own clock and executor; the periodic duties are one table
-(``timers``).
+(``timers``). ``now`` is monotonic: every wait keeps real time whatever the wall clock
+does, and the wall clock only dates what the ledger stores (``clock``).
 
 Signal handlers only set flags (see ``signals``); the loop reacts: the first SIGTERM/SIGINT
 stops taking work and gives the running job ``stop_grace`` to finish; a job still running
@@ -23,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from dpypeline.arrivals import Arrivals
+from dpypeline.clock import Clock
 from dpypeline.config import PipelineConfig
 from dpypeline.executors.ordering import held_summary
 from dpypeline.executors.serial import Executor, SerialExecutor
@@ -94,7 +96,10 @@ class Service:
         self._stop_deadline: float | None = None
         self._inbox = Inbox(self._wake)
         self.metrics = Metrics(self.job_names, list(config.objectstores))
-        self._arrivals = Arrivals(config, self.job_names, self._inbox, self.metrics)
+        self._clock = Clock()
+        self._arrivals = Arrivals(
+            config, self.job_names, self._inbox, self.metrics, clock=self._clock
+        )
         self._health = Health()
         self._timers = Timers()
         self._ledger: Ledger | None = None
@@ -137,20 +142,24 @@ class Service:
         finally:
             self._restore_signal_handlers(previous)  # after close: more signals change nothing
 
-    def start(self, now: float | None = None) -> None:
+    def start(self, now: float | None = None, wall: float | None = None) -> None:
         """Either fully succeeds or closes what it opened, marks itself failed and re-raises."""
         self.status = Status.STARTING
         cfg = self.config
         if self.max_runtime is not None:  # start-up counts: it is part of the wall time
             self._budget_ends = time.monotonic() + self.max_runtime
-        now = time.time() if now is None else now
+        now, _ = self._clock.read(now, wall)
         extend = self._notifier.extend_timeout  # each step that makes progress asks for time
         try:
             extend(START_STEP)
             self._ledger = Ledger(cfg.cache_dir, service=True)
             self.metrics.serve(cfg)  # a port in use: ConfigError, before any job runs
-            self._worker = Worker(cfg, self.jobs, self._ledger, self._executor, self.metrics)
+            self._worker = Worker(
+                cfg, self.jobs, self._ledger, self._executor, self.metrics, clock=self._clock
+            )
             self._worker.recover(now)
+            # the wall clock may have been stepped back while the service was down
+            self._ledger.retime_retries(self._clock.wall(now), cfg.retry.backoff.max)
             self._live.watch(self._ledger, self._worker)
             extend(START_STEP)  # a cluster may take a while to come up
             self._executor.start()
@@ -246,20 +255,22 @@ class Service:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def step(self, now: float | None = None) -> bool:
-        """One pass of the loop. Returns False when the service should stop."""
+    def step(self, now: float | None = None, wall: float | None = None) -> bool:
+        """One pass of the loop. Returns False when the service should stop. ``now`` is
+        monotonic; ``wall``, what the wall clock says at ``now`` (by default ``now`` when
+        a caller gives it, the real clocks otherwise)."""
         assert self._ledger is not None
         assert self._worker is not None
-        now = time.time() if now is None else now
+        now, stepped = self._clock.read(now, wall)
         ledger, worker = self._ledger, self._worker
         self._inbox.wake.clear()
         self._arrivals.step(now)
         if self._timers.fire(Timer.EXECUTOR_STATUS, now):
             write_executor_status(self.config.cache_dir, self._executor.describe())
         self._health_if_due(now)
-        next_retry = ledger.next_retry_at()
+        next_retry = worker.next_retry(now, stepped)
         if next_retry is not None and next_retry <= now:
-            ledger.promote_due(now)
+            ledger.promote_due(self._clock.wall(now))
         worker.collect(now)
         if self._stuck(now):
             return False
@@ -277,7 +288,7 @@ class Service:
         while (
             now >= worker.paused_until
             and self._executor.capacity() > 0
-            and (claim := ledger.claim(now, worker.gate)) is not None
+            and (claim := ledger.claim(self._clock.wall(now), worker.gate)) is not None
         ):
             worker.start(claim, now)
         if self.once and self._drained():
@@ -394,7 +405,7 @@ class Service:
     def status_text(self, now: float | None = None) -> str:
         """One line for ``systemctl status``: counts, what the service is doing, problems."""
         assert self._ledger is not None
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         worker = self._worker
         paused = worker is not None and worker.paused_until > now
         return status_line(
@@ -418,18 +429,19 @@ class Service:
         return SerialExecutor(self._inbox.wake)
 
     def _sleep(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         worker, ledger = self._worker, self._ledger
         self._live.tick(now)  # what this pass changed: STATUS, the terminal's line
+        next_retry = ledger.next_retry_at() if ledger else None
         deadlines = (
             self._arrivals.next_deadline(),
-            ledger.next_retry_at() if ledger else None,
+            self._clock.monotonic(next_retry) if next_retry is not None else None,
             self._executor.next_deadline(),
             None if self._setup.done else self._setup.next_at,
             worker.paused_until if worker and worker.paused_until > now else None,
             self._timers.next_deadline(),
             self._live.next_deadline(),
-            None if self._budget_ends is None else now + self._budget_ends - time.monotonic(),
+            self._budget_ends,  # monotonic, as now is here
         )
         timeout = min([MAX_SLEEP, *(d - now for d in deadlines if d is not None)])
         if timeout > 0:

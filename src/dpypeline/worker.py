@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from dpypeline.clock import Clock
 from dpypeline.config import PipelineConfig, RetryConfig
 from dpypeline.errors import (
     ConfigError,
@@ -95,8 +96,11 @@ class Worker:
         ledger: Ledger,
         executor: Executor,
         metrics: Metrics | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.config, self.ledger, self.executor = config, ledger, executor
+        self.clock = clock or Clock()  # the ledger's times are the wall clock's
         self.metrics = metrics or Metrics()
         self.jobs = {job.name: job for job in jobs}
         self.stores = {job.name: key for job in jobs if (key := job.ordered_resource()) is not None}
@@ -117,7 +121,7 @@ class Worker:
     def recover(self, now: float) -> None:
         """Start-up after any stop: jobs that were running run again, or end dead when
         they have used all their attempts (they keep taking the process down)."""
-        rec = self.ledger.recover(self.config.retry.max_attempts, now)
+        rec = self.ledger.recover(self.config.retry.max_attempts, self.clock.wall(now))
         if rec.resumed or rec.dead:
             log.warning(
                 "jobs_recovered",
@@ -191,7 +195,8 @@ class Worker:
             objectstores=self.config.objectstores,
         )
         self._active[rec.id] = (claim, jlog)
-        self.metrics.job_started(rec.job, rec.size, rec.attempts, now - rec.created)
+        waited = self.clock.wall(now) - rec.created
+        self.metrics.job_started(rec.job, rec.size, rec.attempts, waited)
         jlog.info("job_started")
         self.executor.submit(
             rec.id, JobCall(job, rec.path, context), self.config.retry.job_timeout, now
@@ -215,7 +220,26 @@ class Worker:
             f"{rec.path} changed since this job was queued (size {rec.size}, now"
             f" {st.st_size}); the new version takes this job's place once it has settled"
         )
-        return decide(waiting, claim, self.config.retry, now)
+        return decide(waiting, claim, self.config.retry, self.clock.wall(now))
+
+    def next_retry(self, now: float, stepped: float = 0.0) -> float | None:
+        """When (monotonic) the next backoff ends. The ledger stores backoff ends on the
+        wall clock, to survive a restart: a step of that clock (``stepped``) moves them with
+        it, so each retry still waits what it had left, and none waits longer than the
+        largest backoff (a step the service did not see, while it was down)."""
+        wall, longest = self.clock.wall(now), self.config.retry.backoff.max
+        if stepped:
+            log.warning(
+                "clock_stepped",
+                seconds=round(stepped, 1),
+                reason="the wall clock was stepped; job timeouts, settle times and backoffs"
+                " keep real time, and the stored backoff ends move with the clock",
+            )
+        at = self.ledger.next_retry_at()
+        if stepped or (at is not None and at > wall + longest):
+            self.ledger.retime_retries(wall, longest, stepped)
+            at = self.ledger.next_retry_at()
+        return None if at is None else self.clock.monotonic(at)
 
     def _gate(self, rec: JobRecord) -> int | None:
         """The job ``rec`` must wait behind (an earlier job of its append store that has
@@ -258,7 +282,7 @@ class Worker:
         if f.error is None:
             decision = Decision(JobState.DONE)
         else:
-            decision = decide(f.error, claim, self.config.retry, now)
+            decision = decide(f.error, claim, self.config.retry, self.clock.wall(now))
         self._record(claim, decision, jlog, now, duration=f.duration, exc=f.error)
         return None
 
@@ -272,7 +296,7 @@ class Worker:
         self.paused_until = now + wait
         self.pause_reason = _short(str(exc))
         self.metrics.outage_began(str(exc))
-        self.ledger.release(claim, now)
+        self.ledger.release(claim, self.clock.wall(now))
         jlog.warning(
             "service_paused",
             state=JobState.QUEUED.value,
@@ -286,7 +310,7 @@ class Worker:
     def _park(self, claim: Claim, held: Held, jlog: Any, now: float) -> None:
         """Withdrawn before its commit: an earlier job of the same append store failed.
         Back to the queue without spending an attempt, held behind that job."""
-        self.ledger.park(claim, held.behind, now)
+        self.ledger.park(claim, held.behind, self.clock.wall(now))
         jlog.info(
             "job_held",
             store=self.stores.get(claim.record.job),
@@ -300,14 +324,14 @@ class Worker:
         """A job that ignored its timeout: record the attempt as failed (its thread cannot
         be reclaimed; the service restarts after this)."""
         claim, jlog = self._active.pop(job_id)
-        decision = decide(JobTimeout(), claim, self.config.retry, now)
+        decision = decide(JobTimeout(), claim, self.config.retry, self.clock.wall(now))
         self._record(claim, decision, jlog, now)
 
     def release_all(self, now: float) -> None:
         """A stop that cannot wait: running jobs go back to the head of the queue."""
         for job_id in list(self._active):
             claim, jlog = self._active.pop(job_id)
-            self.ledger.release(claim, now)
+            self.ledger.release(claim, self.clock.wall(now))
             jlog.warning(
                 "job_released",
                 state=JobState.QUEUED.value,
@@ -324,7 +348,8 @@ class Worker:
         duration: float | None = None,
         exc: BaseException | None = None,
     ) -> None:
-        self.ledger.finish(claim, d.state, now, error=d.error, not_before=d.not_before)
+        wall = self.clock.wall(now)
+        self.ledger.finish(claim, d.state, wall, error=d.error, not_before=d.not_before)
         self.ended[d.state] += 1
         self.metrics.job_ended(claim.record.job, d.state, duration, exc)
         if d.state is JobState.DEAD:
@@ -335,7 +360,7 @@ class Worker:
         if d.error:
             fields["error"] = d.error
         if d.not_before is not None:
-            fields["retry_in"] = round(d.not_before - now, 1)
+            fields["retry_in"] = round(d.not_before - wall, 1)
         level = {
             JobState.DONE: "info",
             JobState.RETRYING: "warning",

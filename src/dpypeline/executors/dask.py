@@ -163,7 +163,7 @@ class DaskExecutor:
         # asked once: both are calls to the scheduler, which could hang once it is gone
         self._address = self._client.scheduler.address
         self._dashboard = self._client.dashboard_link
-        self._count_workers(time.time(), force=True)
+        self._count_workers(time.monotonic(), force=True)
         log.info("cluster_ready", **self.describe())
 
     def close(self) -> None:
@@ -194,7 +194,7 @@ class DaskExecutor:
     # -- slots ----------------------------------------------------------------------------
 
     def capacity(self) -> int:
-        now = time.time()
+        now = time.monotonic()
         self._count_workers(now)
         if self._lost:
             return 0
@@ -261,7 +261,7 @@ class DaskExecutor:
     def _on_done(self, job: _InFlight, future: Future) -> None:
         if future.status == "finished" and job.stage == "compute":
             job.stage, job.computed = "computed", future
-            job.waiting_since = time.time()
+            job.waiting_since = time.monotonic()
             self._commits.computed(job.job_id)
             self._next_commit(job.key)
             return
@@ -276,7 +276,7 @@ class DaskExecutor:
         self._finish(job, Finished(job.job_id, error=error))
 
     def _finish(self, job: _InFlight, result: Finished) -> None:
-        result.duration = time.time() - job.started
+        result.duration = time.monotonic() - job.started
         self._jobs.pop(job.job_id, None)
         self._finished.append(result)
         if job.key is not None:
@@ -293,7 +293,7 @@ class DaskExecutor:
             if future is not None:
                 future.release()
         self._finished.append(
-            Finished(job.job_id, error=Held(behind), duration=time.time() - job.started)
+            Finished(job.job_id, error=Held(behind), duration=time.monotonic() - job.started)
         )
 
     def _next_commit(self, key: str | None) -> None:
@@ -312,7 +312,7 @@ class DaskExecutor:
         head = self._jobs[job_id]
         head.stage = "commit"
         if head.waiting_since is not None:  # waiting for its turn is not running late
-            head.started += time.time() - head.waiting_since
+            head.started += time.monotonic() - head.waiting_since
             head.waiting_since = None
         head.future = self._client.submit(
             run_commit, head.call, head.computed, pure=False, key=_key(head.job_id, "commit")
@@ -375,7 +375,7 @@ class DaskExecutor:
     # -- health and status ----------------------------------------------------------------
 
     def problems(self) -> list[str]:
-        self._count_workers(time.time())
+        self._count_workers(time.monotonic())
         problems = [self._lost] if self._lost else []
         status = getattr(getattr(self._cluster, "status", None), "name", None)
         if status is not None and status not in ("running", "created"):

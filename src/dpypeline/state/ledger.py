@@ -327,6 +327,19 @@ class Ledger:
                 for i in job_ids
             )
 
+    def retime_retries(self, now: float, longest: float, stepped: float = 0.0) -> int:
+        """Keep the stored backoff ends (wall-clock times) true to the wait left: moved by
+        ``stepped`` when the service saw the wall clock step, and none beyond ``longest``
+        (the largest backoff) from ``now``, so that a clock stepped back while the service
+        was down cannot park a job for the size of the step. Returns the jobs changed."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE jobs SET not_before = min(not_before + :stepped, :now + :longest)"
+                f" WHERE {is_state([JobState.RETRYING])} AND not_before IS NOT NULL"
+                " AND (:stepped != 0 OR not_before > :now + :longest)",
+                {"now": now, "longest": longest, "stepped": stepped},
+            ).rowcount
+
     def prune(
         self,
         now: float,

@@ -35,6 +35,19 @@ def grouped(cache: Path) -> dict[tuple[str, str, str], int]:
         db.close()
 
 
+def first_waiting(cache: Path) -> tuple[int | None, float | None]:
+    """The oldest queued or retrying job's id and the earliest backoff's end, by reading
+    every row."""
+    db = sqlite3.connect(cache / DB_FILE)
+    try:
+        return db.execute(
+            "SELECT (SELECT min(id) FROM jobs WHERE state IN ('queued', 'retrying')),"
+            " (SELECT min(not_before) FROM jobs WHERE state = 'retrying')"
+        ).fetchone()
+    finally:
+        db.close()
+
+
 def by_state(tally: dict[tuple[str, str, str], int]) -> dict[str, int]:
     counts = {s.value: 0 for s in JobState}
     for (_, state, _), n in tally.items():
@@ -146,6 +159,7 @@ class Run:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_counts_stay_exact_across_every_transition(tmp_path: Path, seed: int) -> None:
+    """So do the oldest waiting job and the next retry, read off indexes."""
     run = Run(tmp_path / "cache", seed)
     try:
         for i in range(600):
@@ -154,6 +168,9 @@ def test_counts_stay_exact_across_every_transition(tmp_path: Path, seed: int) ->
             assert run.service.tally() == truth, f"after step {i}"
             assert run.cli.tally() == truth, f"after step {i}, as another process reads it"
             assert run.service.counts() == by_state(truth), f"after step {i}"
+            oldest = run.service.oldest_waiting()
+            waiting = (oldest.id if oldest else None, run.service.next_retry_at())
+            assert waiting == first_waiting(run.cache), f"after step {i}"
     finally:
         run.close()
     # every operation moved jobs at some point: no transition went untested

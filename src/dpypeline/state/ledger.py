@@ -355,7 +355,7 @@ class Ledger:
     def tally(self) -> dict[tuple[str, str, str], int]:
         """Jobs by (job name, state, source): what ``counts`` sums, for the metrics. Read
         from ``job_counts``, which triggers keep as jobs change (see ``schema``): a few
-        rows at any ledger size, where counting the jobs themselves took half a second a
+        rows at any ledger size, where counting the jobs themselves took half a second at a
         million rows, on every refresh of the progress shown."""
         rows = self._db.execute("SELECT job, state, source, n FROM job_counts WHERE n > 0")
         return {(job, state, source): n for job, state, source, n in rows}

@@ -23,6 +23,7 @@ from conftest import dpypeline, env_for_subprocess, runs, status, wait_for, writ
 from dpypeline.progress import Meter, Observers, View, progress_line, watch
 from dpypeline.state.transitions import JobState
 from test_notify import NotifySocket, notify_socket, start  # noqa: F401 - the fixture
+from test_service import Harness, make  # noqa: F401 - the fixture
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LINE = re.compile(r"(\d+)/(\d+) jobs  ([\d.]+) jobs/s  ETA (\d+:\d\d:\d\d)  (\d+) dead")
@@ -211,6 +212,33 @@ def test_status_and_status_json_show_a_jobs_end_within_a_second(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_jobs_end_is_counted_once_for_status_and_the_progress_shown(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+    notify_socket: NotifySocket,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under systemd the frame's counts make the STATUS line: the ledger is not counted a
+    second time for it."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    h = make("a.nc")
+    h.settle()
+    [job] = h.running()
+    counted: list[str] = []
+    assert h.service._ledger is not None
+    h.service._ledger._db.set_trace_callback(
+        lambda sql: counted.append(sql) if "count" in sql.lower() else None
+    )
+    h.executor.finish(job)
+    assert h.step()
+
+    def done_status() -> bool:
+        h.service._live.tick(time.time())  # as the loop does after each pass
+        return any(re.search(r"STATUS=.*\b1 done", m) for _, m in notify_socket.poll())
+
+    wait_for(done_status, timeout=5, interval=0.01, message="STATUS 1 done")
+    assert len(counted) == 1, counted
 
 
 # -- the pure parts -----------------------------------------------------------------------

@@ -25,6 +25,9 @@ that the benchmarks still work, not how fast anything is.
                           vs one cycle of watchdog's PollingObserver (scripts/bench_scan.py)
   ingest_noop_once        `dpypeline run --once` on files already present, no-op task, end to end
                           (baseline shown: `python -c pass` start-up)
+  ingest_history          files into a running service with 1M finished jobs in its ledger,
+                          progress on a terminal and STATUS to a notify socket, vs the same
+                          with an empty ledger (scripts/bench_history.py)
   inotify_latency         a 1,000-file burst into a watched directory: close -> in the ledger,
                           p50 and p99, vs the watch's settle time (scripts/bench_service.py)
   start_ready             spawn of `dpypeline run` (NetCDF -> Zarr job) to READY=1 on its
@@ -83,6 +86,7 @@ from bench_common import (
     workdir,
 )
 from bench_dask import bench_dask_cpu, bench_dask_overhead
+from bench_history import bench_ingest_history
 from bench_scan import bench_poll_cpu, build_tree
 from bench_service import (
     bench_inotify_latency,
@@ -109,6 +113,7 @@ NAMES = (
     "reconcile_1m",
     "poll_cpu",
     "ingest_noop_once",
+    "ingest_history",
     "inotify_latency",
     "start_ready",
     "memory",
@@ -658,6 +663,7 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
     "reconcile_1m": bench_reconcile_1m,
     "poll_cpu": bench_poll_cpu,
     "ingest_noop_once": bench_ingest_noop_once,
+    "ingest_history": bench_ingest_history,
     "inotify_latency": bench_inotify_latency,
     "start_ready": bench_start_ready,
     "memory": bench_memory,

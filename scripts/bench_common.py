@@ -31,6 +31,7 @@ SIZES = {
     "reconcile_1m": (1_000_000, 5_000),
     "poll_cpu": (100_000, 5_000),
     "ingest_noop_once": (20_000, 500),
+    "ingest_history": (2_000, 200),
     "inotify_burst": (1_000, 100),
     "memory_jobs": (10_000, 300),
 }

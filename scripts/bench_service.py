@@ -108,12 +108,10 @@ class ServiceProcess:
         self.log_path = d / "service.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop())
         self.spawned = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dpypeline", "run", "-c", str(config)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self.proc = self._spawn([sys.executable, "-m", "dpypeline", "run", "-c", str(config)], env)
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def _read_notifications(self) -> None:
         while True:

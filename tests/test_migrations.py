@@ -69,6 +69,9 @@ def test_a_0_2_0_cache_dir_is_upgraded_after_a_backup_and_its_jobs_carry_on(
             query(backup, "SELECT id, path, state, attempts, error FROM jobs ORDER BY id") == before
         )
 
+        # the counts were taken from the rows as they were, and are kept from then on
+        assert ledger.tally() == grouped(db_path)
+
         # f06 was running when the 0.2.0 service was killed: it runs again, first
         assert ledger.recover(max_attempts=5, now=3000.0) == Recovery(resumed=1, dead=0)
         ran = []
@@ -107,6 +110,63 @@ def test_a_0_2_0_cache_dir_is_upgraded_after_a_backup_and_its_jobs_carry_on(
     # opened again, nothing more to upgrade
     Ledger(old_cache).close()
     assert version(db_path) == schema.SCHEMA_VERSION
+
+
+def grouped(db_path: Path) -> dict[tuple[str, str, str], int]:
+    """Jobs by (job, state, source), counted row by row."""
+    rows = query(db_path, "SELECT job, state, source, count(*) FROM jobs GROUP BY 1, 2, 3")
+    return {(job.decode(), state.decode(), src.decode()): n for job, state, src, n in rows}
+
+
+def test_a_version_2_ledger_is_upgraded_with_its_jobs_counted(tmp_path: Path) -> None:
+    """The schema before the counts table: its jobs, in every state and from every source,
+    are counted by the upgrade, and every change after it keeps the counts."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    db_path = cache / DB_FILE
+    db = sqlite3.connect(db_path, isolation_level=None)
+    for migration in schema.MIGRATIONS:
+        if migration.version <= 2:
+            for statement in migration.statements:
+                db.execute(statement)
+    db.execute("PRAGMA user_version = 2")
+    states = ["queued", "running", "retrying", "done", "dead", "skipped"]
+    db.executemany(
+        "INSERT INTO jobs (path, size, mtime_ns, job, root, state, attempts, not_before,"
+        " source, created, updated, position) VALUES (?, 1, 1, ?, '/data', ?, 1, ?, ?, 1, 1, ?)",
+        [
+            (
+                f"/data/f{i}.nc",
+                ("a", "b")[i % 2],
+                states[i % 6],
+                10.0 if states[i % 6] == "retrying" else None,
+                ("watch", "scan", "cli")[i % 3],
+                i,
+            )
+            for i in range(1, 301)
+        ],
+    )
+    db.close()
+    before = grouped(db_path)
+    assert {state for _, state, _ in before} == set(states)
+
+    ledger = Ledger(cache, service=True)
+    try:
+        assert version(db_path) == schema.SCHEMA_VERSION
+        assert version(schema.backup_path(db_path, 2)) == 2
+        assert "job_counts" not in tables(schema.backup_path(db_path, 2))
+        assert ledger.tally() == before
+        assert ledger.counts() == dict.fromkeys(states, 50)
+
+        assert ledger.recover(max_attempts=5, now=20.0).resumed == 50
+        assert ledger.promote_due(20.0) == 50
+        assert ledger.retry(None, 20.0) == 50
+        while (claim := ledger.claim(21.0)) is not None:
+            ledger.finish(claim, JobState.DONE, 22.0)
+        assert ledger.tally() == grouped(db_path)
+        assert ledger.counts() == {**dict.fromkeys(states, 0), "done": 250, "skipped": 50}
+    finally:
+        ledger.close()
 
 
 def test_an_upgrade_that_fails_leaves_the_database_as_it_was(

@@ -23,6 +23,7 @@ from conftest import dpypeline, env_for_subprocess, runs, status, wait_for, writ
 from dpypeline.progress import Meter, Observers, View, progress_line, watch
 from dpypeline.state.transitions import JobState
 from test_notify import NotifySocket, notify_socket, start  # noqa: F401 - the fixture
+from test_service import Harness, make  # noqa: F401 - the fixture
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LINE = re.compile(r"(\d+)/(\d+) jobs  ([\d.]+) jobs/s  ETA (\d+:\d\d:\d\d)  (\d+) dead")
@@ -213,6 +214,33 @@ def test_status_and_status_json_show_a_jobs_end_within_a_second(
             proc.kill()
 
 
+def test_a_jobs_end_is_counted_once_for_status_and_the_progress_shown(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+    notify_socket: NotifySocket,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under systemd the frame's counts make the STATUS line: the ledger is not counted a
+    second time for it."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    h = make("a.nc")
+    h.settle()
+    [job] = h.running()
+    counted: list[str] = []
+    assert h.service._ledger is not None
+    h.service._ledger._db.set_trace_callback(
+        lambda sql: counted.append(sql) if "count" in sql.lower() else None
+    )
+    h.executor.finish(job)
+    assert h.step()
+
+    def done_status() -> bool:
+        h.service._live.tick(time.time())  # as the loop does after each pass
+        return any(re.search(r"STATUS=.*\b1 done", m) for _, m in notify_socket.poll())
+
+    wait_for(done_status, timeout=5, interval=0.01, message="STATUS 1 done")
+    assert len(counted) == 1, counted
+
+
 # -- the pure parts -----------------------------------------------------------------------
 
 
@@ -243,17 +271,29 @@ class _Seen:
         pass
 
 
+class _Clock:
+    """A monotonic clock the test moves; the loop's wall clock is the ``now`` it passes."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def test_observers_see_a_change_at_once_or_at_most_every_refresh() -> None:
-    ledger, seen = _Ledger(), _Seen()
-    live = Observers([seen], every=0.25)
+    ledger, seen, clock = _Ledger(), _Seen(), _Clock()
+    live = Observers([seen], every=0.25, clock=clock)
     live.watch(ledger, _Worker())  # type: ignore[arg-type]
     live.tick(100.0)
     assert [t for t, _ in seen.frames] == [100.0]
     assert live.next_deadline() is None  # nothing new: the loop sleeps as long as it likes
     ledger.changes = 1
+    clock.t = 0.1
     live.tick(100.1)  # too soon after the last frame: shown at the deadline
     assert len(seen.frames) == 1
     assert live.next_deadline() == 100.25
+    clock.t = 0.25
     live.tick(100.25)
     assert [t for t, _ in seen.frames] == [100.0, 100.25]
     live.tick(100.3)  # unchanged: nothing
@@ -262,6 +302,50 @@ def test_observers_see_a_change_at_once_or_at_most_every_refresh() -> None:
     assert len(seen.frames) == 3
     assert seen.frames[-1][1].finished == 2
     assert seen.frames[-1][1].waiting == 4
+
+
+class _SlowLedger(_Ledger):
+    """Counting takes ``cost`` seconds of the clock, as counting every row of a large
+    ledger did."""
+
+    def __init__(self, clock: _Clock, cost: float) -> None:
+        super().__init__()
+        self.clock, self.cost, self.counted = clock, cost, 0
+
+    def counts(self) -> dict[str, int]:
+        self.clock.t += self.cost
+        self.counted += 1
+        return super().counts()
+
+
+def test_a_slow_frame_is_not_redone_on_every_pass_of_the_loop() -> None:
+    clock = _Clock()
+    ledger, seen = _SlowLedger(clock, cost=0.5), _Seen()
+    live = Observers([seen], every=0.25, clock=clock)
+    live.watch(ledger, _Worker())  # type: ignore[arg-type]
+    passes = 0
+    while clock.t < 60.0:  # a minute of a busy loop: every pass writes, each takes 10 ms
+        ledger.changes += 1
+        clock.t += 0.01
+        live.tick(1000.0 + clock.t)
+        passes += 1
+    # a frame that took 0.5 s is followed by none for 5 s: a tenth of the time, at most
+    assert ledger.counted <= 60.0 / 5.0 + 1, (ledger.counted, passes)
+    assert ledger.counted >= 60.0 / 6.0
+    assert live.next_deadline() == seen.frames[-1][0] + 5.0
+
+
+def test_the_refresh_follows_the_monotonic_clock_not_the_wall_clock() -> None:
+    ledger, seen, clock = _Ledger(), _Seen(), _Clock()
+    live = Observers([seen], every=0.25, clock=clock)
+    live.watch(ledger, _Worker())  # type: ignore[arg-type]
+    live.tick(100.0)
+    ledger.changes, clock.t = 1, 0.3
+    live.tick(40.0)  # the wall clock was stepped back a minute: the change still shows
+    assert [t for t, _ in seen.frames] == [100.0, 40.0]
+    ledger.changes, clock.t = 2, 0.4
+    live.tick(500.0)  # ... or forward: no frame before the refresh is due
+    assert len(seen.frames) == 2
 
 
 def test_rate_is_over_the_window_and_falls_while_nothing_ends() -> None:

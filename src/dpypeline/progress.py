@@ -4,9 +4,12 @@ status`` reads of the executor, the live line of ``dpypeline run`` on a terminal
 
 The loop calls ``Observers.tick`` after every pass. When the ledger changed (a job started
 or ended, a file was queued) the observers get a fresh ``View``, at most every ``REFRESH``
-seconds: a job's end shows in STATUS well within a second, and a backfill of thousands of
-short jobs costs a few queries a second, not one per job. The health timer still sends
-STATUS on its own, for what no write reveals (a pause, an unhealthy watcher).
+seconds on the monotonic clock: a job's end shows in STATUS well within a second, and a
+backfill of thousands of short jobs costs a few cheap queries a second, not one per job.
+Should a frame ever take long (a slow disk, a huge ledger), the next waits ``BUSY`` times
+as long, so showing progress never takes more than a tenth of the loop's time. The health
+timer still sends STATUS on its own, for what no write reveals (a pause, an unhealthy
+watcher).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from dpypeline.worker import Worker
 
 REFRESH = 0.25  # seconds: how often, at most, a change reaches the observers
+BUSY = 10  # a frame that took t seconds is followed by none for BUSY * t seconds
 RATE_WINDOW = 30.0  # seconds of finished jobs the rate is measured over
 WATCH_EVERY = 1.0  # seconds between frames of `status --watch`
 
@@ -78,15 +82,24 @@ class Observer(Protocol):
 
 
 class Observers:
-    """Hands a fresh ``View`` to each observer when the ledger changed, rate-limited."""
+    """Hands a fresh ``View`` to each observer when the ledger changed, rate-limited on
+    ``clock`` (monotonic: a step of the wall clock neither floods nor freezes them)."""
 
-    def __init__(self, observers: Sequence[Observer], every: float = REFRESH) -> None:
+    def __init__(
+        self,
+        observers: Sequence[Observer],
+        every: float = REFRESH,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._observers = list(observers)
         self._every = every
+        self._clock = clock
         self._source: tuple[Ledger, Worker] | None = None
         self._version: int | None = None  # the ledger's writes when last looked at
         self._shown: int | None = None  # ... and when last shown
-        self._last = -math.inf
+        self._last = -math.inf  # when last shown, on the loop's (wall) clock
+        self._shown_at = -math.inf  # ... and on ``clock``
+        self._wait = every  # how long after that the next frame may come
 
     def add(self, observer: Observer) -> None:
         self._observers.append(observer)
@@ -98,13 +111,13 @@ class Observers:
         if self._source is None:
             return
         self._version = self._source[0].changes
-        if self._version != self._shown and now >= self._last + self._every:
+        if self._version != self._shown and self._clock() >= self._shown_at + self._wait:
             self._show(now)
 
     def next_deadline(self) -> float | None:
-        """When a change not yet shown is due (None: nothing to show)."""
+        """When a change not yet shown is due, on the loop's clock (None: nothing to show)."""
         pending = self._source is not None and self._version != self._shown
-        return self._last + self._every if pending else None
+        return self._last + self._wait if pending else None
 
     def close(self) -> None:
         """A last frame with the final counts (the ledger is still open), then close."""
@@ -120,22 +133,25 @@ class Observers:
     def _show(self, now: float) -> None:
         assert self._source is not None
         ledger, worker = self._source
-        self._shown, self._last = ledger.changes, now
+        started = self._clock()
+        self._shown, self._last, self._shown_at = ledger.changes, now, started
         frame = view(ledger.counts(), worker.ended, worker.active_claims())
         for observer in self._observers:
             observer.update(frame, now)
+        self._wait = max(self._every, BUSY * (self._clock() - started))
 
 
 class StatusNotice:
     """STATUS= for ``systemctl status`` as soon as the counts change (the notifier sends
-    only a line that differs from the last)."""
+    only a line that differs from the last). The line is made from the frame's counts, not
+    counted again."""
 
-    def __init__(self, notifier: Notifier, line: Callable[[float], str]) -> None:
+    def __init__(self, notifier: Notifier, line: Callable[[float, Mapping[str, int]], str]) -> None:
         self._notifier, self._line = notifier, line
 
     def update(self, view: View, now: float) -> None:
         if self._notifier.enabled:
-            self._notifier.status(self._line(now))
+            self._notifier.status(self._line(now, view.counts))
 
     def close(self) -> None:
         pass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import faulthandler
 import time
+from collections.abc import Mapping
 from enum import StrEnum
 from types import FrameType
 from typing import Any
@@ -402,8 +403,9 @@ class Service:
             )
         return verdict
 
-    def status_text(self, now: float | None = None) -> str:
-        """One line for ``systemctl status``: counts, what the service is doing, problems."""
+    def status_text(self, now: float | None = None, counts: Mapping[str, int] | None = None) -> str:
+        """One line for ``systemctl status``: counts (read now unless given, as the progress
+        observers do with the counts of their frame), what the service is doing, problems."""
         assert self._ledger is not None
         now = time.monotonic() if now is None else now
         worker = self._worker
@@ -411,7 +413,7 @@ class Service:
         return status_line(
             Snapshot(
                 status=self.status.value,
-                counts=self._ledger.counts(),
+                counts=self._ledger.counts() if counts is None else counts,
                 setup_waiting_for=None if self._setup.done else self._setup.waiting_for,
                 paused=worker.pause_reason if worker is not None and paused else None,
                 pending_scans=self._arrivals.pending_scans,

@@ -81,6 +81,42 @@ MIGRATIONS = (
             "DROP TABLE IF EXISTS ack_queue_ready",  # persist-queue's table, in this file
         ),
     ),
+    Migration(
+        3,
+        "jobs are counted as they change state, not by reading every row",
+        (
+            # one row per (job name, state, source), kept exact by the triggers inside the
+            # transaction of each change: reading the counts costs the same at any size
+            """CREATE TABLE job_counts (
+                job TEXT NOT NULL,
+                state TEXT NOT NULL,
+                source TEXT NOT NULL,
+                n INTEGER NOT NULL,
+                PRIMARY KEY (job, state, source)
+            ) WITHOUT ROWID""",
+            "INSERT INTO job_counts (job, state, source, n)"
+            " SELECT job, state, source, count(*) FROM jobs GROUP BY job, state, source",
+            """CREATE TRIGGER job_counts_insert AFTER INSERT ON jobs BEGIN
+                INSERT INTO job_counts (job, state, source, n)
+                VALUES (NEW.job, NEW.state, NEW.source, 1)
+                ON CONFLICT (job, state, source) DO UPDATE SET n = n + 1;
+            END""",
+            """CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
+                UPDATE job_counts SET n = n - 1
+                WHERE job = OLD.job AND state = OLD.state AND source = OLD.source;
+            END""",
+            """CREATE TRIGGER job_counts_update AFTER UPDATE OF job, state, source ON jobs
+            WHEN OLD.job IS NOT NEW.job OR OLD.state IS NOT NEW.state
+                OR OLD.source IS NOT NEW.source
+            BEGIN
+                UPDATE job_counts SET n = n - 1
+                WHERE job = OLD.job AND state = OLD.state AND source = OLD.source;
+                INSERT INTO job_counts (job, state, source, n)
+                VALUES (NEW.job, NEW.state, NEW.source, 1)
+                ON CONFLICT (job, state, source) DO UPDATE SET n = n + 1;
+            END""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Info
+from structlog.testing import capture_logs
 
 from conftest import ServiceProcess, env_for_subprocess, wait_for, write_config
 from dpypeline.config import load_config
@@ -154,6 +156,34 @@ def test_a_half_sent_request_is_dropped_after_the_timeout_and_blocks_no_one() ->
         assert time.monotonic() - began >= timeout * 0.9, "dropped before its time"
         stalled.close()
         trickling.close()
+    finally:
+        endpoint.close()
+
+
+def test_a_client_that_takes_not_its_answer_is_dropped_after_the_timeout() -> None:
+    from dpypeline.metrics_endpoint import MetricsEndpoint
+
+    registry = CollectorRegistry()  # an answer bigger than the kernel's buffers hold
+    Info("big", "A large answer", registry=registry).info({"v": "x" * (16 << 20)})
+    endpoint = MetricsEndpoint(registry, "127.0.0.1", 0, write_timeout=1.0)
+    endpoint.start()
+    try:
+        with capture_logs() as logs, socket.socket() as slow:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.connect(endpoint.address)
+            slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+            wait_for(
+                lambda: any(e.get("kind") == "write_timeout" for e in logs),
+                timeout=10,
+                message="the slow reader dropped",
+            )
+            assert request(endpoint.address[1])[0] == 200
+            slow.settimeout(5)
+            taken = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := slow.recv(1 << 20):
+                    taken += len(chunk)
+        assert taken < 16 << 20, "the whole answer was taken: the test proved nothing"
     finally:
         endpoint.close()
 

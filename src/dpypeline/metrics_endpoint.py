@@ -121,17 +121,20 @@ class MetricsEndpoint:
         server = await asyncio.start_server(
             self._connection, sock=self._sock, limit=MAX_HEAD, backlog=BACKLOG
         )
-        async with server:
+        try:
             await self._stop.wait()
-        if self._report is not None:
-            self._report.cancel()
-            self._report_troubles()
-        for writer in list(self._open):
-            writer.transport.abort()  # each handler sees its connection gone and ends
-        if self._tasks:
-            _, stuck = await asyncio.wait(self._tasks, timeout=self.write_timeout)
-            for task in stuck:  # waiting on a collection that does not end
-                task.cancel()
+        finally:
+            server.close()
+            for writer in list(self._open):
+                writer.transport.abort()  # each handler sees its connection gone and ends
+            if self._tasks:
+                _, stuck = await asyncio.wait(self._tasks, timeout=self.write_timeout)
+                for task in stuck:  # waiting on a collection that does not end
+                    task.cancel()
+            await server.wait_closed()  # from Python 3.12, until every connection is gone
+            if self._report is not None:
+                self._report.cancel()
+                self._report_troubles()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -145,7 +148,12 @@ class MetricsEndpoint:
                 self._drop_oldest()
             await self._exchange(reader, writer, client)
         except Exception as exc:  # noqa: BLE001 - one client's trouble, never the service's
-            log.error("metrics_request_failed", client=client, error=_reason(exc))
+            log.error(
+                "metrics_request_failed",
+                client=client,
+                error=_reason(exc),
+                action="the endpoint serves on; if this recurs, report it with this line",
+            )
         finally:
             self._waiting.pop(writer, None)
             self._open.discard(writer)
@@ -196,6 +204,7 @@ class MetricsEndpoint:
         finally:
             self._waiting.pop(writer, None)
         method, status, headers, body = await self._answer(head, client)
+        writer.transport.set_write_buffer_limits(0)  # drain: until all is with the kernel
         head_lines = [f"HTTP/1.1 {status.value} {status.phrase}"]
         head_lines += [f"{name}: {value}" for name, value in headers]
         head_lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
@@ -224,7 +233,11 @@ class MetricsEndpoint:
         if method not in ("GET", "HEAD"):
             status, headers, body = _plain(HTTPStatus.METHOD_NOT_ALLOWED, f"use {ALLOW}")
             return method, status, [*headers, ("Allow", ALLOW)], body
-        fields = http.client.parse_headers(io.BytesIO(rest))
+        try:
+            fields = http.client.parse_headers(io.BytesIO(rest))
+        except http.client.HTTPException as exc:  # a header line too long, too many of them
+            self._trouble("bad_request", client, _reason(exc))
+            return method, *_plain(HTTPStatus.BAD_REQUEST, "bad request headers")
         environ = {
             "REQUEST_METHOD": "GET",
             "PATH_INFO": url.path,

@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Info
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 from structlog.testing import capture_logs
 
 from conftest import ServiceProcess, env_for_subprocess, wait_for, write_config
@@ -184,6 +187,40 @@ def test_a_client_that_takes_not_its_answer_is_dropped_after_the_timeout() -> No
                 while chunk := slow.recv(1 << 20):
                     taken += len(chunk)
         assert taken < 16 << 20, "the whole answer was taken: the test proved nothing"
+    finally:
+        endpoint.close()
+
+
+class Failing(Collector):
+    """A collector whose reads fail while ``failing`` is set (a ledger that cannot be read)."""
+
+    failing = True
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        if self.failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return []
+
+
+def test_a_failed_collection_is_a_500_and_the_endpoint_serves_on() -> None:
+    from dpypeline.metrics_endpoint import MetricsEndpoint
+
+    metrics = Metrics(["work"])
+    metrics.registry.register(failing := Failing())
+    endpoint = MetricsEndpoint(metrics.registry, "127.0.0.1", 0)
+    endpoint.start()
+    try:
+        with capture_logs() as logs:
+            assert request(endpoint.address[1])[0] == 500
+        failed = [e for e in logs if e["event"] == "metrics_collect_failed"]
+        assert [e["error"] for e in failed] == ["OperationalError: disk I/O error"]
+        failing.failing = False
+        status, _, body = request(endpoint.address[1])
+        assert status == 200
+        assert b"dpypeline_healthy 1.0" in body
     finally:
         endpoint.close()
 

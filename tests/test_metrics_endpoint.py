@@ -227,15 +227,15 @@ def test_a_failed_collection_is_a_500_and_the_endpoint_serves_on() -> None:
 
 def test_only_get_and_head_of_metrics_are_answered(tmp_path: Path) -> None:
     with serving(tmp_path) as port:
+        for path in ("/", "/metric", "/metrics/", "/metrics/x", "/favicon.ico", "/index.html"):
+            assert request(port, path)[0] == 404, path
+        for method in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH"):
+            assert request(port, method=method)[:2] == (405, "GET, HEAD"), method
         status, _, body = request(port)
         assert status == 200
         assert b"# TYPE dpypeline_healthy gauge" in body
         assert request(port, method="HEAD")[::2] == (200, b"")
         assert request(port, "/metrics?name[]=dpypeline_healthy")[2].count(b"\n# HELP") == 0
-        for path in ("/", "/metric", "/metrics/", "/metrics/x", "/favicon.ico", "/index.html"):
-            assert request(port, path)[0] == 404, path
-        for method in ("POST", "PUT", "DELETE", "OPTIONS", "PATCH"):
-            assert request(port, method=method)[:2] == (405, "GET, HEAD"), method
 
 
 def test_clients_that_reset_or_send_garbage_are_logged_as_json_events(

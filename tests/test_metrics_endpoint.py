@@ -126,7 +126,7 @@ def test_a_thousand_idle_connections_cost_no_thread_and_a_scrape_still_answers(
 def test_a_half_sent_request_is_dropped_after_the_timeout_and_blocks_no_one() -> None:
     from dpypeline.metrics_endpoint import MetricsEndpoint
 
-    timeout = 1.5
+    timeout = 3.0
     endpoint = MetricsEndpoint(Metrics(["work"]).registry, "127.0.0.1", 0, request_timeout=timeout)
     endpoint.start()
     try:

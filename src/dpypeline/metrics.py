@@ -9,8 +9,8 @@ events) is counted where it happens, by one-line calls on :class:`Metrics` from 
 intake and the loop.
 
 Each service has its own registry (never prometheus-client's global one) and, when
-``metrics.listen`` is set, prometheus-client's own HTTP server on its own thread, so a
-scrape is answered while a job runs.
+``metrics.listen`` is set, an endpoint on a thread of its own (``metrics_endpoint``), so a
+scrape is answered while a job runs, and no client, however idle or slow, costs a thread.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import time
 from collections.abc import Iterable, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from dpypeline.config import PipelineConfig, listen_address
 from dpypeline.errors import ConfigError
+from dpypeline.logs import get_logger
+from dpypeline.metrics_endpoint import MetricsEndpoint
 from dpypeline.state.ledger import Ledger
 from dpypeline.state.transitions import JobState
 
@@ -41,6 +41,8 @@ DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 
 BYTE_BUCKETS = (*(float(2**n) for n in range(10, 41, 3)), float("inf"))  # 1 KiB .. 1 TiB
 JOB_LABEL = "pipeline_job"  # the pipeline job a series is of (config `jobs[].name`)
 LATENCY_BUCKETS = (0.1, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, float("inf"))
+
+log = get_logger("dpypeline.metrics")
 
 
 def error_class(exc: BaseException | None) -> str:
@@ -214,14 +216,14 @@ class Metrics:
             self.component.labels(component).set(1)
         self.outage_over()
         self._collector: LedgerCollector | None = None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._endpoint: MetricsEndpoint | None = None
 
     # -- the endpoint ---------------------------------------------------------------------
 
     def serve(self, config: PipelineConfig) -> None:
         """Start the endpoint if ``metrics.listen`` is set. A port that cannot be had is a
-        ConfigError (exit 2) naming the field and its line."""
+        ConfigError (exit 2) naming the field and its line; a thread that cannot be had is
+        logged, and the service runs on without the endpoint."""
         listen = config.metrics.listen
         if listen is None:
             return
@@ -229,28 +231,35 @@ class Metrics:
         self._collector = LedgerCollector(config.cache_dir, self.job_names)
         self.registry.register(self._collector)
         try:
-            self._server, self._thread = start_http_server(port, host, registry=self.registry)
+            self._endpoint = MetricsEndpoint(self.registry, host, port)
         except OSError as exc:
             self.close()
             raise ConfigError(
                 f"{config.where('metrics', 'listen')}: cannot serve metrics on {listen}:"
                 f" {exc.strerror or exc} (is another process using the port? choose another)"
             ) from None
+        try:
+            self._endpoint.start()
+        except RuntimeError as exc:  # no thread to be had: the jobs matter more
+            self.close()
+            log.error(
+                "metrics_endpoint_failed",
+                listen=listen,
+                error=str(exc),
+                action="the service runs on without /metrics; raise its task limit"
+                " (TasksMax=) and restart it to have them again",
+            )
 
     @property
     def address(self) -> tuple[str, int] | None:
         """Where the endpoint listens (the real port when the config said 0)."""
-        return self._server.server_address[:2] if self._server is not None else None
+        return self._endpoint.address if self._endpoint is not None else None
 
     def close(self) -> None:
         """Idempotent: stop the endpoint and close its read connection."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
         if self._collector is not None:
             self.registry.unregister(self._collector)
             self._collector.close()

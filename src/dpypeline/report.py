@@ -52,7 +52,7 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
 
         once = argparse.Namespace(**{**vars(args), "watch": False})
         return watch(lambda: cmd_status(config, once), json=args.json)
-    ledger = Ledger(config.cache_dir)
+    ledger = Ledger(config.cache_dir, read_only=True)
     try:
         counts = ledger.counts()
         oldest = ledger.oldest_waiting()
@@ -100,7 +100,7 @@ def _by_job(held: list[Hold]) -> dict[int, Hold]:
 
 
 def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
-    ledger = Ledger(config.cache_dir)
+    ledger = Ledger(config.cache_dir, read_only=True)
     try:
         records = ledger.jobs(JobState(args.state) if args.state else None, args.limit)
         held = _by_job(ledger.held())

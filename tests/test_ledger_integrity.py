@@ -102,7 +102,9 @@ def truncated_log(db: Path) -> None:
     log = wal_of(db)
     frame = 24 + 4096
     frames = (log.stat().st_size - 32) // frame
-    os.truncate(log, 32 + frames // 2 * frame + 1000)  # cut in the middle of a frame
+    size = 32 + frames // 2 * frame + 1000  # in the middle of a frame, where no write ends
+    assert size % 4096
+    os.truncate(log, size)
 
 
 def scribbled_log_page(db: Path) -> None:

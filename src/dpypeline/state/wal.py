@@ -14,6 +14,7 @@ SQLite would drop committed transactions.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ def index_path(db_path: Path) -> Path:
 
 def check_log(db_path: Path, left_open: bool, refuse: Refuse) -> None:
     """Before SQLite opens it: the log is there when the ledger was left open (the database
-    header says so), has a header, and ends on a frame boundary."""
+    header says so), has a header, and does not end mid-frame where no write ends."""
     log = log_path(db_path)
     try:
         size = log.stat().st_size
@@ -64,7 +65,8 @@ def check_log(db_path: Path, left_open: bool, refuse: Refuse) -> None:
     if magic not in MAGIC or page_size < 512:
         raise refuse(db_path, f"its write-ahead log {log.name} has no valid header")
     cut = (size - HEADER) % (FRAME_HEADER + page_size)
-    if cut not in (0, FRAME_HEADER):
+    # a write killed midway ends where the kernel stopped copying: on a memory page boundary
+    if cut not in (0, FRAME_HEADER) and size % mmap.PAGESIZE:
         raise refuse(
             db_path,
             f"its write-ahead log {log.name} is cut short ({size} bytes, {cut} into a frame):"

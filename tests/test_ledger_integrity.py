@@ -140,6 +140,21 @@ def test_a_ledger_lost_or_damaged_after_sigkill_is_refused_and_nothing_runs_agai
     assert expected in status.stderr
 
 
+def test_a_log_folded_in_by_a_command_after_sigkill_is_not_taken_for_a_lost_one(
+    tmp_path: Path,
+) -> None:
+    """After a kill, `enqueue` (the last connection to close) folds the log into the
+    database and SQLite deletes it: nothing is lost, and the next start goes on."""
+    cfg, db, log = processed_then(tmp_path, signal.SIGKILL)
+    assert wal_of(db).stat().st_size > 0
+    (tmp_path / "inbox" / "late.nc").write_bytes(b"x")
+    dpypeline("enqueue", "-c", str(cfg), str(tmp_path / "inbox" / "late.nc"), check=True)
+    assert not wal_of(db).exists()
+    proc = dpypeline("run", "-c", str(cfg), "--once", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [r[0] for r in runs(log)][FILES:] == ["late.nc"]
+
+
 def test_a_damaged_btree_page_is_refused_before_ready_and_not_restarted(tmp_path: Path) -> None:
     cfg, db, log = processed_then(tmp_path, signal.SIGTERM)
     assert not wal_of(db).exists()  # a clean stop: everything is in the database file

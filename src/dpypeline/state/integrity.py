@@ -15,7 +15,7 @@ means files processed again, so before SQLite reads anything:
   transaction (the log's current salts, a valid checksum, a commit mark) is damaged: a
   crash mid-write leaves at most an uncommitted last transaction, never a valid commit frame
   after a bad one (:mod:`dpypeline.state.wal`);
-- the service runs ``PRAGMA quick_check`` (0.09 s on a 43 MB ledger of 200,000 jobs).
+- the service runs ``PRAGMA quick_check`` (0.1 to 0.3 s on a 43 MB ledger of 200,000 jobs).
 
 Each refusal is a :class:`LedgerRefused` (exit 4) with the way out: restore a backup
 (``dpypeline ledger restore``) or start over (``dpypeline ledger reset``).

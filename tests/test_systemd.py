@@ -254,6 +254,42 @@ def test_a_broken_config_fails_once_with_the_error_in_the_journal(sandbox: Sandb
     assert text.count("Starting dpypeline.service") == 1
 
 
+DAMAGE_JOBS_ROOT = """
+import sqlite3
+db = "/var/lib/dpypeline/dpypeline.db"
+conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+root, size = conn.execute(
+    "SELECT rootpage, (SELECT page_size FROM pragma_page_size) FROM sqlite_master"
+    " WHERE name = 'jobs'"
+).fetchone()
+conn.close()
+with open(db, "r+b") as f:
+    f.seek((root - 1) * size)
+    f.write(b"\\xff" * 24)
+"""
+
+
+def test_a_damaged_ledger_fails_once_with_what_to_do_in_the_journal(sandbox: Sandbox) -> None:
+    box = sandbox
+    ready(box)
+    start(box)
+    box.drop("a.nc")
+    box.wait(lambda: box.status()["done"] == 1, message="the first file done")
+    box.run("systemctl", "stop", UNIT)
+    box.run(sys.executable, "-c", DAMAGE_JOBS_ROOT)
+    proc = box.run("systemctl", "start", UNIT, check=False)
+    assert proc.returncode != 0
+    time.sleep(7)  # longer than RestartSec=: a restart would have happened by now
+    assert box.show("ActiveState") == "failed"
+    assert box.show("ExecMainStatus") == "4"
+    assert box.show("NRestarts") == "0"
+    text = box.journal_text()
+    assert "/var/lib/dpypeline/dpypeline.db is damaged" in text
+    assert "dpypeline ledger restore" in text
+    assert "writable" not in text
+    assert box.recorded() == ["a.nc"]
+
+
 def test_long_jobs_are_healthy_and_systemctl_stop_is_graceful(
     sandbox: Sandbox,
 ) -> None:

@@ -1,9 +1,10 @@
 """The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue |
-migrate``.
+ledger | migrate``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
-finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``), 75 ``run
+finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``), 4 the ledger is
+damaged or lost (``LedgerRefused``; also in ``RestartPreventExitStatus=``), 75 ``run
 --max-runtime`` stopped at its time budget with work left (``service.EXIT_TIME_BUDGET``).
 status, jobs, retry, skip and enqueue work while the service runs: they only touch the
 ledger, through SQLite, and the service picks up what they changed.
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from dpypeline import migrate
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.durations import parse_duration
-from dpypeline.errors import ConfigError, StateError
+from dpypeline.errors import ConfigError, LedgerRefused, StateError
+from dpypeline.ledgercmd import add_parser, cmd_ledger
 from dpypeline.paths import shown
 from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid
@@ -33,7 +35,7 @@ from dpypeline.state.ledger import JobState, Ledger
 if TYPE_CHECKING:
     from dpypeline.pipeline import Job
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_LEDGER = 0, 1, 2, 4
 
 
 def _duration(text: str) -> float:
@@ -138,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     skip.add_argument("job_ids", nargs="+", type=int, metavar="JOB_ID")
     enqueue = command("enqueue", "queue files (or directories) by hand, deduplicated")
     enqueue.add_argument("paths", nargs="+", metavar="PATH")
+    add_parser(command("ledger", "back up the ledger, restore a copy, or start over"))
     return p
 
 
@@ -167,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dpypeline: invalid config {path}:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LedgerRefused as exc:
+        print(f"dpypeline: {exc}", file=sys.stderr)
+        return EXIT_LEDGER
     except StateError as exc:
         print(f"dpypeline: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -450,4 +456,5 @@ COMMANDS = {
     "retry": cmd_retry,
     "skip": cmd_skip,
     "enqueue": cmd_enqueue,
+    "ledger": cmd_ledger,
 }

@@ -24,6 +24,13 @@ class StateError(DpypelineError):
     """CACHE_DIR or its database cannot be used (network filesystem, permissions, corruption)."""
 
 
+class LedgerRefused(StateError):
+    """The ledger is damaged or lost (a CACHE_DIR that held one has none, or its write-ahead
+    log is missing or damaged): carrying on would process files again. Start-up stops before
+    READY with exit code 4, which the systemd units do not restart, and the message says
+    how to restore a backup or start over."""
+
+
 class TaskError(DpypelineError):
     """Base for failures raised from task code."""
 

@@ -69,7 +69,7 @@ def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
 
         once = argparse.Namespace(**{**vars(args), "watch": False})
         return watch(lambda: cmd_status(config, once), json=args.json)
-    ledger = Ledger(config.cache_dir)
+    ledger = Ledger(config.cache_dir, read_only=True)
     try:
         counts = ledger.counts()
         oldest = ledger.oldest_waiting()
@@ -117,7 +117,7 @@ def _by_job(held: list[Hold]) -> dict[int, Hold]:
 
 
 def cmd_jobs(config: PipelineConfig, args: argparse.Namespace) -> int:
-    ledger = Ledger(config.cache_dir)
+    ledger = Ledger(config.cache_dir, read_only=True)
     try:
         # one more than shown tells whether the list was cut; SQLite reads LIMIT -1 as none
         records = ledger.jobs(

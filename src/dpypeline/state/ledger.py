@@ -32,8 +32,8 @@ from pathlib import Path
 from dpypeline.errors import StateError
 from dpypeline.executors.ordering import Hold, Pending
 from dpypeline.paths import from_db, shown, to_db
-from dpypeline.state import holds, reconcile, schema
-from dpypeline.state.cachedir import DB_FILE, lock_service, prepare_cache_dir
+from dpypeline.state import holds, integrity, reconcile, schema
+from dpypeline.state.cachedir import lock_service, prepare_cache_dir
 from dpypeline.state.records import COLUMNS, FileVersionLike, JobRecord, record
 from dpypeline.state.transitions import (
     OUTCOMES,
@@ -43,6 +43,7 @@ from dpypeline.state.transitions import (
     apply,
     is_state,
 )
+from dpypeline.watching.fsinfo import require_local_filesystem
 
 __all__ = ["Claim", "FileVersionLike", "JobRecord", "JobState", "Ledger", "Recovery"]
 
@@ -77,50 +78,41 @@ class Recovery:
 
 class Ledger:
     """Job states in SQLite. ``service=True`` locks CACHE_DIR for this process: only the
-    service takes jobs to run."""
+    service takes jobs to run, and only it upgrades the schema. ``read_only=True`` (status,
+    jobs) writes nothing at all: not even a missing ledger is made."""
 
-    def __init__(self, cache_dir: Path, *, service: bool = False) -> None:
+    def __init__(self, cache_dir: Path, *, service: bool = False, read_only: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
-        self.service = service
+        self.service, self.read_only = service, read_only and not service
         self._lock: int | None = None
         try:
             schema.require_sqlite()
-            prepare_cache_dir(self.cache_dir)
+            if not self.read_only:
+                prepare_cache_dir(self.cache_dir)
+            elif self.cache_dir.is_dir():
+                require_local_filesystem(self.cache_dir, "CACHE_DIR")
             if service:
                 self._lock = lock_service(self.cache_dir)
-            self._db = sqlite3.connect(
-                self.cache_dir / DB_FILE,
-                timeout=30.0,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            self._db = integrity.open_db(self.cache_dir, service=service, read_only=self.read_only)
             self._db.text_factory = from_db  # paths come back as they are on disk
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA temp_store=MEMORY")
-            schema.upgrade(self._db, self.cache_dir / DB_FILE)
         except BaseException as exc:
             self._abandon()
             if not isinstance(exc, (OSError, sqlite3.Error)):
                 raise
             raise StateError(
                 f"cannot open the state database in {self.cache_dir}: {exc}. Check that the "
-                "directory is writable by this user and on a local disk; to start over, stop the "
-                "service and delete it (every file will be processed again)."
+                "directory is writable by this user and on a local disk."
             ) from exc
 
     def _abandon(self) -> None:
         """Undo a failed open, above all the service lock: left held, it would refuse every
         later start in this process as "another dpypeline service"."""
-        db = getattr(self, "_db", None)
-        if db is not None:
-            db.close()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
 
     def close(self) -> None:
-        self._db.close()
+        integrity.close_db(self._db, self.cache_dir, service=self.service, read_only=self.read_only)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None

@@ -555,3 +555,13 @@ def test_standard_functions_that_run_a_file_name_as_a_command_are_refused_as_tas
         " function that builds the command itself (a list of arguments, no shell) and name"
         " that function instead"
     )
+
+
+def test_merge_keys_that_double_at_each_level_are_refused_before_they_are_merged(
+    tmp_path: Path, inbox: Path
+) -> None:
+    levels = ["  m0: &m0 {a: 1}"]
+    levels += [f"  m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: 1}}" for i in range(1, 18)]
+    path = write(tmp_path, minimal(inbox, "x:\n" + "\n".join(levels) + "\n"))
+    message = load_error(path)
+    assert message.startswith("pipeline.yaml: the document is too large once its aliases")

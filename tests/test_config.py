@@ -565,3 +565,23 @@ def test_merge_keys_that_double_at_each_level_are_refused_before_they_are_merged
     path = write(tmp_path, minimal(inbox, "x:\n" + "\n".join(levels) + "\n"))
     message = load_error(path)
     assert message.startswith("pipeline.yaml: the document is too large once its aliases")
+
+
+def test_a_cluster_class_from_a_module_others_can_change_is_refused_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpypeline.executors.cluster import cluster_class
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"sharedcluster_{uuid.uuid4().hex}"
+    marker = tmp_path / "imported"
+    module = tmp_path / f"{name}.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\nclass Cluster:\n    pass\n")
+    module.chmod(0o664)
+    with pytest.raises(ConfigError) as info:
+        cluster_class(f"{name}.Cluster")
+    assert str(info.value).startswith(
+        f"executor.cluster.class: cannot import '{name}.Cluster': module of the cluster class"
+        f" {module} can be written by its group (mode 0664)"
+    )
+    assert not marker.exists()

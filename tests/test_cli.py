@@ -9,10 +9,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+import dpypeline as dpypeline_package
 from conftest import ROOT, dpypeline, env_for_subprocess, runs, write_config
 
 
@@ -357,3 +359,119 @@ def test_jobs_prints_a_header_and_aligned_columns_and_every_table_has_json(
     assert json.loads(dpypeline("status", "-c", str(cfg), "--json", check=True).stdout)["dead"] == 1
     checked = json.loads(dpypeline("validate", "-c", str(cfg), "--json", check=True).stdout)
     assert (checked["ok"], checked["jobs"], checked["tasks"]) == (True, 1, 1)
+
+
+# --- bounds and trust, as the operator meets them ---------------------------------------------
+
+MEASURED = """\
+import json, resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+used = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({
+    "returncode": proc.returncode,
+    "stderr": proc.stderr,
+    "peak_rss": used.ru_maxrss * 1024,  # KiB on Linux
+    "cpu": used.ru_utime + used.ru_stime,
+}))
+"""
+
+
+def _measured(cwd: Path, *args: str) -> dict[str, Any]:
+    """Exit code, stderr, peak RSS (bytes) and CPU time (seconds) of ``dpypeline ARGS``,
+    run by a process of its own that has no other child: its RUSAGE_CHILDREN is
+    dpypeline's alone, where the test process's would be the largest of every child any
+    earlier test started. CPU time, unlike the time on the clock, does not grow with the
+    load of the machine."""
+    measured = subprocess.run(
+        [sys.executable, "-c", MEASURED, sys.executable, "-m", "dpypeline", *args],
+        capture_output=True,
+        text=True,
+        env=env_for_subprocess(),
+        cwd=cwd,
+        timeout=240,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(measured.stdout)
+    return result
+
+
+def _aliased(levels: int, fan: int) -> str:
+    """A flow list of anchors, each aliasing the one before *fan* times."""
+    anchors = [f"&l0 [{', '.join(['x'] * fan)}]"]
+    anchors += [f"&l{i} [{', '.join([f'*l{i - 1}'] * fan)}]" for i in range(1, levels + 1)]
+    return f"[{', '.join(anchors)}]"
+
+
+BOMB = _aliased(4, 20)  # 600 bytes; 20**5 = 3.2 million values once expanded
+
+
+def test_an_alias_bomb_is_refused_before_expansion_quickly_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "inbox").mkdir()
+    cfg = _broken(
+        tmp_path,
+        WATCH.format(inbox=tmp_path / "inbox")
+        + TASK.format(task="taskbox.noop", with_="{}")
+        + f"x-shared: {BOMB}\n",
+    )
+    run = _measured(tmp_path, "validate", "-c", str(cfg))
+    assert run["peak_rss"] < 300 * 2**20, f"peak RSS {run['peak_rss'] / 2**20:.0f} MiB"
+    assert run["cpu"] < 5, f"{run['cpu']:.1f} s of CPU time"
+    assert run["returncode"] == 2, run["stderr"]
+    assert "broken.yaml: the document is too large once its aliases are expanded" in run["stderr"]
+
+
+def test_validate_names_every_task_module_it_imported_and_its_file(
+    tmp_path: Path, good: dict
+) -> None:
+    (tmp_path / "localtasks.py").write_text("def clean(path):\n    return path\n")
+    good["jobs"][0]["tasks"] += [{"task": "localtasks.clean"}, {"task": "open_dataset"}]
+    good["setup"] = [{"task": "taskbox.pause", "with": {"seconds": 0}}]
+    cfg = write_config(tmp_path, good)
+    proc = dpypeline("validate", "-c", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    netcdf = Path(dpypeline_package.__file__).parent / "tasks" / "netcdf.py"
+    assert proc.stdout.splitlines()[1:] == [
+        f"imported task module taskbox from {ROOT / 'tests' / 'taskbox.py'}",
+        f"imported task module localtasks from {tmp_path / 'localtasks.py'}",
+        f"imported task module dpypeline.tasks.netcdf from {netcdf}",
+    ]
+    checked = json.loads(dpypeline("validate", "-c", str(cfg), "--json", check=True).stdout)
+    assert list(checked["task_modules"]) == ["taskbox", "localtasks", "dpypeline.tasks.netcdf"]
+    assert checked["task_modules"]["localtasks"] == str(tmp_path / "localtasks.py")
+
+
+NOBODY = 65534  # not the user running the tests (root), and not root
+
+
+def _chown_nobody(path: Path) -> None:
+    os.chown(path, NOBODY, -1)
+
+
+FOREIGN_WRITERS = {
+    "group-writable config": ("pipeline.yaml", lambda p: p.chmod(0o664), "chmod go-w"),
+    "group-writable task module": ("sharedtasks.py", lambda p: p.chmod(0o664), "chmod go-w"),
+    "task module of another user": ("sharedtasks.py", _chown_nobody, "chown root"),
+    "group-writable credentials": ("creds.json", lambda p: p.chmod(0o620), "chmod 600"),
+    "credentials of another user": ("creds.json", _chown_nobody, "chown root"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN_WRITERS))
+def test_a_file_others_can_change_is_refused_naming_it_and_the_command_that_fixes_it(
+    tmp_path: Path, good: dict, case: str
+) -> None:
+    name, change, fix = FOREIGN_WRITERS[case]
+    (tmp_path / "sharedtasks.py").write_text("def clean(path):\n    return path\n")
+    _private(tmp_path / "creds.json")
+    good["jobs"][0]["tasks"].append({"task": "sharedtasks.clean"})
+    good["objectstores"] = {"s3": {"credentials": str(tmp_path / "creds.json")}}
+    cfg = write_config(tmp_path, good)
+    assert dpypeline("validate", "-c", str(cfg)).returncode == 0
+    change(tmp_path / name)
+    proc = dpypeline("validate", "-c", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{tmp_path / name} " in proc.stderr
+    assert f"`{fix} " in proc.stderr
+    assert "AKIATESTTESTTEST" not in proc.stderr

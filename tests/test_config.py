@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -404,3 +408,180 @@ def test_task_modules_next_to_the_config_import_in_the_service_and_on_workers_al
     assert sys.path.count(str(home)) == 1
     in_code = {"watch": [{"path": str(inbox)}], "jobs": [{"name": "j", "tasks": [{"task": "x"}]}]}
     assert task_dirs(config_from_dict(in_code)) == []
+
+
+# --- bounds: what a few hundred bytes may make the loader build ------------------------------
+
+
+def aliased(levels: int, fan: int) -> str:
+    """A flow list of anchors, each aliasing the one before *fan* times: a few hundred
+    bytes that expand to more than ``fan ** (levels + 1)`` values."""
+    anchors = [f"&l0 [{', '.join(['x'] * fan)}]"]
+    anchors += [f"&l{i} [{', '.join([f'*l{i - 1}'] * fan)}]" for i in range(1, levels + 1)]
+    return f"[{', '.join(anchors)}]"
+
+
+def with_value(inbox: Path, value: str) -> str:
+    """A valid config whose one task is given *value* (load_config does not check it)."""
+    return (
+        f"watch: [{{path: {inbox}}}]\njobs:\n  - name: a\n    tasks:\n"
+        f"      - task: open_dataset\n        with: {{table: {value}}}\n"
+    )
+
+
+def test_aliases_that_expand_past_the_value_budget_are_refused_before_expansion(
+    tmp_path: Path, inbox: Path
+) -> None:
+    text = with_value(inbox, aliased(3, 20))  # 20**4 = 160000 values from 500 bytes
+    assert len(text) < 1000
+    message = load_error(write(tmp_path, text))
+    assert message.startswith("pipeline.yaml: the document is too large once its aliases")
+    assert "more than 100000 values or 8388608 characters" in message
+    assert "write out what the aliases repeat" in message
+    within = load_config(write(tmp_path, with_value(inbox, aliased(2, 20)), "within.yaml"))
+    assert len(within.jobs[0].tasks[0].with_["table"][2]) == 20  # 8000 values: fine
+
+
+def test_a_long_string_repeated_by_aliases_is_refused_by_its_characters(
+    tmp_path: Path, inbox: Path
+) -> None:
+    long = "${HOME}" + "x" * 100_000  # a variable: each expanded copy is a new string
+    aliases = ", ".join(["*s"] * 100)
+    text = with_value(inbox, f'[&s "{long}", [{aliases}]]')
+    message = load_error(write(tmp_path, text))
+    assert message.startswith("pipeline.yaml: the document is too large once its aliases")
+
+
+def test_an_anchor_that_contains_its_own_alias_is_named_by_its_line(
+    tmp_path: Path, inbox: Path
+) -> None:
+    text = minimal(inbox, "x:\n  - &loop [1, *loop]\n")
+    message = load_error(write(tmp_path, text))
+    assert message == (
+        "pipeline.yaml:8: this anchor contains an alias of itself, which would repeat"
+        " without end: remove that alias"
+    )
+
+
+def test_a_config_file_over_one_mib_is_refused_before_it_is_read(
+    tmp_path: Path, inbox: Path
+) -> None:
+    path = write(tmp_path, minimal(inbox) + "# " + "x" * (1 << 20) + "\n")
+    message = load_error(path)
+    assert message.startswith(f"config file {path} is larger than 1048576 bytes")
+    assert "check that -c (or DPYPELINE_CONFIG) names the config file" in message
+
+
+def test_nesting_too_deep_for_the_parser_is_a_config_error(tmp_path: Path, inbox: Path) -> None:
+    path = write(tmp_path, minimal(inbox, "x: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert load_error(path) == "pipeline.yaml: nested too deeply to be a pipeline's config"
+
+
+# --- trust: who may change what the service runs --------------------------------------------
+
+NOBODY = 65534  # a user other than the one running the tests, who is root
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda p: p.chmod(0o664), ["can be written by its group (mode 0664)", "chmod go-w"]),
+        (lambda p: p.chmod(0o646), ["can be written by others (mode 0646)", "chmod go-w"]),
+        (lambda p: os.chown(p, NOBODY, -1), ["belongs to nobody, not to", "`chown root "]),
+    ],
+    ids=["group-writable", "world-writable", "another user's"],
+)
+def test_a_config_that_others_can_change_is_refused_with_the_command_that_fixes_it(
+    tmp_path: Path, inbox: Path, change: Callable[[Path], None], expected: list[str]
+) -> None:
+    path = write(tmp_path, minimal(inbox))
+    change(path)
+    message = load_error(path)
+    assert message.startswith(f"config file {path} ")
+    assert "runs as the service's user" in message
+    for fragment in expected:
+        assert fragment in message
+    assert message.endswith(f" {path}`")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda p: p.chmod(0o664), "can be written by its group (mode 0664)"),
+        (lambda p: os.chown(p, NOBODY, -1), "belongs to nobody"),
+    ],
+    ids=["group-writable", "another user's"],
+)
+def test_a_task_module_that_others_can_change_is_refused_before_it_runs(
+    tmp_path: Path,
+    inbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[Path], None],
+    expected: str,
+) -> None:
+    from dpypeline.pipeline import import_tasks
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = f"shared_{uuid.uuid4().hex}"  # a module no earlier test imported
+    marker = tmp_path / "imported"
+    module = tmp_path / f"{name}.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\ndef clean(path):\n    return path\n")
+    change(module)
+    path = write(tmp_path, minimal(inbox).replace("open_dataset", f"{name}.clean"))
+    with pytest.raises(ConfigError) as info:
+        import_tasks(load_config(path))
+    assert str(info.value).startswith(
+        f"pipeline.yaml:6: jobs[0].tasks[0].task: cannot import task: task module {module} "
+    )
+    assert expected in str(info.value)
+    assert not marker.exists()  # refused before a line of it ran
+    assert name not in sys.modules
+
+
+@pytest.mark.parametrize("task", ["os.system", "subprocess.run", "posix.system", "eval"])
+def test_standard_functions_that_run_a_file_name_as_a_command_are_refused_as_tasks(
+    tmp_path: Path, inbox: Path, task: str
+) -> None:
+    from dpypeline.pipeline import import_tasks
+
+    task = "builtins.eval" if task == "eval" else task
+    path = write(tmp_path, minimal(inbox).replace("open_dataset", task))
+    with pytest.raises(ConfigError) as info:
+        import_tasks(load_config(path))
+    assert str(info.value) == (
+        f"pipeline.yaml:6: jobs[0].tasks[0].task: cannot import task: '{task}' runs its"
+        " argument as a command, a program or Python code, and a task's first argument is"
+        " the name of the file that arrived: file names would run as code. Write a task"
+        " function that builds the command itself (a list of arguments, no shell) and name"
+        " that function instead"
+    )
+
+
+def test_merge_keys_that_double_at_each_level_are_refused_before_they_are_merged(
+    tmp_path: Path, inbox: Path
+) -> None:
+    levels = ["  m0: &m0 {a: 1}"]
+    levels += [f"  m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: 1}}" for i in range(1, 18)]
+    path = write(tmp_path, minimal(inbox, "x:\n" + "\n".join(levels) + "\n"))
+    message = load_error(path)
+    assert message.startswith("pipeline.yaml: the document is too large once its aliases")
+
+
+def test_a_cluster_class_from_a_module_others_can_change_is_refused_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpypeline.executors.cluster import cluster_class
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"sharedcluster_{uuid.uuid4().hex}"
+    marker = tmp_path / "imported"
+    module = tmp_path / f"{name}.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\nclass Cluster:\n    pass\n")
+    module.chmod(0o664)
+    with pytest.raises(ConfigError) as info:
+        cluster_class(f"{name}.Cluster")
+    assert str(info.value).startswith(
+        f"executor.cluster.class: cannot import '{name}.Cluster': module of the cluster class"
+        f" {module} can be written by its group (mode 0664)"
+    )
+    assert not marker.exists()

@@ -201,6 +201,20 @@ def test_python_objects_and_unknown_tags_are_refused_with_nothing_constructed(
     assert not (tmp_path / "celsius_2023").exists()  # and nothing ran
 
 
+def test_the_tagged_form_is_bounded_as_the_new_form_is(tmp_path: Path) -> None:
+    anchors = [f"&l0 [{', '.join(['x'] * 20)}]"]
+    anchors += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 20)}]" for i in (1, 2, 3)]
+    config = tmp_path / "old.yaml"
+    col = '        col_temp: "TEMP"\n'
+    text = (FIXTURES / "example_1_serial.yaml").read_text()  # 20**4 values as a !Task's argument
+    config.write_text(text.replace(col, f"{col}        table: [{', '.join(anchors)}]\n"))
+    with pytest.raises(ConfigError, match=r"^old.yaml: the document is too large once its alias"):
+        read(config)
+    config.write_text(text + "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match=rf"^config file {config} is larger than 1048576 bytes"):
+        read(config)
+
+
 def test_single_run_functions_without_an_equivalent_are_named_with_what_to_do(
     tmp_path: Path,
 ) -> None:

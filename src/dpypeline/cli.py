@@ -237,11 +237,12 @@ def _set_stop_handlers(handler: Any) -> None:
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from dpypeline.pipeline import import_tasks
+    from dpypeline.pipeline import import_tasks, task_modules
     from dpypeline.preflight import preflight
     from dpypeline.watching.fsinfo import require_local_filesystem
 
     jobs, setup = import_tasks(config)
+    modules = task_modules([*(t for job in jobs for t in job.tasks), *setup])
     problems = []
     try:
         preflight(config, jobs, setup)
@@ -272,6 +273,7 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
             "setup_tasks": len(setup),
             "objectstores": len(config.objectstores),
             "cache_dir": str(config.cache_dir),
+            "task_modules": modules,
         }
         if args.sample:
             layouts = _layouts(jobs, args.sample)
@@ -288,6 +290,8 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     )
     for where, resolved in paths.items():
         print(f"  {where}: {resolved}")
+    for name, file in modules.items():  # the code the config runs, as the service's user
+        print(f"imported task module {name} from {file}")
     if getattr(args, "sample", None):
         return _print_layouts(jobs, args.sample)
     return EXIT_OK

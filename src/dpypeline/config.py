@@ -32,7 +32,7 @@ from pydantic import (
     field_validator,
 )
 
-from dpypeline.configfile import Expansion, LineLoader, Loc, expand, yaml_errors
+from dpypeline.configfile import Expansion, LineLoader, Loc, expand, read_config, yaml_errors
 from dpypeline.durations import Duration
 from dpypeline.errors import ConfigError
 
@@ -265,13 +265,14 @@ def load_config(
     """Read, expand and validate the pipeline file; ConfigError lists every problem found."""
     source = Path(os.path.abspath(path))
     try:
-        with open(source, "rb") as stream, yaml_errors(source.name):
-            data = yaml.load(stream, Loader=LineLoader)  # a SafeLoader subclass
+        text = read_config(source)
     except FileNotFoundError:
         hint = "pass -c FILE or set DPYPELINE_CONFIG"
         raise ConfigError(f"config file not found: {path} ({hint})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    with yaml_errors(source.name):
+        data = yaml.load(text, Loader=LineLoader)  # a SafeLoader subclass, bounded
     if data is None:
         raise ConfigError(f"{source.name}: the file is empty (it needs at least watch and jobs)")
     config = _build(data, base_dir=source.parent, name=source.stem, environ=environ, source=source)

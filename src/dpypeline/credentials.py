@@ -2,8 +2,9 @@
 environment variables, never echoed.
 
 The file is the original dpypeline's JSON (``token`` is the access key id). It must be a
-regular file private to the service's user; it is opened without following a FIFO into a
-hang, and no message made here quotes its content (a JSON error carries the document).
+regular file private to the service's user and owned by it (or root); it is opened without
+following a FIFO into a hang, and no message made here quotes its content (a JSON error
+carries the document).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from dpypeline.config import ObjectStoreConfig
 from dpypeline.errors import ConfigError
+from dpypeline.trust import refuse_foreign_writers
 
 __all__ = ["ENV_HINT", "FILE_FORMAT", "Credentials", "load_credentials"]
 
@@ -102,6 +104,12 @@ def _read_file(name: str, path: Path) -> Credentials:
                 f" private to the service's user: run `chmod 600 {path}`, or let systemd hand"
                 " the service a private copy with LoadCredential="
             )
+        refuse_foreign_writers(  # whoever owns it can make it readable, or change it
+            path,
+            st,
+            f"objectstore '{name}': credentials file",
+            "its keys and endpoint decide where the service's data goes",
+        )
         raw = stream.read()
     try:
         data = json.loads(raw.decode("utf-8"))

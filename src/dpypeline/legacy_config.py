@@ -43,11 +43,17 @@ class Conversion:
         self.notes.setdefault(loc, []).append(text)
 
 
-def read(path: str | os.PathLike[str], rebase: Callable[[str], str] | None = None) -> Conversion:
+def read(
+    path: str | os.PathLike[str],
+    rebase: Callable[[str], str] | None = None,
+    *,
+    check_writers: bool = True,
+) -> Conversion:
     """The original's file as new-format config data. *rebase* rewrites a relative path of
-    the file (relative to the working directory) for where the data will be used."""
+    the file (relative to the working directory) for where the data will be used;
+    *check_writers* refuses a file others can change (one to be run, not converted)."""
     source = Path(path)
-    doc, duplicates = parse(source)
+    doc, duplicates = parse(source, check_writers=check_writers)
     mapper = _Mapper(source.name, source.stem, rebase or (lambda p: p))
     conversion = mapper.convert(doc)
     for key, first, last in duplicates:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dpypeline.configfile import yaml_errors
+from dpypeline.configfile import BoundedLoader, read_config, yaml_errors
 from dpypeline.errors import ConfigError
 
 TAGS = (
@@ -49,8 +49,9 @@ class Tagged:
     anchor: str | None = None
 
 
-class _TagLoader(yaml.SafeLoader):
-    """SafeLoader that reads the original's tags as :class:`Tagged` and refuses all others."""
+class _TagLoader(BoundedLoader):
+    """SafeLoader that reads the original's tags as :class:`Tagged` and refuses all others;
+    bounded as the new form's loader is (file size, aliases expanded)."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
@@ -114,9 +115,8 @@ _TagLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.012
 def is_tagged(path: str | os.PathLike[str]) -> bool:
     """Whether the file uses tags (the original's form). Only composes: nothing is built."""
     try:
-        with open(path, "rb") as stream:
-            root = yaml.compose(stream, Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError):
+        root = yaml.compose(read_config(Path(path)), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError, ConfigError, RecursionError):
         return False  # load_config reports it
     pending, seen = [root], set()
     while pending:
@@ -133,19 +133,22 @@ def is_tagged(path: str | os.PathLike[str]) -> bool:
     return False
 
 
-def parse(path: str | os.PathLike[str]) -> tuple[Any, list[tuple[str, int, int]]]:
+def parse(
+    path: str | os.PathLike[str], *, check_writers: bool = True
+) -> tuple[Any, list[tuple[str, int, int]]]:
     """The file's document, its tags as :class:`Tagged`, and the keys it gives twice
-    (key, first line, last line). ConfigError names the file and line of a problem."""
+    (key, first line, last line). ConfigError names the file and line of a problem.
+    *check_writers*: refuse a file others can change (it is to be run, not converted)."""
     source = Path(path)
+    try:
+        text = read_config(source, check_writers=check_writers)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     with yaml_errors(source.name):  # outside: its errors name the file already
+        loader = _TagLoader(text)
         try:
-            with open(source, "rb") as stream:
-                loader = _TagLoader(stream)
-                try:
-                    return loader.get_single_data(), loader.duplicates
-                finally:
-                    loader.dispose()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+            return loader.get_single_data(), loader.duplicates
         except ConfigError as exc:  # a refused tag: its line, in this file
             raise ConfigError(f"{source.name}:{exc}") from None
+        finally:
+            loader.dispose()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from dpypeline.config import ObjectStoreConfig, PipelineConfig
 from dpypeline.errors import ConfigError
 from dpypeline.outages import disk_full_is_outage
 from dpypeline.taskpath import make_importable, task_dirs
+from dpypeline.trust import import_checked, refuse_process_spawning
 
 BUILTIN_TASKS = "dpypeline.tasks:BUILTINS"  # short name -> "module:function"
 
@@ -36,9 +38,9 @@ def builtin_tasks() -> Mapping[str, str]:
     return table
 
 
-def resolve_task(name: str) -> Callable[..., Any]:
-    """The function a task name refers to. Raises ImportError/AttributeError with a
-    message that says what was looked for."""
+def task_module(name: str) -> tuple[str, str]:
+    """(module, function) a task name refers to. Raises ImportError for a name that is
+    neither a built-in task nor a dotted path."""
     builtins = builtin_tasks()
     target = builtins.get(name, name)
     module_name, sep, attr = target.partition(":")
@@ -49,14 +51,35 @@ def resolve_task(name: str) -> Callable[..., Any]:
             f"'{name}' is neither a built-in task ({', '.join(sorted(builtins))}) "
             "nor a dotted path such as mypkg.tasks.fix_units"
         )
-    module = importlib.import_module(module_name)
+    return module_name, attr
+
+
+def resolve_task(name: str) -> Callable[..., Any]:
+    """The function a task name refers to. Its module is checked before it is imported
+    (:func:`dpypeline.trust.import_checked`), and a standard function that runs its
+    argument as a command is refused. Raises ImportError/AttributeError with a message
+    that says what was looked for, ConfigError for a module or function refused."""
+    module_name, attr = task_module(name)
+    module = import_checked(module_name)
     try:
         func = getattr(module, attr)
     except AttributeError:
         raise AttributeError(f"module '{module_name}' has no task '{attr}'") from None
     if not callable(func):
         raise TypeError(f"'{name}' is not callable")
+    refuse_process_spawning(func, name)
     return func
+
+
+def task_modules(tasks: list[Task]) -> dict[str, str]:
+    """The module each task named by a config comes from, and the file it was imported
+    from, in the order first named: what ``validate`` shows the operator was run."""
+    modules: dict[str, str] = {}
+    for task in tasks:
+        name = task_module(task.name)[0]
+        file = getattr(sys.modules.get(name), "__file__", None)
+        modules.setdefault(name, file or "(built into Python)")
+    return modules
 
 
 class Task:

@@ -9,7 +9,6 @@ maximum: 10}`` makes it adaptive).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from distributed import WorkerPlugin
@@ -17,6 +16,7 @@ from distributed import WorkerPlugin
 from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig
 from dpypeline.errors import ConfigError
 from dpypeline.taskpath import make_importable
+from dpypeline.trust import import_checked
 
 CLASS_ALIASES = {
     "LocalCluster": "distributed.LocalCluster",
@@ -78,8 +78,8 @@ def cluster_class(name: str) -> Any:
     target = CLASS_ALIASES.get(name, name)
     module_name, _, attr = target.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
+        return getattr(import_checked(module_name, "module of the cluster class"), attr)
+    except (ImportError, AttributeError, ValueError, ConfigError) as exc:
         raise ConfigError(f"executor.cluster.class: cannot import {name!r}: {exc}") from None
 
 

@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -20,10 +20,12 @@ from distributed.comm import connect
 from distributed.security import Security
 
 from conftest import dpypeline, write_config
-from dpypeline.config import ClusterConfig, ExecutorConfig, TlsConfig, config_from_dict
+from dpypeline.config import ClusterConfig, ExecutorConfig, config_from_dict
 from dpypeline.errors import ConfigError
-from dpypeline.executors.cluster import tls_security
 from dpypeline.executors.dask import DaskExecutor
+
+if TYPE_CHECKING:
+    from dpypeline.config import TlsConfig
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +75,12 @@ def test_a_client_without_the_clusters_certificate_is_refused(
     executor: DaskExecutor, tmp_path: Path
 ) -> None:
     address = executor.describe()["address"]
-    assert address.startswith("tls://127.0.0.1:")
     marker = tmp_path / "ran"
 
     def touch() -> None:
         marker.write_text(str(os.getuid()))
 
-    host_port = address.removeprefix("tls://")
+    host_port = address.split("://")[1]
 
     async def attempt(target: str, **extra: Any) -> None:
         client = Client(target, asynchronous=True, timeout=CONNECT_TIMEOUT, **extra)
@@ -96,6 +97,7 @@ def test_a_client_without_the_clusters_certificate_is_refused(
         with pytest.raises((OSError, TimeoutError)) as refused:
             asyncio.run(attempt(target, **extra))
         print(f"{target} {'with its own certificate' if extra else 'plain'}: {refused.value!r}")
+    assert address.startswith("tls://127.0.0.1:")
     with pytest.raises(TypeError, match="TLS expects a `ssl_context`"):
         asyncio.run(attempt(address))  # tls:// without any certificate
     assert not marker.exists()
@@ -109,18 +111,17 @@ def test_workers_and_nannies_refuse_an_unauthenticated_connection(executor: Dask
 
     async def attempt(target: str, args: dict[str, Any]) -> None:
         comm = await connect(target, timeout=CONNECT_TIMEOUT, **args)
-        await comm.write({"op": "run", "function": b"", "reply": True})  # never got here
-        await comm.close()
+        await comm.close()  # connected: any "run" message could follow
 
     for address in [*members, *members.values()]:
+        target = "tcp://" + address.split("://")[1]
+        with pytest.raises((OSError, TimeoutError)) as refused:
+            asyncio.run(attempt(target, {}))
+        print(f"{target}: {refused.value!r}")
         assert address.startswith("tls://127.0.0.1:")
-        for target, args in (
-            (address.replace("tls://", "tcp://"), {}),
-            (address, {"ssl_context": foreign["ssl_context"]}),
-        ):
-            with pytest.raises((OSError, TimeoutError)) as refused:
-                asyncio.run(attempt(target, args))
-            print(f"{target}: {refused.value!r}")
+        with pytest.raises((OSError, TimeoutError)) as refused:
+            asyncio.run(attempt(address, {"ssl_context": foreign["ssl_context"]}))
+        print(f"{address} with a certificate of its own: {refused.value!r}")
 
 
 def test_the_cluster_listens_only_on_loopback_and_serves_no_http() -> None:
@@ -174,6 +175,8 @@ def test_the_local_cluster_refuses_options_that_would_change_its_security() -> N
 
 def _tls_files(directory: Path) -> TlsConfig:
     """A CA-signed (here: self-signed) certificate and its key, private to this user."""
+    from dpypeline.config import TlsConfig
+
     made = Security.temporary()
     cert, key = directory / "dask.crt", directory / "dask.key"
     for path, text in ((cert, made.tls_client_cert), (key, made.tls_client_key)):
@@ -185,6 +188,8 @@ def _tls_files(directory: Path) -> TlsConfig:
 def test_a_scheduler_at_an_address_is_reached_with_the_operators_certificate(
     tmp_path: Path,
 ) -> None:
+    from dpypeline.executors.cluster import tls_security
+
     tls = _tls_files(tmp_path)
     with LocalCluster(
         n_workers=1, processes=False, host="127.0.0.1", dashboard_address=None,
@@ -203,6 +208,8 @@ def test_a_scheduler_at_an_address_is_reached_with_the_operators_certificate(
 
 
 def test_the_local_cluster_can_use_the_operators_certificate(tmp_path: Path) -> None:
+    from dpypeline.executors.cluster import tls_security
+
     tls = _tls_files(tmp_path)
     options = {"n_workers": 1, "processes": False}
     config = ExecutorConfig(kind="dask", cluster=ClusterConfig(options=options), tls=tls)
@@ -215,6 +222,27 @@ def test_the_local_cluster_can_use_the_operators_certificate(tmp_path: Path) -> 
             assert list(client.run(os.getpid).values()) == [os.getpid()]
     finally:
         executor.close()
+
+
+def test_a_slurm_cluster_gets_the_operators_certificate_for_its_scheduler_and_workers(
+    tmp_path: Path,
+) -> None:
+    """No job is submitted: the scheduler starts here, and the worker jobs' script is read."""
+    from dpypeline.executors.cluster import build_cluster
+
+    tls = _tls_files(tmp_path)
+    options = {"cores": 1, "memory": "1GB", "interface": "lo", "log_directory": str(tmp_path)}
+    cc = ClusterConfig(class_="dask_jobqueue.SLURMCluster", options=options)
+    cluster = build_cluster(cc, tls)
+    try:
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        script = cluster.job_script()
+        assert "--protocol tls://" in script
+        for flag, path in (("ca-file", tls.ca_file), ("cert", tls.cert), ("key", tls.key)):
+            assert f"--tls-{flag} {path}" in script
+        assert "BEGIN" not in script
+    finally:
+        cluster.close()
 
 
 @pytest.mark.parametrize(
@@ -230,6 +258,9 @@ def test_the_local_cluster_can_use_the_operators_certificate(tmp_path: Path) -> 
 def test_certificate_files_others_could_read_or_replace_are_refused(
     tmp_path: Path, name: str, mode: int, expected: str
 ) -> None:
+    from dpypeline.config import TlsConfig
+    from dpypeline.executors.cluster import tls_security
+
     tls = _tls_files(tmp_path)
     ca = tmp_path / "ca.crt"
     ca.write_text(Path(tls.ca_file).read_text())

@@ -278,6 +278,25 @@ def test_certificate_files_others_could_read_or_replace_are_refused(
     assert "BEGIN" not in message
 
 
+def test_validate_names_the_line_of_a_key_others_can_read(tmp_path: Path) -> None:
+    tls = _tls_files(tmp_path)
+    Path(tls.key).chmod(0o644)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    executor = {
+        "kind": "dask",
+        "tls": {"ca_file": "dask.crt", "cert": "dask.crt", "key": "dask.key"},
+    }
+    cfg = write_config(tmp_path, {"cache_dir": str(tmp_path / "state"), "watch": [{"path":
+        str(inbox)}], "executor": executor, "jobs": [{"name": "j", "tasks": [{"task":
+        "taskbox.noop"}]}]})  # fmt: skip
+    proc = dpypeline("validate", "-c", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    assert f"pipeline.yaml:9: executor.tls.key: {tls.key} holds a private key" in proc.stderr
+    assert f"run `chmod 600 {tls.key}`" in proc.stderr
+    assert "BEGIN" not in proc.stderr
+
+
 def test_tls_with_a_plain_tcp_address_is_a_config_error(tmp_path: Path) -> None:
     executor = {
         "kind": "dask",

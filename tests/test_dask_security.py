@@ -162,6 +162,18 @@ def test_a_dashboard_asked_for_without_a_host_listens_on_loopback() -> None:
         executor.close()
 
 
+def test_an_interface_option_still_chooses_where_the_cluster_listens() -> None:
+    options = {"n_workers": 1, "processes": False, "interface": "lo"}  # not host: both clash
+    config = ExecutorConfig(kind="dask", cluster=ClusterConfig(options=options))
+    executor = DaskExecutor(threading.Event(), config)
+    executor.start()
+    try:
+        assert executor.describe()["address"].startswith("tls://127.0.0.1:")
+        assert executor.describe()["workers"] == 1
+    finally:
+        executor.close()
+
+
 def test_the_local_cluster_refuses_options_that_would_change_its_security() -> None:
     options = {"n_workers": 1, "processes": False, "protocol": "tcp://"}
     config = ExecutorConfig(kind="dask", cluster=ClusterConfig(options=options))

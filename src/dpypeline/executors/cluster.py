@@ -39,7 +39,6 @@ CLASS_ALIASES = {
 LOCAL_DEFAULTS: dict[str, Any] = {
     "processes": True,  # tasks hold the GIL (decoding, cleaning): processes scale, threads don't
     "threads_per_worker": 1,  # one job per worker process; slots count workers
-    "host": "127.0.0.1",  # scheduler and workers: nobody off this machine connects
     "dashboard_address": None,  # no dashboard: any local user could read it
 }
 LOCAL_REFUSED = ("security", "protocol")  # the service's own cluster always speaks TLS
@@ -135,6 +134,8 @@ def build_cluster(cc: ClusterConfig, tls: TlsConfig | None = None) -> Any:
             " executor.tls): remove the option"
         )
     options = {**LOCAL_DEFAULTS, **options}
+    if "interface" not in options:  # distributed takes a host or an interface, not both
+        options.setdefault("host", LOOPBACK)  # nobody off this machine connects
     options["security"] = tls_security(tls) if tls is not None else Security.temporary()
     options["protocol"] = "tls://"
     dashboard = options["dashboard_address"]
@@ -151,7 +152,11 @@ def build_cluster(cc: ClusterConfig, tls: TlsConfig | None = None) -> Any:
     if "worker_dashboard_address" not in options and "worker_class" not in options:
         options["worker_class"] = NoHttpNanny if options["processes"] else NoHttpWorker
     cluster = cls(**options)
-    cluster.sync(_close_http, cluster)
+    try:
+        cluster.sync(_close_http, cluster)
+    except BaseException:
+        cluster.close()
+        raise
     return cluster
 
 

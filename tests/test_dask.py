@@ -114,7 +114,7 @@ def test_a_worker_killed_mid_job_makes_the_job_retry_and_finish(
     assert cluster["kind"] == "dask"
     assert cluster["workers"] == 2
     assert cluster["slots"] == 2
-    assert cluster["address"].startswith("tcp://")
+    assert cluster["address"].startswith("tls://127.0.0.1:")
     os.kill(worker_pid, signal.SIGKILL)
     wait_for(lambda: status(cfg)["done"] == 1, timeout=30, message="the job done")
     (job,) = jobs(cfg)

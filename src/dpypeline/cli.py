@@ -257,6 +257,15 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         except ConfigError as exc:
             where = config.where("executor", "cluster", "class_")
             problems.append(f"{where}: {str(exc).removeprefix('executor.cluster.class: ')}")
+    tls = config.executor.tls
+    if config.executor.kind == "dask" and tls is not None:
+        from dpypeline.executors.cluster import tls_security
+
+        try:
+            tls_security(tls)  # the files exist, and nobody else can read the key
+        except ConfigError as exc:
+            field, _, text = str(exc).partition(": ")
+            problems.append(f"{config.where(*field.split('.'))}: {text}")
     if problems:
         raise ConfigError("\n".join(problems))
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())

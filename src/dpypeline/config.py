@@ -30,6 +30,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from dpypeline.configfile import Expansion, LineLoader, Loc, expand, read_config, yaml_errors
@@ -137,11 +138,31 @@ class ClusterConfig(_Section):
         return value
 
 
+class TlsConfig(_Section):
+    """Certificate files for a Dask cluster the operator runs or the service submits (an
+    ``address``, a batch cluster): every scheduler, worker and client proves itself with a
+    certificate signed by ``ca_file``. ``key`` may be left out when ``cert`` holds it."""
+
+    ca_file: AbsPath
+    cert: AbsPath
+    key: AbsPath | None = None
+
+
 class ExecutorConfig(_Section):
     kind: Literal["serial", "dask"] = "serial"
     address: str | None = None
     cluster: ClusterConfig | None = None
+    tls: TlsConfig | None = None
     workers_per_event: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _tls_address(self) -> ExecutorConfig:
+        if self.tls is not None and self.address and not self.address.startswith("tls://"):
+            raise ValueError(
+                f"address {self.address!r} is not a tls:// address, but tls is set: the"
+                " certificates only secure a scheduler listening on tls://"
+            )
+        return self
 
 
 class ObjectStoreConfig(_Section):

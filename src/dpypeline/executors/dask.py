@@ -51,7 +51,14 @@ from typing import TYPE_CHECKING, Any
 from dpypeline.commits import Staged
 from dpypeline.config import ClusterConfig, ExecutorConfig
 from dpypeline.errors import JobTimeout
-from dpypeline.executors.cluster import CloseClients, LogSetup, TaskPath, build_cluster, scale
+from dpypeline.executors.cluster import (
+    CloseClients,
+    LogSetup,
+    TaskPath,
+    build_cluster,
+    scale,
+    tls_security,
+)
 from dpypeline.executors.ordering import CommitOrder, Held
 from dpypeline.executors.serial import Finished
 from dpypeline.logs import get_logger, quiet_libraries, settings
@@ -147,11 +154,12 @@ class DaskExecutor:
             if self._given is not None:
                 self._client = self._given
             elif cfg.address:
-                self._client = Client(cfg.address, timeout=CONNECT_TIMEOUT)
+                security = tls_security(cfg.tls) if cfg.tls is not None else None
+                self._client = Client(cfg.address, timeout=CONNECT_TIMEOUT, security=security)
             else:
                 cc = cfg.cluster or ClusterConfig()
                 with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-                    self._cluster = build_cluster(cc)
+                    self._cluster = build_cluster(cc, cfg.tls)
                     if cc.scale:
                         self._adaptive = scale(self._cluster, cc.scale)
                 self._client = Client(self._cluster, timeout=CONNECT_TIMEOUT)
@@ -162,9 +170,14 @@ class DaskExecutor:
             raise
         # asked once: both are calls to the scheduler, which could hang once it is gone
         self._address = self._client.scheduler.address
-        self._dashboard = self._client.dashboard_link
+        self._dashboard = self._client.dashboard_link or None  # "": none
         self._count_workers(time.monotonic(), force=True)
         log.info("cluster_ready", **self.describe())
+        if not str(self._address).startswith("tls://"):
+            action = (
+                "any client that reaches the scheduler runs code on its workers: set executor.tls"
+            )
+            log.warning("cluster_unauthenticated", address=self._address, action=action)
 
     def close(self) -> None:
         """Cancel what runs, close the client and the cluster this executor started (a

@@ -320,3 +320,47 @@ def test_the_wal_checksum_matches_sqlites_own(tmp_path: Path) -> None:
         frame = data[32 + n * (24 + page_size) : 32 + (n + 1) * (24 + page_size)]
         seed = list(_checksum(frame[:8] + frame[24:], seed, magic & 1))
         assert tuple(seed) == struct.unpack(">2I", frame[16:24])
+
+
+def test_two_replacements_in_the_same_second_each_keep_what_they_replaced(tmp_path: Path) -> None:
+    from dpypeline.state import copies
+    from dpypeline.state.ledger import Ledger
+
+    cache = tmp_path / "state"
+    Ledger(cache).close()
+    first = copies.reset(cache)
+    second = copies.reset(cache)  # the same second, nearly always
+    assert first is not None
+    assert second is not None
+    assert first != second
+    assert (first / "dpypeline.db").is_file()
+    assert (second / "dpypeline.db").is_file()
+
+
+def test_openers_racing_to_make_a_new_ledger_never_take_it_for_a_lost_one(tmp_path: Path) -> None:
+    """The service, the metrics endpoint's reader and an operator's `status` may all open a
+    CACHE_DIR whose ledger does not exist yet at the same instant: one makes it, the others
+    find it whole, none is refused."""
+    import threading
+
+    from dpypeline.state.ledger import Ledger
+
+    failures: list[BaseException] = []
+    for attempt in range(15):
+        cache = tmp_path / f"state{attempt}"
+        cache.mkdir()
+        start = threading.Barrier(4)
+
+        def open_it(service: bool, cache: Path = cache, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                Ledger(cache, service=service).close()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_it, args=(n == 0,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,8 +91,8 @@ def _move_aside(cache_dir: Path) -> Path | None:
     files = [p for p in (db_path, wal.log_path(db_path), wal.index_path(db_path)) if p.exists()]
     if not files:
         return None
-    aside = cache_dir / time.strftime("replaced-%Y%m%dT%H%M%S")
-    aside.mkdir(mode=0o700)
+    # a name of its own even when two replacements fall in the same second (mode 0700)
+    aside = Path(tempfile.mkdtemp(prefix=time.strftime("replaced-%Y%m%dT%H%M%S-"), dir=cache_dir))
     for path in files:
         os.replace(path, aside / path.name)
     return aside

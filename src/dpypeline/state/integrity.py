@@ -26,6 +26,7 @@ older service still running. ``status`` and ``jobs`` open it read-only.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -40,6 +41,7 @@ from dpypeline.state import schema, wal
 from dpypeline.state.cachedir import DB_FILE, service_pid
 
 MARKER = "ledger.marker"  # "this CACHE_DIR holds a ledger", written when the ledger is made
+OPENING = "ledger.opening"  # openers take turns on it (not a sign that a ledger was here)
 BACKUP = f"{DB_FILE}.backup"  # where `dpypeline ledger backup` copies it by default
 OPEN, CLOSED = 0x44505931, 0x44505930  # "DPY1" / "DPY0": the service has it open / closed it
 CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
@@ -84,6 +86,34 @@ def open_db(
     """The ledger's connection, checked as the module says; ``read_only``: nothing is
     written, not even a new ledger (an empty one in memory stands in for a missing one);
     ``fresh``: the operator starts over, a new ledger where one was is wanted."""
+    with _one_opener_at_a_time(cache_dir):
+        return _open_db(cache_dir, service=service, read_only=read_only, fresh=fresh)
+
+
+@contextmanager
+def _one_opener_at_a_time(cache_dir: Path) -> Iterator[None]:
+    """Openers take turns (an advisory lock on :data:`OPENING`, held while opening only): a
+    ledger that one of them is making (its file there, its log begun, its tables not yet
+    written) must not look lost to another, such as ``dpypeline status`` or the metrics
+    endpoint started with the service. A user who may not create the lock file (a
+    read-only look at another user's CACHE_DIR) opens without it."""
+    fd = -1
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            fd = os.open(cache_dir / OPENING, flags | os.O_CLOEXEC, 0o600)
+            break
+        except OSError:
+            continue
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
+
+
+def _open_db(cache_dir: Path, *, service: bool, read_only: bool, fresh: bool) -> sqlite3.Connection:
     db_path = cache_dir / DB_FILE
     size = _size(db_path)
     evidence = kept(cache_dir) if cache_dir.is_dir() and not fresh else []
@@ -220,7 +250,7 @@ def mark(cache_dir: Path) -> None:
     marker = cache_dir / MARKER
     if marker.exists():
         return
-    tmp = marker.with_name(marker.name + ".tmp")
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     text = json.dumps({"ledger": DB_FILE, "created": time.time()})
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

@@ -40,32 +40,26 @@ def test_commands_without_c_find_the_config_where_the_user_installer_writes_it(
     write_config(xdg / "dpypeline", _config(tmp_path))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dpypeline", "status", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=elsewhere,
-        env={**env_for_subprocess(), "XDG_CONFIG_HOME": str(xdg)},
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["queued"] == 0
+
+    def status_here() -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dpypeline", "status", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=elsewhere,
+            env={**env_for_subprocess(), "XDG_CONFIG_HOME": str(xdg)},
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    assert status_here()["queued"] == 0
     # a pipeline.yaml in the current directory still comes first
     local = _config(tmp_path / "elsewhere")
     local["cache_dir"] = str(tmp_path / "local-state")
     write_config(elsewhere, local)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dpypeline", "status", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=elsewhere,
-        env={**env_for_subprocess(), "XDG_CONFIG_HOME": str(xdg)},
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["cache_dir"] == str(tmp_path / "local-state")
+    assert status_here()["cache_dir"] == str(tmp_path / "local-state")
 
 
 def test_jobs_says_when_its_list_is_cut_and_limit_0_lists_all(tmp_path: Path) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, env_for_subprocess
 from dpypeline import Job, Pipeline, Task
 from dpypeline.state.ledger import Ledger
 from taskbox import record
@@ -95,3 +97,94 @@ def test_a_failing_setup_task_stops_start_up_and_runs_no_job(tmp_path: Path) -> 
     with pytest.raises(ConnectionError, match="unreachable"):
         pipeline.run(once=True)
     assert ran == []
+
+
+def test_run_returns_the_exit_code_with_the_jobs_that_ended_dead(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "good.csv").write_text("STATION,TEMP\n1,50.0\n")
+    (inbox / "bad.csv").write_text("STATION,WIND\n1,3.0\n")  # no TEMP column: dead at once
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from gsod_tasks import read_csv, to_celsius
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+    pipeline = Pipeline(
+        watch=[{"path": str(inbox), "settle": "100ms"}],
+        jobs=[Job("to-celsius", [Task(read_csv), Task(to_celsius, col="TEMP")])],
+        cache_dir=str(tmp_path / "state"),
+    )
+    result = pipeline.run(once=True)
+    assert isinstance(result, int)
+    assert result == 3  # what `run --once` exits with
+    assert [(Path(j.path).name, j.job, j.state.value) for j in result.dead] == [
+        ("bad.csv", "to-celsius", "dead")
+    ]
+    assert "no column 'TEMP'" in (result.dead[0].error or "")
+    assert result.outcomes == {"done": 1, "dead": 1}
+
+
+SCRIPT = """
+import sys
+from dpypeline import Job, Pipeline, Task
+
+def parse(path):
+    local_secret = "LOCAL-VARIABLE-VALUE"  # a frame local: never in the log
+    if path.endswith("bad.txt"):
+        raise ValueError(f"cannot parse {path}")
+    return path
+
+pipeline = Pipeline(
+    watch=[{"path": "inbox", "settle": "100ms"}],
+    jobs=[Job("parse", [Task(parse)])],
+    cache_dir="state",
+    retry={"max_attempts": 1},
+    logging={"format": "console"},
+)
+result = pipeline.run(once=True)
+"""
+
+
+def _script(tmp_path: Path, ending: str) -> subprocess.CompletedProcess[str]:
+    """SCRIPT over one good file and one bad, then ``ending``; in a process of its own,
+    whose logging is its own."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "good.txt").write_text("ok")
+    (tmp_path / "inbox" / "bad.txt").write_text("not ok")
+    (tmp_path / "script.py").write_text(SCRIPT + ending)
+    return subprocess.run(
+        [sys.executable, "script.py"],
+        check=False,
+        cwd=tmp_path,
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_failing_job_logs_one_line_to_stderr_as_the_service_does(tmp_path: Path) -> None:
+    """Logging as `dpypeline run` sets it up: one console line per event on stderr, the
+    error named; no traceback at level info, and never a frame's local variables."""
+    proc = _script(tmp_path, "sys.exit(result)\n")
+    everything = proc.stdout + proc.stderr
+    assert "LOCAL-VARIABLE-VALUE" not in everything, everything[-3000:]
+    assert "Traceback" not in everything, everything[-3000:]
+    dead = [ln for ln in proc.stderr.splitlines() if "job_dead" in ln]
+    assert len(dead) == 1, proc.stderr
+    assert "bad.txt" in dead[0]
+    assert "cannot parse" in dead[0]
+    assert len(everything.splitlines()) < 20, everything  # one line an event
+    assert proc.returncode == 3, everything[-3000:]
+
+
+def test_the_readme_script_pattern_lists_the_dead_job_and_exits_with_its_status(
+    tmp_path: Path,
+) -> None:
+    proc = _script(
+        tmp_path,
+        'print("dead:", *[j.path.rsplit("/", 1)[-1] for j in result.dead])\nsys.exit(result)\n',
+    )
+    assert proc.stdout.strip() == "dead: bad.txt", proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 3

@@ -3,7 +3,7 @@ every complete new file."""
 
 from __future__ import annotations
 
-from dpypeline.api import Pipeline
+from dpypeline.api import Pipeline, RunResult
 from dpypeline.pipeline import Job, JobContext, LocalPath, Task
 
-__all__ = ["Job", "JobContext", "LocalPath", "Pipeline", "Task"]
+__all__ = ["Job", "JobContext", "LocalPath", "Pipeline", "RunResult", "Task"]

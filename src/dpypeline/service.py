@@ -39,7 +39,7 @@ from dpypeline.progress import ExecutorFile, Observer, Observers, StatusNotice
 from dpypeline.restart import ClusterLost, StuckJob
 from dpypeline.signals import Previous, StopSignals
 from dpypeline.state.cachedir import forget_executor_status, write_executor_status
-from dpypeline.state.ledger import Ledger
+from dpypeline.state.ledger import JobRecord, Ledger
 from dpypeline.systemd import Notifier
 from dpypeline.taskpath import task_dirs
 from dpypeline.timers import Timer, Timers
@@ -231,6 +231,17 @@ class Service:
     def jobs_dead(self) -> int:
         """Jobs that ended dead in this run (at recovery or after their last attempt)."""
         return self._worker.ended_dead if self._worker is not None else 0
+
+    @property
+    def dead_jobs(self) -> list[JobRecord]:
+        """Those jobs, as they were recorded dead (the Python API returns them)."""
+        return list(self._worker.dead_jobs) if self._worker is not None else []
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """Attempts recorded in this run, by the state they ended in."""
+        ended = self._worker.ended if self._worker is not None else {}
+        return {state.value: n for state, n in ended.items()}
 
     @property
     def problems(self) -> list[str]:

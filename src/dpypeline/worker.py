@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dpypeline.clock import Clock
@@ -115,6 +115,7 @@ class Worker:
         self.paused_until = 0.0  # no new job before this: a service they need is down
         self._outages = 0  # consecutive Unavailable failures, for the pause's backoff
         self.ended_dead = 0  # jobs recorded dead in this run (``run --once`` exits non-zero)
+        self.dead_jobs: list[JobRecord] = []  # those jobs, as recorded: the API's caller sees them
         self.ended: Counter[JobState] = Counter()  # attempts recorded in this run, by outcome
         self.pause_reason = ""  # the outage behind the pause, for STATUS
 
@@ -130,6 +131,7 @@ class Worker:
                 reason="jobs were running when the service last stopped",
             )
         self.ended_dead += len(rec.dead_jobs)
+        self.dead_jobs.extend(rec.dead_jobs)
         for job in rec.dead_jobs:  # one entry each, like any other job that ends dead
             self.metrics.job_ended(job.job, JobState.DEAD, None, None)
             log.error(
@@ -354,6 +356,9 @@ class Worker:
         self.metrics.job_ended(claim.record.job, d.state, duration, exc)
         if d.state is JobState.DEAD:
             self.ended_dead += 1
+            self.dead_jobs.append(
+                replace(claim.record, state=JobState.DEAD, error=d.error, finished=wall)
+            )
         fields: dict[str, Any] = {"state": d.state.value}
         if duration is not None:
             fields["duration"] = round(duration, 4)

@@ -17,6 +17,7 @@ import pytest
 import s3fs
 
 from dpypeline.config import ObjectStoreConfig, config_from_dict
+from dpypeline.credentials import FILE_FORMAT
 from dpypeline.errors import ConfigError, PermanentError, Unavailable
 from dpypeline.objectstore import (
     classify_errors,
@@ -73,6 +74,32 @@ def test_credentials_path_may_use_systemd_credentials_directory(tmp_path: Path) 
     config = config_from_dict(data, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert load_credentials("jasmin", config.objectstores["jasmin"]).secret == PRIVATE_SECRET
     assert config.objectstores["jasmin"].credentials == path
+
+
+def test_the_units_empty_default_for_a_missing_file_names_the_file_to_fill_in(
+    tmp_path: Path,
+) -> None:
+    # what the units hand over (SetCredential=s3.json:\n) when the real file is missing
+    (tmp_path / "s3.json").write_text("\n")
+    (tmp_path / "s3.json").chmod(0o400)
+    source = "/etc/dpypeline/nemo.credentials.json"
+    environ = {"CREDENTIALS_DIRECTORY": str(tmp_path), "DPYPELINE_CREDENTIALS_SOURCE": source}
+    data = {
+        "watch": [{"path": str(tmp_path)}],
+        "jobs": [{"name": "j", "tasks": [{"task": "upload_file"}]}],
+        "objectstores": {"jasmin": {"credentials": "${CREDENTIALS_DIRECTORY}/s3.json"}},
+    }
+    store = config_from_dict(data, environ=environ).objectstores["jasmin"]
+    with pytest.raises(ConfigError) as info:
+        load_credentials("jasmin", store, environ=environ)
+    assert str(info.value) == (
+        f"objectstore 'jasmin': the credentials file {source} (handed over by systemd as"
+        " $CREDENTIALS_DIRECTORY/s3.json) is missing or empty: put"
+        f" {FILE_FORMAT} in it (mode 0600, owned by root), then restart the service"
+    )
+    # an empty file given directly is named as it is
+    with pytest.raises(ConfigError, match=f"credentials file {tmp_path}/s3.json is empty"):
+        load_credentials("jasmin", store, environ={})
 
 
 def test_credentials_from_aws_environment_variables() -> None:

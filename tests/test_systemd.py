@@ -238,20 +238,64 @@ def test_sigstop_is_caught_by_the_watchdog(sandbox: Sandbox) -> None:
     box.wait(lambda: box.recorded() == ["after.nc"], message="the restarted service at work")
 
 
-def test_a_broken_config_fails_once_with_the_error_in_the_journal(sandbox: Sandbox) -> None:
+def operators_command(box: Sandbox) -> str:
+    """deploy/dpypeline-cli.sh as install.sh installs it, running this checkout."""
+    bindir = box.work / "cli" / "bin"
+    bindir.mkdir(parents=True)
+    python = f"/usr/bin/env PYTHONPATH={box.code / 'src'}:{box.code / 'tests'} {box.python}"
+    (bindir / "dpypeline").write_text(f'#!/bin/sh\nexec {python} -m dpypeline "$@"\n')
+    wrapper = box.work / "dpypeline-cli.sh"
+    text = (ROOT / "deploy" / "dpypeline-cli.sh").read_text()
+    wrapper.write_text(text.replace("@VENV@", str(box.work / "cli")))
+    for path in (box.work / "cli", bindir, bindir / "dpypeline", wrapper):
+        path.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_broken_config_or_a_missing_credentials_file_fails_once_with_the_error_in_the_journal(
+    sandbox: Sandbox,
+) -> None:
     box = sandbox
     ready(box)
+    command = operators_command(box)
+    # dpypeline@nemo without /etc/dpypeline/nemo.credentials.json: a pipeline that uses no
+    # object store starts, and validate (run by root, as the operator does) agrees
+    instance, source = "dpypeline@nemo.service", "/etc/dpypeline/nemo.credentials.json"
+    box.configure(cache_dir="/var/lib/dpypeline/nemo")
+    box.sh("cp /etc/dpypeline/pipeline.yaml /etc/dpypeline/nemo.yaml")
+    started = box.run("systemctl", "start", instance, check=False)
+    assert started.returncode == 0, f"{started.stderr}\n{box.journal_text(instance)[-3000:]}"
+    assert box.show("ActiveState", instance) == "active"
+    box.run("systemctl", "stop", instance)
+    # (its state directory, which validate checks, is there now)
+    assert "ok: " in box.run(command, "validate", "-c", "/etc/dpypeline/nemo.yaml").stdout
+    # with an object store, validate and the unit refuse it, naming the file to fill in
+    box.configure(
+        cache_dir="/var/lib/dpypeline/nemo",
+        objectstores={"store": {"credentials": "${CREDENTIALS_DIRECTORY}/s3.json"}},
+    )
+    box.sh("cp /etc/dpypeline/pipeline.yaml /etc/dpypeline/nemo.yaml")
+    missing = f"credentials file {source} (handed over by systemd as $CREDENTIALS_DIRECTORY"
+    checked = box.run(command, "validate", "-c", "/etc/dpypeline/nemo.yaml", check=False)
+    assert checked.returncode == 2
+    assert missing in checked.stdout + checked.stderr
+    assert box.run("systemctl", "start", instance, check=False).returncode != 0
+
     box.configure(wacth=[{"path": str(box.inbox)}])  # a typo
     proc = box.run("systemctl", "start", UNIT, check=False)
     assert proc.returncode != 0
     time.sleep(7)  # longer than RestartSec=: a restart would have happened by now
-    assert box.show("ActiveState") == "failed"
-    assert box.show("ExecMainStatus") == "2"
-    assert box.show("NRestarts") == "0"
+    for unit in (UNIT, instance):
+        assert box.show("ActiveState", unit) == "failed"
+        assert box.show("ExecMainStatus", unit) == "2"
+        assert box.show("NRestarts", unit) == "0"
     text = box.journal_text()
     assert "wacth" in text  # the field, with the file and line it is on
     assert "/etc/dpypeline/pipeline.yaml:" in text
     assert text.count("Starting dpypeline.service") == 1
+    text = box.journal_text(instance)
+    assert missing in text
+    assert text.count(f"Starting {instance}") == 2  # the start that worked, the one refused
 
 
 DAMAGE_JOBS_ROOT = """

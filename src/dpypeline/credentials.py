@@ -20,8 +20,11 @@ from dpypeline.config import ObjectStoreConfig
 from dpypeline.errors import ConfigError
 from dpypeline.trust import refuse_foreign_writers
 
-__all__ = ["ENV_HINT", "FILE_FORMAT", "Credentials", "load_credentials"]
+__all__ = ["ENV_HINT", "FILE_FORMAT", "SOURCE_VARIABLE", "Credentials", "load_credentials"]
 
+# Set by the units (and by the operators' command) to the file systemd copies into
+# $CREDENTIALS_DIRECTORY: an error about the copy then names the file the operator edits.
+SOURCE_VARIABLE = "DPYPELINE_CREDENTIALS_SOURCE"
 FILE_FORMAT = '{"token": ACCESS_KEY_ID, "secret": SECRET_KEY, "endpoint_url": "https://…"}'
 ENV_HINT = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 
@@ -60,7 +63,7 @@ def load_credentials(
     Raises ConfigError naming the objectstore and the file, never echoing its content.
     """
     if cfg.credentials is not None:
-        found = _read_file(name, Path(cfg.credentials))
+        found = _read_file(name, Path(cfg.credentials), environ)
     else:
         key, secret = environ.get("AWS_ACCESS_KEY_ID"), environ.get("AWS_SECRET_ACCESS_KEY")
         if not key or not secret:
@@ -81,7 +84,7 @@ def load_credentials(
     )
 
 
-def _read_file(name: str, path: Path) -> Credentials:
+def _read_file(name: str, path: Path, environ: Mapping[str, str]) -> Credentials:
     where = f"objectstore '{name}': credentials file {path}"
     try:  # O_NONBLOCK: a FIFO in its place must not hang start-up
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -111,6 +114,8 @@ def _read_file(name: str, path: Path) -> Credentials:
             "its keys and endpoint decide where the service's data goes",
         )
         raw = stream.read()
+    if not raw.strip():
+        raise ConfigError(_empty(name, path, environ))
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -131,3 +136,17 @@ def _read_file(name: str, path: Path) -> Credentials:
     return Credentials(
         data["token"], data["secret"], optional["endpoint_url"], optional["region"], str(path)
     )
+
+
+def _empty(name: str, path: Path, environ: Mapping[str, str]) -> str:
+    """What to say about an empty file. The units hand over an empty default (SetCredential=)
+    when the real file is missing, so that a pipeline without an object store still starts:
+    for that copy, the file to fill in is the one the units name in SOURCE_VARIABLE."""
+    given, source = environ.get("CREDENTIALS_DIRECTORY"), environ.get(SOURCE_VARIABLE)
+    fix = f"put {FILE_FORMAT} in it (mode 0600, owned by root), then restart the service"
+    if given and source and path.parent == Path(given):
+        return (
+            f"objectstore '{name}': the credentials file {source} (handed over by systemd as"
+            f" $CREDENTIALS_DIRECTORY/{path.name}) is missing or empty: {fix}"
+        )
+    return f"objectstore '{name}': credentials file {path} is empty; expected {FILE_FORMAT}"

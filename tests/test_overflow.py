@@ -3,9 +3,13 @@ and whatever watchdog makes of it (6.0 drops it silently, 7.x logs a warning).""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,19 +143,79 @@ MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
 def inotify_watches_in_use() -> int:
-    """Inotify watches held by this user's processes (the kernel's per-user count)."""
-    uid, total = os.getuid(), 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if proc.stat().st_uid != uid:
-                continue
-            for info in (proc / "fdinfo").iterdir():
-                total += info.read_text().count("inotify wd:")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return total
+    """Inotify watches this user holds, as the kernel counts them against
+    ``max_user_watches``: one less than the lowest limit under which a watch can still be
+    added (a binary search, the limit put back after). Adding up the watches listed in
+    /proc/*/fdinfo miscounts both ways: an inotify instance shared by processes (a fork
+    inherits it) is listed once per process, and the same user's processes in another PID
+    namespace (the host, other containers) are not listed at all."""
+    old = MAX_WATCHES.read_text()
+    fd = inotify_c.inotify_init()
+    assert fd >= 0, f"no inotify instance: {os.strerror(ctypes.get_errno())}"
+
+    def room_under(limit: int) -> bool:
+        MAX_WATCHES.write_text(str(limit))
+        wd = inotify_c.inotify_add_watch(fd, b"/", inotify_c.InotifyConstants.IN_DELETE_SELF)
+        if wd < 0:
+            assert ctypes.get_errno() == errno.ENOSPC, os.strerror(ctypes.get_errno())
+            return False
+        inotify_c.inotify_rm_watch(fd, wd)
+        return True
+
+    try:
+        low, high = 1, int(old)  # the lowest limit with room is in [low, high]
+        if not room_under(high):
+            return high
+        while low < high:
+            mid = (low + high) // 2
+            if room_under(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return low - 1
+    finally:
+        os.close(fd)
+        MAX_WATCHES.write_text(old)
+
+
+HOLDER = """
+import os, sys, time
+from watchdog.observers import inotify_c
+fd = inotify_c.inotify_init()
+for d in sys.argv[1:]:
+    assert inotify_c.inotify_add_watch(fd, d.encode(), inotify_c.InotifyConstants.IN_CREATE) >= 0
+child = os.fork()  # shares the instance, as a pre-forking daemon's workers do
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.machine_wide
+@pytest.mark.xdist_group("machine_wide")
+def test_watches_of_an_inotify_instance_two_processes_share_are_counted_once(
+    tmp_path: Path,
+) -> None:
+    if not os.access(MAX_WATCHES, os.W_OK):
+        pytest.skip(f"needs root to lower {MAX_WATCHES} (CI runs as root)")
+    dirs = [tmp_path / str(i) for i in range(50)]
+    for d in dirs:
+        d.mkdir()
+    before = inotify_watches_in_use()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, *map(str, dirs)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None
+    child = int(holder.stdout.readline())
+    try:
+        # other processes of this user may add or drop a few watches meanwhile
+        assert abs(inotify_watches_in_use() - before - len(dirs)) < len(dirs) // 2
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.kill()
+        holder.wait(10)
 
 
 @pytest.mark.slow

@@ -70,7 +70,12 @@ def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost_at_every_log_lev
         (inbox / f"f{i}.nc").write_bytes(b"x")
     svc.signal(signal.SIGCONT)
     # with no periodic rescan, only the rescan after the overflow finds the lost files
-    wait_for(lambda: len(runs(log)) == n + 1, timeout=60, message="every file after the overflow")
+    wait_for(
+        lambda: len(runs(log)) == n + 1,
+        timeout=60,
+        message="every file after the overflow",
+        detail=svc.log.read_text,
+    )
     events = [e["event"] for e in svc.events()]
     assert ("watch_overflow" in events) == (level != "error")  # a warning
     assert status(cfg)["done"] == n + 1

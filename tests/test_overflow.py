@@ -10,7 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,8 @@ from watchdog.observers import inotify_c
 from conftest import ServiceProcess, jobs, runs, status, wait_for, write_config
 from dpypeline.config import WatchConfig
 from dpypeline.watching import overflow
-from dpypeline.watching.watch import Inbox, Watcher, build_specs
+from dpypeline.watching.watch import Inbox, Observation, Watcher, build_specs
+from test_service import SETTLE, Harness, make  # noqa: F401 - the fixture
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
@@ -356,3 +357,21 @@ def test_directories_refused_a_watch_are_polled_from_the_topmost_and_not_counted
     spec.unwatched = {f"{root}/a": 3, f"{root}/a/b": 1, f"{root}/ab": 1, f"{root}/c/d": 2}
     assert spec.polled_directories() == [f"{root}/a", f"{root}/ab", f"{root}/c/d"]
     assert spec.polled_count() == 6  # a/b is in a's three already
+
+
+def test_a_files_events_from_before_an_overflow_do_not_undo_the_rescan(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+) -> None:
+    """The kernel's overflow event reaches the service as watchdog reads it, before the
+    events read with it (one of them: a file's open for writing, its close lost in the
+    overflow) are handed on. The rescan finds the file complete; the late "writing" must
+    not leave it waiting for a close that will never come."""
+    h = make()
+    h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the start-up scan")
+    (h.inbox / "f5.nc").write_bytes(b"x")
+    h.service._inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
+    h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the rescan after it")
+    h.service._inbox.put(Observation("writing", 0, str(h.inbox / "f5.nc")))  # late
+    h.step()
+    h.clock.advance(SETTLE)
+    h.steps_until(lambda: "f5.nc" in h.jobs(), "the file's job")

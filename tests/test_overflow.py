@@ -3,10 +3,14 @@ and whatever watchdog makes of it (6.0 drops it silently, 7.x logs a warning).""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
 import struct
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,8 @@ from watchdog.observers import inotify_c
 from conftest import ServiceProcess, jobs, runs, status, wait_for, write_config
 from dpypeline.config import WatchConfig
 from dpypeline.watching import overflow
-from dpypeline.watching.watch import Inbox, Watcher, build_specs
+from dpypeline.watching.watch import Inbox, Observation, Watcher, build_specs
+from test_service import SETTLE, Harness, make  # noqa: F401 - the fixture
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
@@ -66,7 +71,12 @@ def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost_at_every_log_lev
         (inbox / f"f{i}.nc").write_bytes(b"x")
     svc.signal(signal.SIGCONT)
     # with no periodic rescan, only the rescan after the overflow finds the lost files
-    wait_for(lambda: len(runs(log)) == n + 1, timeout=60, message="every file after the overflow")
+    wait_for(
+        lambda: len(runs(log)) == n + 1,
+        timeout=60,
+        message="every file after the overflow",
+        detail=svc.log.read_text,
+    )
     events = [e["event"] for e in svc.events()]
     assert ("watch_overflow" in events) == (level != "error")  # a warning
     assert status(cfg)["done"] == n + 1
@@ -139,19 +149,79 @@ MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
 def inotify_watches_in_use() -> int:
-    """Inotify watches held by this user's processes (the kernel's per-user count)."""
-    uid, total = os.getuid(), 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if proc.stat().st_uid != uid:
-                continue
-            for info in (proc / "fdinfo").iterdir():
-                total += info.read_text().count("inotify wd:")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return total
+    """Inotify watches this user holds, as the kernel counts them against
+    ``max_user_watches``: one less than the lowest limit under which a watch can still be
+    added (a binary search, the limit put back after). Adding up the watches listed in
+    /proc/*/fdinfo miscounts both ways: an inotify instance shared by processes (a fork
+    inherits it) is listed once per process, and the same user's processes in another PID
+    namespace (the host, other containers) are not listed at all."""
+    old = MAX_WATCHES.read_text()
+    fd = inotify_c.inotify_init()
+    assert fd >= 0, f"no inotify instance: {os.strerror(ctypes.get_errno())}"
+
+    def room_under(limit: int) -> bool:
+        MAX_WATCHES.write_text(str(limit))
+        wd = inotify_c.inotify_add_watch(fd, b"/", inotify_c.InotifyConstants.IN_DELETE_SELF)
+        if wd < 0:
+            assert ctypes.get_errno() == errno.ENOSPC, os.strerror(ctypes.get_errno())
+            return False
+        inotify_c.inotify_rm_watch(fd, wd)
+        return True
+
+    try:
+        low, high = 1, int(old)  # the lowest limit with room is in [low, high]
+        if not room_under(high):
+            return high
+        while low < high:
+            mid = (low + high) // 2
+            if room_under(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return low - 1
+    finally:
+        os.close(fd)
+        MAX_WATCHES.write_text(old)
+
+
+HOLDER = """
+import os, sys, time
+from watchdog.observers import inotify_c
+fd = inotify_c.inotify_init()
+for d in sys.argv[1:]:
+    assert inotify_c.inotify_add_watch(fd, d.encode(), inotify_c.InotifyConstants.IN_CREATE) >= 0
+child = os.fork()  # shares the instance, as a pre-forking daemon's workers do
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.machine_wide
+@pytest.mark.xdist_group("machine_wide")
+def test_watches_of_an_inotify_instance_two_processes_share_are_counted_once(
+    tmp_path: Path,
+) -> None:
+    if not os.access(MAX_WATCHES, os.W_OK):
+        pytest.skip(f"needs root to lower {MAX_WATCHES} (CI runs as root)")
+    dirs = [tmp_path / str(i) for i in range(50)]
+    for d in dirs:
+        d.mkdir()
+    before = inotify_watches_in_use()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, *map(str, dirs)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None
+    child = int(holder.stdout.readline())
+    try:
+        # other processes of this user may add or drop a few watches meanwhile
+        assert abs(inotify_watches_in_use() - before - len(dirs)) < len(dirs) // 2
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.kill()
+        holder.wait(10)
 
 
 @pytest.mark.slow
@@ -287,3 +357,21 @@ def test_directories_refused_a_watch_are_polled_from_the_topmost_and_not_counted
     spec.unwatched = {f"{root}/a": 3, f"{root}/a/b": 1, f"{root}/ab": 1, f"{root}/c/d": 2}
     assert spec.polled_directories() == [f"{root}/a", f"{root}/ab", f"{root}/c/d"]
     assert spec.polled_count() == 6  # a/b is in a's three already
+
+
+def test_a_files_events_from_before_an_overflow_do_not_undo_the_rescan(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+) -> None:
+    """The kernel's overflow event reaches the service as watchdog reads it, before the
+    events read with it (one of them: a file's open for writing, its close lost in the
+    overflow) are handed on. The rescan finds the file complete; the late "writing" must
+    not leave it waiting for a close that will never come."""
+    h = make()
+    h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the start-up scan")
+    (h.inbox / "f5.nc").write_bytes(b"x")
+    h.service._inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
+    h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the rescan after it")
+    h.service._inbox.put(Observation("writing", 0, str(h.inbox / "f5.nc")))  # late
+    h.step()
+    h.clock.advance(SETTLE)
+    h.steps_until(lambda: "f5.nc" in h.jobs(), "the file's job")

@@ -20,7 +20,10 @@ from typing import Any, ClassVar
 import pytest
 
 from conftest import dpypeline, env_for_subprocess, runs, status, wait_for, write_config
+from dpypeline.executors.ordering import Hold
 from dpypeline.progress import Meter, Observers, View, progress_line, watch
+from dpypeline.state import holds
+from dpypeline.state.ledger import Ledger
 from dpypeline.state.transitions import JobState
 from test_notify import NotifySocket, notify_socket, start  # noqa: F401 - the fixture
 from test_service import Harness, make  # noqa: F401 - the fixture
@@ -247,10 +250,14 @@ def test_a_jobs_end_is_counted_once_for_status_and_the_progress_shown(
 class _Ledger:
     def __init__(self) -> None:
         self.changes = 0
-        self.state = {"queued": 3, "running": 1}
+        self.data_version = 1
+        self.state = {"queued": 3, "running": 1, "done": 2}
 
     def counts(self) -> dict[str, int]:
         return dict(self.state)
+
+    def held(self) -> list[Hold]:
+        return []
 
 
 class _Worker:
@@ -298,10 +305,11 @@ def test_observers_see_a_change_at_once_or_at_most_every_refresh() -> None:
     assert [t for t, _ in seen.frames] == [100.0, 100.25]
     live.tick(100.3)  # unchanged: nothing
     assert len(seen.frames) == 2
+    ledger.state = {"queued": 2, "running": 1, "done": 3}
     live.close()  # a last frame
     assert len(seen.frames) == 3
-    assert seen.frames[-1][1].finished == 2
-    assert seen.frames[-1][1].waiting == 4
+    assert seen.frames[-1][1].finished == 1  # the 2 done before the run are not this run's
+    assert seen.frames[-1][1].waiting == 3
 
 
 class _SlowLedger(_Ledger):
@@ -361,11 +369,106 @@ def test_rate_is_over_the_window_and_falls_while_nothing_ends() -> None:
 
 def test_progress_line_says_done_of_known_rate_eta_dead_and_what_runs() -> None:
     frame = View(
-        {"queued": 10, "running": 2, "dead": 7},
+        {"queued": 10, "running": 2, "done": 20, "dead": 7},
         {JobState.DONE: 8, JobState.DEAD: 1, JobState.RETRYING: 3},
         ("a/f1.nc", "a/f2.nc"),
+        before=18,
     )
     assert progress_line(frame, 2.0) == (
-        "9/21 jobs  2.0 jobs/s  ETA 0:00:06  1 dead  running: a/f1.nc (+1)"
+        "9/21 jobs  2.0 jobs/s  ETA 0:00:06  7 dead  running: a/f1.nc (+1)"
     )
     assert "- jobs/s  ETA -:--:--" in progress_line(frame, None)
+
+
+# -- held, dead and found files, with the service's loop ----------------------------------
+
+
+def _frames(h: Harness) -> _Seen:
+    """Frames the service's observers are shown from now on (as a terminal's line is)."""
+    seen = _Seen()
+    h.service._live.add(seen)
+    return seen
+
+
+def _latest(seen: _Seen) -> str | None:
+    return progress_line(seen.frames[-1][1], 0.0) if seen.frames else None
+
+
+def _shown(h: Harness, seen: _Seen, want: Callable[[str], bool], message: str) -> str:
+    """Tick as the loop does after each pass (on the real monotonic clock) until the line
+    of the latest frame is what ``want`` asks for; that line."""
+
+    def line() -> str | None:
+        h.service._live.tick(time.time())
+        text = _latest(seen)
+        return text if text is not None and want(text) else None
+
+    try:
+        return str(wait_for(line, timeout=5, interval=0.02, message=message))
+    finally:
+        print("last line:", _latest(seen))
+
+
+def _dead_ahead_of_two(started: Callable[..., Harness]) -> tuple[Harness, _Seen, Ledger, int]:
+    """Three files; the first job ends dead (one attempt) while the two after it are held
+    behind it, as the jobs of an append store are; ``other`` is the ledger as another
+    process (``dpypeline retry`` / ``skip``) opens it."""
+    h = started("a.nc", "b.nc", "c.nc", retry={"max_attempts": 1, "job_timeout": "1h"})
+    frames = _frames(h)
+    h.settle()
+    [first] = h.running()
+    other = Ledger(h.cache_dir)
+    with other._tx() as db:
+        for job_id in (2, 3):
+            holds.hold(db, job_id, first)
+    h.executor.finish(first, RuntimeError("the store refused the write"))
+    h.steps_until(lambda: h.jobs()["a.nc"][0] == JobState.DEAD, "the first job dead")
+    return h, frames, other, first
+
+
+def test_jobs_held_behind_a_dead_job_are_shown_as_held_with_no_eta(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+) -> None:
+    h, frames, other, first = _dead_ahead_of_two(make)
+    try:
+        line = _shown(h, frames, lambda t: t.startswith("1/3 jobs"), "a frame with 1/3 jobs")
+        assert f"2 held behind dead #{first}" in line
+        assert "ETA" not in line  # nothing left that will finish by itself
+        assert "1 dead" in line
+    finally:
+        other.close()
+
+
+def test_the_line_follows_retry_and_skip_made_by_another_process(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+) -> None:
+    h, frames, other, first = _dead_ahead_of_two(make)
+    try:
+        _shown(h, frames, lambda t: "1 dead" in t, "a frame with 1 dead")
+        assert other.retry([first], time.time()) == 1
+        # no step of the service: only the other process wrote
+        line = _shown(h, frames, lambda t: "0 dead" in t, "the retry shown: 0 dead")
+        assert line.startswith("0/3 jobs")  # the revived job is to do again
+        assert "ETA" in line
+        assert "held behind dead" not in line
+        [again] = h.running()
+        h.executor.finish(again, RuntimeError("the store refused the write"))
+        h.steps_until(lambda: h.jobs()["a.nc"][0] == JobState.DEAD, "dead again")
+        _shown(h, frames, lambda t: "1 dead" in t, "dead again: 1 dead")
+        assert other.skip(first, time.time(), "accepted: ") is not None
+        line = _shown(h, frames, lambda t: "0 dead" in t, "the skip shown: 0 dead")
+        assert line.startswith("1/3 jobs")
+        assert "held" not in line
+    finally:
+        other.close()
+
+
+def test_the_total_counts_the_files_a_scan_found_before_they_are_queued(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+) -> None:
+    h = make(*(f"f{i:02}.nc" for i in range(50)))
+    frames = _frames(h)
+    h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the start-up scan")
+    assert h.jobs() == {}  # found, settling: no job yet
+    line = _shown(h, frames, lambda t: "/50 jobs" in t, "50 jobs known after the scan")
+    assert line.startswith("0/50 jobs  0.0 jobs/s  ETA -:--:--"), line

@@ -49,6 +49,8 @@ class Arrivals:
         self.settler = Settler()
         self.pending_scans = 0  # requested and not yet reported back
         self.found_by: dict[str, str] = {}  # settling files found by a scan (or a poll)
+        # settling files a rescan after an overflow found complete: (size, mtime_ns) seen
+        self.rescued: dict[str, tuple[int, int]] = {}
         self.specs: list[WatchSpec] = []
         self.timers = Timers()
         self._ledger: Ledger | None = None
@@ -153,6 +155,8 @@ class Arrivals:
         noticed = obs.kind in ("created", "writing", "complete")
         if noticed and self.settler.quiet_for(obs.path, now) is None:
             self.metrics.files_seen.labels("watch").inc()  # once per file version noticed
+        if obs.kind in ("created", "writing") and self._stale(obs.path):
+            return
         if obs.kind in ("created", "writing"):
             self.settler.note(obs.path, spec.root, settle, now, eligible=spec.mode == "poll")
         elif obs.kind == "complete":
@@ -199,6 +203,22 @@ class Arrivals:
         )
         self.request_scan(spec.index, "poll", obs.path)
 
+    def _stale(self, path: str) -> bool:
+        """Whether a "being written" report of ``path`` is older than the rescan after an
+        overflow that found it complete: watchdog hands on the events read with the
+        overflow only after the overflow has been noticed, and the close that would end
+        such a report was lost. The version on disk is still the one the rescan saw, and
+        a writer still holding it open is seen when it is due."""
+        seen = self.rescued.get(path)
+        if seen is None or not self.settler.settling(path, seen):
+            self.rescued.pop(path, None)
+            return False
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == seen
+
     def _known(self, path: str) -> bool:
         """Whether the version of ``path`` on disk now is settling as complete already, or
         in the ledger."""
@@ -237,6 +257,8 @@ class Arrivals:
             self.settler.note(
                 f.path, spec.root, spec.config.settle, now, eligible=True, sig=(f.size, f.mtime_ns)
             )
+            if obs.reason == "overflow":
+                self.rescued[f.path] = (f.size, f.mtime_ns)
         if obs.reason != "poll" or new:
             log.info(
                 "scan_done", watch=spec.root, reason=obs.reason, files=len(files), new=len(new)
@@ -257,8 +279,11 @@ class Arrivals:
         whether an event or a scan found its file (``source``)."""
         assert self._ledger is not None
         found_by = {f.path: self.found_by.pop(f.path, "watch") for f in stable}
+        for f in stable:
+            self.rescued.pop(f.path, None)
         if not len(self.settler):
             self.found_by.clear()  # files a scan found that vanished before they settled
+            self.rescued.clear()
         by_root: dict[str, list[StableFile]] = defaultdict(list)
         follows = {s.root: s.config.follow_symlinks for s in self.specs}
         for f in intake.allowed(stable, lambda root: follows.get(root, False)):

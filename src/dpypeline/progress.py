@@ -3,7 +3,8 @@ status`` reads of the executor, the live line of ``dpypeline run`` on a terminal
 ``dpypeline status --watch``.
 
 The loop calls ``Observers.tick`` after every pass. When the ledger changed (a job started
-or ended, a file was queued) the observers get a fresh ``View``, at most every ``REFRESH``
+or ended, a file was queued, ``dpypeline retry`` or ``skip`` committed from another
+process) or a scan found files, the observers get a fresh ``View``, at most every ``REFRESH``
 seconds on the monotonic clock: a job's end shows in STATUS well within a second, and a
 backfill of thousands of short jobs costs a few cheap queries a second, not one per job.
 Should a frame ever take long (a slow disk, a huge ledger), the next waits ``BUSY`` times
@@ -25,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -36,6 +37,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from dpypeline.executors.ordering import Hold
 from dpypeline.paths import shown
 from dpypeline.signals import StopSignals
 from dpypeline.state.cachedir import write_executor_status
@@ -55,25 +57,64 @@ WATCH_EVERY = 1.0  # seconds between frames of `status --watch`
 
 @dataclass(frozen=True, slots=True)
 class View:
-    """What the loop shows of itself: the ledger's counts and this run's work."""
+    """What the loop shows of itself: the ledger's counts and this run's work.
+
+    Done and skipped are read from the ledger against ``before`` (the jobs finished
+    before this run), not counted by the worker: a dead job revived by ``dpypeline retry``
+    or skipped by ``dpypeline skip`` in another process is shown as it is now."""
 
     counts: Mapping[str, int]  # every job of the ledger, by state
     ended: Mapping[JobState, int]  # attempts that ended in this run, by outcome
     running: tuple[str, ...] = ()  # the running jobs' files, relative to their watch roots
+    held: tuple[Hold, ...] = ()  # every held job, with the job it waits for
+    arriving: int = 0  # jobs still to come of files found (by the scan) but not queued yet
+    before: int = 0  # jobs of the ledger already finished (done, dead, skipped) at start
 
     @property
     def finished(self) -> int:
-        """Jobs of this run that will not run again (done, dead or skipped)."""
+        """Jobs of this run that will not run again by themselves (done, dead or skipped)."""
+        return max(0, self.terminal - self.before)
+
+    @property
+    def terminal(self) -> int:
+        return sum(self.counts.get(state.value, 0) for state in TERMINAL)
+
+    @property
+    def ended_total(self) -> int:
+        """Attempts of this run that ended for good: only grows, so the rate is measured
+        on it (``finished`` falls when the operator revives a dead job)."""
         return sum(self.ended.get(state, 0) for state in TERMINAL)
 
     @property
     def waiting(self) -> int:
         return sum(self.counts.get(state.value, 0) for state in WAITING)
 
+    @property
+    def stuck(self) -> dict[int, int]:
+        """Jobs held behind each dead job: they wait for the operator, not for time."""
+        by_dead: dict[int, int] = {}
+        for h in self.held:
+            if h.behind_state == JobState.DEAD:
+                by_dead[h.behind] = by_dead.get(h.behind, 0) + 1
+        return by_dead
 
-def view(counts: Mapping[str, int], ended: Mapping[JobState, int], claims: Sequence[Claim]) -> View:
+    @property
+    def known(self) -> int:
+        """Every job of this run known so far, those of files found and not queued too."""
+        return self.finished + self.waiting + self.arriving
+
+
+def view(
+    counts: Mapping[str, int],
+    ended: Mapping[JobState, int],
+    claims: Sequence[Claim],
+    *,
+    held: Sequence[Hold] = (),
+    arriving: int = 0,
+    before: int = 0,
+) -> View:
     running = tuple(shown(os.path.relpath(c.record.path, c.record.root)) for c in claims)
-    return View(dict(counts), dict(ended), running)
+    return View(dict(counts), dict(ended), running, tuple(held), arriving, before)
 
 
 class Observer(Protocol):
@@ -95,8 +136,10 @@ class Observers:
         self._every = every
         self._clock = clock
         self._source: tuple[Ledger, Worker] | None = None
-        self._version: int | None = None  # the ledger's writes when last looked at
-        self._shown: int | None = None  # ... and when last shown
+        self._arriving: Callable[[], int] = lambda: 0
+        self._before = 0  # jobs finished before this run (see ``View``)
+        self._version: tuple[int, int, int] | None = None  # what changed, when last looked
+        self._shown: tuple[int, int, int] | None = None  # ... and when last shown
         self._last = -math.inf  # when last shown, on the loop's (wall) clock
         self._shown_at = -math.inf  # ... and on ``clock``
         self._wait = every  # how long after that the next frame may come
@@ -104,13 +147,19 @@ class Observers:
     def add(self, observer: Observer) -> None:
         self._observers.append(observer)
 
-    def watch(self, ledger: Ledger, worker: Worker) -> None:
-        self._source = (ledger, worker)
+    def watch(
+        self, ledger: Ledger, worker: Worker, arriving: Callable[[], int] = lambda: 0
+    ) -> None:
+        """Show ``ledger`` and ``worker``; ``arriving``: how many jobs the files found and
+        not queued yet will make, so the total is known as soon as a scan is. The jobs
+        finished by now are not this run's."""
+        self._source, self._arriving = (ledger, worker), arriving
+        self._before = View(ledger.counts(), {}).terminal
 
     def tick(self, now: float) -> None:
         if self._source is None:
             return
-        self._version = self._source[0].changes
+        self._version = self._changes()
         if self._version != self._shown and self._clock() >= self._shown_at + self._wait:
             self._show(now)
 
@@ -130,12 +179,23 @@ class Observers:
             for observer in self._observers:
                 observer.close()
 
+    def _changes(self) -> tuple[int, int, int]:
+        """This connection's writes, other processes' commits, and the files arriving."""
+        assert self._source is not None
+        ledger = self._source[0]
+        return (ledger.changes, ledger.data_version, self._arriving())
+
     def _show(self, now: float) -> None:
         assert self._source is not None
         ledger, worker = self._source
         started = self._clock()
-        self._shown, self._last, self._shown_at = ledger.changes, now, started
-        frame = view(ledger.counts(), worker.ended, worker.active_claims())
+        self._shown, self._last, self._shown_at = self._changes(), now, started
+        counts = ledger.counts()
+        claims, held = worker.active_claims(), ledger.held()
+        frame = view(counts, worker.ended, claims, held=held, arriving=self._arriving())
+        # jobs finished before this run: fewer when one of them is revived by `retry`
+        self._before = min(self._before, frame.terminal)
+        frame = replace(frame, before=self._before)
         for observer in self._observers:
             observer.update(frame, now)
         self._wait = max(self._every, BUSY * (self._clock() - started))
@@ -196,20 +256,27 @@ class Meter:
 
 
 def progress_line(view: View, rate: float | None) -> str:
-    """``812/2000 jobs  41.2 jobs/s  ETA 0:00:28  3 dead  running: f813.nc``"""
-    known = view.finished + view.waiting
-    if view.waiting == 0:
-        eta = "0:00:00"
-    elif rate:
-        eta = str(timedelta(seconds=round(view.waiting / rate)))
-    else:
+    """``812/2000 jobs  41.2 jobs/s  ETA 0:00:28  3 dead  running: f813.nc``, or with jobs
+    held behind a dead one ``21/23 jobs  0.0 jobs/s  2 held behind dead #3  1 dead``: the
+    ETA is for the jobs that will still finish by themselves, and is left out when none
+    will."""
+    stuck = view.stuck
+    left = view.waiting - sum(stuck.values()) + view.arriving  # what will still finish
+    if left > 0 and rate:
+        eta: str | None = str(timedelta(seconds=round(left / rate)))
+    elif left > 0:
         eta = "-:--:--"
+    else:
+        eta = None if stuck else "0:00:00"
     parts = [
-        f"{view.finished}/{known} jobs",
+        f"{view.finished}/{view.known} jobs",
         f"{rate:.1f} jobs/s" if rate is not None else "- jobs/s",
-        f"ETA {eta}",
-        f"{view.ended.get(JobState.DEAD, 0)} dead",
     ]
+    if eta is not None:
+        parts.append(f"ETA {eta}")
+    if stuck:
+        parts.append(", ".join(f"{n} held behind dead #{job}" for job, n in sorted(stuck.items())))
+    parts.append(f"{view.counts.get(JobState.DEAD.value, 0)} dead")
     if skipped := view.ended.get(JobState.SKIPPED, 0):
         parts.append(f"{skipped} skipped")
     if view.running:
@@ -231,7 +298,7 @@ class TerminalProgress:
         self._rerouted: list[logging.StreamHandler[Any]] = []
 
     def update(self, view: View, now: float) -> None:
-        self._meter.add(now, view.finished)
+        self._meter.add(now, view.ended_total)
         self._view = view
         if self._live is None:
             self._start()
@@ -259,7 +326,7 @@ class TerminalProgress:
         frame = self._view
         if frame is None:
             return Text("")
-        known = frame.finished + frame.waiting
+        known = frame.known
         grid = Table.grid(padding=(0, 1))
         grid.add_column(width=20)
         grid.add_column(no_wrap=True, overflow="ellipsis")

@@ -161,7 +161,9 @@ class Service:
             self._worker.recover(now)
             # the wall clock may have been stepped back while the service was down
             self._ledger.retime_retries(self._clock.wall(now), cfg.retry.backoff.max)
-            self._live.watch(self._ledger, self._worker)
+            # a file found counts from then on: one job per configured job once it settles
+            settling, per_file = self._arrivals.settler, len(self.job_names)
+            self._live.watch(self._ledger, self._worker, lambda: len(settling) * per_file)
             extend(START_STEP)  # a cluster may take a while to come up
             self._executor.start()
             ctx = SetupContext(objectstores=cfg.objectstores, log=log)

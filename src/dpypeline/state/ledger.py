@@ -365,6 +365,12 @@ class Ledger:
         """Rows this connection has written so far: a free "has anything changed?"."""
         return self._db.total_changes
 
+    @property
+    def data_version(self) -> int:
+        """Moves when another connection commits (``dpypeline retry`` or ``skip`` while the
+        service runs), which ``changes`` does not see."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in JobState}
         for (_, state, _), n in self.tally().items():

@@ -451,9 +451,10 @@ def test_a_truncated_netcdf_file_fails_in_one_line_that_names_it_once_without_no
     happened and what to do; no traceback, no chained cache miss of xarray's."""
     inbox = tmp_path / "inbox" / "nemo"
     inbox.mkdir(parents=True)
+    # the real GYRE output the repository keeps for its examples
     source = (
-        Path(__file__).resolve().parents[2]
-        / "shared/data/nemo-gyre/nemo4.0-GYRE_1y_00010101_00011230_grid_T.nc"
+        Path(__file__).resolve().parents[1]
+        / "examples/data/nemo-gyre/nemo4.0-GYRE_1y_00010101_00011230_grid_T.nc"
     )
     (inbox / "y2_grid_T.nc").write_bytes(source.read_bytes()[:40000])
     cfg = write_config(

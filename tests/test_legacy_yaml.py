@@ -22,7 +22,7 @@ import yaml
 
 from conftest import ROOT, TESTS, env_for_subprocess
 from dpypeline.errors import ConfigError
-from dpypeline.legacy_config import read
+from dpypeline.legacy.config import read
 from s3server import S3Server
 
 FIXTURES = TESTS / "legacy_yaml"

@@ -22,11 +22,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpypeline import migrate
 from dpypeline.config import PipelineConfig, load_config
 from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
 from dpypeline.ledgercmd import add_parser, cmd_ledger
+from dpypeline.legacy import migrate
 from dpypeline.paths import shown
 from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid

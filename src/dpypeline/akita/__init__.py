@@ -1,1 +1,2 @@
-"""The original dpypeline's watcher API (``Akita``), kept so its users' scripts run unchanged."""
+"""The original dpypeline's import path ``dpypeline.akita``: the code lives in
+:mod:`dpypeline.legacy.akita`."""

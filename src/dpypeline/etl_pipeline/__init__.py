@@ -1,1 +1,2 @@
-"""The original dpypeline's jobs and pipelines API, on this dpypeline's ``Job`` and ``Task``."""
+"""The original dpypeline's import path ``dpypeline.etl_pipeline``: the code lives in
+:mod:`dpypeline.legacy.etl_pipeline`."""

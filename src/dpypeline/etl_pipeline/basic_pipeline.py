@@ -1,16 +1,5 @@
-"""``BasicPipeline``: the jobs each new file goes through. It only holds them; the event
-consumer given it as ``job_producer`` runs them on the service."""
+"""The original's import path; the code is
+:mod:`dpypeline.legacy.etl_pipeline.basic_pipeline`."""
 
-from __future__ import annotations
-
-from collections.abc import Iterable
-
-from dpypeline.pipeline import Job
-
-
-class BasicPipeline:
-    def __init__(self, jobs: Iterable[Job] | None = None) -> None:
-        self.jobs = list(jobs or ())
-
-    def add_job(self, job: Job) -> None:
-        self.jobs.append(job)
+from dpypeline.legacy.etl_pipeline.basic_pipeline import *  # noqa: F403
+from dpypeline.legacy.etl_pipeline.basic_pipeline import __all__  # noqa: F401

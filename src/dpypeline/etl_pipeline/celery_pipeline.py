@@ -1,16 +1,5 @@
-"""The original's Celery pipeline is not carried: jobs run in parallel on Dask instead."""
+"""The original's import path; the code is
+:mod:`dpypeline.legacy.etl_pipeline.celery_pipeline`."""
 
-from __future__ import annotations
-
-from typing import Any
-
-from dpypeline.errors import Replaced
-
-
-class CeleryPipeline:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise Replaced(
-            "the Celery pipeline is replaced by Dask: give a BasicPipeline to"
-            " ConsumerParallel(cluster_client=Client(...)), or set `executor: {kind: dask}`"
-            " in a pipeline config"
-        )
+from dpypeline.legacy.etl_pipeline.celery_pipeline import *  # noqa: F403
+from dpypeline.legacy.etl_pipeline.celery_pipeline import __all__  # noqa: F401

@@ -1,9 +1,5 @@
-"""``ThreadPipeline``: as in the original, another name for ``BasicPipeline``."""
+"""The original's import path; the code is
+:mod:`dpypeline.legacy.etl_pipeline.thread_pipeline`."""
 
-from __future__ import annotations
-
-from dpypeline.etl_pipeline.basic_pipeline import BasicPipeline
-
-ThreadPipeline = BasicPipeline
-
-__all__ = ["ThreadPipeline"]
+from dpypeline.legacy.etl_pipeline.thread_pipeline import *  # noqa: F403
+from dpypeline.legacy.etl_pipeline.thread_pipeline import __all__  # noqa: F401

@@ -1,2 +1,2 @@
-"""The original dpypeline's event consumers: they start this dpypeline's service on an
-``Akita``'s directory with a pipeline's jobs (``runner``)."""
+"""The original dpypeline's import path ``dpypeline.event_consumer``: the code lives in
+:mod:`dpypeline.legacy.event_consumer`."""

@@ -1,20 +1,5 @@
-"""``ConsumerSerial``: the jobs run one file at a time, in the order files arrived."""
+"""The original's import path; the code is
+:mod:`dpypeline.legacy.event_consumer.consumer_serial`."""
 
-from __future__ import annotations
-
-from typing import Any
-
-from dpypeline.akita.core import Akita
-from dpypeline.event_consumer.runner import akita_of, run_jobs
-
-
-class ConsumerSerial:
-    def __init__(
-        self, queue: Any = None, job_producer: Any = None, *, akita: Akita | None = None
-    ) -> None:
-        self.akita = akita_of(queue, akita)
-        self.job_producer = job_producer
-
-    def run(self) -> int:
-        """Blocks while the service runs (see ``runner.run_jobs``)."""
-        return run_jobs(self.akita, self.job_producer)
+from dpypeline.legacy.event_consumer.consumer_serial import *  # noqa: F403
+from dpypeline.legacy.event_consumer.consumer_serial import __all__  # noqa: F401

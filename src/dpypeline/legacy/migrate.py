@@ -1,7 +1,7 @@
 """The original's tagged files: run as they are (``dpypeline -i OLD.yaml``), or written in
 the new form once (``dpypeline migrate OLD.yaml [-o NEW.yaml]``).
 
-The conversion is :mod:`dpypeline.legacy_config`'s; this module writes it out as YAML with
+The conversion is :mod:`dpypeline.legacy.config`'s; this module writes it out as YAML with
 a comment wherever a choice was made, so the operator can review every one of them.
 Paths that were relative to the working directory are rewritten relative to the new
 file, which is where the new form reads them from.
@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from dpypeline.config import Loc, PipelineConfig, check_watch_paths, config_from_dict, load_config
-from dpypeline.legacy_config import Conversion, read
-from dpypeline.legacy_yaml import is_tagged
+from dpypeline.legacy.config import Conversion, read
+from dpypeline.legacy.yaml_tags import is_tagged
 
 HOW_TO_CONVERT = "dpypeline migrate {old} -o NEW.yaml"
 

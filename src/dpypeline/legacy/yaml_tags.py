@@ -2,7 +2,7 @@
 
 The original built Python objects straight from tags. Here the tags are only names: a
 ``SafeLoader`` subclass turns each known tag into a :class:`Tagged` record (its tag, its
-keys, their lines), which :mod:`dpypeline.legacy_config` maps to the new config. No
+keys, their lines), which :mod:`dpypeline.legacy.config` maps to the new config. No
 object of the file's choosing is ever constructed: ``!!python/object...`` and any tag not
 listed in :data:`TAGS` stop the read at that line, before anything runs.
 

@@ -26,7 +26,7 @@ from dpypeline.config import (
     WatchConfig,
 )
 from dpypeline.errors import ConfigError
-from dpypeline.legacy_yaml import Tagged, parse
+from dpypeline.legacy.yaml_tags import Tagged, parse
 
 _JOB_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 

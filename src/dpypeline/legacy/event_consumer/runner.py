@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpypeline.akita.core import Akita, EventQueue
 from dpypeline.api import Pipeline
 from dpypeline.errors import ConfigError, Replaced
+from dpypeline.legacy.akita.core import Akita, EventQueue
 from dpypeline.logs import into_host_logging
 
 

@@ -1,0 +1,1 @@
+"""The original dpypeline's watcher API (``Akita``), kept so its users' scripts run unchanged."""

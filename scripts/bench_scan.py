@@ -26,7 +26,7 @@ from collections.abc import Callable
 from bench_common import Context, Result, check, workdir
 from watchdog.utils.dirsnapshot import DirectorySnapshot, DirectorySnapshotDiff
 
-from dpypeline.config import WatchConfig
+from dpypeline.config.model import WatchConfig
 from dpypeline.watching.patterns import PathMatcher
 from dpypeline.watching.scan import scan
 from dpypeline.watching.scanner import Scanner

@@ -91,7 +91,7 @@ def _cli_json(command: str, config: Path, **args: Any) -> Any:
     start-up (a third of a second) that would dominate every poll of a wait loop. Tests of
     the command itself run the real process with ``dpypeline(...)``."""
     from dpypeline import cli
-    from dpypeline.config import load_config
+    from dpypeline.config.model import load_config
 
     loaded = load_config(config, environ=env_for_subprocess())
     out = io.StringIO()

@@ -186,7 +186,7 @@ def leak(path: str, storage_options: dict, context: JobContext | None = None) ->
     """Fails with secrets all around it: its options, the objectstore's credentials file and
     the environment's secret in local variables, the key id in its message (as S3 errors
     quote it), and it logs its options itself (a careless task)."""
-    from dpypeline.objectstore import load_credentials
+    from dpypeline.config.credentials import load_credentials
 
     assert context is not None
     creds = load_credentials("store", context.objectstores["store"])

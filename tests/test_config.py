@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from dpypeline.config import (
+from dpypeline.config.durations import parse_duration
+from dpypeline.config.model import (
     ClusterConfig,
     PipelineConfig,
     TaskConfig,
     config_from_dict,
     load_config,
 )
-from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError
 
 # The example of SPEC section 4, with the watch directory filled in per test.
@@ -382,9 +382,9 @@ def test_task_modules_next_to_the_config_import_in_the_service_and_on_workers_al
 ) -> None:
     import sys
 
+    from dpypeline.config.taskpath import task_dirs
     from dpypeline.executors.dask import TaskPath
     from dpypeline.pipeline import import_tasks
-    from dpypeline.taskpath import task_dirs
 
     monkeypatch.setattr(sys, "path", list(sys.path))
     home = tmp_path / "deploy"

@@ -350,7 +350,7 @@ def test_a_first_sigterm_lets_jobs_on_the_cluster_finish_a_second_puts_them_back
 
 
 def test_slots_are_workers_over_workers_per_event_and_follow_the_cluster_size() -> None:
-    from dpypeline.config import ClusterConfig, ExecutorConfig
+    from dpypeline.config.model import ClusterConfig, ExecutorConfig
     from dpypeline.executors.dask import DaskExecutor
 
     options = {"n_workers": 2, "processes": False, "dashboard_address": ":0"}

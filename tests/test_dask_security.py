@@ -20,12 +20,12 @@ from distributed.comm import connect
 from distributed.security import Security
 
 from conftest import dpypeline, write_config
-from dpypeline.config import ClusterConfig, ExecutorConfig, config_from_dict
+from dpypeline.config.model import ClusterConfig, ExecutorConfig, config_from_dict
 from dpypeline.errors import ConfigError
 from dpypeline.executors.dask import DaskExecutor
 
 if TYPE_CHECKING:
-    from dpypeline.config import TlsConfig
+    from dpypeline.config.model import TlsConfig
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_the_local_cluster_refuses_options_that_would_change_its_security() -> N
 
 def _tls_files(directory: Path) -> TlsConfig:
     """A CA-signed (here: self-signed) certificate and its key, private to this user."""
-    from dpypeline.config import TlsConfig
+    from dpypeline.config.model import TlsConfig
 
     made = Security.temporary()
     cert, key = directory / "dask.crt", directory / "dask.key"
@@ -270,7 +270,7 @@ def test_a_slurm_cluster_gets_the_operators_certificate_for_its_scheduler_and_wo
 def test_certificate_files_others_could_read_or_replace_are_refused(
     tmp_path: Path, name: str, mode: int, expected: str
 ) -> None:
-    from dpypeline.config import TlsConfig
+    from dpypeline.config.model import TlsConfig
     from dpypeline.executors.cluster import tls_security
 
     tls = _tls_files(tmp_path)

@@ -17,8 +17,9 @@ import structlog
 from structlog.testing import capture_logs
 
 from conftest import dpypeline, write_config
-from dpypeline import Job, Pipeline, Task, logs
+from dpypeline import Job, Pipeline, Task
 from dpypeline.errors import PermanentError
+from dpypeline.observability import logs
 
 
 def test_stdlib_loggers_of_libraries_come_out_as_json_lines() -> None:
@@ -233,10 +234,10 @@ def test_no_secret_reaches_the_journal_of_a_job_that_dies_with_secrets_around_it
 ) -> None:
     import socket
 
-    from dpypeline.config import load_config
+    from dpypeline.config.model import load_config
+    from dpypeline.loop.service import Service
+    from dpypeline.observability.redact import known_secrets
     from dpypeline.pipeline import import_tasks
-    from dpypeline.redact import known_secrets
-    from dpypeline.service import Service
 
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)

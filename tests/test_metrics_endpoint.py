@@ -28,8 +28,8 @@ from prometheus_client.registry import Collector
 from structlog.testing import capture_logs
 
 from conftest import ServiceProcess, env_for_subprocess, wait_for, write_config
-from dpypeline.config import load_config
-from dpypeline.metrics import Metrics
+from dpypeline.config.model import load_config
+from dpypeline.observability.metrics import Metrics
 
 IDLE = 1000
 
@@ -124,7 +124,7 @@ def test_a_thousand_idle_connections_cost_no_thread_and_a_scrape_still_answers(
 
 
 def test_a_half_sent_request_is_dropped_after_the_timeout_and_blocks_no_one() -> None:
-    from dpypeline.metrics_endpoint import MetricsEndpoint
+    from dpypeline.observability.metrics_endpoint import MetricsEndpoint
 
     timeout = 3.0
     endpoint = MetricsEndpoint(Metrics(["work"]).registry, "127.0.0.1", 0, request_timeout=timeout)
@@ -164,7 +164,7 @@ def test_a_half_sent_request_is_dropped_after_the_timeout_and_blocks_no_one() ->
 
 
 def test_a_client_that_takes_not_its_answer_is_dropped_after_the_timeout() -> None:
-    from dpypeline.metrics_endpoint import MetricsEndpoint
+    from dpypeline.observability.metrics_endpoint import MetricsEndpoint
 
     registry = CollectorRegistry()  # an answer bigger than the kernel's buffers hold
     Info("big", "A large answer", registry=registry).info({"v": "x" * (16 << 20)})
@@ -206,7 +206,7 @@ class Failing(Collector):
 
 
 def test_a_failed_collection_is_a_500_and_the_endpoint_serves_on() -> None:
-    from dpypeline.metrics_endpoint import MetricsEndpoint
+    from dpypeline.observability.metrics_endpoint import MetricsEndpoint
 
     metrics = Metrics(["work"])
     metrics.registry.register(failing := Failing())

@@ -204,9 +204,9 @@ def test_an_option_no_engine_takes_is_refused_before_any_file_and_is_permanent(
     series: list[Path], tmp_path: Path
 ) -> None:
     from conftest import write_config
-    from dpypeline.config import load_config
+    from dpypeline.commands.preflight import preflight
+    from dpypeline.config.model import load_config
     from dpypeline.pipeline import import_tasks
-    from dpypeline.preflight import preflight
 
     (tmp_path / "inbox").mkdir()
     cfg = write_config(

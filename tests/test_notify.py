@@ -19,8 +19,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import env_for_subprocess, wait_for, write_config
-from dpypeline import systemd
-from dpypeline.systemd import Notifier
+from dpypeline.observability import systemd
+from dpypeline.observability.systemd import Notifier
 
 pytestmark = pytest.mark.slow
 

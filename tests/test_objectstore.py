@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import s3fs
 
-from dpypeline.config import ObjectStoreConfig, config_from_dict
-from dpypeline.credentials import FILE_FORMAT
+from dpypeline.config.credentials import FILE_FORMAT
+from dpypeline.config.model import ObjectStoreConfig, config_from_dict
 from dpypeline.errors import ConfigError, PermanentError, Unavailable
 from dpypeline.objectstore import (
     classify_errors,

@@ -23,7 +23,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from conftest import ROOT, ServiceProcess, env_for_subprocess, jobs, status, wait_for, write_config
-from dpypeline.config import BackoffConfig, ObjectStoreConfig
+from dpypeline.config.model import BackoffConfig, ObjectStoreConfig
 from dpypeline.errors import PermanentError, Unavailable
 from dpypeline.objectstore import classify_errors, filesystem
 from dpypeline.outages import PendingSetup, disk_full, disk_full_is_outage

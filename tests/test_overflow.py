@@ -17,7 +17,7 @@ import pytest
 from watchdog.observers import inotify_c
 
 from conftest import ServiceProcess, jobs, runs, status, wait_for, write_config
-from dpypeline.config import WatchConfig
+from dpypeline.config.model import WatchConfig
 from dpypeline.watching import overflow
 from dpypeline.watching.watch import Inbox, Observation, Watcher, build_specs
 from test_service import SETTLE, Harness, make  # noqa: F401 - the fixture

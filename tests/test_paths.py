@@ -13,10 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from dpypeline.loop import intake
 from dpypeline.paths import shown
 from dpypeline.state.cachedir import DB_FILE
 from dpypeline.state.ledger import JobState, Ledger
-from dpypeline.watching import intake
 from dpypeline.watching.scan import FileVersion
 
 BAD = os.fsdecode(b"bad\xff.dat")  # how Python hands the name over: a lone surrogate

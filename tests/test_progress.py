@@ -21,7 +21,7 @@ import pytest
 
 from conftest import dpypeline, env_for_subprocess, runs, status, wait_for, write_config
 from dpypeline.executors.ordering import Hold
-from dpypeline.progress import Meter, Observers, View, progress_line, watch
+from dpypeline.loop.progress import Meter, Observers, View, progress_line, watch
 from dpypeline.state import holds
 from dpypeline.state.ledger import Ledger
 from dpypeline.state.transitions import JobState

@@ -19,15 +19,15 @@ from structlog.testing import capture_logs
 from watchdog.events import DirCreatedEvent, FileCreatedEvent
 
 from conftest import wait_for
-from dpypeline.config import config_from_dict
+from dpypeline.config.model import config_from_dict
 from dpypeline.errors import JobTimeout, TransientError
 from dpypeline.executors.serial import Finished
-from dpypeline.health import CLUSTER_GRACE, Health, Snapshot, status_line
+from dpypeline.loop.health import CLUSTER_GRACE, Health, Snapshot, status_line
+from dpypeline.loop.service import HEALTH_EVERY, Service, Status
+from dpypeline.loop.timers import Timer, Timers
 from dpypeline.pipeline import Job, Task
-from dpypeline.service import HEALTH_EVERY, Service, Status
 from dpypeline.state.cachedir import DB_FILE
 from dpypeline.state.ledger import JobState, Ledger
-from dpypeline.timers import Timer, Timers
 from dpypeline.watching.watch import _Handler
 
 SETTLE = 0.5

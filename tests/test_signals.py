@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ServiceProcess, status, wait_for, write_config
-from dpypeline.config import config_from_dict
+from dpypeline.config.model import config_from_dict
+from dpypeline.loop.service import Service
 from dpypeline.pipeline import Job, Task
-from dpypeline.service import Service
 
 
 @pytest.fixture

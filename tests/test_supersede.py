@@ -25,9 +25,9 @@ import pytest
 import xarray as xr
 
 from conftest import ROOT, ServiceProcess, dpypeline, wait_for, write_config
-from dpypeline.config import load_config
+from dpypeline.config.model import load_config
+from dpypeline.loop.service import Service
 from dpypeline.pipeline import import_tasks
-from dpypeline.service import Service
 from dpypeline.state.ledger import Ledger
 
 sys.path.insert(0, str(ROOT / "scripts"))

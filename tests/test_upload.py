@@ -12,7 +12,7 @@ import s3fs
 import structlog
 from structlog.testing import capture_logs
 
-from dpypeline.config import ObjectStoreConfig
+from dpypeline.config.model import ObjectStoreConfig
 from dpypeline.errors import ConfigError, PermanentError, Unavailable
 from dpypeline.pipeline import JobContext, SetupContext, Task
 from dpypeline.tasks.upload import parse_size

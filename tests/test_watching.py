@@ -15,11 +15,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import runs, wait_for, write_config
-from dpypeline.config import load_config
+from dpypeline.config.model import load_config
+from dpypeline.loop.service import Service
+from dpypeline.loop.timers import Timer
 from dpypeline.pipeline import import_tasks
-from dpypeline.service import Service
 from dpypeline.state.ledger import Ledger
-from dpypeline.timers import Timer
 
 
 class Running:
@@ -234,7 +234,7 @@ def _poll(scanner: Any, spec: Any) -> list[str]:
 
 
 def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Path) -> None:
-    from dpypeline.config import WatchConfig
+    from dpypeline.config.model import WatchConfig
     from dpypeline.watching.scanner import Scanner
     from dpypeline.watching.watch import Inbox, build_specs
 
@@ -260,7 +260,7 @@ def test_a_poll_reports_only_new_and_changed_files_in_natural_order(tmp_path: Pa
 
 
 def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
-    from dpypeline.config import WatchConfig
+    from dpypeline.config.model import WatchConfig
     from dpypeline.watching.scanner import Scanner
     from dpypeline.watching.watch import Inbox, build_specs
 
@@ -281,7 +281,7 @@ def test_only_poll_watches_keep_the_last_look(tmp_path: Path) -> None:
 def test_the_scan_thread_works_on_a_copy_and_reports_what_it_learnt(tmp_path: Path) -> None:
     """The loop thread alone owns the watch specs: a scan request carries a copy of what the
     walk needs, and the number of directories found comes back in the observation."""
-    from dpypeline.config import WatchConfig
+    from dpypeline.config.model import WatchConfig
     from dpypeline.watching.scanner import Scanner
     from dpypeline.watching.watch import Inbox, build_specs
 
@@ -382,7 +382,7 @@ def test_a_poll_watch_keeps_polling_after_failed_scans(
 def test_enqueue_takes_exactly_the_files_the_rescan_takes_under_their_own_names(
     tmp_path: Path, follow: bool
 ) -> None:
-    from dpypeline.config import WatchConfig
+    from dpypeline.config.model import WatchConfig
     from dpypeline.watching.offer import Refused, offer
     from dpypeline.watching.patterns import watch_matcher
     from dpypeline.watching.scan import scan
@@ -423,8 +423,8 @@ def test_enqueue_takes_exactly_the_files_the_rescan_takes_under_their_own_names(
 def test_enqueue_refuses_what_the_watcher_ignores_and_takes_what_it_takes(
     tmp_path: Path, follow: bool
 ) -> None:
-    from dpypeline.config import WatchConfig
-    from dpypeline.watching import intake
+    from dpypeline.config.model import WatchConfig
+    from dpypeline.loop import intake
     from dpypeline.watching.offer import Refused, offer
     from dpypeline.watching.watch import Inbox, Watcher, build_specs
 

@@ -19,7 +19,7 @@ import zarr
 from structlog.testing import capture_logs
 
 from conftest import ROOT
-from dpypeline.config import ObjectStoreConfig
+from dpypeline.config.model import ObjectStoreConfig
 from dpypeline.errors import PermanentError, Unavailable
 from dpypeline.pipeline import JobContext, resolve_task
 from dpypeline.tasks.netcdf import clean_dataset, open_dataset

@@ -12,11 +12,11 @@ from typing import Any
 
 import structlog
 
-from dpypeline import logs
-from dpypeline.config import PipelineConfig, config_from_dict, load_config
+from dpypeline.config.model import PipelineConfig, config_from_dict, load_config
 from dpypeline.errors import ConfigError
+from dpypeline.observability import logs
+from dpypeline.observability.redact import known_secrets
 from dpypeline.pipeline import Job, Task, import_tasks
-from dpypeline.redact import known_secrets
 from dpypeline.state.ledger import JobRecord
 
 
@@ -98,7 +98,7 @@ class Pipeline:
         Logging is set up as ``dpypeline run`` does (the config's ``logging:``: one line
         per event, a short traceback without frame locals) unless the program configured
         logging itself, whose set-up is then kept."""
-        from dpypeline.service import Service
+        from dpypeline.loop.service import Service
 
         if dask_client is not None and self.config.executor.kind != "dask":
             raise ConfigError("a Dask client needs `executor: {kind: dask}`")

@@ -22,13 +22,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpypeline.config import PipelineConfig, load_config
-from dpypeline.durations import parse_duration
+from dpypeline.commands.ledger import add_parser, cmd_ledger
+from dpypeline.commands.report import cmd_jobs, cmd_status, error_of, iso
+from dpypeline.config.durations import parse_duration
+from dpypeline.config.model import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
-from dpypeline.ledgercmd import add_parser, cmd_ledger
 from dpypeline.legacy import migrate
 from dpypeline.paths import shown
-from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid
 from dpypeline.state.ledger import JobState, Ledger
 
@@ -187,13 +187,13 @@ def _migrate(old: str, new: str | None) -> int:
 
 
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from dpypeline import logs
+    from dpypeline.commands.preflight import preflight
+    from dpypeline.loop.progress import TerminalProgress, wanted
+    from dpypeline.loop.restart import ClusterLost, StuckJob, reexec
+    from dpypeline.loop.service import Service
+    from dpypeline.observability import logs
+    from dpypeline.observability.redact import known_secrets
     from dpypeline.pipeline import import_tasks
-    from dpypeline.preflight import preflight
-    from dpypeline.progress import TerminalProgress, wanted
-    from dpypeline.redact import known_secrets
-    from dpypeline.restart import ClusterLost, StuckJob, reexec
-    from dpypeline.service import Service
 
     logs.configure(
         config.logging.format,
@@ -237,8 +237,8 @@ def _set_stop_handlers(handler: Any) -> None:
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from dpypeline.commands.preflight import preflight
     from dpypeline.pipeline import import_tasks, task_modules
-    from dpypeline.preflight import preflight
     from dpypeline.watching.fsinfo import require_local_filesystem
 
     jobs, setup = import_tasks(config)
@@ -400,7 +400,7 @@ def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The operator's decision that a dead job's file is never written: recorded in the
     ledger (the job ends ``skipped``, the reason says so) and logged; the later jobs of
     its store that were held behind it go on."""
-    from dpypeline import logs
+    from dpypeline.observability import logs
 
     logs.configure(config.logging.format, config.logging.level)
     log = logs.get_logger("dpypeline.cli")

@@ -1,6 +1,6 @@
 """Named S3 endpoints: their s3fs options and clients, and S3 failures in dpypeline's terms.
 
-Their credentials are read by :mod:`dpypeline.credentials` (re-exported here, the module
+Their credentials are read by :mod:`dpypeline.config.credentials` (re-exported here, the module
 tasks use). This is the one module that knows s3fs and botocore. Tasks get a filesystem or
 storage options here, and wrap their S3 calls in :func:`classify_errors`, which turns what
 s3fs/botocore/aiohttp raise into the failure kinds the worker acts on: bad credentials,
@@ -21,10 +21,11 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from dpypeline.config import ObjectStoreConfig
-from dpypeline.credentials import ENV_HINT, Credentials, load_credentials
+import structlog
+
+from dpypeline.config.credentials import ENV_HINT, Credentials, load_credentials
+from dpypeline.config.model import ObjectStoreConfig
 from dpypeline.errors import ConfigError, DpypelineError, PermanentError, Unavailable
-from dpypeline.logs import get_logger
 from dpypeline.outages import chain
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ __all__ = [
     "close_clients",
     "filesystem",
     "keep_open",
-    "load_credentials",
     "s3_error_code",
     "split_url",
     "storage_options",
@@ -49,7 +49,7 @@ __all__ = [
 # objectstore's timeouts; s3fs's own retry loop would multiply that, so it tries once.
 S3FS_TRIES = 1
 
-log = get_logger("dpypeline.objectstore")
+log = structlog.stdlib.get_logger("dpypeline.objectstore")
 _KEPT: list[tuple[Any, Callable[[Coroutine[Any, Any, Any]], Any]]] = []
 _KEPT_GUARD = threading.Lock()
 

@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dpypeline.config import BackoffConfig
-from dpypeline.errors import DpypelineError, Unavailable
-from dpypeline.logs import get_logger
+import structlog
 
-log = get_logger("dpypeline.setup")
+from dpypeline.config.model import BackoffConfig
+from dpypeline.errors import DpypelineError, Unavailable
+
+log = structlog.stdlib.get_logger("dpypeline.setup")
 
 DISK_FULL = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded"}
 

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
+
 from dpypeline.commits import Commit, declared
-from dpypeline.config import ObjectStoreConfig, PipelineConfig
+from dpypeline.config.model import ObjectStoreConfig, PipelineConfig
+from dpypeline.config.taskpath import make_importable, task_dirs
+from dpypeline.config.trust import import_checked, refuse_process_spawning
 from dpypeline.errors import ConfigError
 from dpypeline.outages import disk_full_is_outage
-from dpypeline.taskpath import make_importable, task_dirs
-from dpypeline.trust import import_checked, refuse_process_spawning
 
 BUILTIN_TASKS = "dpypeline.tasks:BUILTINS"  # short name -> "module:function"
 
@@ -56,7 +58,7 @@ def task_module(name: str) -> tuple[str, str]:
 
 def resolve_task(name: str) -> Callable[..., Any]:
     """The function a task name refers to. Its module is checked before it is imported
-    (:func:`dpypeline.trust.import_checked`), and a standard function that runs its
+    (:func:`dpypeline.config.trust.import_checked`), and a standard function that runs its
     argument as a command is refused. Raises ImportError/AttributeError with a message
     that says what was looked for, ConfigError for a module or function refused."""
     module_name, attr = task_module(name)
@@ -215,10 +217,9 @@ class JobContext:
         return {k: v for k, v in self.__dict__.items() if k != "log"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from dpypeline.logs import get_logger
 
         self.__dict__.update(state)
-        self.log = get_logger("dpypeline.task").bind(
+        self.log = structlog.stdlib.get_logger("dpypeline.task").bind(
             job_id=self.job_id, file=self.path, job=self.job, attempt=self.attempt
         )
 

@@ -25,10 +25,10 @@ from typing import Any
 from distributed import Nanny, Worker, WorkerPlugin
 from distributed.security import Security
 
-from dpypeline.config import SCALE_ADAPTIVE, ClusterConfig, TlsConfig
+from dpypeline.config.model import SCALE_ADAPTIVE, ClusterConfig, TlsConfig
+from dpypeline.config.taskpath import make_importable
+from dpypeline.config.trust import import_checked
 from dpypeline.errors import ConfigError
-from dpypeline.taskpath import make_importable
-from dpypeline.trust import import_checked
 
 CLASS_ALIASES = {
     "LocalCluster": "distributed.LocalCluster",
@@ -86,7 +86,7 @@ class LogSetup(WorkerPlugin):
         self.settings = settings
 
     def setup(self, worker: Any) -> None:
-        from dpypeline import logs
+        from dpypeline.observability import logs
 
         if self.settings:
             logs.configure(**self.settings)

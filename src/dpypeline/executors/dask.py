@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dpypeline.commits import Staged
-from dpypeline.config import ClusterConfig, ExecutorConfig
+from dpypeline.config.model import ClusterConfig, ExecutorConfig
 from dpypeline.errors import JobTimeout
 from dpypeline.executors.cluster import (
     CloseClients,
@@ -61,7 +61,7 @@ from dpypeline.executors.cluster import (
 )
 from dpypeline.executors.ordering import CommitOrder, Held
 from dpypeline.executors.serial import Finished
-from dpypeline.logs import get_logger, quiet_libraries, settings
+from dpypeline.observability.logs import get_logger, quiet_libraries, settings
 
 if TYPE_CHECKING:
     from distributed import Client, Future

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpypeline.config import (
+from dpypeline.config.model import (
     Loc,
     WatchConfig,
 )

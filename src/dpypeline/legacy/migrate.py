@@ -17,7 +17,13 @@ from typing import Any
 
 import yaml
 
-from dpypeline.config import Loc, PipelineConfig, check_watch_paths, config_from_dict, load_config
+from dpypeline.config.model import (
+    Loc,
+    PipelineConfig,
+    check_watch_paths,
+    config_from_dict,
+    load_config,
+)
 from dpypeline.legacy.config import Conversion, read
 from dpypeline.legacy.yaml_tags import is_tagged
 

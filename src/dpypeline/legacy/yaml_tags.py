@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dpypeline.configfile import BoundedLoader, read_config, yaml_errors
+from dpypeline.config.file import BoundedLoader, read_config, yaml_errors
 from dpypeline.errors import ConfigError
 
 TAGS = (

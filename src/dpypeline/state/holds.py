@@ -20,11 +20,12 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import structlog
+
 from dpypeline.executors.ordering import Hold, Pending
-from dpypeline.logs import get_logger
 from dpypeline.state.transitions import Event, JobState, apply, is_state
 
-log = get_logger("dpypeline.state")
+log = structlog.stdlib.get_logger("dpypeline.state")
 
 # states in which a job keeps the later jobs of its store from committing
 HOLDING = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.DEAD)

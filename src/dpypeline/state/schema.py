@@ -19,11 +19,12 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from dpypeline.errors import StateError
-from dpypeline.logs import get_logger
 from dpypeline.state.transitions import JobState, is_state
 
-log = get_logger("dpypeline.state")
+log = structlog.stdlib.get_logger("dpypeline.state")
 
 MIN_SQLITE = (3, 35, 0)
 

@@ -37,7 +37,7 @@ from dpypeline.objectstore import check_bucket, classify_errors, filesystem, s3_
 if TYPE_CHECKING:
     import s3fs
 
-    from dpypeline.config import ObjectStoreConfig
+    from dpypeline.config.model import ObjectStoreConfig
     from dpypeline.pipeline import JobContext, SetupContext
 
 __all__ = ["create_bucket", "object_key", "parse_size", "upload_file"]
@@ -294,7 +294,7 @@ def _stores(
     """The configured objectstores; called without a context (from plain Python), the
     credentials come from the AWS environment variables."""
     if context is None:
-        from dpypeline.config import ObjectStoreConfig
+        from dpypeline.config.model import ObjectStoreConfig
 
         return {objectstore: ObjectStoreConfig()}
     return context.objectstores

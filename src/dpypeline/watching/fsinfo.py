@@ -27,8 +27,9 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from dpypeline.errors import StateError
-from dpypeline.logs import get_logger
 
 __all__ = [
     "MOUNTINFO",
@@ -46,7 +47,7 @@ __all__ = [
 MOUNTINFO = "/proc/self/mountinfo"
 LOCKS = "/proc/locks"
 
-log = get_logger("dpypeline.watch")
+log = structlog.stdlib.get_logger("dpypeline.watch")
 
 #: Filesystem types whose files are shared with other machines (or served by a user-space
 #: daemon). Every ``fuse`` and ``fuse.*`` type (sshfs, s3fs, gcsfuse, ...) counts as well.

@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from dpypeline.config import WatchConfig
+from dpypeline.config.model import WatchConfig
 from dpypeline.paths import refusal, shown
 from dpypeline.watching.patterns import watch_matcher
 from dpypeline.watching.scan import FileVersion, scan

@@ -40,7 +40,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dpypeline.config import WatchConfig
+    from dpypeline.config.model import WatchConfig
 
 __all__ = ["PathMatcher", "watch_matcher"]
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import queue
 import threading
 
-from dpypeline.logs import get_logger
+import structlog
+
 from dpypeline.watching.patterns import PathMatcher
 from dpypeline.watching.scan import FileVersion, natural_key, scan
 from dpypeline.watching.watch import Inbox, Observation, ScanTarget
 
 __all__ = ["PrefixMatcher", "Scanner"]
 
-log = get_logger("dpypeline.watch")
+log = structlog.stdlib.get_logger("dpypeline.watch")
 
 
 class Scanner(threading.Thread):

@@ -23,10 +23,11 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dpypeline.logs import get_logger
+import structlog
+
 from dpypeline.watching.fsinfo import open_for_writing
 
-log = get_logger("dpypeline.watch")
+log = structlog.stdlib.get_logger("dpypeline.watch")
 
 #: How often a file found open for writing is looked at again, at the least: a watch's
 #: settle time may be zero.

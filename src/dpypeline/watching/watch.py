@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import structlog
 from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
@@ -46,14 +47,13 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
-from dpypeline.config import WatchConfig
-from dpypeline.logs import get_logger
+from dpypeline.config.model import WatchConfig
 from dpypeline.watching import overflow
 from dpypeline.watching.fsinfo import filesystem_type, is_network_fstype
 from dpypeline.watching.patterns import PathMatcher, watch_matcher
 from dpypeline.watching.scan import FileVersion
 
-log = get_logger("dpypeline.watch")
+log = structlog.stdlib.get_logger("dpypeline.watch")
 
 Kind = Literal[
     "created", "writing", "complete", "deleted", "directory", "unwatched", "overflow", "scanned"

@@ -11,7 +11,7 @@ from typing import Any
 from dpypeline.api import Pipeline
 from dpypeline.errors import ConfigError, Replaced
 from dpypeline.legacy.akita.core import Akita, EventQueue
-from dpypeline.logs import into_host_logging
+from dpypeline.observability.logs import into_host_logging
 
 
 def akita_of(queue: Any, akita: Akita | None) -> Akita:

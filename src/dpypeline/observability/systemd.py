@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import sdnotify
 
-from dpypeline.logs import get_logger
+from dpypeline.observability.logs import get_logger
 
 log = get_logger("dpypeline.systemd")
 

@@ -36,9 +36,9 @@ from typing import Any, TextIO
 
 import structlog
 
-from dpypeline.consolelog import ConsoleLine
+from dpypeline.observability.consolelog import ConsoleLine
+from dpypeline.observability.redact import Scrubber
 from dpypeline.paths import shown
-from dpypeline.redact import Scrubber
 
 NOISY = (
     "botocore",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dpypeline.config import PipelineConfig
+from dpypeline.config.model import PipelineConfig
 from dpypeline.state import copies
 from dpypeline.state.integrity import BACKUP
 

@@ -45,9 +45,9 @@ from dpypeline.state.transitions import TERMINAL, WAITING, JobState
 from dpypeline.wakeup import Wakeup
 
 if TYPE_CHECKING:
+    from dpypeline.loop.worker import Worker
+    from dpypeline.observability.systemd import Notifier
     from dpypeline.state.ledger import Claim, Ledger
-    from dpypeline.systemd import Notifier
-    from dpypeline.worker import Worker
 
 REFRESH = 0.25  # seconds: how often, at most, a change reaches the observers
 BUSY = 10  # a frame that took t seconds is followed by none for BUSY * t seconds

@@ -3,13 +3,13 @@
 
 Only a ``SafeLoader`` subclass reads the file, so tags such as ``!!python/object`` are
 refused, and a key given twice in one mapping is an error naming both lines. The lines
-recorded here are what lets :mod:`dpypeline.config` report a problem as ``file:line: field``.
+recorded here are what lets :mod:`dpypeline.config.model` report a problem as ``file:line: field``.
 
 The file is bounded before anything is built from it: it must be at most
 :data:`MAX_BYTES` long, and the document it composes to at most :data:`MAX_VALUES` values
 (:data:`MAX_TEXT` characters) once every alias is expanded, since a few hundred bytes of
 aliases of aliases expand to billions. A file that others can change is refused
-(:mod:`dpypeline.trust`): what the config names runs as the service's user.
+(:mod:`dpypeline.config.trust`): what the config names runs as the service's user.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
+from dpypeline.config.trust import refuse_foreign_writers
 from dpypeline.errors import ConfigError
-from dpypeline.trust import refuse_foreign_writers
 
 Loc = tuple[str | int, ...]
 _VARIABLE = re.compile(r"\$\$|\$\{([^}]*)(\}?)")

@@ -26,10 +26,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dpypeline.config import PipelineConfig, listen_address
+from dpypeline.config.model import PipelineConfig, listen_address
 from dpypeline.errors import ConfigError
-from dpypeline.logs import get_logger
-from dpypeline.metrics_endpoint import MetricsEndpoint
+from dpypeline.observability.logs import get_logger
+from dpypeline.observability.metrics_endpoint import MetricsEndpoint
 from dpypeline.state.ledger import Ledger
 from dpypeline.state.transitions import JobState
 

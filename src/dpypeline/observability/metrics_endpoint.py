@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
-from dpypeline.logs import get_logger
+from dpypeline.observability.logs import get_logger
 
 log = get_logger("dpypeline.metrics")
 

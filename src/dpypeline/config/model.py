@@ -4,7 +4,7 @@ A bad config must stop start-up with a message the operator can act on without
 reading code, so the loader remembers the line of every key and list item and every
 problem is reported as ``<file>:<line>: <field.path>: <what is wrong>`` - all of them
 at once, not only the first. The file is read (safely, with its lines, ``${VAR}``
-expanded) by :mod:`dpypeline.configfile`; this module holds the models and the checks.
+expanded) by :mod:`dpypeline.config.file`; this module holds the models and the checks.
 
 Task modules are not imported here; whoever imports them uses
 :meth:`PipelineConfig.where` to point at the offending line.
@@ -33,8 +33,8 @@ from pydantic import (
     model_validator,
 )
 
-from dpypeline.configfile import Expansion, LineLoader, Loc, expand, read_config, yaml_errors
-from dpypeline.durations import Duration
+from dpypeline.config.durations import Duration
+from dpypeline.config.file import Expansion, LineLoader, Loc, expand, read_config, yaml_errors
 from dpypeline.errors import ConfigError
 
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")

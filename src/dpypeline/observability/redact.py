@@ -18,7 +18,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from dpypeline.config import PipelineConfig
+from dpypeline.config.credentials import load_credentials
+from dpypeline.config.model import PipelineConfig
 from dpypeline.errors import ConfigError
 
 MIN_LENGTH = 6  # shorter values would blank out ordinary words; no real secret is this short
@@ -49,8 +50,6 @@ def _secret_values(value: Any, secret: bool = False) -> Iterator[str]:
 
 
 def _credential_files(config: PipelineConfig) -> Iterator[str]:
-    from dpypeline.objectstore import load_credentials
-
     for name, store in config.objectstores.items():
         if store.credentials is None:
             continue

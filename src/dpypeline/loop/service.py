@@ -24,28 +24,28 @@ from enum import StrEnum
 from types import FrameType
 from typing import Any
 
-from dpypeline.arrivals import Arrivals
 from dpypeline.clock import Clock
-from dpypeline.config import PipelineConfig
+from dpypeline.config.model import PipelineConfig
+from dpypeline.config.taskpath import task_dirs
 from dpypeline.executors.ordering import held_summary
 from dpypeline.executors.serial import Executor, SerialExecutor
-from dpypeline.health import Health, Snapshot, Verdict, status_line
-from dpypeline.logs import get_logger
-from dpypeline.metrics import Metrics
+from dpypeline.loop.arrivals import Arrivals
+from dpypeline.loop.health import Health, Snapshot, Verdict, status_line
+from dpypeline.loop.progress import ExecutorFile, Observer, Observers, StatusNotice
+from dpypeline.loop.restart import ClusterLost, StuckJob
+from dpypeline.loop.timers import Timer, Timers
+from dpypeline.loop.worker import Worker
 from dpypeline.objectstore import close_clients
+from dpypeline.observability.logs import get_logger
+from dpypeline.observability.metrics import Metrics
+from dpypeline.observability.systemd import Notifier
 from dpypeline.outages import PendingSetup
 from dpypeline.pipeline import Job, SetupContext, Task
-from dpypeline.progress import ExecutorFile, Observer, Observers, StatusNotice
-from dpypeline.restart import ClusterLost, StuckJob
 from dpypeline.signals import Previous, StopSignals
 from dpypeline.state.cachedir import forget_executor_status, write_executor_status
 from dpypeline.state.ledger import JobRecord, Ledger
-from dpypeline.systemd import Notifier
-from dpypeline.taskpath import task_dirs
-from dpypeline.timers import Timer, Timers
 from dpypeline.wakeup import Wakeup
 from dpypeline.watching.watch import Inbox
-from dpypeline.worker import Worker
 
 log = get_logger("dpypeline.service")
 

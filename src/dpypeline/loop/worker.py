@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dpypeline.clock import Clock
-from dpypeline.config import PipelineConfig, RetryConfig
+from dpypeline.config.model import PipelineConfig, RetryConfig
 from dpypeline.errors import (
     ConfigError,
     JobTimeout,
@@ -22,8 +22,8 @@ from dpypeline.errors import (
 )
 from dpypeline.executors.ordering import Held, hold_for
 from dpypeline.executors.serial import Executor, Finished
-from dpypeline.logs import get_logger
-from dpypeline.metrics import Metrics
+from dpypeline.observability.logs import get_logger
+from dpypeline.observability.metrics import Metrics
 from dpypeline.paths import refusal
 from dpypeline.pipeline import Job, JobCall, JobContext
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from dpypeline.config import PipelineConfig
+from dpypeline.config.model import PipelineConfig
 from dpypeline.executors.ordering import Hold, held_summary
 from dpypeline.paths import shown
 from dpypeline.state.cachedir import read_executor_status, service_pid
@@ -65,7 +65,7 @@ def _job_dict(r: JobRecord, held: dict[int, Hold] | None = None) -> dict[str, An
 
 def cmd_status(config: PipelineConfig, args: argparse.Namespace) -> int:
     if getattr(args, "watch", False):
-        from dpypeline.progress import watch
+        from dpypeline.loop.progress import watch
 
         once = argparse.Namespace(**{**vars(args), "watch": False})
         return watch(lambda: cmd_status(config, once), json=args.json)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dpypeline.config import PipelineConfig
+from dpypeline.config.model import PipelineConfig
 
 __all__ = ["make_importable", "task_dirs"]
 

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dpypeline.config import ObjectStoreConfig
+from dpypeline.config.model import ObjectStoreConfig
+from dpypeline.config.trust import refuse_foreign_writers
 from dpypeline.errors import ConfigError
-from dpypeline.trust import refuse_foreign_writers
 
 __all__ = ["ENV_HINT", "FILE_FORMAT", "SOURCE_VARIABLE", "Credentials", "load_credentials"]
 

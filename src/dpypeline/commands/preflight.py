@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dpypeline.config import PipelineConfig, TaskConfig
+from dpypeline.config.model import PipelineConfig, TaskConfig
 from dpypeline.errors import ConfigError
 from dpypeline.pipeline import Job, Task
 
@@ -107,7 +107,7 @@ def _binding_problems(task: Task, is_setup: bool) -> Iterator[tuple[Loc, str]]:
 
 
 def _objectstore_problems(config: PipelineConfig) -> Iterator[tuple[Loc, str]]:
-    from dpypeline.objectstore import load_credentials
+    from dpypeline.config.credentials import load_credentials
 
     for name, store in config.objectstores.items():
         try:

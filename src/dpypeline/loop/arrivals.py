@@ -15,12 +15,12 @@ from collections.abc import Callable
 from itertools import groupby
 
 from dpypeline.clock import Clock
-from dpypeline.config import PipelineConfig
-from dpypeline.logs import get_logger
-from dpypeline.metrics import Metrics
+from dpypeline.config.model import PipelineConfig
+from dpypeline.loop import intake
+from dpypeline.loop.timers import Timer, Timers
+from dpypeline.observability.logs import get_logger
+from dpypeline.observability.metrics import Metrics
 from dpypeline.state.ledger import Ledger
-from dpypeline.timers import Timer, Timers
-from dpypeline.watching import intake
 from dpypeline.watching.scan import FileVersion
 from dpypeline.watching.scanner import Scanner
 from dpypeline.watching.settle import Settler, StableFile

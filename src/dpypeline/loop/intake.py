@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from dpypeline.errors import StateError
-from dpypeline.logs import get_logger
+from dpypeline.observability.logs import get_logger
 from dpypeline.paths import refusal
 from dpypeline.state.ledger import FileVersionLike, Ledger
 

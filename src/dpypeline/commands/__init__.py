@@ -1,0 +1,1 @@
+"""The commands beside ``run``: ``status``, ``jobs``, ``validate`` and ``ledger``."""

@@ -22,7 +22,8 @@ from pathlib import Path
 import structlog
 
 from dpypeline.errors import StateError
-from dpypeline.state.transitions import JobState, is_state
+from dpypeline.jobstate import JobState
+from dpypeline.state.transitions import is_state
 
 log = structlog.stdlib.get_logger("dpypeline.state")
 

@@ -405,7 +405,7 @@ def _why_not_retried(ledger: Ledger, job_id: int) -> str:
 def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The operator's decision that a dead job's file is never written: recorded in the
     ledger (the job ends ``skipped``, the reason says so) and logged; the later jobs of
-    its store that were held behind it go on."""
+    its resource that were held behind it go on."""
     from dpypeline.observability import logs
 
     logs.configure(config.logging.format, config.logging.level)

@@ -185,8 +185,8 @@ class Job:
 
     def ordered_resource(self) -> str | None:
         """The resource, when it takes files in queue order only: an earlier job that
-        failed holds the later ones (see ``ordering``). None for an unordered resource
-        (a template store, an upload prefix) or none."""
+        failed holds the later ones (:mod:`dpypeline.ordering`). None for an unordered
+        resource (a template store, an upload prefix) or none."""
         commit = self.commit()
         return commit.resource if commit is not None and commit.ordered else None
 

@@ -15,8 +15,7 @@ from dpypeline.errors import Replaced
 
 LEDGER = (
     "the durable ledger in CACHE_DIR: pass queue=akita.queue to ConsumerSerial or"
-    " ConsumerParallel and call their run(), which queues every file there exactly once;"
-    " `dpypeline jobs --cache-dir CACHE_DIR` lists what is queued, done or dead"
+    " ConsumerParallel and call their run(), which queues every file there exactly once"
 )
 
 

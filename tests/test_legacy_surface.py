@@ -1,0 +1,245 @@
+"""The original dpypeline's whole public API (its ``akita``, ``etl_pipeline``,
+``event_consumer`` and ``filesystems`` modules) imports from the same paths here, with the
+same parameters, and behaves as the original does: the same calls are run on the original,
+from its own source, and on ours, and their outcomes compared. Where ours differs on
+purpose (its pickled queue, replaced by the ledger), the difference is listed here and in
+docs/migrating.md."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ROOT, TESTS, env_for_subprocess, wait_for
+from s3server import S3Server
+
+ORIGINAL_SRC = ROOT.parent / "shared" / "original" / "src"
+API_LIST = TESTS / "fixtures" / "original-api.json"
+SCENARIOS = TESTS / "legacy"
+
+sys.path.insert(0, str(TESTS / "fixtures"))
+from make_original_api import kind, parameters  # noqa: E402
+
+# Outcomes of tests/legacy/api_scenarios.py that differ from the original's, and ours.
+DIFFERENCES = {
+    # the pickled queue and directory state: the ledger in CACHE_DIR replaced them
+    "queue.enqueue": {"raised": "Replaced"},
+    "queue.queue_list": {"raised": "Replaced"},
+    "queue.get_queue_size": {"raised": "Replaced"},
+    "queue.peek": {"raised": "Replaced"},
+    "queue.dequeue": {"raised": "Replaced"},
+    "queue.remove": {"raised": "Replaced"},
+    "queue.processed_events": {"raised": "Replaced"},
+    "dirstate.stored": {"raised": "Replaced"},
+    # a missing credentials file raises its own error, not a bare Exception
+    "os3.load_store_credentials.missing": {"raised": "FileNotFoundError"},
+    # a file of one part lands at its name; the original left that key empty (.part0 had it)
+    "os3.read_back": {"value": "a.nc"},
+    "os3.read_back.filelike": {"value": "0123456789"},
+    "os3.mapper": {"value": ["b", "p.nc", "x/a.nc"]},
+    "os3.mapper.read": {"value": "a.nc"},
+}
+
+
+def original_env(**extra: str) -> dict[str, str]:
+    env = env_for_subprocess()
+    env["PYTHONPATH"] = os.pathsep.join([str(ORIGINAL_SRC), str(SCENARIOS)])
+    return {**env, **extra}
+
+
+def our_env(**extra: str) -> dict[str, str]:
+    env = env_for_subprocess()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(SCENARIOS), env["PYTHONPATH"]])
+    return {**env, **extra}
+
+
+def resolve(module: str, name: str) -> tuple[Any, Any]:
+    """The object at ``module.name`` (``Class.member`` for a member, read statically so a
+    property is the property), and what its kind and parameters are judged on."""
+    obj: Any = importlib.import_module(module)
+    owner, _, member = name.partition(".")
+    obj = getattr(obj, owner)
+    if not member:
+        return obj, obj
+    raw = next((vars(k)[member] for k in obj.__mro__ if member in vars(k)), None)
+    assert raw is not None, f"{module}.{name} is missing"
+    func = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
+    return raw, func
+
+
+@pytest.mark.parametrize(
+    "row",
+    json.loads(API_LIST.read_text()),
+    ids=lambda row: f"{row['module'].removeprefix('dpypeline.')}.{row['name']}",
+)
+def test_every_public_name_of_the_original_imports_from_its_path_with_its_parameters(
+    row: dict[str, Any],
+) -> None:
+    raw, func = resolve(row["module"], row["name"])
+    if row["kind"] == "class":
+        assert inspect.isclass(raw)
+    elif row["kind"] == "function":
+        assert inspect.isfunction(raw)
+    else:
+        assert kind(raw) == row["kind"]
+    assert parameters(func) == row["params"]
+
+
+def start_scenarios(env: dict[str, str], workdir: Path, endpoint: str) -> subprocess.Popen[str]:
+    workdir.mkdir()
+    return subprocess.Popen(
+        [sys.executable, str(SCENARIOS / "api_scenarios.py"), str(workdir / "outcomes.json"),
+         str(workdir), endpoint, f"legacy-{workdir.name}"],
+        env={**env, "CACHE_DIR": str(workdir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def outcomes_of(proc: subprocess.Popen[str], workdir: Path) -> dict[str, Any]:
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    outcomes: dict[str, Any] = json.loads((workdir / "outcomes.json").read_text())
+    return outcomes
+
+
+def test_the_api_behaves_as_the_originals_call_for_call(tmp_path: Path, s3: S3Server) -> None:
+    """Both at once, each with a bucket of its own. The original's run also lists its
+    public API afresh: the committed list must be all of it."""
+    workdirs = {"original": tmp_path / "original", "ours": tmp_path / "ours"}
+    envs = {"original": original_env(), "ours": our_env()}
+    procs = {k: start_scenarios(envs[k], d, s3.endpoint_url) for k, d in workdirs.items()}
+    original, ours = (outcomes_of(procs[k], workdirs[k]) for k in ("original", "ours"))
+    assert original.pop("api")["value"] == json.loads(API_LIST.read_text())
+    ours.pop("api")
+    assert sorted(ours) == sorted(original)
+    assert len(original) > 90
+    for name, outcome in DIFFERENCES.items():
+        assert original[name] != outcome, f"{name}: the original did this too"
+        assert ours[name] == outcome, name
+    same = {k: v for k, v in ours.items() if k not in DIFFERENCES}
+    assert same == {k: v for k, v in original.items() if k not in DIFFERENCES}
+
+
+def start_consumer_script(env: dict[str, str], workdir: Path, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(SCENARIOS / "consumer_scenario.py"), mode],
+        cwd=workdir,
+        env={**env, "CACHE_DIR": str(workdir / f"cache-{mode}")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run_both(workdirs: dict[str, Path], mode: str) -> None:
+    """The script on the original and on ours at once, each in its own directory."""
+    envs = {"original": original_env, "ours": our_env}
+    procs = {k: start_consumer_script(envs[k](), d, mode) for k, d in workdirs.items()}
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, f"{name}:\n{out}"
+
+
+def results(workdir: Path) -> tuple[Counter[str], dict[str, str]]:
+    calls = Counter((workdir / "calls.log").read_text().splitlines())
+    return calls, {p.name: p.read_text() for p in sorted((workdir / "out").iterdir())}
+
+
+def test_a_consumer_script_does_on_our_engine_what_it_did_on_the_original(tmp_path: Path) -> None:
+    workdirs = {"original": tmp_path / "original", "ours": tmp_path / "ours"}
+    for workdir in workdirs.values():
+        (workdir / "inbox").mkdir(parents=True)
+        (workdir / "cache-basic").mkdir()
+        (workdir / "cache-custom").mkdir()
+        for name in ("a", "b", "c"):
+            (workdir / "inbox" / f"{name}.txt").write_text(f"file {name}")
+        (workdir / "inbox" / "x.csv").write_text("not a pattern")
+
+    run_both(workdirs, "basic")
+    first = results(workdirs["original"])
+    assert results(workdirs["ours"]) == first
+    assert first[0]["label b a.txt"] == 1  # Task(args=("b",)) came before the result
+
+    for workdir in workdirs.values():
+        (workdir / "inbox" / "d.txt").write_text("file d")
+    run_both(workdirs, "basic")  # only the new file: a second run repeats nothing
+    run_both(workdirs, "custom")  # an ETLPipeline of the user's own: its produce_jobs
+    calls, outputs = results(workdirs["original"])
+    assert results(workdirs["ours"]) == (calls, outputs)
+    assert set(calls.values()) == {1}
+    assert {c for c in calls if c.startswith("custom")} == {f"custom {n}.txt" for n in "abcd"}
+    assert outputs["d.txt.up"] == "FILE D"
+
+
+def test_akita_stop_ends_the_run_of_a_consumer_that_monitors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpypeline.akita.core import Akita
+    from dpypeline.akita.factory import get_akita_dependencies
+    from dpypeline.etl_pipeline.basic_pipeline import BasicPipeline
+    from dpypeline.etl_pipeline.core import Job, Task
+    from dpypeline.event_consumer.consumer_serial import ConsumerSerial
+
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    inbox, done = tmp_path / "inbox", tmp_path / "done"
+    inbox.mkdir()
+    done.mkdir()
+    akita = Akita(*get_akita_dependencies(str(inbox), ["*.txt"]), monitor=True)
+    pipeline = BasicPipeline([Job("copy", [Task(function=mark_done, args=(str(done),))])])
+    consumer = ConsumerSerial(queue=akita.queue, job_producer=pipeline)
+    returned: list[int] = []
+    runner = threading.Thread(target=lambda: returned.append(consumer.run()), name="consumer")
+    runner.start()
+    try:
+        (inbox / "a.txt").write_text("a")
+        wait_for((done / "a.txt").exists, timeout=30, message="the file taken while watching")
+        assert runner.is_alive()  # monitor=True: it keeps watching
+    finally:
+        akita.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+    assert returned == [0]
+
+
+def mark_done(directory: str, path: str) -> str:
+    target = os.path.join(directory, os.path.basename(path))
+    Path(target).write_text("done")
+    return target
+
+
+def test_what_the_ledger_replaced_says_so_and_how_to_see_it(tmp_path: Path) -> None:
+    from dpypeline.akita.directory_state import DirectoryState
+    from dpypeline.akita.queue_events import EventsQueue
+    from dpypeline.errors import Replaced
+    from dpypeline.event_consumer.consumer_serial import ConsumerSerial
+
+    queue = EventsQueue()
+    for call in (lambda: queue.enqueue("a.nc"), lambda: queue.queue_list, queue.dequeue):
+        with pytest.raises(Replaced, match=r"EventsQueue\.\w+: .*durable ledger in CACHE_DIR"):
+            call()
+    with pytest.raises(Replaced, match="ledger"):
+        _ = DirectoryState(str(tmp_path), "*.nc").stored_state
+    with pytest.raises(Replaced, match=r"queue=akita\.queue"):
+        ConsumerSerial(queue=object(), job_producer=None)  # type: ignore[arg-type]

@@ -41,6 +41,8 @@ DIFFERENCES = {
     "queue.remove": {"raised": "Replaced"},
     "queue.processed_events": {"raised": "Replaced"},
     "dirstate.stored": {"raised": "Replaced"},
+    # Task(args=[...]) as a list: the original raised TypeError when the task ran
+    "task.run.list_args": {"value": 3},
     # a missing credentials file raises its own error, not a bare Exception
     "os3.load_store_credentials.missing": {"raised": "FileNotFoundError"},
     # a file of one part lands at its name; the original left that key empty (.part0 had it)
@@ -116,6 +118,7 @@ def outcomes_of(proc: subprocess.Popen[str], workdir: Path) -> dict[str, Any]:
             proc.wait()
     assert proc.returncode == 0, out
     outcomes: dict[str, Any] = json.loads((workdir / "outcomes.json").read_text())
+    outcomes["stdout"] = {"value": out}
     return outcomes
 
 
@@ -128,6 +131,9 @@ def test_the_api_behaves_as_the_originals_call_for_call(tmp_path: Path, s3: S3Se
     original, ours = (outcomes_of(procs[k], workdirs[k]) for k in ("original", "ours"))
     assert original.pop("api")["value"] == json.loads(API_LIST.read_text())
     ours.pop("api")
+    # the original's retry printed its arguments on every call (here: retry(len)("abc"))
+    assert "3 5 ('abc',) {}" in original.pop("stdout")["value"]
+    assert "('abc',)" not in ours.pop("stdout")["value"]
     assert sorted(ours) == sorted(original)
     assert len(original) > 90
     for name, outcome in DIFFERENCES.items():
@@ -229,12 +235,15 @@ def mark_done(directory: str, path: str) -> str:
     return target
 
 
-def test_what_the_ledger_replaced_says_so_and_how_to_see_it(tmp_path: Path) -> None:
+def test_what_the_ledger_replaced_says_so_and_cache_dir_need_not_be_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dpypeline.akita.directory_state import DirectoryState
     from dpypeline.akita.queue_events import EventsQueue
     from dpypeline.errors import Replaced
     from dpypeline.event_consumer.consumer_serial import ConsumerSerial
 
+    monkeypatch.delenv("CACHE_DIR", raising=False)  # the original asserted it was set
     queue = EventsQueue()
     for call in (lambda: queue.enqueue("a.nc"), lambda: queue.queue_list, queue.dequeue):
         with pytest.raises(Replaced, match=r"EventsQueue\.\w+: .*durable ledger in CACHE_DIR"):

@@ -57,6 +57,7 @@ def tasks_and_jobs() -> None:
     record("task.run", lambda: task.run(1))
     record("task.run.kwargs_override", lambda: task.run(1, c=0))
     record("task.run.args_first", lambda: Task(function=tag, args=("a",)).run(label="l"))
+    record("task.run.list_args", lambda: Task(function=add, args=[1]).run(2))
     record("task.defaults", lambda: [Task(function=add).args, Task(function=add).kwargs])
     record("task.eq", lambda: Task(function=add, args=(1,)) == Task(function=add, args=(1,)))
     record("task.ne", lambda: Task(function=add, args=(1,)) == Task(function=add, args=(2,)))

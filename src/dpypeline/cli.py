@@ -26,7 +26,7 @@ from dpypeline.config import PipelineConfig, load_config
 from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
 from dpypeline.ledgercmd import add_parser, cmd_ledger
-from dpypeline.legacy import migrate
+from dpypeline.legacy import cache_state, migrate
 from dpypeline.paths import shown
 from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             config, warning = migrate.load_any(path)
             if warning:
                 print(f"dpypeline: warning: {warning}", file=sys.stderr)
+            carried = cache_state.carry_over(config)
+            if carried is not None:
+                print(f"dpypeline: {carried.summary(config.cache_dir)}", file=sys.stderr)
         else:
             config = load_config(path)
         return int(COMMANDS[args.command](config, args))

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from dpypeline.config import Loc, PipelineConfig, check_watch_paths, config_from_dict, load_config
+from dpypeline.legacy import cache_state
 from dpypeline.legacy.config import Conversion, read
 from dpypeline.legacy.yaml_tags import is_tagged
 
@@ -69,6 +70,7 @@ def migrate(old: str, new: str | None) -> int:
     text = render(conversion, Path(old).name)
     if new is None:
         sys.stdout.write(text)
+        _carry_state(config_from_dict(conversion.data, base_dir=cwd))
         return 0
     try:
         Path(new).write_text(text)
@@ -77,7 +79,20 @@ def migrate(old: str, new: str | None) -> int:
         return 1
     else:
         print(f"wrote {new}: check it with `dpypeline validate -c {new}`", file=sys.stderr)
+    _carry_state(load_config(new))
     return 0
+
+
+def _carry_state(config: PipelineConfig) -> None:
+    """The original's state in ``$CACHE_DIR`` (its finished and queued files) into the
+    ledger the new file uses, so that running it repeats nothing the original did."""
+    cache = os.environ.get("CACHE_DIR")
+    if not cache:
+        return
+    source = Path(cache).absolute()
+    carried = cache_state.carry_over(config, source)
+    if carried is not None:
+        print(f"dpypeline: {carried.summary(source)}", file=sys.stderr)
 
 
 def render(conversion: Conversion, old_name: str) -> str:

@@ -1,7 +1,7 @@
 """``Job`` and ``Task`` as the original dpypeline spelled them: ``Task(function=, args=,
 kwargs=)`` and ``Job(name=)`` with ``add_task``. They are this dpypeline's own job and task,
-so they run the same way: the first task gets the file's path, each next one the previous
-task's result, then ``args`` and ``kwargs``."""
+so they run the same way: ``args`` first, then the file's path (the first task) or the
+previous task's result (each next one), then ``kwargs``, as the original called them."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ class Task(pipeline.Task):
     def __call__(self, value: Any, context: pipeline.JobContext | None = None) -> Any:
         if not self.args:
             return super().__call__(value, context)
+        # the original's order: the task's own args first, then the previous result
         if self.wants_context:
-            return self.func(value, *self.args, context=context, **self.kwargs)
-        return self.func(value, *self.args, **self.kwargs)
+            return self.func(*self.args, value, context=context, **self.kwargs)
+        return self.func(*self.args, value, **self.kwargs)
 
 
 class Job(pipeline.Job):

@@ -11,6 +11,7 @@ from typing import Any
 from dpypeline.api import Pipeline
 from dpypeline.errors import ConfigError, Replaced
 from dpypeline.legacy.akita.core import Akita, EventQueue
+from dpypeline.legacy.cache_state import report_carried
 from dpypeline.logs import into_host_logging
 
 
@@ -42,4 +43,5 @@ def run_jobs(
         sections["executor"] = {"kind": "dask", "workers_per_event": workers_per_event}
     pipeline = Pipeline(watch=[akita.watch()], jobs=jobs, **sections)
     into_host_logging()
+    report_carried(pipeline.config)
     return pipeline.run(dask_client=dask_client)

@@ -9,6 +9,7 @@ while its job ran on the fourth of six files, and what the original did when run
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -18,10 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import s3fs
+import xarray as xr
 
 from conftest import ROOT, TESTS, env_for_subprocess
 from dpypeline.errors import ConfigError
 from dpypeline.state.ledger import Ledger
+from s3server import S3Server
 
 FIXTURE = TESTS / "fixtures" / "original-cache"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
@@ -181,3 +185,71 @@ def test_task_args_come_before_the_previous_result_as_in_the_original(tmp_path: 
     job_lines = job.replace("print(job.run(", "result = (job.run(")
     exec(job_lines, namespace)  # the same source text as the original ran
     assert namespace["result"] == original
+
+
+GYRE_T = ROOT / "examples" / "data" / "nemo-gyre" / "nemo4.0-GYRE_1y_00010101_00011230_grid_T.nc"
+EXAMPLE_2 = ["means/1958/ORCA0083-N06_1958m01T.nc", "means/1958/ORCA0083-N06_1958m02T.nc"]
+
+
+def run_example_2(work: Path, original: bool) -> subprocess.CompletedProcess[str]:
+    """``dpypeline -i example_2_serial.yaml``, by the original (from its source) or ours."""
+    env = {**env_for_subprocess(), "CACHE_DIR": "cache"}
+    if original:
+        env["PYTHONPATH"] = os.pathsep.join([str(ORIGINAL_SRC), str(work)])
+        entry = "from dpypeline.cli.main_cli import dpypeline; dpypeline()"
+        command = [sys.executable, "-c", entry, "-i", "example_2_serial.yaml"]
+    else:
+        command = [sys.executable, "-m", "dpypeline", "--input", "example_2_serial.yaml"]
+    return subprocess.run(
+        command, cwd=work, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def example_2(work: Path, s3: S3Server) -> Path:
+    work.mkdir()
+    shutil.copy(TESTS / "legacy_yaml" / "example_2_serial.yaml", work)
+    shutil.copytree(TESTS / "legacy_yaml" / "dpypelinetools", work / "dpypelinetools")
+    s3.credentials_file(work, "credentials.json")
+    (work / "cache").mkdir()
+    for name in EXAMPLE_2:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(GYRE_T, work / name)
+    return work
+
+
+def bucket(s3: S3Server) -> dict[str, bytes]:
+    fs = s3fs.S3FileSystem(**s3.storage_options())
+    return {key: fs.cat(key) for key in sorted(fs.find("netcdf-files-repo"))}
+
+
+def dataset(data: bytes) -> xr.Dataset:
+    return xr.open_dataset(io.BytesIO(data), engine="h5netcdf").load()
+
+
+def test_example_2_tasks_get_the_object_store_itself_as_the_original_passed_it(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    proc = run_example_2(example_2(tmp_path / "original", s3), original=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("has been consumed successfully") == len(EXAMPLE_2)  # its log
+    theirs = bucket(s3)
+    names = [f"netcdf-files-repo/{Path(n).name}" for n in EXAMPLE_2]
+    assert [k for k in theirs if k.endswith(".nc")] == names
+    # its write_file_to_bucket leaves the data in NAME.part0 (and NAME empty): so does ours
+    assert sum(bool(data) for data in theirs.values()) == len(EXAMPLE_2)
+
+    s3.reset()
+    proc = run_example_2(example_2(tmp_path / "ours", s3), original=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ours = bucket(s3)
+    assert sorted(ours) == sorted(theirs)
+    for key, data in theirs.items():
+        if data:
+            xr.testing.assert_identical(dataset(ours[key]), dataset(data))
+        else:
+            assert ours[key] == b""
+    # where the original logged, ours does: stdout, in plain lines (`> output 2> errors`)
+    done = [line for line in proc.stdout.splitlines() if "job_done" in line]
+    assert len(done) == len(EXAMPLE_2), proc.stdout
+    assert not any(line.startswith("{") for line in proc.stdout.splitlines())
+    assert "job_done" not in proc.stderr

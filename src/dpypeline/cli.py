@@ -75,10 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", dest="config_first", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument(
         "-i",
+        "--input",
         dest="legacy_config",
         metavar="FILE",
         help="the original dpypeline's form: same as `run -c FILE`; also reads the"
-        " original's tagged YAML (convert it with `migrate`)",
+        " original's tagged YAML (convert it with `migrate`), and then logs to stdout in"
+        " plain lines, as the original did",
     )
     sub = p.add_subparsers(dest="command")
     migrate = sub.add_parser(
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     path = _config_path(args.config)
     try:
         if args.legacy_config:
-            config, warning = migrate.load_any(path)
+            config, warning, args.legacy_objects = migrate.load_any(path)
+            args.legacy_tagged = warning is not None
             if warning:
                 print(f"dpypeline: warning: {warning}", file=sys.stderr)
             carried = cache_state.carry_over(config)
@@ -198,14 +201,20 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.restart import ClusterLost, StuckJob, reexec
     from dpypeline.service import Service
 
+    tagged = getattr(args, "legacy_tagged", False)  # the original's file: where it logged
     logs.configure(
-        config.logging.format,
+        "console" if tagged else config.logging.format,
         config.logging.level,
+        stream=sys.stdout if tagged else None,
         secrets=known_secrets(config),
         roots=[str(w.path) for w in config.watch],
     )
     jobs, setup = import_tasks(config)
     preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
+    if getattr(args, "legacy_objects", None):  # -i: the original's objects, as it passed them
+        from dpypeline.legacy.objects import pass_objects
+
+        pass_objects(config, jobs, args.legacy_objects)
     progress = (TerminalProgress(),) if wanted(getattr(args, "no_progress", False)) else ()
     service = Service(
         config,

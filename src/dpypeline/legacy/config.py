@@ -38,6 +38,8 @@ class Conversion:
     data: dict[str, Any]
     lines: dict[Loc, int] = field(default_factory=dict)
     notes: dict[Loc, list[str]] = field(default_factory=dict)
+    # where a task was given an !ObjectStoreS3 itself: its argument's location -> the store
+    objects: dict[Loc, str] = field(default_factory=dict)
 
     def note(self, loc: Loc, text: str) -> None:
         self.notes.setdefault(loc, []).append(text)
@@ -295,6 +297,7 @@ class _Mapper:
         if isinstance(value, Tagged):
             if value.tag == "ObjectStoreS3":
                 name = self.store(value)
+                self.out.objects[loc] = name
                 self.out.note(
                     loc,
                     f"was the object store itself; the task now gets its name,"

@@ -29,8 +29,9 @@ _FLOW_WIDTH = 72
 _COMMENT_WIDTH = 92
 
 
-def load(path: str | os.PathLike[str]) -> PipelineConfig:
-    """The original's file as a validated config, paths relative to the working directory."""
+def load(path: str | os.PathLike[str]) -> tuple[PipelineConfig, dict[Loc, str]]:
+    """The original's file as a validated config, paths relative to the working directory,
+    and where its tasks were given an object store itself (see :mod:`.objects`)."""
     conversion = read(path)
     config = config_from_dict(
         conversion.data,
@@ -39,19 +40,21 @@ def load(path: str | os.PathLike[str]) -> PipelineConfig:
         lines=conversion.lines,
     )
     check_watch_paths(config)
-    return config
+    return config, conversion.objects
 
 
-def load_any(path: str) -> tuple[PipelineConfig, str | None]:
-    """``dpypeline -i``: either form. For the original's, also the one warning to give."""
+def load_any(path: str) -> tuple[PipelineConfig, str | None, dict[Loc, str]]:
+    """``dpypeline -i``: either form. For the original's, also the one warning to give and
+    the task arguments that were object stores."""
     if not is_tagged(path):
-        return load_config(path), None
+        return load_config(path), None, {}
     warning = (
         f"{path} is in the original dpypeline's tagged form: it runs as it is, but convert"
         f" it once with `{HOW_TO_CONVERT.format(old=path)}` and run `dpypeline run -c"
         " NEW.yaml` (the choices made are written there as comments; see docs/migrating.md)"
     )
-    return load(path), warning
+    config, objects = load(path)
+    return config, warning, objects
 
 
 def migrate(old: str, new: str | None) -> int:

@@ -154,8 +154,11 @@ def test_example_2_style_yaml_creates_the_bucket_and_uploads(tmp_path: Path, s3:
     s3.credentials_file(tmp_path, "credentials.json")
     (tmp_path / "inbox/1964").mkdir(parents=True)
     (tmp_path / "inbox/1964/ORCA_1m_T.nc").write_bytes(b"first file")
-    (tmp_path / "inbox/ORCA_1y_T.nc").write_bytes(b"second file")
+    (tmp_path / "inbox/1965").mkdir(parents=True)
+    (tmp_path / "inbox/1965/ORCA_1y_T.nc").write_bytes(b"second file")
     (tmp_path / "inbox/notes.txt").write_bytes(b"not a pattern match")
+    # monitor: false, so what the original's start-up glob took: `**` is one level there
+    (tmp_path / "inbox/ORCA_top_T.nc").write_bytes(b"not one directory down")
 
     proc = _dpypeline(tmp_path, "-i", "example_2_s3.yaml")
     assert proc.returncode == 0, proc.stderr
@@ -163,7 +166,7 @@ def test_example_2_style_yaml_creates_the_bucket_and_uploads(tmp_path: Path, s3:
     fs = s3fs.S3FileSystem(**s3.storage_options())
     assert sorted(fs.find("netcdf-files-repo")) == [
         "netcdf-files-repo/n06/1964/ORCA_1m_T.nc",
-        "netcdf-files-repo/n06/ORCA_1y_T.nc",
+        "netcdf-files-repo/n06/1965/ORCA_1y_T.nc",
     ]
     assert fs.cat("netcdf-files-repo/n06/1964/ORCA_1m_T.nc") == b"first file"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, env_for_subprocess
 from dpypeline.legacy.config import read
 from dpypeline.legacy.watched import as_the_original_took
 from dpypeline.watching.patterns import PathMatcher
@@ -126,3 +126,88 @@ def test_the_tagged_file_watches_as_the_original_did_and_migrate_says_so(tmp_pat
     assert conversion.data["watch"][0]["patterns"] == ["./*.csv"]
     (note,) = conversion.notes[("watch", 0, "patterns")]
     assert "from the top of path" in note
+
+
+CELSIUS_TASKS = """
+import os
+import pandas as pd
+
+def read_csv(path):
+    df = pd.read_csv(path)
+    df.attrs["filename"] = os.path.basename(path)
+    return df
+
+def write_csv(df, prefix):
+    os.makedirs(prefix, exist_ok=True)
+    df.to_csv(os.path.join(prefix, df.attrs["filename"]), index=False)
+"""
+
+
+def test_a_job_that_rewrites_its_own_input_ends_instead_of_looping(tmp_path: Path) -> None:
+    """Outputs inside the watched tree, patterns that take them (the issue's ``./`` with
+    ``*.csv`` and outputs in ``./celsius/``): each input once, each output once (it is a
+    file the service did not write as far as it can tell), and the output's rewrite of
+    itself is set aside with a warning, so the run ends."""
+    (tmp_path / "celsius_tasks.py").write_text(CELSIUS_TASKS)
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("STATION,TEMP\n1,50.0\n")
+    (tmp_path / "pipeline.yaml").write_text(
+        "monitor: false\nwatch:\n  - path: .\n    patterns: ['*.csv']\n    settle: 0.2s\n"
+        "jobs:\n  - name: convert\n    tasks:\n      - task: celsius_tasks.read_csv\n"
+        "      - task: celsius_tasks.write_csv\n        with: {prefix: celsius}\n"
+        "cache_dir: cache\nlogging: {format: json}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpypeline", "run", "--once", "-c", "pipeline.yaml"],
+        cwd=tmp_path,
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    done = sorted(os.path.relpath(e["file"], tmp_path) for e in events if e["event"] == "job_done")
+    assert done == ["a.csv", "b.csv", "celsius/a.csv", "celsius/b.csv"]
+    aside = [e for e in events if e["event"] == "own_write_not_taken"]
+    assert sorted(os.path.basename(e["file"]) for e in aside) == ["a.csv", "b.csv"]
+    assert "touch the file" in aside[0]["reason"]
+
+
+def test_validate_warns_of_an_output_the_watch_would_take(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        "watch:\n  - path: in\n"
+        "jobs:\n  - name: z\n    tasks:\n      - task: open_dataset\n"
+        "      - task: to_zarr\n        with: {store: in/out.zarr, append_dim: time}\n"
+        "cache_dir: cache\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpypeline", "validate", "-c", str(config)],
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (warning,) = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert "jobs[0].tasks[1].with.store" in warning
+    assert "out.zarr is inside watch[0]" in warning
+    assert "ignore_patterns" in warning
+
+    config.write_text(
+        config.read_text().replace("  - path: in\n", "  - path: in\n    patterns: ['*.nc']\n")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpypeline", "validate", "-c", str(config)],
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" not in proc.stdout  # *.nc takes nothing a Zarr store writes

@@ -249,6 +249,7 @@ def _set_stop_handlers(handler: Any) -> None:
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from dpypeline.outputs import outputs_inside_watches
     from dpypeline.pipeline import import_tasks, task_modules
     from dpypeline.preflight import preflight
     from dpypeline.watching.fsinfo import require_local_filesystem
@@ -283,9 +284,11 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
     paths = _resolved_paths(config, jobs)
+    warnings = list(outputs_inside_watches(config, jobs))
     if args.json:
         report = {
             "ok": True,
+            "warnings": warnings,
             "paths": paths,
             "name": config.name,
             "watches": len(config.watch),
@@ -313,6 +316,8 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         print(f"  {where}: {resolved}")
     for name, file in modules.items():  # the code the config runs, as the service's user
         print(f"imported task module {name} from {file}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     if getattr(args, "sample", None):
         return _print_layouts(jobs, args.sample)
     return EXIT_OK

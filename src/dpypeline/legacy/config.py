@@ -171,7 +171,7 @@ class _Mapper:
         if patterns is not None:
             given = [_literal(str(p)) for p in _as_list(patterns)]
             monitor = bool(f.get("monitor", True))
-            glob_kwargs = f.get("glob_kwargs") if isinstance(f.get("glob_kwargs"), dict) else {}
+            glob_kwargs = f["glob_kwargs"] if isinstance(f.get("glob_kwargs"), dict) else {}
             watch["patterns"] = as_the_original_took(
                 given, monitor=monitor, glob_kwargs=glob_kwargs
             )

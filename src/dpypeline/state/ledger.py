@@ -32,7 +32,7 @@ from pathlib import Path
 from dpypeline.errors import StateError
 from dpypeline.executors.ordering import Hold, Pending
 from dpypeline.paths import from_db, shown, to_db
-from dpypeline.state import holds, integrity, reconcile, schema
+from dpypeline.state import holds, integrity, ownwrites, reconcile, schema
 from dpypeline.state.cachedir import lock_service, prepare_cache_dir
 from dpypeline.state.records import COLUMNS, FileVersionLike, JobRecord, record
 from dpypeline.state.transitions import (
@@ -167,8 +167,11 @@ class Ledger:
                 f" CAST(? AS TEXT), '{state}', ?, ?, ?, ?, ?)",
                 rows,
             ).rowcount
+            own = [] if done else ownwrites.find(db, after)
+            ownwrites.set_aside(db, own, now)
             superseded = holds.absorb(db, holds.superseding(db, after), now)
         holds.log_superseded(superseded)
+        ownwrites.log_set_aside(own)
         return added
 
     def recover(self, max_attempts: int, now: float) -> Recovery:

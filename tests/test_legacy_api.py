@@ -5,7 +5,6 @@ client, each a real process with CACHE_DIR set; a second run repeats nothing."""
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import shutil
 import signal
@@ -118,16 +117,6 @@ def test_monitoring_akita_takes_new_files_until_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0, log
     assert_converted(tmp_path, names + new)
     assert ledger_counts(tmp_path) == {"done": 3}
-
-
-def test_task_positional_args_come_before_the_previous_result_as_in_the_original() -> None:
-    from dpypeline.etl_pipeline.core import Job, Task
-
-    job = Job(name="join")
-    job.add_task(Task(function=os.path.basename))
-    job.add_task(Task(function="os.path.join", args=["out"], kwargs={}))
-    assert job.run("/data/2023/a.csv") == os.path.join("out", "a.csv")
-    assert job.run_tasks(0, 2, "/data/b.csv", None) == os.path.join("out", "b.csv")  # the service
 
 
 def test_the_in_memory_queue_and_celery_pipeline_name_their_replacements(tmp_path: Path) -> None:

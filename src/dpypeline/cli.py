@@ -26,7 +26,7 @@ from dpypeline.config import PipelineConfig, load_config
 from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
 from dpypeline.ledgercmd import add_parser, cmd_ledger
-from dpypeline.legacy import migrate
+from dpypeline.legacy import cache_state, migrate
 from dpypeline.paths import shown
 from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid
@@ -75,10 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", dest="config_first", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument(
         "-i",
+        "--input",
         dest="legacy_config",
         metavar="FILE",
         help="the original dpypeline's form: same as `run -c FILE`; also reads the"
-        " original's tagged YAML (convert it with `migrate`)",
+        " original's tagged YAML (convert it with `migrate`), and then logs to stdout in"
+        " plain lines, as the original did",
     )
     sub = p.add_subparsers(dest="command")
     migrate = sub.add_parser(
@@ -161,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     path = _config_path(args.config)
     try:
         if args.legacy_config:
-            config, warning = migrate.load_any(path)
+            config, warning, args.legacy_objects = migrate.load_any(path)
+            args.legacy_tagged = warning is not None
             if warning:
                 print(f"dpypeline: warning: {warning}", file=sys.stderr)
+            carried = cache_state.carry_over(config)
+            if carried is not None:
+                print(f"dpypeline: {carried.summary(config.cache_dir)}", file=sys.stderr)
         else:
             config = load_config(path)
         return int(COMMANDS[args.command](config, args))
@@ -195,14 +201,20 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.restart import ClusterLost, StuckJob, reexec
     from dpypeline.service import Service
 
+    tagged = getattr(args, "legacy_tagged", False)  # the original's file: where it logged
     logs.configure(
-        config.logging.format,
+        "console" if tagged else config.logging.format,
         config.logging.level,
+        stream=sys.stdout if tagged else None,
         secrets=known_secrets(config),
         roots=[str(w.path) for w in config.watch],
     )
     jobs, setup = import_tasks(config)
     preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
+    if getattr(args, "legacy_objects", None):  # -i: the original's objects, as it passed them
+        from dpypeline.legacy.objects import pass_objects
+
+        pass_objects(config, jobs, args.legacy_objects)
     progress = (TerminalProgress(),) if wanted(getattr(args, "no_progress", False)) else ()
     service = Service(
         config,
@@ -237,6 +249,7 @@ def _set_stop_handlers(handler: Any) -> None:
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from dpypeline.outputs import outputs_inside_watches
     from dpypeline.pipeline import import_tasks, task_modules
     from dpypeline.preflight import preflight
     from dpypeline.watching.fsinfo import require_local_filesystem
@@ -271,9 +284,11 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
     paths = _resolved_paths(config, jobs)
+    warnings = list(outputs_inside_watches(config, jobs))
     if args.json:
         report = {
             "ok": True,
+            "warnings": warnings,
             "paths": paths,
             "name": config.name,
             "watches": len(config.watch),
@@ -301,6 +316,8 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         print(f"  {where}: {resolved}")
     for name, file in modules.items():  # the code the config runs, as the service's user
         print(f"imported task module {name} from {file}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     if getattr(args, "sample", None):
         return _print_layouts(jobs, args.sample)
     return EXIT_OK

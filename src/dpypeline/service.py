@@ -34,6 +34,7 @@ from dpypeline.logs import get_logger
 from dpypeline.metrics import Metrics
 from dpypeline.objectstore import close_clients
 from dpypeline.outages import PendingSetup
+from dpypeline.outputs import outputs_inside_watches
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.progress import ExecutorFile, Observer, Observers, StatusNotice
 from dpypeline.restart import ClusterLost, StuckJob
@@ -183,6 +184,8 @@ class Service:
             self.close("start-up failed")
             raise
         self.status = Status.RUNNING
+        for warning in outputs_inside_watches(cfg, self.jobs):
+            log.warning("output_inside_watch", detail=warning)
         log.info(
             "service_ready",
             name=cfg.name,

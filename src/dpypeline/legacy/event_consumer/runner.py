@@ -10,8 +10,10 @@ from typing import Any
 
 from dpypeline.api import Pipeline
 from dpypeline.errors import ConfigError, Replaced
+from dpypeline.legacy.cache_state import report_carried
 from dpypeline.legacy.etl_pipeline.basic_pipeline import BasicPipeline
 from dpypeline.legacy.etl_pipeline.core import Job, Task
+from dpypeline.legacy.watched import watch_entry
 from dpypeline.logs import into_host_logging
 from dpypeline.pipeline import Job as EngineJob
 
@@ -61,8 +63,9 @@ def run_jobs(
     sections: dict[str, Any] = {"monitor": akita.monitor}
     if dask_client is not None:
         sections["executor"] = {"kind": "dask", "workers_per_event": workers_per_event}
-    pipeline = Pipeline(watch=[akita.watch()], jobs=jobs, **sections)
+    pipeline = Pipeline(watch=[watch_entry(akita.watch(), akita)], jobs=jobs, **sections)
     into_host_logging()
+    report_carried(pipeline.config)
     akita.service = pipeline
     try:
         return pipeline.run(dask_client=dask_client)

@@ -252,3 +252,16 @@ def test_what_the_ledger_replaced_says_so_and_cache_dir_need_not_be_set(
         _ = DirectoryState(str(tmp_path), "*.nc").stored_state
     with pytest.raises(Replaced, match=r"queue=akita\.queue"):
         ConsumerSerial(queue=object(), job_producer=None)  # type: ignore[arg-type]
+
+
+def test_a_task_of_the_original_api_declares_the_commit_its_kwargs_make() -> None:
+    """The service orders appends to one Zarr store by the commit a task declares from its
+    keyword arguments: an original-style Task must declare the same as today's."""
+    from dpypeline.etl_pipeline.core import Task
+    from dpypeline.pipeline import Task as EngineTask
+
+    kwargs = {"store": "/data/n06.zarr", "append_dim": "time_counter"}
+    task = Task(function="to_zarr", kwargs=kwargs)
+    assert task.commit is not None
+    assert task.commit == EngineTask("to_zarr", **kwargs).commit
+    assert task.kwargs is kwargs  # kept as given, as the original's dataclass kept it

@@ -47,9 +47,10 @@ class Task(pipeline.Task):
         args: Iterable[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(function)
+        kwargs = {} if kwargs is None else kwargs
+        super().__init__(function, **kwargs)  # the commit it declares depends on them
         set_ = object.__setattr__
-        set_(self, "kwargs", {} if kwargs is None else kwargs)
+        set_(self, "kwargs", kwargs)  # the very dict given, as the original kept it
         set_(self, "args", args)
         set_(self, "function", self.func)
         set_(self, "_frozen", True)

@@ -154,13 +154,18 @@ def start_consumer_script(env: dict[str, str], workdir: Path, mode: str) -> subp
     )
 
 
-def run_both(workdirs: dict[str, Path], mode: str) -> None:
-    """The script on the original and on ours at once, each in its own directory."""
+def run_both(workdirs: dict[str, Path], *modes: str) -> None:
+    """The script on the original and on ours at once, each in its own directory, in each
+    of *modes* at once (each with a CACHE_DIR of its own)."""
     envs = {"original": original_env, "ours": our_env}
-    procs = {k: start_consumer_script(envs[k](), d, mode) for k, d in workdirs.items()}
+    procs = {
+        (k, mode): start_consumer_script(envs[k](), d, mode)
+        for k, d in workdirs.items()
+        for mode in modes
+    }
     for name, proc in procs.items():
         try:
-            out, _ = proc.communicate(timeout=90)
+            out, _ = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -179,6 +184,7 @@ def test_a_consumer_script_does_on_our_engine_what_it_did_on_the_original(tmp_pa
         (workdir / "inbox").mkdir(parents=True)
         (workdir / "cache-basic").mkdir()
         (workdir / "cache-custom").mkdir()
+        (workdir / "cache-parallel").mkdir()
         for name in ("a", "b", "c"):
             (workdir / "inbox" / f"{name}.txt").write_text(f"file {name}")
         (workdir / "inbox" / "x.csv").write_text("not a pattern")
@@ -191,12 +197,15 @@ def test_a_consumer_script_does_on_our_engine_what_it_did_on_the_original(tmp_pa
     for workdir in workdirs.values():
         (workdir / "inbox" / "d.txt").write_text("file d")
     run_both(workdirs, "basic")  # only the new file: a second run repeats nothing
-    run_both(workdirs, "custom")  # an ETLPipeline of the user's own: its produce_jobs
+    # an ETLPipeline of the user's own (its produce_jobs), and the jobs again on
+    # ConsumerParallel with a Dask client, each with a CACHE_DIR of its own
+    run_both(workdirs, "custom", "parallel")
     calls, outputs = results(workdirs["original"])
     assert results(workdirs["ours"]) == (calls, outputs)
     assert set(calls.values()) == {1}
     assert {c for c in calls if c.startswith("custom")} == {f"custom {n}.txt" for n in "abcd"}
-    assert outputs["d.txt.up"] == "FILE D"
+    assert outputs["d.txt.up"] == outputs["d.txt.par"] == "FILE D"
+    assert calls["parallel: label p d.txt"] == 1
 
 
 def test_akita_stop_ends_the_run_of_a_consumer_that_monitors(

@@ -22,8 +22,6 @@ from dpypeline.errors import ConfigError, Replaced
 
 logger = logging.getLogger(__name__)
 
-Patterns = str | Sequence[str] | None
-
 
 class Queue(Protocol):
     def enqueue(self, event: Any) -> bool: ...
@@ -173,4 +171,4 @@ def _as_list(patterns: str | Sequence[str]) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
-__all__ = ["Akita", "DirectoryState", "EventHandler", "Observer", "Patterns", "Queue"]
+__all__ = ["Akita", "DirectoryState", "EventHandler", "Observer", "Queue"]

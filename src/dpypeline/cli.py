@@ -26,7 +26,7 @@ from dpypeline.config import PipelineConfig, load_config
 from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
 from dpypeline.ledgercmd import add_parser, cmd_ledger
-from dpypeline.legacy import cache_state, migrate
+from dpypeline.legacy import cache_state, migrate, missing
 from dpypeline.paths import shown
 from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid
@@ -44,6 +44,9 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+missing.install(sys.modules[__name__])  # the original's dpypeline.cli.* name their replacements
 
 
 def config_candidates() -> list[Path]:

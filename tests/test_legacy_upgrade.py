@@ -74,10 +74,12 @@ def upgraded(work: Path) -> Path:
     return work
 
 
-def run(work: Path, *args: str) -> tuple[list[str], subprocess.CompletedProcess[str]]:
+def run(
+    work: Path, *args: str, extra: dict[str, str] | None = None
+) -> tuple[list[str], subprocess.CompletedProcess[str]]:
     """Run ``args`` (a python command line) in *work*; the files its tasks were called on."""
     (work / "calls.log").unlink(missing_ok=True)
-    env = {**env_for_subprocess(), "CACHE_DIR": "cache"}
+    env = {**env_for_subprocess(), "CACHE_DIR": "cache", **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(work), env["PYTHONPATH"]])
     proc = subprocess.run(
         [sys.executable, *args],
@@ -253,3 +255,69 @@ def test_example_2_tasks_get_the_object_store_itself_as_the_original_passed_it(
     assert len(done) == len(EXAMPLE_2), proc.stdout
     assert not any(line.startswith("{") for line in proc.stdout.splitlines())
     assert "job_done" not in proc.stderr
+
+
+DEAD_SCRIPT = """
+import logging, os, sys
+from fixture_tasks import mark
+from dpypeline.akita.core import Akita
+from dpypeline.akita.factory import get_akita_dependencies
+from dpypeline.etl_pipeline.core import Job, Task
+from dpypeline.etl_pipeline.thread_pipeline import ThreadPipeline
+from dpypeline.event_consumer.consumer_serial import ConsumerSerial
+
+logging.basicConfig(level=logging.INFO)
+akita = Akita(*get_akita_dependencies(path="2023/", patterns=["*.csv"]), monitor=False)
+pipeline = ThreadPipeline()
+consumer = ConsumerSerial(queue=akita.queue, job_producer=pipeline)
+job = Job(name="mark")
+broken = os.environ.get("BROKEN") == "1"  # an argument mark() does not take
+job.add_task(Task(function=mark, kwargs={"prefix": "out/"} if broken else {}))
+pipeline.add_job(job)
+akita.run()
+sys.exit(consumer.run())
+"""
+
+
+def dpypeline_cli(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**env_for_subprocess(), "CACHE_DIR": "cache"}
+    return subprocess.run(
+        [sys.executable, "-m", "dpypeline", *args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_script_sees_its_dead_jobs_and_retries_them_with_its_cache_dir_alone(
+    tmp_path: Path,
+) -> None:
+    work = upgraded(tmp_path)
+    shutil.rmtree(work / "cache")  # a fresh start: no state of the original's
+    (work / "dead.py").write_text(DEAD_SCRIPT)
+    calls, proc = run(work, "dead.py", extra={"BROKEN": "1"})
+    assert proc.returncode == 3, proc.stderr  # as `dpypeline run --once` exits
+    assert "6 job(s) are dead in the ledger" in proc.stderr
+    assert "dpypeline retry --dead --cache-dir" in proc.stderr
+
+    calls, proc = run(work, "dead.py")  # fixed, run again: the dead jobs are still dead
+    assert proc.returncode == 3, proc.stderr
+    assert calls == []
+    assert "6 job(s) are dead in the ledger" in proc.stderr
+
+    listed = dpypeline_cli(work, "jobs", "--state", "dead")  # no config: $CACHE_DIR
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("dead") >= 6
+    skipped = dpypeline_cli(work, "skip", "1", "--cache-dir", "cache")
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    retried = dpypeline_cli(work, "retry", "--dead")
+    assert retried.returncode == 0, retried.stderr
+    assert "5 dead job(s) queued again" in retried.stdout
+
+    calls, proc = run(work, "dead.py")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(calls) == EXPECTED["inputs"][1:]  # the skipped one stays skipped
+    assert "are dead" not in proc.stderr

@@ -26,7 +26,7 @@ from dpypeline.config import PipelineConfig, load_config
 from dpypeline.durations import parse_duration
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
 from dpypeline.ledgercmd import add_parser, cmd_ledger
-from dpypeline.legacy import cache_state, migrate
+from dpypeline.legacy import cache_state, migrate, missing
 from dpypeline.paths import shown
 from dpypeline.report import cmd_jobs, cmd_status, error_of, iso
 from dpypeline.state.cachedir import service_pid
@@ -44,6 +44,9 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+missing.install(sys.modules[__name__])  # the original's dpypeline.cli.* name their replacements
 
 
 def config_candidates() -> list[Path]:
@@ -94,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("-c", "--config", help=CONFIG_HELP)
+        if name in LEDGER_ONLY:
+            sp.add_argument(
+                "--cache-dir",
+                metavar="DIR",
+                help="the ledger in DIR, with no config (a script's CACHE_DIR); also taken"
+                " from $CACHE_DIR when no config is given or found",
+            )
         return sp
 
     run = command("run", "run the service")
@@ -161,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(args.old, args.output)
     path = _config_path(args.config)
+    cache_dir = _ledger_only(args)
+    if cache_dir is not None:
+        config = PipelineConfig.model_construct(name=f"CACHE_DIR {cache_dir}", cache_dir=cache_dir)
+        try:
+            return int(COMMANDS[args.command](config, args))
+        except (LedgerRefused, StateError) as exc:
+            print(f"dpypeline: {exc}", file=sys.stderr)
+            return EXIT_LEDGER if isinstance(exc, LedgerRefused) else EXIT_CONFIG
     try:
         if args.legacy_config:
             config, warning, args.legacy_objects = migrate.load_any(path)
@@ -182,6 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     except StateError as exc:
         print(f"dpypeline: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+LEDGER_ONLY = ("status", "jobs", "retry", "skip")
+
+
+def _ledger_only(args: argparse.Namespace) -> Path | None:
+    """The ledger to use without a config: ``--cache-dir``, or ``$CACHE_DIR`` when no
+    config is named or found (a script of the Python API has a CACHE_DIR and no YAML)."""
+    if args.command not in LEDGER_ONLY:
+        return None
+    given = getattr(args, "cache_dir", None)
+    named = args.config or os.environ.get("DPYPELINE_CONFIG")
+    if given is None and not named and not any(p.is_file() for p in config_candidates()):
+        given = os.environ.get("CACHE_DIR") or None
+    return Path(given).expanduser().absolute() if given else None
 
 
 def _migrate(old: str, new: str | None) -> int:

@@ -25,7 +25,7 @@ from dpypeline.state.transitions import JobState, is_state
 
 log = get_logger("dpypeline.state")
 
-SLACK = 2.0  # seconds: the end of a job is recorded at the pass that saw it end
+SLACK = 0.25  # seconds: the end of a job is recorded in the loop pass that saw it end
 
 NOTE = (
     "not taken as new input: this version was written while job {by} ran on the same file"

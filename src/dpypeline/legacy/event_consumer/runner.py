@@ -11,6 +11,7 @@ from typing import Any
 from dpypeline.api import Pipeline
 from dpypeline.errors import ConfigError, Replaced
 from dpypeline.legacy.cache_state import report_carried
+from dpypeline.legacy.dead import report_dead
 from dpypeline.legacy.etl_pipeline.basic_pipeline import BasicPipeline
 from dpypeline.legacy.etl_pipeline.core import Job, Task
 from dpypeline.legacy.watched import watch_entry
@@ -68,6 +69,7 @@ def run_jobs(
     report_carried(pipeline.config)
     akita.service = pipeline
     try:
-        return pipeline.run(dask_client=dask_client)
+        result = pipeline.run(dask_client=dask_client)
     finally:
         akita.service = None
+    return report_dead(pipeline.config, result, once=not akita.monitor)

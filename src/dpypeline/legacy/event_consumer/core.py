@@ -49,7 +49,7 @@ class EventConsumer:
     def run(self, daemon: bool = False) -> int:
         """Blocks while the service runs, as the original's joined its worker thread:
         until every file is done (``monitor=False``), or SIGTERM/SIGINT or ``akita.stop()``.
-        Returns the exit code ``dpypeline run`` would: 0, or 3 when a job ended dead."""
+        Returns the exit code ``dpypeline run --once`` would: 0, or 3 when jobs are dead."""
         return run_jobs(self.akita, self._job_producer, **self._run_options())
 
 

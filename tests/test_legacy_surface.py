@@ -269,6 +269,7 @@ def test_a_task_of_the_original_api_declares_the_commit_its_kwargs_make() -> Non
     assert task.commit is not None
     assert task.commit == EngineTask("to_zarr", **kwargs).commit
     assert task.kwargs is kwargs  # kept as given, as the original's dataclass kept it
+    assert Task(function="os.path.basename").run("/data/a.nc") == "a.nc"  # a dotted path
 
 
 def test_write_file_to_bucket_keeps_the_originals_part0_and_says_so(

@@ -10,7 +10,8 @@ Here one set of patterns serves the start-up scan and the watcher alike: each pa
 anchored at the watched directory (``./*.csv``: a file at its top, not ``celsius/a.csv``
 below it), and ``**`` is any number of directories with ``monitor: true`` or a recursive
 glob, a single level otherwise. With ``monitor: true`` a ``**`` pattern also takes, at
-start-up, files deeper down that the original's glob left until they changed.
+start-up, files deeper down that the original's glob left out (its watcher took only
+files created later).
 
 This matters most when a job writes its outputs inside the watched tree: the original
 never took ``celsius/a.csv`` for ``*.csv``, and neither does this.

@@ -100,9 +100,8 @@ class ObjectStoreS3(s3fs.S3FileSystem):
     ) -> None:
         """Upload a file (or a binary file object) to ``bucket/file_name``, in parts of
         ``chunk_size`` bytes merged at the end (-1: one part); ``parallel`` uploads the
-        parts with Dask. As in the original, a file of one part (the default) lands in
-        ``file_name.part0`` and ``file_name`` is left empty: task code and buckets written
-        with the original stay as they were. A warning says so each time."""
+        parts with Dask. A file of one part is written to ``file_name`` itself (the
+        original wrote it to ``file_name.part0`` and left ``file_name`` empty)."""
         assert bucket.split(os.path.sep, 1)[0] in self.get_bucket_list(), (
             f'Bucket "{bucket}" does not exist.'
         )
@@ -125,13 +124,10 @@ class ObjectStoreS3(s3fs.S3FileSystem):
         chunks_offsets_lengths: dict[int, dict[str, int]],
         parallel: bool,
     ) -> None:
-        parts = [f"{dest_path}.part{i}" for i in range(len(chunks_offsets_lengths))]
-        if len(parts) == 1:
-            logger.warning(
-                f"write_file_to_bucket: as in the original dpypeline, a file of one part is"
-                f" written to {parts[0]} and {dest_path} is left empty; dpypeline's"
-                " upload_file task writes it to its name"
-            )
+        if len(chunks_offsets_lengths) == 1:  # the original wrote it to .part0, leaving dest empty
+            parts = [dest_path]
+        else:
+            parts = [f"{dest_path}.part{i}" for i in range(len(chunks_offsets_lengths))]
         offsets = [c["offset"] for c in chunks_offsets_lengths.values()]
         lengths = [c["length"] for c in chunks_offsets_lengths.values()]
         paths = [path] * len(parts)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, env_for_subprocess
+from conftest import ROOT, env_for_subprocess, wait_for
 from dpypeline import Job, Pipeline, Task
 from dpypeline.state.ledger import Ledger
 from taskbox import record
@@ -188,3 +189,25 @@ def test_the_readme_script_pattern_lists_the_dead_job_and_exits_with_its_status(
     )
     assert proc.stdout.strip() == "dead: bad.txt", proc.stdout + proc.stderr[-3000:]
     assert proc.returncode == 3
+
+
+def test_pipeline_stop_from_another_thread_ends_a_watching_run(tmp_path: Path) -> None:
+    """``stop()`` from another thread ends ``run()`` (a watching one, which would go on
+    until SIGTERM), with its exit code."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    pipeline = Pipeline(
+        watch=[str(inbox)], jobs=[Job("copy", [Task(str)])], cache_dir=str(tmp_path / "c")
+    )
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(pipeline.run()), name="api-run")
+    runner.start()
+    try:
+        wait_for(lambda: pipeline._service is not None and pipeline._service.status.value
+                 == "running", message="the service running")  # fmt: skip
+        assert runner.is_alive()
+    finally:
+        pipeline.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+    assert codes == [0]

@@ -5,7 +5,6 @@ client, each a real process with CACHE_DIR set; a second run repeats nothing."""
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import shutil
 import signal
@@ -120,32 +119,24 @@ def test_monitoring_akita_takes_new_files_until_sigterm(tmp_path: Path) -> None:
     assert ledger_counts(tmp_path) == {"done": 3}
 
 
-def test_task_positional_args_follow_the_previous_result() -> None:
-    from dpypeline.etl_pipeline.core import Job, Task
-
-    job = Job(name="join")
-    job.add_task(Task(function=os.path.basename))
-    job.add_task(Task(function=str.replace, args=[".csv", ".txt"]))
-    job.add_task(Task(function="os.path.join", args=["out"], kwargs={}))
-    assert job.run("/data/2023/a.csv") == os.path.join("a.txt", "out")
-
-
 def test_the_in_memory_queue_and_celery_pipeline_name_their_replacements(tmp_path: Path) -> None:
     from dpypeline.akita.core import Akita
+    from dpypeline.akita.factory import get_akita_dependencies
     from dpypeline.errors import Replaced
     from dpypeline.etl_pipeline.basic_pipeline import BasicPipeline
     from dpypeline.etl_pipeline.celery_pipeline import CeleryPipeline
     from dpypeline.event_consumer.consumer_serial import ConsumerSerial
 
-    akita = Akita(str(tmp_path), ["*.csv"], monitor=False)
+    akita = Akita(*get_akita_dependencies(str(tmp_path), ["*.csv"]), monitor=False)
     with pytest.raises(Replaced, match="CACHE_DIR"):
         akita.queue.get()
     with pytest.raises(Replaced, match="ConsumerParallel"):
         CeleryPipeline()
     with pytest.raises(Replaced, match=r"akita\.queue"):
         ConsumerSerial(queue=queue.Queue(), job_producer=BasicPipeline())
+    deps = get_akita_dependencies(str(tmp_path), ["*.csv"], glob_kwargs={"root_dir": "elsewhere"})
     with pytest.raises(Replaced, match="start-up scan"):
-        Akita(str(tmp_path), ["*.csv"], glob_kwargs={"root_dir": "elsewhere"})
+        Akita(*deps)
 
 
 def note_span(path: str, log: str) -> str:
@@ -169,6 +160,7 @@ def test_consumer_parallel_runs_on_the_callers_client_honours_workers_per_event_
     from distributed import Client, LocalCluster
 
     from dpypeline.akita.core import Akita
+    from dpypeline.akita.factory import get_akita_dependencies
     from dpypeline.etl_pipeline.basic_pipeline import BasicPipeline
     from dpypeline.etl_pipeline.core import Job, Task
     from dpypeline.event_consumer.consumer_parallel import ConsumerParallel
@@ -187,7 +179,7 @@ def test_consumer_parallel_runs_on_the_callers_client_honours_workers_per_event_
         ) as cluster,
         Client(cluster) as client,
     ):
-        akita = Akita(str(inbox), ["*.txt"], monitor=False)
+        akita = Akita(*get_akita_dependencies(str(inbox), ["*.txt"]), monitor=False)
         consumer = ConsumerParallel(
             cluster_client=client, workers_per_event=2, queue=akita.queue, job_producer=pipeline
         )

@@ -82,6 +82,8 @@ class Pipeline:
             data.setdefault("cache_dir", os.environ.get("CACHE_DIR") or ".dpypeline")
             config = config_from_dict(data, base_dir=Path.cwd())
         self.config = config
+        self._service: Any = None
+        self._stop_asked = False
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Pipeline:
@@ -110,5 +112,19 @@ class Pipeline:
                 roots=[str(w.path) for w in self.config.watch],
             )
         service = Service(self.config, self.jobs, self.setup, once=once, dask_client=dask_client)
-        code = service.run()
+        self._service = service
+        if self._stop_asked:
+            service.request_stop()
+        try:
+            code = service.run()
+        finally:
+            self._service, self._stop_asked = None, False
         return RunResult(code, tuple(service.dead_jobs), service.outcomes)
+
+    def stop(self) -> None:
+        """Ask a ``run()`` in another thread to stop, as SIGTERM would: no new job starts,
+        running ones finish (or go back to the queue after ``stop_grace``), then ``run()``
+        returns. Safe to call before ``run()`` has started."""
+        self._stop_asked = True
+        if self._service is not None:
+            self._service.request_stop()

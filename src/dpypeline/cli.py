@@ -28,7 +28,7 @@ from dpypeline.commands.tasks import cmd_tasks
 from dpypeline.config.durations import parse_duration
 from dpypeline.config.model import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
-from dpypeline.legacy import migrate
+from dpypeline.legacy import cache_state, migrate, missing
 from dpypeline.paths import shown
 from dpypeline.state.cachedir import service_pid
 from dpypeline.state.ledger import JobState, Ledger
@@ -45,6 +45,9 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+missing.install(sys.modules[__name__])  # the original's dpypeline.cli.* name their replacements
 
 
 def config_candidates() -> list[Path]:
@@ -76,10 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", dest="config_first", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument(
         "-i",
+        "--input",
         dest="legacy_config",
         metavar="FILE",
         help="the original dpypeline's form: same as `run -c FILE`; also reads the"
-        " original's tagged YAML (convert it with `migrate`)",
+        " original's tagged YAML (convert it with `migrate`), and then logs to stdout in"
+        " plain lines, as the original did",
     )
     sub = p.add_subparsers(dest="command")
     migrate = sub.add_parser(
@@ -96,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("-c", "--config", help=CONFIG_HELP)
+        if name in LEDGER_ONLY:
+            sp.add_argument(
+                "--cache-dir",
+                metavar="DIR",
+                help="the ledger in DIR, with no config (a script's CACHE_DIR); also taken"
+                " from $CACHE_DIR when no config is given or found",
+            )
         return sp
 
     run = command("run", "run the service")
@@ -165,11 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tasks":
         return cmd_tasks(args.json)
     path = _config_path(args.config)
+    cache_dir = _ledger_only(args)
+    if cache_dir is not None:
+        config = PipelineConfig.model_construct(name=f"CACHE_DIR {cache_dir}", cache_dir=cache_dir)
+        try:
+            return int(COMMANDS[args.command](config, args))
+        except (LedgerRefused, StateError) as exc:
+            print(f"dpypeline: {exc}", file=sys.stderr)
+            return EXIT_LEDGER if isinstance(exc, LedgerRefused) else EXIT_CONFIG
     try:
         if args.legacy_config:
-            config, warning = migrate.load_any(path)
+            config, warning, args.legacy_objects = migrate.load_any(path)
+            args.legacy_tagged = warning is not None
             if warning:
                 print(f"dpypeline: warning: {warning}", file=sys.stderr)
+            carried = cache_state.carry_over(config)
+            if carried is not None:
+                print(f"dpypeline: {carried.summary(config.cache_dir)}", file=sys.stderr)
         else:
             config = load_config(path)
         return int(COMMANDS[args.command](config, args))
@@ -182,6 +206,21 @@ def main(argv: list[str] | None = None) -> int:
     except StateError as exc:
         print(f"dpypeline: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+LEDGER_ONLY = ("status", "jobs", "retry", "skip")
+
+
+def _ledger_only(args: argparse.Namespace) -> Path | None:
+    """The ledger to use without a config: ``--cache-dir``, or ``$CACHE_DIR`` when no
+    config is named or found (a script of the Python API has a CACHE_DIR and no YAML)."""
+    if args.command not in LEDGER_ONLY:
+        return None
+    given = getattr(args, "cache_dir", None)
+    named = args.config or os.environ.get("DPYPELINE_CONFIG")
+    if given is None and not named and not any(p.is_file() for p in config_candidates()):
+        given = os.environ.get("CACHE_DIR") or None
+    return Path(given).expanduser().absolute() if given else None
 
 
 def _migrate(old: str, new: str | None) -> int:
@@ -201,14 +240,20 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.observability.redact import known_secrets
     from dpypeline.pipeline import import_tasks
 
+    tagged = getattr(args, "legacy_tagged", False)  # the original's file: where it logged
     logs.configure(
-        config.logging.format,
+        "console" if tagged else config.logging.format,
         config.logging.level,
+        stream=sys.stdout if tagged else None,
         secrets=known_secrets(config),
         roots=[str(w.path) for w in config.watch],
     )
     jobs, setup = import_tasks(config)
     preflight(config, jobs, setup)  # what validate refuses, run refuses: exit 2
+    if getattr(args, "legacy_objects", None):  # -i: the original's objects, as it passed them
+        from dpypeline.legacy.objects import pass_objects
+
+        pass_objects(config, jobs, args.legacy_objects)
     progress = (TerminalProgress(),) if wanted(getattr(args, "no_progress", False)) else ()
     service = Service(
         config,
@@ -246,6 +291,7 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.commands.preflight import preflight
     from dpypeline.pipeline import import_tasks, task_modules
     from dpypeline.watching.fsinfo import require_local_filesystem
+    from dpypeline.watching.outputs import outputs_inside_watches
 
     jobs, setup = import_tasks(config)
     modules = task_modules([*(t for job in jobs for t in job.tasks), *setup])
@@ -277,9 +323,11 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
     parent = next(p for p in (config.cache_dir, *config.cache_dir.parents) if p.exists())
     require_local_filesystem(parent, "CACHE_DIR")
     paths = _resolved_paths(config, jobs)
+    warnings = list(outputs_inside_watches(config, jobs))
     if args.json:
         report = {
             "ok": True,
+            "warnings": warnings,
             "paths": paths,
             "name": config.name,
             "watches": len(config.watch),
@@ -307,6 +355,8 @@ def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:
         print(f"  {where}: {resolved}")
     for name, file in modules.items():  # the code the config runs, as the service's user
         print(f"imported task module {name} from {file}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     if getattr(args, "sample", None):
         return _print_layouts(jobs, args.sample)
     return EXIT_OK

@@ -204,7 +204,7 @@ class JobCall:
     context: JobContext
 
     def __call__(self) -> Any:
-        return self.job.run(self.path, self.context)
+        return self.job.run_tasks(0, len(self.job.tasks), self.path, self.context)
 
     @property
     def commits_to(self) -> Commit | None:

@@ -26,6 +26,7 @@ from dpypeline.config.model import (
     WatchConfig,
 )
 from dpypeline.errors import ConfigError
+from dpypeline.legacy.watched import as_the_original_took
 from dpypeline.legacy.yaml_tags import Tagged, parse
 
 _JOB_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -38,6 +39,8 @@ class Conversion:
     data: dict[str, Any]
     lines: dict[Loc, int] = field(default_factory=dict)
     notes: dict[Loc, list[str]] = field(default_factory=dict)
+    # where a task was given an !ObjectStoreS3 itself: its argument's location -> the store
+    objects: dict[Loc, str] = field(default_factory=dict)
 
     def note(self, loc: Loc, text: str) -> None:
         self.notes.setdefault(loc, []).append(text)
@@ -166,7 +169,26 @@ class _Mapper:
         watch: dict[str, Any] = {"path": self.path(f["path"], (*loc, "path"), akita.lines["path"])}
         patterns = f.get("patterns")
         if patterns is not None:
-            watch["patterns"] = [_literal(str(p)) for p in _as_list(patterns)]
+            given = [_literal(str(p)) for p in _as_list(patterns)]
+            monitor = bool(f.get("monitor", True))
+            glob_kwargs = f["glob_kwargs"] if isinstance(f.get("glob_kwargs"), dict) else {}
+            watch["patterns"] = as_the_original_took(
+                given, monitor=monitor, glob_kwargs=glob_kwargs
+            )
+            if watch["patterns"] != given:
+                self.out.note(
+                    (*loc, "patterns"),
+                    f"was {given}: matched as the original matched them, from the top of"
+                    " path (a leading ./ anchors a pattern there), so files further down,"
+                    " such as a job's outputs, are not taken"
+                    + (
+                        ""
+                        if not any("**" in p for p in given)
+                        else "; ** is any number of directories"
+                        if monitor or glob_kwargs.get("recursive")
+                        else "; ** is one directory, as in its glob without recursive"
+                    ),
+                )
         ignore = f.get("ignore_patterns")
         if ignore is None:
             watch["ignore_patterns"] = list(WatchConfig.model_fields["ignore_patterns"].default)
@@ -189,8 +211,9 @@ class _Mapper:
         if f.get("glob_kwargs"):
             self.out.note(
                 loc,
-                "glob_kwargs is not needed: the start-up scan always walks the"
-                " whole tree, and patterns with / or ** match whole paths",
+                "glob_kwargs is not carried: its recursive is in the patterns (** for"
+                " any number of directories); the start-up scan and the watcher take the"
+                " same files",
             )
         self.out.note(
             loc,
@@ -295,6 +318,7 @@ class _Mapper:
         if isinstance(value, Tagged):
             if value.tag == "ObjectStoreS3":
                 name = self.store(value)
+                self.out.objects[loc] = name
                 self.out.note(
                     loc,
                     f"was the object store itself; the task now gets its name,"

@@ -24,6 +24,7 @@ from dpypeline.config.model import (
     config_from_dict,
     load_config,
 )
+from dpypeline.legacy import cache_state
 from dpypeline.legacy.config import Conversion, read
 from dpypeline.legacy.yaml_tags import is_tagged
 
@@ -34,8 +35,9 @@ _FLOW_WIDTH = 72
 _COMMENT_WIDTH = 92
 
 
-def load(path: str | os.PathLike[str]) -> PipelineConfig:
-    """The original's file as a validated config, paths relative to the working directory."""
+def load(path: str | os.PathLike[str]) -> tuple[PipelineConfig, dict[Loc, str]]:
+    """The original's file as a validated config, paths relative to the working directory,
+    and where its tasks were given an object store itself (see :mod:`.objects`)."""
     conversion = read(path)
     config = config_from_dict(
         conversion.data,
@@ -44,19 +46,21 @@ def load(path: str | os.PathLike[str]) -> PipelineConfig:
         lines=conversion.lines,
     )
     check_watch_paths(config)
-    return config
+    return config, conversion.objects
 
 
-def load_any(path: str) -> tuple[PipelineConfig, str | None]:
-    """``dpypeline -i``: either form. For the original's, also the one warning to give."""
+def load_any(path: str) -> tuple[PipelineConfig, str | None, dict[Loc, str]]:
+    """``dpypeline -i``: either form. For the original's, also the one warning to give and
+    the task arguments that were object stores."""
     if not is_tagged(path):
-        return load_config(path), None
+        return load_config(path), None, {}
     warning = (
         f"{path} is in the original dpypeline's tagged form: it runs as it is, but convert"
         f" it once with `{HOW_TO_CONVERT.format(old=path)}` and run `dpypeline run -c"
         " NEW.yaml` (the choices made are written there as comments; see docs/migrating.md)"
     )
-    return load(path), warning
+    config, objects = load(path)
+    return config, warning, objects
 
 
 def migrate(old: str, new: str | None) -> int:
@@ -75,6 +79,7 @@ def migrate(old: str, new: str | None) -> int:
     text = render(conversion, Path(old).name)
     if new is None:
         sys.stdout.write(text)
+        _carry_state(config_from_dict(conversion.data, base_dir=cwd))
         return 0
     try:
         Path(new).write_text(text)
@@ -83,7 +88,20 @@ def migrate(old: str, new: str | None) -> int:
         return 1
     else:
         print(f"wrote {new}: check it with `dpypeline validate -c {new}`", file=sys.stderr)
+    _carry_state(load_config(new))
     return 0
+
+
+def _carry_state(config: PipelineConfig) -> None:
+    """The original's state in ``$CACHE_DIR`` (its finished and queued files) into the
+    ledger the new file uses, so that running it repeats nothing the original did."""
+    cache = os.environ.get("CACHE_DIR")
+    if not cache:
+        return
+    source = Path(cache).absolute()
+    carried = cache_state.carry_over(config, source)
+    if carried is not None:
+        print(f"dpypeline: {carried.summary(source)}", file=sys.stderr)
 
 
 def render(conversion: Conversion, old_name: str) -> str:

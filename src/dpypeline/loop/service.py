@@ -45,6 +45,7 @@ from dpypeline.signals import Previous, StopSignals
 from dpypeline.state.cachedir import forget_executor_status, write_executor_status
 from dpypeline.state.ledger import JobRecord, Ledger
 from dpypeline.wakeup import Wakeup
+from dpypeline.watching.outputs import outputs_inside_watches
 from dpypeline.watching.watch import Inbox
 
 log = get_logger("dpypeline.service")
@@ -183,6 +184,8 @@ class Service:
             self.close("start-up failed")
             raise
         self.status = Status.RUNNING
+        for warning in outputs_inside_watches(cfg, self.jobs):
+            log.warning("output_inside_watch", detail=warning)
         log.info(
             "service_ready",
             name=cfg.name,

@@ -33,7 +33,7 @@ from dpypeline.errors import StateError
 from dpypeline.jobstate import JobState
 from dpypeline.ordering import Hold, Pending
 from dpypeline.paths import from_db, shown, to_db
-from dpypeline.state import holds, integrity, reconcile, schema
+from dpypeline.state import holds, integrity, ownwrites, reconcile, schema
 from dpypeline.state.cachedir import lock_service, prepare_cache_dir
 from dpypeline.state.records import COLUMNS, FileVersionLike, JobRecord, record
 from dpypeline.state.transitions import (
@@ -140,29 +140,38 @@ class Ledger:
         jobs: Sequence[str],
         source: str,
         now: float,
+        *,
+        done: bool = False,
     ) -> int:
         """Add a job per (file version, job name) unless that version is known. Returns how
         many jobs are new. Files keep the order given (ids grow in that order) and go to
         the end of the line, except a new version of a file whose job is not written yet:
-        it takes that job's place (:func:`dpypeline.ordering.takeover`)."""
+        it takes that job's place (:func:`dpypeline.ordering.takeover`). ``done=True``
+        records versions that were processed before this ledger existed (by the original
+        dpypeline): known, so never run, and counted as done."""
         root_b = to_db(root)
+        state = (JobState.DONE if done else JobState.QUEUED).value
         with self._tx() as db:
             tail = db.execute(TAIL).fetchone()[0]
             after = db.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
+            ended = now if done else None
             rows = (
-                (to_db(f.path), f.size, f.mtime_ns, job, root_b, source, now, now, tail)
+                (to_db(f.path), f.size, f.mtime_ns, job, root_b, source, now, now, tail, ended)
                 for f in files
                 for job in jobs
             )
             # the cursor's count, not the connection's: that one counts the triggers' writes
             added = db.executemany(
                 "INSERT OR IGNORE INTO jobs (path, size, mtime_ns, job, root, state, source,"
-                " created, updated, position) VALUES (CAST(? AS TEXT), ?, ?, ?,"
-                f" CAST(? AS TEXT), '{JobState.QUEUED.value}', ?, ?, ?, ?)",
+                " created, updated, position, finished) VALUES (CAST(? AS TEXT), ?, ?, ?,"
+                f" CAST(? AS TEXT), '{state}', ?, ?, ?, ?, ?)",
                 rows,
             ).rowcount
+            own = [] if done else ownwrites.find(db, after)
+            ownwrites.set_aside(db, own, now)
             superseded = holds.absorb(db, holds.superseding(db, after), now)
         holds.log_superseded(superseded)
+        ownwrites.log_set_aside(own)
         return added
 
     def recover(self, max_attempts: int, now: float) -> Recovery:

@@ -1,19 +1,20 @@
-"""``BasicPipeline``: the jobs each new file goes through. It only holds them; the event
-consumer given it as ``job_producer`` runs them on the service."""
+"""``BasicPipeline``: runs each of its jobs on an event, one after the other. Given to an
+event consumer as ``job_producer``, its jobs run on the service, one ledger entry each."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
-from dpypeline.pipeline import Job
+from dpypeline.legacy.etl_pipeline.core import ETLPipeline, Job
 
 
-class BasicPipeline:
-    def __init__(self, jobs: Iterable[Job] | None = None) -> None:
-        self.jobs = list(jobs or ())
+class BasicPipeline(ETLPipeline):
+    def __init__(self, jobs: list[Job] | None = None) -> None:
+        super().__init__(jobs)
 
-    def add_job(self, job: Job) -> None:
-        self.jobs.append(job)
+    def produce_jobs(self, event: Any) -> list[Any]:
+        """Every job's result on *event*, in the order the jobs were added."""
+        return [job.run(event) for job in self.jobs]
 
 
 __all__ = ["BasicPipeline"]

@@ -1,9 +1,12 @@
-"""``ThreadPipeline``: as in the original, another name for ``BasicPipeline``."""
+"""``ThreadPipeline``: as in the original, a ``BasicPipeline`` by another name."""
 
 from __future__ import annotations
 
 from dpypeline.legacy.etl_pipeline.basic_pipeline import BasicPipeline
 
-ThreadPipeline = BasicPipeline
+
+class ThreadPipeline(BasicPipeline):
+    pass
+
 
 __all__ = ["ThreadPipeline"]

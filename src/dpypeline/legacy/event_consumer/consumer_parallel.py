@@ -13,37 +13,23 @@ from __future__ import annotations
 from typing import Any
 
 from dpypeline.errors import ConfigError
-from dpypeline.legacy.akita.core import Akita
-from dpypeline.legacy.event_consumer.runner import akita_of, run_jobs
+from dpypeline.legacy.event_consumer.core import EventConsumer
 
 
-class ConsumerParallel:
+class ConsumerParallel(EventConsumer):
     def __init__(
-        self,
-        cluster_client: Any,
-        workers_per_event: int = 1,
-        queue: Any = None,
-        job_producer: Any = None,
-        *,
-        akita: Akita | None = None,
+        self, cluster_client: Any, workers_per_event: int = 1, *args: Any, **kwargs: Any
     ) -> None:
         if cluster_client is None:
             raise ConfigError("ConsumerParallel needs cluster_client=, a dask.distributed.Client")
         if workers_per_event < 1:
             raise ConfigError(f"workers_per_event must be at least 1, not {workers_per_event}")
-        self.cluster_client = cluster_client
-        self.workers_per_event = workers_per_event
-        self.akita = akita_of(queue, akita)
-        self.job_producer = job_producer
+        super().__init__(*args, **kwargs)
+        self._client = cluster_client
+        self._workers_per_event = workers_per_event
 
-    def run(self) -> int:
-        """Blocks while the service runs (see ``runner.run_jobs``)."""
-        return run_jobs(
-            self.akita,
-            self.job_producer,
-            dask_client=self.cluster_client,
-            workers_per_event=self.workers_per_event,
-        )
+    def _run_options(self) -> dict[str, Any]:
+        return {"dask_client": self._client, "workers_per_event": self._workers_per_event}
 
 
 __all__ = ["ConsumerParallel"]

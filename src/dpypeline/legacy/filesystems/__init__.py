@@ -1,0 +1,2 @@
+"""The original dpypeline's object-store filesystem (``ObjectStoreS3``), for task code that
+used it."""

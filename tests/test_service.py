@@ -21,7 +21,7 @@ from watchdog.events import DirCreatedEvent, FileCreatedEvent
 from conftest import wait_for
 from dpypeline.config.model import config_from_dict
 from dpypeline.errors import JobTimeout, TransientError
-from dpypeline.executors.serial import Finished
+from dpypeline.executors.core import Finished
 from dpypeline.loop.health import CLUSTER_GRACE, Health, Snapshot, status_line
 from dpypeline.loop.service import HEALTH_EVERY, Service, Status
 from dpypeline.loop.timers import Timer, Timers
@@ -58,7 +58,7 @@ class FakeExecutor:
 
     def finish(self, job_id: int, error: BaseException | None = None) -> None:
         del self.running[job_id]
-        self._done.append(Finished(job_id, error=error))
+        self._done.append(Finished.of(job_id, error))
         self.wake.set()
 
     def start(self) -> None:
@@ -81,8 +81,7 @@ class FakeExecutor:
     def next_deadline(self) -> float | None:
         return None
 
-    def enforce_timeouts(self, now: float) -> list[int]:
-        stuck = []
+    def enforce_timeouts(self, now: float) -> None:
         for job_id, run in list(self.running.items()):
             if run.timeout is None or now < run.started + run.timeout:
                 continue
@@ -90,9 +89,13 @@ class FakeExecutor:
                 run.interrupted_at = now
                 if not self.ignores_timeout:
                     self.finish(job_id, JobTimeout())
-            elif now >= run.interrupted_at + GRACE:
-                stuck.append(job_id)
-        return stuck
+
+    def stuck(self, now: float) -> list[int]:
+        return [
+            job_id
+            for job_id, run in self.running.items()
+            if run.interrupted_at is not None and now >= run.interrupted_at + GRACE
+        ]
 
     def is_overdue(self, now: float) -> bool:
         return any(

@@ -208,7 +208,9 @@ class DaskExecutor:
         futures, which the scheduler then drops. Idempotent."""
         self._stop_counting.set()
         if self._counting is not None:
-            self._counting.join(IDENTITY_TIMEOUT + 1.0)  # a count under way ends by then
+            # not waited for beyond a moment: a count stuck on a scheduler that is gone ends
+            # when the client closes, and the thread finds it stopped
+            self._counting.join(WORKERS_EVERY)
             self._counting = None
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None

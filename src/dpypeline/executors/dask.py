@@ -253,20 +253,24 @@ class DaskExecutor:
         client = self._client
         if client is None:
             return
-        before = (self._workers, self._lost)
+        workers, lost = self._workers, ""
         if client.status != "running":
-            self._lost = f"the Dask scheduler is unreachable (client {client.status})"
+            lost = f"the Dask scheduler is unreachable (client {client.status})"
         else:
             try:
                 info = client.sync(
                     client.scheduler.identity, n_workers=0, callback_timeout=IDENTITY_TIMEOUT
                 )
             except Exception as exc:  # noqa: BLE001 - any failure to reach the scheduler
-                self._lost = f"the Dask scheduler does not answer: {type(exc).__name__}: {exc}"
+                lost = f"the Dask scheduler does not answer: {type(exc).__name__}: {exc}"
             else:
-                self._lost = ""
-                self._counted(int(info["n_workers"]))
-        if (self._workers, self._lost) != before:
+                workers = int(info["n_workers"])
+        if self._stop_counting.is_set():
+            return  # closed meanwhile: the answer is of no use
+        changed = (workers, lost) != (self._workers, self._lost)
+        self._lost = lost
+        self._counted(workers)
+        if changed:
             self._wake.set()
 
     def _counted(self, workers: int) -> None:

@@ -60,7 +60,7 @@ NOISY = (
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 _FIELD = re.compile(r"[^A-Z0-9_]")
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # dpypeline/
 _TASKS = os.path.join(_PACKAGE, "tasks")
 _LIBRARIES = tuple(
     os.path.abspath(p) + os.sep

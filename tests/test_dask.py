@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +370,37 @@ def test_slots_are_workers_over_workers_per_event_and_follow_the_cluster_size() 
         wait_for(lambda: executor.capacity() == 0, message="no slot on one worker")
         assert executor.problems() == []
     finally:
+        executor.close()
+
+
+def test_slots_and_health_answer_at_once_while_the_scheduler_does_not() -> None:
+    """The loop asks for slots and health on every pass: a scheduler that stops answering
+    must not hold it up (each look could wait 10 s on the scheduler)."""
+    from dpypeline.config.model import ClusterConfig, ExecutorConfig
+    from dpypeline.executors.dask import WORKERS_EVERY, DaskExecutor
+
+    options = {"n_workers": 1, "processes": False, "dashboard_address": ":0"}
+    config = ExecutorConfig(kind="dask", cluster=ClusterConfig(options=options))
+    executor = DaskExecutor(threading.Event(), config)
+    executor.start()
+    release, looked = threading.Event(), threading.Event()
+
+    def look() -> None:  # past the next count of the workers, then some
+        deadline = time.monotonic() + 3 * WORKERS_EVERY
+        while time.monotonic() < deadline:
+            executor.capacity()
+            executor.problems()
+            looked.wait(0.05)
+        looked.set()
+
+    try:
+        assert executor.capacity() == 1
+        executor._cluster.loop.add_callback(release.wait)  # the scheduler's loop is stuck
+        looker = threading.Thread(target=look, name="test-looker", daemon=True)
+        looker.start()
+        assert looked.wait(3 * WORKERS_EVERY + 5), "capacity() or problems() waited on it"
+    finally:
+        release.set()
         executor.close()
 
 

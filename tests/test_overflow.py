@@ -19,7 +19,8 @@ from watchdog.observers import inotify_c
 from conftest import ServiceProcess, jobs, runs, status, wait_for, write_config
 from dpypeline.config.model import WatchConfig
 from dpypeline.watching import overflow
-from dpypeline.watching.watch import Inbox, Observation, Watcher, build_specs
+from dpypeline.watching.observations import Overflow, Writing
+from dpypeline.watching.watch import Inbox, Watcher, build_specs
 from test_service import SETTLE, Harness, make  # noqa: F401 - the fixture
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -369,9 +370,9 @@ def test_a_files_events_from_before_an_overflow_do_not_undo_the_rescan(
     h = make()
     h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the start-up scan")
     (h.inbox / "f5.nc").write_bytes(b"x")
-    h.service._inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
+    h.service._inbox.put(Overflow("inotify queue overflow"))
     h.steps_until(lambda: h.service._arrivals.pending_scans == 0, "the rescan after it")
-    h.service._inbox.put(Observation("writing", 0, str(h.inbox / "f5.nc")))  # late
+    h.service._inbox.put(Writing(0, str(h.inbox / "f5.nc")))  # late
     h.step()
     h.clock.advance(SETTLE)
     h.steps_until(lambda: "f5.nc" in h.jobs(), "the file's job")

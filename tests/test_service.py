@@ -21,9 +21,9 @@ from watchdog.events import DirCreatedEvent, FileCreatedEvent
 from conftest import wait_for
 from dpypeline.config.model import config_from_dict
 from dpypeline.errors import JobTimeout, TransientError
-from dpypeline.executors.serial import Finished
+from dpypeline.executors.core import Finished
 from dpypeline.loop.health import CLUSTER_GRACE, Health, Snapshot, status_line
-from dpypeline.loop.service import HEALTH_EVERY, Service, Status
+from dpypeline.loop.service import HEALTH_EVERY, Service, Status, StopReason
 from dpypeline.loop.timers import Timer, Timers
 from dpypeline.pipeline import Job, Task
 from dpypeline.state.cachedir import DB_FILE
@@ -58,7 +58,7 @@ class FakeExecutor:
 
     def finish(self, job_id: int, error: BaseException | None = None) -> None:
         del self.running[job_id]
-        self._done.append(Finished(job_id, error=error))
+        self._done.append(Finished.of(job_id, error))
         self.wake.set()
 
     def start(self) -> None:
@@ -81,8 +81,7 @@ class FakeExecutor:
     def next_deadline(self) -> float | None:
         return None
 
-    def enforce_timeouts(self, now: float) -> list[int]:
-        stuck = []
+    def enforce_timeouts(self, now: float) -> None:
         for job_id, run in list(self.running.items()):
             if run.timeout is None or now < run.started + run.timeout:
                 continue
@@ -90,9 +89,13 @@ class FakeExecutor:
                 run.interrupted_at = now
                 if not self.ignores_timeout:
                     self.finish(job_id, JobTimeout())
-            elif now >= run.interrupted_at + GRACE:
-                stuck.append(job_id)
-        return stuck
+
+    def stuck(self, now: float) -> list[int]:
+        return [
+            job_id
+            for job_id, run in self.running.items()
+            if run.interrupted_at is not None and now >= run.interrupted_at + GRACE
+        ]
 
     def is_overdue(self, now: float) -> bool:
         return any(
@@ -581,3 +584,60 @@ def test_timers_fire_once_per_period_and_rate_limits_do_not_wake_the_loop() -> N
     assert timers.fire(Timer.RESCAN, 100.0, watch=0)
     assert not timers.fire(Timer.RESCAN, 159.9, watch=0)
     assert timers.next_deadline() == 160.0
+
+
+def _lone_service(tmp_path: Path, executor: FakeExecutor) -> Service:
+    (tmp_path / "inbox").mkdir()
+    config = config_from_dict(
+        {
+            "cache_dir": str(tmp_path / "state"),
+            "watch": [{"path": str(tmp_path / "inbox")}],
+            "jobs": [{"name": "work", "tasks": [{"task": "taskbox.noop"}]}],
+        }
+    )
+    service = Service(config, [Job("work", [Task("taskbox.noop")])], executor=executor)
+    executor.wake = service._inbox.wake
+    return service
+
+
+def test_the_service_is_a_context_manager_that_starts_and_closes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As distributed's ``Server``: a second start while it runs changes nothing, a second
+    close neither, why it stopped is said once, and a closed service does not start again."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    executor = FakeExecutor()
+    service = _lone_service(tmp_path, executor)
+    with capture_logs() as captured:
+        with service as entered:
+            assert entered is service
+            assert service.status is Status.RUNNING
+            service.start()
+        assert service.status is Status.STOPPED
+        service.close()
+    assert len(events(captured, "service_ready")) == 1
+    assert [e["reason"] for e in events(captured, "service_stopped")] == ["stopped"]
+    assert service.stop_reason is StopReason.STOPPED
+    assert executor.closed == 1
+    with pytest.raises(RuntimeError, match="cannot start again"):
+        service.start()
+
+
+class _NoCluster(FakeExecutor):
+    def start(self) -> None:
+        raise ConnectionError("no scheduler at tcp://10.0.0.1:8786")
+
+
+def test_a_start_that_fails_closes_what_it_opened_once_and_ends_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    executor = _NoCluster()
+    service = _lone_service(tmp_path, executor)
+    with capture_logs() as captured, pytest.raises(ConnectionError), service:
+        pytest.fail("the body runs only once the service has started")
+    service.close()
+    assert service.status is Status.FAILED
+    assert service.stop_reason is StopReason.START_FAILED
+    assert executor.closed == 1
+    assert [e["reason"] for e in events(captured, "service_stopped")] == ["start-up failed"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from importlib.metadata import version
@@ -234,8 +233,7 @@ def _migrate(old: str, new: str | None) -> int:
 def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.commands.preflight import preflight
     from dpypeline.loop.progress import TerminalProgress, wanted
-    from dpypeline.loop.restart import ClusterLost, StuckJob, reexec
-    from dpypeline.loop.service import Service
+    from dpypeline.loop.service import ClusterLost, Service, StuckJob
     from dpypeline.observability import logs
     from dpypeline.observability.redact import known_secrets
     from dpypeline.pipeline import import_tasks
@@ -263,9 +261,9 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
         observers=progress,
         max_runtime=getattr(args, "max_runtime", None),
     )
-    _set_stop_handlers(service.on_signal)  # a stop before the loop runs: its first step sees it
     try:
-        return service.run()
+        # the service handles SIGTERM/SIGINT while it runs, and ignores them once closed
+        return service.run(exiting=True)
     except (StuckJob, ClusterLost):
         if service.stop_requested:
             return EXIT_FAILURE
@@ -276,15 +274,14 @@ def cmd_run(config: PipelineConfig, args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - the last word on an unexpected failure, for the journal
         logs.get_logger().exception("service_failed", error=str(exc))
         return EXIT_FAILURE
-    finally:
-        # the service has closed: a late stop signal has nothing left to stop, and must not
-        # turn a clean exit into death by signal while the interpreter shuts down
-        _set_stop_handlers(signal.SIG_IGN)
 
 
-def _set_stop_handlers(handler: Any) -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
+def reexec() -> None:
+    """Replace this process with a fresh copy of itself (same PID, same arguments): what
+    mends a stuck job's thread or a lost cluster."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 def cmd_validate(config: PipelineConfig, args: argparse.Namespace) -> int:

@@ -46,10 +46,12 @@ class StopSignals:
         return handlers, signal.set_wakeup_fd(self.wake.signal_fd, warn_on_full_buffer=False)
 
     @staticmethod
-    def restore(previous: Previous | None) -> None:
+    def restore(previous: Previous | None, *, ignore: bool = False) -> None:
+        """Put back what ``install`` replaced; ``ignore``: ignore SIGTERM and SIGINT from
+        now on instead (the process is about to exit and has nothing left to stop)."""
         if previous is None:
             return
         handlers, wakeup_fd = previous
         signal.set_wakeup_fd(wakeup_fd)
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if ignore else handler)

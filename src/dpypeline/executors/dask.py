@@ -10,8 +10,11 @@ arrives.
 
 Slots. At most ``workers // workers_per_event`` jobs are in flight, counted afresh as
 workers come and go (batch jobs start late and die at walltime; adaptive clusters grow
-and shrink). A finished future sets the loop's wake event from the client's callback; the
-loop records the outcome before the slot is used again.
+and shrink). The workers are counted by the executor's own thread, which asks the
+scheduler every second and wakes the loop when the count changes: ``capacity`` and
+``problems`` answer from that count and never wait on a scheduler that may be gone. A
+finished future sets the loop's wake event from the client's callback; the loop records
+the outcome before the slot is used again.
 
 Failures. The scheduler this executor starts marks a task erred the first time a worker
 dies under it (``allowed-failures: 0``), so a killed worker, a batch job past its walltime
@@ -30,7 +33,7 @@ the earliest one in flight for that resource and no other commit to it is runnin
 overlap and happen in queue order, exactly as with the serial executor; commits to
 different resources and jobs that commit nothing run freely. When a job of an ordered
 resource (an append store) fails, the later jobs of that resource in flight are withdrawn
-before their commit and reported as ``Held``: they go back to the queue without spending
+before their commit and reported ``Withdrawn``: they go back to the queue without spending
 an attempt, behind it. Time spent computed and waiting for the turn to commit does not
 count towards ``job_timeout``. The commit runs where its computed value lies, so the
 dataset is not moved. A commit whose future timed out keeps its resource closed to the
@@ -46,6 +49,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from dpypeline.commits import Staged
@@ -59,9 +63,9 @@ from dpypeline.executors.cluster import (
     scale,
     tls_security,
 )
-from dpypeline.executors.serial import Finished
+from dpypeline.executors.core import Finished, Withdrawn
 from dpypeline.observability.logs import get_logger, quiet_libraries, settings
-from dpypeline.ordering import CommitOrder, Held
+from dpypeline.ordering import CommitOrder
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -69,6 +73,7 @@ if TYPE_CHECKING:
 log = get_logger("dpypeline.dask")
 
 WORKERS_EVERY = 1.0  # seconds between counts of the cluster's workers
+IDENTITY_TIMEOUT = 10.0  # a scheduler that does not answer a count in this time is lost
 CONNECT_TIMEOUT = 30.0
 RESTART_TIMEOUT = 60.0
 
@@ -85,6 +90,16 @@ def run_commit(call: Staged, value: Any) -> None:
     call.commit(value)
 
 
+class Stage(StrEnum):
+    """Where a job in flight is: a job that commits nothing runs whole; one that commits
+    computes, waits (computed) for its turn, then commits."""
+
+    RUN = "run"
+    COMPUTE = "compute"
+    COMPUTED = "computed"
+    COMMIT = "commit"
+
+
 @dataclass
 class _InFlight:
     job_id: int
@@ -93,7 +108,7 @@ class _InFlight:
     started: float
     timeout: float | None
     future: Future
-    stage: str = "run"  # run | compute | computed | commit
+    stage: Stage = Stage.RUN
     computed: Future | None = None
     waiting_since: float | None = None  # computed, waiting for its turn to commit
 
@@ -114,7 +129,9 @@ class _Events:
 
 
 class DaskExecutor:
-    """Jobs on a Dask cluster, at most ``workers // workers_per_event`` at a time."""
+    """Jobs on a Dask cluster, at most ``workers // workers_per_event`` at a time. Besides
+    the core it starts (``Starts``), has deadlines (``Timeouts``), drops its jobs at once
+    (``Interrupts``) and reports its cluster (``Reports``); its jobs never get stuck."""
 
     def __init__(
         self,
@@ -131,13 +148,15 @@ class DaskExecutor:
         self._client: Client | None = None
         self._cluster: Any = None
         self._adaptive = False
+        # written by the counting thread only (and by ``start`` before it runs); the loop reads
         self._workers = 0
-        self._counted = 0.0
+        self._lost = ""
+        self._counting: threading.Thread | None = None
+        self._stop_counting = threading.Event()
         self._jobs: dict[int, _InFlight] = {}
         self._commits = CommitOrder()
         self._fenced: dict[str, threading.Event] = {}  # resources waiting for a worker restart
         self._finished: list[Finished] = []
-        self._lost = ""
         self._address: str | None = None
         self._dashboard: str | None = None
 
@@ -171,7 +190,11 @@ class DaskExecutor:
         # asked once: both are calls to the scheduler, which could hang once it is gone
         self._address = self._client.scheduler.address
         self._dashboard = self._client.dashboard_link or None  # "": none
-        self._count_workers(time.monotonic(), force=True)
+        self._count_workers()
+        self._counting = threading.Thread(
+            target=self._count_until_closed, name="dpypeline-dask-workers", daemon=True
+        )
+        self._counting.start()
         log.info("cluster_ready", **self.describe())
         if not str(self._address).startswith("tls://"):
             action = (
@@ -183,6 +206,12 @@ class DaskExecutor:
         """Cancel what runs, close the client and the cluster this executor started (a
         batch cluster cancels its jobs); a caller's client only loses this executor's
         futures, which the scheduler then drops. Idempotent."""
+        self._stop_counting.set()
+        if self._counting is not None:
+            # not waited for beyond a moment: a count stuck on a scheduler that is gone ends
+            # when the client closes, and the thread finds it stopped
+            self._counting.join(WORKERS_EVERY)
+            self._counting = None
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
         self._jobs.clear()
@@ -207,8 +236,6 @@ class DaskExecutor:
     # -- slots ----------------------------------------------------------------------------
 
     def capacity(self) -> int:
-        now = time.monotonic()
-        self._count_workers(now)
         if self._lost:
             return 0
         slots = self._workers // self._config.workers_per_event
@@ -216,21 +243,38 @@ class DaskExecutor:
             slots = max(slots, 1)  # an adaptive cluster at zero workers grows on demand
         return max(0, slots - len(self._jobs))
 
-    def _count_workers(self, now: float, *, force: bool = False) -> None:
+    def _count_until_closed(self) -> None:
+        while not self._stop_counting.wait(WORKERS_EVERY):
+            self._count_workers()
+
+    def _count_workers(self) -> None:
+        """Ask the scheduler how many workers it has (on the counting thread: this may
+        wait ``IDENTITY_TIMEOUT``); wake the loop when the answer changes its slots."""
         client = self._client
-        if client is None or (not force and now - self._counted < WORKERS_EVERY):
+        if client is None:
             return
-        self._counted = now
+        workers, lost = self._workers, ""
         if client.status != "running":
-            self._lost = f"the Dask scheduler is unreachable (client {client.status})"
-            return
-        try:
-            info = client.sync(client.scheduler.identity, n_workers=0, callback_timeout=10)
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the scheduler
-            self._lost = f"the Dask scheduler does not answer: {type(exc).__name__}: {exc}"
-            return
-        self._lost = ""
-        workers, per_event = int(info["n_workers"]), self._config.workers_per_event
+            lost = f"the Dask scheduler is unreachable (client {client.status})"
+        else:
+            try:
+                info = client.sync(
+                    client.scheduler.identity, n_workers=0, callback_timeout=IDENTITY_TIMEOUT
+                )
+            except Exception as exc:  # noqa: BLE001 - any failure to reach the scheduler
+                lost = f"the Dask scheduler does not answer: {type(exc).__name__}: {exc}"
+            else:
+                workers = int(info["n_workers"])
+        if self._stop_counting.is_set():
+            return  # closed meanwhile: the answer is of no use
+        changed = (workers, lost) != (self._workers, self._lost)
+        self._lost = lost
+        self._counted(workers)
+        if changed:
+            self._wake.set()
+
+    def _counted(self, workers: int) -> None:
+        per_event = self._config.workers_per_event
         if workers != self._workers:
             log.info("cluster_workers", workers=workers, was=self._workers)
             if 0 < workers < per_event:
@@ -242,9 +286,6 @@ class DaskExecutor:
                 )
         self._workers = workers
 
-    def in_flight(self) -> list[int]:
-        return list(self._jobs)
-
     # -- running jobs ---------------------------------------------------------------------
 
     def submit(self, job_id: int, call: Staged, timeout: float | None, now: float) -> None:
@@ -255,7 +296,7 @@ class DaskExecutor:
             job = _InFlight(job_id, call, None, now, timeout, future)
         else:
             future = self._client.submit(run_compute, call, pure=False, key=_key(job_id, "compute"))
-            job = _InFlight(job_id, call, commit.resource, now, timeout, future, stage="compute")
+            job = _InFlight(job_id, call, commit.resource, now, timeout, future, Stage.COMPUTE)
             self._commits.add(job_id, commit.resource, ordered=commit.ordered)
         self._jobs[job_id] = job
         future.add_done_callback(self._events.callback(job_id))
@@ -272,21 +313,21 @@ class DaskExecutor:
         return finished
 
     def _on_done(self, job: _InFlight, future: Future) -> None:
-        if future.status == "finished" and job.stage == "compute":
-            job.stage, job.computed = "computed", future
+        if future.status == "finished" and job.stage is Stage.COMPUTE:
+            job.stage, job.computed = Stage.COMPUTED, future
             job.waiting_since = time.monotonic()
             self._commits.computed(job.job_id)
             self._next_commit(job.resource)
             return
         if future.status == "finished":
-            self._finish(job, Finished(job.job_id))
+            self._finish(job, Finished.of(job.job_id, None))
             return
         error: BaseException
         if future.status == "error":
             error = future.exception() or RuntimeError("the task failed without an exception")
         else:
             error = RuntimeError(f"the task was cancelled on the cluster ({future.status})")
-        self._finish(job, Finished(job.job_id, error=error))
+        self._finish(job, Finished.of(job.job_id, error))
 
     def _finish(self, job: _InFlight, result: Finished) -> None:
         result.duration = time.monotonic() - job.started
@@ -301,13 +342,12 @@ class DaskExecutor:
 
     def _withdraw(self, job: _InFlight, behind: int) -> None:
         """A later job of an ordered resource whose earlier job failed: dropped before its
-        commit (its computed value is released), and reported as held."""
+        commit (its computed value is released), and reported withdrawn."""
         for future in (job.future, job.computed):
             if future is not None:
                 future.release()
-        self._finished.append(
-            Finished(job.job_id, error=Held(behind), duration=time.monotonic() - job.started)
-        )
+        duration = time.monotonic() - job.started
+        self._finished.append(Finished(job.job_id, Withdrawn(behind), duration))
 
     def _next_commit(self, resource: str | None) -> None:
         """Start the earliest job's commit to ``resource`` once it is computed and nothing
@@ -323,7 +363,7 @@ class DaskExecutor:
         if job_id is None:
             return
         head = self._jobs[job_id]
-        head.stage = "commit"
+        head.stage = Stage.COMMIT
         if head.waiting_since is not None:  # waiting for its turn is not running late
             head.started += time.monotonic() - head.waiting_since
             head.waiting_since = None
@@ -338,16 +378,17 @@ class DaskExecutor:
         deadlines = [j.started + (j.timeout or 0.0) for j in self._timed()]
         return min(deadlines, default=None)
 
-    def enforce_timeouts(self, now: float) -> list[int]:
-        """Cancel jobs past their timeout and restart the workers that ran them; the
-        attempts are reported as timeouts by the next ``completed``. Never stuck."""
+    def enforce_timeouts(self, now: float) -> None:
+        """Cancel jobs past their timeout and restart the workers that ran them (on a
+        thread of their own); the attempts are reported as timeouts by the next
+        ``completed``. A cancelled future is never left running: no job gets stuck."""
         for resource in [r for r, fence in self._fenced.items() if fence.is_set()]:
             self._next_commit(resource)
         late = [j for j in self._timed() if now >= j.started + (j.timeout or 0.0)]
         for job in late:
             futures = [f for f in (job.future, job.computed) if f is not None]
             fence = threading.Event()
-            if job.stage == "commit" and job.resource is not None:
+            if job.stage is Stage.COMMIT and job.resource is not None:
                 self._fenced[job.resource] = fence
             threading.Thread(
                 target=self._restart_workers_of,
@@ -355,12 +396,12 @@ class DaskExecutor:
                 name=f"dpypeline-dask-timeout-{job.job_id}",
                 daemon=True,
             ).start()
-            self._finish(job, Finished(job.job_id, error=JobTimeout()))
-        return []
+            self._finish(job, Finished.of(job.job_id, JobTimeout()))
 
     def _timed(self) -> list[_InFlight]:
         """Jobs whose clock runs: not those computed and waiting for their turn to commit."""
-        return [j for j in self._jobs.values() if j.timeout is not None and j.stage != "computed"]
+        timed = (j for j in self._jobs.values() if j.timeout is not None)
+        return [j for j in timed if j.stage is not Stage.COMPUTED]
 
     def _restart_workers_of(self, futures: list[Future], fence: threading.Event) -> None:
         """A cancelled task goes on running in its worker's thread; only a restart of the
@@ -382,13 +423,9 @@ class DaskExecutor:
             fence.set()
             self._wake.set()
 
-    def is_overdue(self, now: float) -> bool:
-        return False  # a timed-out future is cancelled, never left running
-
     # -- health and status ----------------------------------------------------------------
 
     def problems(self) -> list[str]:
-        self._count_workers(time.monotonic())
         problems = [self._lost] if self._lost else []
         status = getattr(getattr(self._cluster, "status", None), "name", None)
         if status is not None and status not in ("running", "created"):

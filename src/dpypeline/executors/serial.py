@@ -1,8 +1,8 @@
-"""Executors: where a job's function runs. The service loop alone talks to the ledger;
-an executor only runs functions and reports how they ended.
+"""The serial executor: one job at a time, on a thread of the service process.
 
-The serial executor runs one job at a time on a worker thread of the service process,
-so the loop stays free to watch, settle, answer signals and prove health. A job past
+The service loop alone talks to the ledger; an executor only runs functions and reports
+how they ended (:mod:`dpypeline.executors.core`). Running the job on a thread keeps the
+loop free to watch, settle, answer signals and prove health. A job past
 ``job_timeout`` is interrupted by raising ``JobTimeout`` inside its thread; Python can
 only deliver that between bytecodes, so a task blocked inside C code (or a lock) cannot
 be interrupted: the executor then reports the job as *stuck* and the service, which
@@ -16,42 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from dpypeline.commits import Staged
 from dpypeline.errors import JobTimeout
+from dpypeline.executors.core import Finished
 
 STUCK_GRACE = 10.0  # at most this long a timed-out job gets to unwind before it is stuck
 
 
 def _grace(timeout: float) -> float:
     return min(STUCK_GRACE, max(1.0, timeout))
-
-
-@dataclass
-class Finished:
-    job_id: int
-    value: Any = None
-    error: BaseException | None = None
-    duration: float = 0.0
-
-
-class Executor(Protocol):
-    """What the worker loop needs from an executor. Every method is called from the
-    service's loop thread only; an executor sets ``wake`` when a job finishes."""
-
-    def start(self) -> None: ...
-    def capacity(self) -> int: ...
-    def in_flight(self) -> list[int]: ...
-    def submit(self, job_id: int, call: Staged, timeout: float | None, now: float) -> None: ...
-    def completed(self) -> list[Finished]: ...
-    def next_deadline(self) -> float | None: ...
-    def enforce_timeouts(self, now: float) -> list[int]: ...
-    def is_overdue(self, now: float) -> bool: ...
-    def problems(self) -> list[str]: ...
-    def describe(self) -> dict[str, Any]: ...
-    def interrupt(self) -> None: ...
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -65,26 +39,15 @@ class _Running:
 
 
 class SerialExecutor:
-    """One job at a time, in this process."""
+    """One job at a time, in this process. Besides the core it has deadlines
+    (``Timeouts``), a thread that can ignore them (``Sticks``) and ``interrupt``."""
 
     def __init__(self, wake: threading.Event) -> None:
         self._wake = wake
         self._running: _Running | None = None
 
-    def start(self) -> None:
-        pass
-
-    def problems(self) -> list[str]:
-        return []
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "serial", "slots": 1, "in_flight": len(self.in_flight())}
-
     def capacity(self) -> int:
         return 0 if self._running is not None else 1
-
-    def in_flight(self) -> list[int]:
-        return [self._running.job_id] if self._running is not None else []
 
     def submit(self, job_id: int, fn: Callable[[], Any], timeout: float | None, now: float) -> None:
         if self._running is not None:
@@ -94,11 +57,11 @@ class SerialExecutor:
         def target() -> None:
             t0 = time.perf_counter()
             try:
-                value = fn()
+                fn()
             except BaseException as exc:  # noqa: BLE001 - reported to the loop, which classifies it
-                result.append(Finished(job_id, error=exc, duration=time.perf_counter() - t0))
+                result.append(Finished.of(job_id, exc, time.perf_counter() - t0))
             else:
-                result.append(Finished(job_id, value=value, duration=time.perf_counter() - t0))
+                result.append(Finished.of(job_id, None, time.perf_counter() - t0))
             finally:
                 self._wake.set()
 
@@ -111,7 +74,7 @@ class SerialExecutor:
         if r is None or (r.thread.is_alive() and not r.result):
             return []  # a result is in before the wake-up call, while the thread still ends
         self._running = None
-        return r.result or [Finished(r.job_id, error=RuntimeError("the job thread vanished"))]
+        return r.result or [Finished.of(r.job_id, RuntimeError("the job thread vanished"))]
 
     def next_deadline(self) -> float | None:
         r = self._running
@@ -121,14 +84,19 @@ class SerialExecutor:
             return r.started + r.timeout
         return r.interrupted_at + _grace(r.timeout)
 
-    def enforce_timeouts(self, now: float) -> list[int]:
-        """Interrupt jobs past their timeout; return the ids of jobs that ignored it."""
+    def enforce_timeouts(self, now: float) -> None:
+        """Interrupt the job once it is past its timeout."""
         r = self._running
         if r is None or r.timeout is None or now < r.started + r.timeout:
-            return []
+            return
         if r.interrupted_at is None:
             r.interrupted_at = now
             _raise_in_thread(r.thread, JobTimeout)
+
+    def stuck(self, now: float) -> list[int]:
+        """The job, if it has ignored its interruption for longer than its grace."""
+        r = self._running
+        if r is None or r.timeout is None or r.interrupted_at is None:
             return []
         return [r.job_id] if now >= r.interrupted_at + _grace(r.timeout) else []
 
@@ -142,14 +110,6 @@ class SerialExecutor:
         """Stop the running job now (a second stop signal)."""
         if self._running is not None:
             _raise_in_thread(self._running.thread, JobTimeout)
-
-    def wait(self, timeout: float) -> bool:
-        """Wait for the running job to end; True if none is running any more."""
-        r = self._running
-        if r is None:
-            return True
-        r.thread.join(timeout)
-        return not r.thread.is_alive()
 
     def close(self) -> None:
         self._running = None

@@ -21,10 +21,21 @@ from dpypeline.loop.timers import Timer, Timers
 from dpypeline.observability.logs import get_logger
 from dpypeline.observability.metrics import Metrics
 from dpypeline.state.ledger import Ledger
+from dpypeline.watching.observations import (
+    Complete,
+    Created,
+    Deleted,
+    NewDirectory,
+    Observation,
+    Overflow,
+    Scanned,
+    Unwatched,
+    Writing,
+)
 from dpypeline.watching.scan import FileVersion
 from dpypeline.watching.scanner import Scanner
 from dpypeline.watching.settle import Settler, StableFile
-from dpypeline.watching.watch import Inbox, Observation, Watcher, WatchSpec, build_specs
+from dpypeline.watching.watch import Inbox, Watcher, WatchSpec, build_specs
 
 log = get_logger("dpypeline.service")
 
@@ -142,46 +153,54 @@ class Arrivals:
             self.timers.every(Timer.POLL, poll, now + poll, spec.index)
 
     def _observe(self, obs: Observation, now: float) -> None:
-        if obs.kind == "overflow":
-            self.metrics.overflows.inc()
-            log.warning("watch_overflow", reason=obs.reason, action="rescanning every watch")
-            for spec in self.specs:
-                self.request_scan(spec.index, "overflow")
-            return
-        spec = self.specs[obs.watch]
-        settle = spec.config.settle
-        if obs.kind == "created" and self._known(obs.path):
-            return  # a late report: a close or a scan has shown this version complete
-        noticed = obs.kind in ("created", "writing", "complete")
-        if noticed and self.settler.quiet_for(obs.path, now) is None:
-            self.metrics.files_seen.labels("watch").inc()  # once per file version noticed
-        if obs.kind in ("created", "writing") and self._stale(obs.path):
-            return
-        if obs.kind in ("created", "writing"):
-            self.settler.note(obs.path, spec.root, settle, now, eligible=spec.mode == "poll")
-        elif obs.kind == "complete":
-            self.settler.note(obs.path, spec.root, settle, now, eligible=True)
-        elif obs.kind == "deleted":
-            self.settler.forget(obs.path)
-        elif obs.kind == "unwatched":
-            self._poll_unwatched(spec, obs, now)
-        elif obs.kind == "directory" and not os.path.islink(obs.path):
-            # watchdog reports a link to a directory inside a new one as a directory; scans
-            # never go through links to directories
-            self.request_scan(spec.index, "new directory", obs.path)
-        elif obs.kind == "scanned":
-            self.pending_scans -= 1  # a failed scan too: it was logged, the next one retries
-            if obs.full and not obs.failed:
-                spec.directories = obs.directories  # for the watcher's coverage check
-            elif obs.path in spec.unwatched and obs.reason == "poll":
-                if obs.directories:
-                    spec.unwatched[obs.path] = obs.directories
-                else:  # gone: nothing left there to poll
-                    del spec.unwatched[obs.path]
-            if not obs.failed:
-                self._reconcile(spec, obs, now)
+        match obs:
+            case Overflow():
+                self.metrics.overflows.inc()
+                log.warning("watch_overflow", reason=obs.reason, action="rescanning every watch")
+                for spec in self.specs:
+                    self.request_scan(spec.index, "overflow")
+            case Created() | Writing() | Complete():
+                self._noticed(obs, now)
+            case Deleted():
+                self.settler.forget(obs.path)
+            case Unwatched():
+                self._poll_unwatched(self.specs[obs.watch], obs, now)
+            case NewDirectory():
+                # watchdog reports a link to a directory inside a new one as a directory;
+                # scans never go through links to directories
+                if not os.path.islink(obs.path):
+                    self.request_scan(obs.watch, "new directory", obs.path)
+            case Scanned():
+                self._scanned(obs, now)
 
-    def _poll_unwatched(self, spec: WatchSpec, obs: Observation, now: float) -> None:
+    def _noticed(self, obs: Created | Writing | Complete, now: float) -> None:
+        """A file being written (settles unless a close comes first, on a poll watch only
+        by its settle time) or complete (settles by its settle time)."""
+        spec = self.specs[obs.watch]
+        if isinstance(obs, Created) and self._known(obs.path):
+            return  # a late report: a close or a scan has shown this version complete
+        if self.settler.quiet_for(obs.path, now) is None:
+            self.metrics.files_seen.labels("watch").inc()  # once per file version noticed
+        if isinstance(obs, Complete):
+            self.settler.note(obs.path, spec.root, spec.config.settle, now, eligible=True)
+        elif not self._stale(obs.path):
+            eligible = spec.mode == "poll"
+            self.settler.note(obs.path, spec.root, spec.config.settle, now, eligible=eligible)
+
+    def _scanned(self, obs: Scanned, now: float) -> None:
+        spec = self.specs[obs.watch]
+        self.pending_scans -= 1  # a failed scan too: it was logged, the next one retries
+        if obs.full and not obs.failed:
+            spec.directories = obs.directories  # for the watcher's coverage check
+        elif obs.path in spec.unwatched and obs.reason == "poll":
+            if obs.directories:
+                spec.unwatched[obs.path] = obs.directories
+            else:  # gone: nothing left there to poll
+                del spec.unwatched[obs.path]
+        if not obs.failed:
+            self._reconcile(spec, obs, now)
+
+    def _poll_unwatched(self, spec: WatchSpec, obs: Unwatched, now: float) -> None:
         """Poll, from now on, a directory of an inotify watch that the kernel refused a
         watch (the user's ``fs.inotify.max_user_watches`` reached): watchdog goes on
         without it, and files written there would otherwise wait for the next rescan."""
@@ -232,7 +251,7 @@ class Arrivals:
         version = FileVersion(path, st.st_size, st.st_mtime_ns)
         return not intake.unknown(self._ledger, [version], self.job_names)
 
-    def _reconcile(self, spec: WatchSpec, obs: Observation, now: float) -> None:
+    def _reconcile(self, spec: WatchSpec, obs: Scanned, now: float) -> None:
         """Hand the files a scan found, and the ledger does not know, to the settler.
 
         A file inotify reports as being written stays so: a periodic scan must not declare

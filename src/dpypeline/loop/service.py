@@ -13,6 +13,13 @@ stops taking work and gives the running job ``stop_grace`` to finish; a job stil
 then, or at a second signal, goes back to the head of the queue with its attempt refunded,
 and the service stops. A stop therefore never waits for a two-hour job, and the job is
 either ``done`` or queued again.
+
+Lifecycle, as distributed's ``Server``: one ``status``; ``start`` either fully succeeds or
+closes what it opened, ends ``failed`` and re-raises; ``close`` is idempotent; the service
+is a context manager (``with Service(...) as service:`` starts it and closes it); why it
+stopped is one ``StopReason``. Two faults only a fresh process mends end ``run`` with an
+exception the command line answers by re-executing itself: a job that ignored its timeout
+(``StuckJob``: its thread cannot be reclaimed) and a lost cluster (``ClusterLost``).
 """
 
 from __future__ import annotations
@@ -21,17 +28,17 @@ import faulthandler
 import time
 from collections.abc import Mapping
 from enum import StrEnum
-from types import FrameType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, Self
 
 from dpypeline.clock import Clock
 from dpypeline.config.model import PipelineConfig
 from dpypeline.config.taskpath import task_dirs
-from dpypeline.executors.serial import Executor, SerialExecutor
+from dpypeline.executors.core import Executor, Interrupts, Reports, Starts, Sticks, Timeouts
+from dpypeline.executors.serial import SerialExecutor
 from dpypeline.loop.arrivals import Arrivals
 from dpypeline.loop.health import Health, Snapshot, Verdict, status_line
 from dpypeline.loop.progress import ExecutorFile, Observer, Observers, StatusNotice
-from dpypeline.loop.restart import ClusterLost, StuckJob
 from dpypeline.loop.timers import Timer, Timers
 from dpypeline.loop.worker import Worker
 from dpypeline.objectstore import close_clients
@@ -71,6 +78,24 @@ class Status(StrEnum):
     FAILED = "failed"
 
 
+class StopReason(StrEnum):
+    """Why the service stopped (the ``reason`` of ``service_stopped``)."""
+
+    STOPPED = "stopped"  # asked to (a signal, ``request_stop``), or ``--once`` drained
+    TIME_BUDGET = "time budget reached"  # ``--max-runtime``
+    STUCK_JOB = "stuck job"  # a job ignored its timeout: the process restarts
+    CLUSTER_LOST = "cluster lost"  # the Dask scheduler is gone: the process restarts
+    START_FAILED = "start-up failed"
+
+
+class StuckJob(RuntimeError):
+    """A job ignored its timeout; only a restart of the process can reclaim its thread."""
+
+
+class ClusterLost(RuntimeError):
+    """The Dask scheduler or cluster is gone; a restart reconnects to it or rebuilds it."""
+
+
 class Service:
     def __init__(
         self,
@@ -84,19 +109,18 @@ class Service:
         observers: tuple[Observer, ...] = (),  # what shows progress (a terminal's live line)
         max_runtime: float | None = None,  # seconds from start; then stop as on SIGTERM
     ) -> None:
-        self.config, self.jobs, self.setup = config, jobs, setup or []
+        self.config, self.jobs = config, jobs
         self.once = (not config.monitor) if once is None else once
         self.max_runtime = max_runtime
         self._budget_ends: float | None = None  # on the monotonic clock
-        self.budget_reached = False
         self.work_left = False  # after a stop for the budget: jobs still queued
         self.job_names = [job.name for job in jobs]
         self.status = Status.CREATED
-        self.stuck = self.cluster_lost = False
-        self._wake = Wakeup()  # rung by the watcher, the executor and signals
-        self._stop = StopSignals(self._wake)
+        self.stop_reason: StopReason | None = None
+        wake = Wakeup()  # rung by the watcher, the executor and signals
+        self._stop = StopSignals(wake)
         self._stop_deadline: float | None = None
-        self._inbox = Inbox(self._wake)
+        self._inbox = Inbox(wake)
         self.metrics = Metrics(self.job_names, list(config.objectstores))
         self._clock = Clock()
         self._arrivals = Arrivals(
@@ -106,8 +130,14 @@ class Service:
         self._timers = Timers()
         self._ledger: Ledger | None = None
         self._executor = executor or self._make_executor(dask_client)  # a client: the caller's
+        # what the executor can do besides the core, looked up once
+        ex = self._executor
+        self._timeouts = ex if isinstance(ex, Timeouts) else None
+        self._sticks = ex if isinstance(ex, Sticks) else None
+        self._reports = ex if isinstance(ex, Reports) else None
         self._worker: Worker | None = None
-        self._setup = PendingSetup([], None, config.retry.backoff)
+        # the setup tasks not yet run (their context is made at start)
+        self._setup = PendingSetup(setup or [], None, config.retry.backoff)
         self._notifier = Notifier()
         wd = self._notifier.watchdog_interval
         self._health_every = min(HEALTH_EVERY, wd) if wd else HEALTH_EVERY
@@ -116,36 +146,56 @@ class Service:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Start, loop until done (``once``) or stopped, close. Returns the exit code."""
+    def run(self, *, exiting: bool = False) -> int:
+        """Start, loop until done (``once``) or stopped, close. Returns the exit code.
+        ``exiting``: the process ends after this, so stop signals that come after the
+        close are ignored (they have nothing left to stop, and must not turn a clean exit
+        into death by signal), instead of going back to the handlers found at start."""
         if not faulthandler.is_enabled():
             # the watchdog's SIGABRT (and any fatal signal) prints every thread's stack to
             # stderr, which is the journal under systemd: where was it stuck?
             faulthandler.enable()
         previous = self._install_signal_handlers()  # a stop during start-up is not lost
         try:
-            self.start()
-            try:
+            with self:
                 while self.step():
                     self._sleep()
-                if self.stuck:
-                    raise StuckJob("a job did not stop after its timeout")
-                if self.cluster_lost:
-                    raise ClusterLost("the Dask scheduler is unreachable")
-                if self.budget_reached and self._ledger is not None:
-                    self.work_left = self._ledger.has_unfinished() or not self._arrivals.idle
-                if self.work_left:
-                    return EXIT_TIME_BUDGET
-                return EXIT_JOBS_DEAD if self.once and self.jobs_dead else 0
-            finally:
-                reason = "stuck job" if self.stuck else "cluster lost" if self.cluster_lost else ""
-                reason = reason or ("time budget reached" if self.budget_reached else "")
-                self.close(reason or "stopped")
-        finally:
-            self._restore_signal_handlers(previous)  # after close: more signals change nothing
+                return self._exit_code()
+        finally:  # after close: more signals change nothing
+            self._restore_signal_handlers(previous, ignore=exiting)
+
+    def _exit_code(self) -> int:
+        """The loop has ended: raise for a restart, or say how the run went."""
+        if self.stop_reason is StopReason.STUCK_JOB:
+            raise StuckJob("a job did not stop after its timeout")
+        if self.stop_reason is StopReason.CLUSTER_LOST:
+            raise ClusterLost("the Dask scheduler is unreachable")
+        if self.stop_reason is StopReason.TIME_BUDGET and self._ledger is not None:
+            self.work_left = self._ledger.has_unfinished() or not self._arrivals.idle
+        if self.work_left:
+            return EXIT_TIME_BUDGET
+        return EXIT_JOBS_DEAD if self.once and self.jobs_dead else 0
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def start(self, now: float | None = None, wall: float | None = None) -> None:
-        """Either fully succeeds or closes what it opened, marks itself failed and re-raises."""
+        """Either fully succeeds or closes what it opened, marks itself failed and
+        re-raises. Idempotent while the service runs; a closed service does not start
+        again (make a new one)."""
+        if self.status in (Status.STARTING, Status.RUNNING, Status.STOPPING):
+            return
+        if self.status is not Status.CREATED:
+            raise RuntimeError(f"the service is {self.status.value}: it cannot start again")
         self.status = Status.STARTING
         cfg = self.config
         if self.max_runtime is not None:  # start-up counts: it is part of the wall time
@@ -166,22 +216,22 @@ class Service:
             settling, per_file = self._arrivals.settler, len(self.job_names)
             self._live.watch(self._ledger, self._worker, lambda: len(settling) * per_file)
             extend(START_STEP)  # a cluster may take a while to come up
-            self._executor.start()
-            ctx = SetupContext(objectstores=cfg.objectstores, log=log)
-            extend(START_STEP * max(1, len(self.setup)))
+            if isinstance(self._executor, Starts):
+                self._executor.start()
+            extend(START_STEP * max(1, len(self._setup.tasks)))
             # a store that does not answer yet is waited for while the service runs (READY,
             # STATUS "waiting for objectstore X"): no job starts until setup has succeeded
-            self._setup = PendingSetup(self.setup, ctx, cfg.retry.backoff)
+            self._setup.context = SetupContext(objectstores=cfg.objectstores, log=log)
             self._setup.run(now)
             extend(START_STEP)
             self._arrivals.open(self._ledger, now, on_progress=lambda: extend(START_STEP))
             self._timers.every(Timer.HEALTH, self._health_every, now + self._health_every)
-            if cfg.executor.kind != "serial":
+            if cfg.executor.kind != "serial" and self._reports is not None:
                 self._timers.every(Timer.EXECUTOR_STATUS, EXECUTOR_STATUS_EVERY, None)
-                self._live.add(ExecutorFile(cfg.cache_dir, self._executor.describe))
+                self._live.add(ExecutorFile(cfg.cache_dir, self._reports.describe))
         except BaseException:
-            self.status = Status.FAILED
-            self.close("start-up failed")
+            self.status, self.stop_reason = Status.FAILED, StopReason.START_FAILED
+            self._close()
             raise
         self.status = Status.RUNNING
         for warning in outputs_inside_watches(cfg, self.jobs):
@@ -198,10 +248,16 @@ class Service:
         )
         self._notifier.ready(self.status_text(now))
 
-    def close(self, reason: str = "stopped") -> None:
-        """Idempotent; always ends ``stopped`` (or ``failed``)."""
-        if self.status is Status.STOPPED:
+    def close(self, reason: StopReason | None = None) -> None:
+        """Idempotent; always ends ``stopped`` (or ``failed``, when start-up failed).
+        ``reason``: why, unless the loop has already said (a stop asked for by default)."""
+        if self.status in (Status.STOPPED, Status.FAILED):
             return
+        self.stop_reason = self.stop_reason or reason or StopReason.STOPPED
+        self._close()
+
+    def _close(self) -> None:
+        reason = (self.stop_reason or StopReason.STOPPED).value
         self._live.close()  # a last frame while the ledger is open
         self._arrivals.close()
         self._executor.close()
@@ -254,6 +310,21 @@ class Service:
         return self._health.problems
 
     @property
+    def stuck(self) -> bool:
+        """A job ignored its timeout: the service stopped to restart."""
+        return self.stop_reason is StopReason.STUCK_JOB
+
+    @property
+    def cluster_lost(self) -> bool:
+        """The Dask scheduler was gone too long: the service stopped to restart."""
+        return self.stop_reason is StopReason.CLUSTER_LOST
+
+    @property
+    def budget_reached(self) -> bool:
+        """``--max-runtime`` ran out (a stop asked for by the clock)."""
+        return self.stop_reason is StopReason.TIME_BUDGET
+
+    @property
     def stop_requested(self) -> bool:
         return self._stop.requested
 
@@ -267,8 +338,8 @@ class Service:
     def _install_signal_handlers(self) -> Previous | None:
         return self._stop.install()
 
-    def _restore_signal_handlers(self, previous: Previous | None) -> None:
-        self._stop.restore(previous)
+    def _restore_signal_handlers(self, previous: Previous | None, *, ignore: bool = False) -> None:
+        self._stop.restore(previous, ignore=ignore)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -282,8 +353,8 @@ class Service:
         ledger, worker = self._ledger, self._worker
         self._inbox.wake.clear()
         self._arrivals.step(now)
-        if self._timers.fire(Timer.EXECUTOR_STATUS, now):
-            write_executor_status(self.config.cache_dir, self._executor.describe())
+        if self._reports is not None and self._timers.fire(Timer.EXECUTOR_STATUS, now):
+            write_executor_status(self.config.cache_dir, self._reports.describe())
         self._health_if_due(now)
         next_retry = worker.next_retry(now, stepped)
         if next_retry is not None and next_retry <= now:
@@ -294,7 +365,7 @@ class Service:
         if self._health.cluster_gone(now, watchdog=bool(self._notifier.watchdog_interval)):
             log.error("cluster_lost", problems=self.problems, action="restarting the service")
             worker.release_all(now)
-            self.cluster_lost = True
+            self.stop_reason = StopReason.CLUSTER_LOST
             return False
         if self._budget_spent():
             self._stop.request()
@@ -320,8 +391,12 @@ class Service:
         """A job that ignored its timeout: the service stops, to restart and reclaim the
         worker (or, under a systemd watchdog, stops proving health so systemd restarts it)."""
         assert self._worker is not None
+        if self._timeouts is not None:
+            self._timeouts.enforce_timeouts(now)
+        if self._sticks is None:
+            return False
         watchdog = bool(self._notifier.watchdog_interval)
-        for job_id in self._executor.enforce_timeouts(now):
+        for job_id in self._sticks.stuck(now):
             if watchdog and self._stuck_reported:
                 continue
             self._stuck_reported = True
@@ -336,18 +411,18 @@ class Service:
                 # overdue: unhealthy); its attempt was counted before it ran
                 continue
             self._worker.abandon_stuck(job_id, now)
-            self.stuck = True
+            self.stop_reason = StopReason.STUCK_JOB
             return True
         return False
 
     def _budget_spent(self) -> bool:
         """``--max-runtime`` ran out: no new job starts, running ones get ``stop_grace``,
         as on SIGTERM. Said once."""
-        if self._budget_ends is None or self.budget_reached:
+        if self._budget_ends is None or self.stop_reason is not None:
             return False
         if time.monotonic() < self._budget_ends:
             return False
-        self.budget_reached = True
+        self.stop_reason = StopReason.TIME_BUDGET
         log.info(
             "time_budget_reached",
             max_runtime=self.max_runtime,
@@ -375,7 +450,8 @@ class Service:
         self._health_if_due(now)
         if self._stop.now:
             worker.release_all(now)
-            self._executor.interrupt()
+            if isinstance(self._executor, Interrupts):
+                self._executor.interrupt()
             self._executor.close()
         return worker.busy()
 
@@ -409,8 +485,9 @@ class Service:
 
     def check_health(self, now: float) -> Verdict:
         """Repair what can be repaired; what is left makes the service unhealthy."""
-        watching, overdue = self._arrivals.check(now), self._executor.is_overdue(now)
-        executor = self._executor.problems()
+        watching = self._arrivals.check(now)
+        overdue = self._sticks is not None and self._sticks.is_overdue(now)
+        executor = self._reports.problems() if self._reports is not None else []
         self.metrics.health(watching, overdue, executor)
         verdict = self._health.assess(now, watching=watching, overdue=overdue, executor=executor)
         if verdict.changed:
@@ -454,7 +531,7 @@ class Service:
         deadlines = (
             self._arrivals.next_deadline(),
             self._clock.monotonic(next_retry) if next_retry is not None else None,
-            self._executor.next_deadline(),
+            self._timeouts.next_deadline() if self._timeouts is not None else None,
             None if self._setup.done else self._setup.next_at,
             worker.paused_until if worker and worker.paused_until > now else None,
             self._timers.next_deadline(),

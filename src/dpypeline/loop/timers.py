@@ -39,9 +39,6 @@ class Timers:
         ``seconds`` after each time it fires."""
         self._table[timer, watch] = _Entry(seconds, first)
 
-    def has(self, timer: Timer, watch: int = SERVICE) -> bool:
-        return (timer, watch) in self._table
-
     def due_now(self, timer: Timer, watch: int = SERVICE) -> None:
         """Make a scheduled duty due at the next look (its period stays)."""
         if (entry := self._table.get((timer, watch))) is not None:

@@ -20,10 +20,10 @@ from dpypeline.errors import (
     TransientError,
     Unavailable,
 )
-from dpypeline.executors.serial import Executor, Finished
+from dpypeline.executors.core import Done, Executor, Failed, Finished, Paused, Withdrawn
 from dpypeline.observability.logs import get_logger
 from dpypeline.observability.metrics import Metrics
-from dpypeline.ordering import Held, behind_dead, hold_for
+from dpypeline.ordering import behind_dead, hold_for
 from dpypeline.paths import refusal
 from dpypeline.pipeline import Job, JobCall, JobContext
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
@@ -277,17 +277,18 @@ class Worker:
 
     def _finish(self, f: Finished, now: float) -> None:
         claim, jlog = self._active.pop(f.job_id)
-        if isinstance(f.error, Unavailable):
-            return self._pause(claim, f.error, jlog, now)
-        if isinstance(f.error, Held):
-            return self._park(claim, f.error, jlog, now)
+        match f.outcome:
+            case Paused(outage=outage):
+                return self._pause(claim, outage, jlog, now)
+            case Withdrawn(behind=behind):
+                return self._park(claim, behind, jlog, now)
+            case Done():
+                decision, error = Decision(JobState.DONE), None
+            case Failed(error=error):
+                decision = decide(error, claim, self.config.retry, self.clock.wall(now))
         self._outages = 0
         self.metrics.outage_over()
-        if f.error is None:
-            decision = Decision(JobState.DONE)
-        else:
-            decision = decide(f.error, claim, self.config.retry, self.clock.wall(now))
-        self._record(claim, decision, jlog, now, duration=f.duration, exc=f.error)
+        self._record(claim, decision, jlog, now, duration=f.duration, exc=error)
         return None
 
     def _pause(self, claim: Claim, exc: Unavailable, jlog: Any, now: float) -> None:
@@ -311,16 +312,17 @@ class Worker:
             " service comes back",
         )
 
-    def _park(self, claim: Claim, held: Held, jlog: Any, now: float) -> None:
+    def _park(self, claim: Claim, behind: int, jlog: Any, now: float) -> None:
         """Withdrawn before its commit: an earlier job of the same ordered resource failed.
         Back to the queue without spending an attempt, held behind that job."""
-        self.ledger.park(claim, held.behind, self.clock.wall(now))
+        self.ledger.park(claim, behind, self.clock.wall(now))
         jlog.info(
             "job_held",
             store=self.ordered.get(claim.record.job),
-            behind=held.behind,
+            behind=behind,
             state=JobState.QUEUED.value,
-            reason=held.reason,
+            reason=f"held behind job {behind}, an earlier file of the same append store"
+            " that failed; it runs once that one is written",
         )
 
     def abandon_stuck(self, job_id: int, now: float) -> None:

@@ -1,6 +1,6 @@
 """Logging, configured once: structlog for our events, the standard library's loggers
-(watchdog, persist-queue, s3fs, botocore, distributed) routed through the same processors,
-so every line has the same shape.
+(watchdog, s3fs, botocore, distributed) routed through the same processors, so every line
+has the same shape.
 
 ``format: auto`` writes to the journal under systemd (each event one entry with indexed
 fields: ``journalctl -u dpypeline DPYPELINE_STATE=dead``), renders for a person on a TTY,
@@ -13,16 +13,20 @@ field. One format per run: the Dask workers configure their logging the same way
 plugin, ``executors.cluster.LogSetup``, calls ``configure`` with ``settings()``).
 
 A traceback is text in the ``exception`` field, in every format, and never carries frame
-locals (they hold storage options, credentials, whole datasets). It is short: the user's
-frames (the tasks', not dpypeline's machinery nor the standard library's or installed
-libraries') and the error; at ``level: debug`` every frame. Last, every rendered line is
-scrubbed of the secrets the pipeline knows of (``redact``), whatever quoted them.
+locals (they hold storage options, credentials, whole datasets): structlog's
+``ExceptionDictTransformer`` takes it apart, locals off, and it is printed as Python prints
+it. It is short: the user's frames (the tasks', not dpypeline's machinery nor the standard
+library's or installed libraries') and the error; at ``level: debug`` every frame. Last,
+every rendered line is scrubbed of the secrets the pipeline knows of (``redact``),
+whatever quoted them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import linecache
 import logging
 import os
 import re
@@ -31,10 +35,11 @@ import struct
 import sys
 import sysconfig
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 from dpypeline.observability.consolelog import ConsoleLine
 from dpypeline.observability.redact import Scrubber
@@ -48,7 +53,6 @@ NOISY = (
     "urllib3",
     "asyncio",
     "distributed",
-    "persistqueue",
     "watchdog",
 )
 
@@ -56,7 +60,7 @@ NOISY = (
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 _FIELD = re.compile(r"[^A-Z0-9_]")
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # dpypeline/
 _TASKS = os.path.join(_PACKAGE, "tasks")
 _LIBRARIES = tuple(
     os.path.abspath(p) + os.sep
@@ -65,8 +69,14 @@ _LIBRARIES = tuple(
 MAX_FRAMES = 6  # of a short traceback: the first user frame, and the last five
 MAX_CHAIN = 3  # exceptions of a chain (``raise ... from ...``)
 MAX_MESSAGE = 1000  # characters of each exception's message
+# every frame of every exception, never a local: which frames to show is decided below
+_TRACE = ExceptionDictTransformer(show_locals=False, max_frames=sys.maxsize)
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
 _CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+# every frame of every exception, never a local: which frames to show is decided below
+_TRACE = ExceptionDictTransformer(show_locals=False, max_frames=sys.maxsize)
 
 
 def format_exception(exc: BaseException, *, full: bool = False) -> str:
@@ -75,42 +85,47 @@ def format_exception(exc: BaseException, *, full: bool = False) -> str:
     chain of tasks — nor the standard library's or installed libraries'; the built-in tasks
     are the user's), or the last frame if none is, at most MAX_FRAMES of them, at most
     MAX_CHAIN exceptions of a chain, each message cut at MAX_MESSAGE characters."""
-    te: traceback.TracebackException | None = traceback.TracebackException.from_exception(
-        exc, capture_locals=False
-    )
     parts: list[str] = []
-    while te is not None and len(parts) < 2 * MAX_CHAIN:
-        parts.append(_format_one(te, full))
-        if te.__cause__ is not None:
-            parts.append(_CAUSE)
-            te = te.__cause__
-        elif te.__context__ is not None and not te.__suppress_context__:
-            parts.append(_CONTEXT)
-            te = te.__context__
-        else:
-            te = None
-    if len(parts) % 2 == 0:  # the chain goes on beyond MAX_CHAIN: end on an exception
-        parts.pop()
+    for one, separator in itertools.islice(_chain(exc), MAX_CHAIN):
+        parts.append(separator)
+        [stack, *_] = _TRACE((type(one), one, one.__traceback__))
+        parts.append(_format_one(stack["frames"], one, full))
     return "".join(reversed(parts)).rstrip("\n")
 
 
-def _format_one(te: traceback.TracebackException, full: bool) -> str:
-    frames = list(te.stack)
-    kept = frames if full else [f for f in frames if _users(f.filename)] or frames[-1:]
+def _chain(exc: BaseException) -> Iterator[tuple[BaseException, str]]:
+    """The exceptions of the chain, the raised one first, as Python prints them: each with
+    what is printed after it (it caused the one before, or was being handled by it)."""
+    seen: set[int] = set()
+    one: BaseException | None = exc
+    after = ""
+    while one is not None and id(one) not in seen:
+        seen.add(id(one))
+        yield one, after
+        if one.__cause__ is not None:
+            one, after = one.__cause__, _CAUSE
+        elif one.__context__ is not None and not one.__suppress_context__:
+            one, after = one.__context__, _CONTEXT
+        else:
+            one = None
+
+
+def _format_one(frames: list[dict[str, Any]], exc: BaseException, full: bool) -> str:
+    kept = frames if full else [f for f in frames if _users(f["filename"])] or frames[-1:]
     if not full and len(kept) > MAX_FRAMES:
         kept = kept[:1] + kept[-(MAX_FRAMES - 1) :]
-    message = "".join(te.format_exception_only())
+    message = "".join(traceback.format_exception_only(exc))
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 4] + " ...\n"
     if not frames:
         return message
     left_out = len(frames) - len(kept)
     note = f"; {left_out} frames left out, all at logging level debug" if left_out else ""
-    stack = "".join(  # Python's lines without the ^^^ markers under them
-        f'  File "{f.filename}", line {f.lineno}, in {f.name}\n'
-        + (f"    {f.line}\n" if f.line else "")
-        for f in kept
-    )
+    stack = ""
+    for f in kept:  # Python's lines without the ^^^ markers under them
+        stack += f'  File "{f["filename"]}", line {f["lineno"]}, in {f["name"]}\n'
+        if line := linecache.getline(f["filename"], f["lineno"]).strip():
+            stack += f"    {line}\n"
     return f"Traceback (most recent call last{note}):\n{stack}{message}"
 
 

@@ -1,1 +1,2 @@
-"""Durable state: the job ledger, its ready queue and the cache directory they live in."""
+"""Durable state: the job ledger in SQLite (one row per job, its state the queue) and the
+cache directory it lives in."""

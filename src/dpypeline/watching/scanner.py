@@ -15,9 +15,10 @@ import threading
 
 import structlog
 
+from dpypeline.watching.observations import Scanned
 from dpypeline.watching.patterns import PathMatcher
 from dpypeline.watching.scan import FileVersion, natural_key, scan
-from dpypeline.watching.watch import Inbox, Observation, ScanTarget
+from dpypeline.watching.watch import Inbox, ScanTarget
 
 __all__ = ["PrefixMatcher", "Scanner"]
 
@@ -58,20 +59,19 @@ class Scanner(threading.Thread):
                 )
                 # every scan reports its end, or the loop waits for it forever (--once)
                 path = subdir or spec.root
-                self.inbox.put(Observation("scanned", spec.index, path, failed=True, reason=reason))
+                self.inbox.put(Scanned(spec.index, path, reason, failed=True))
 
-    def _scan(self, spec: ScanTarget, subdir: str | None, reason: str) -> Observation:
+    def _scan(self, spec: ScanTarget, subdir: str | None, reason: str) -> Scanned:
         follow = spec.follow_symlinks
         if subdir is not None:
             rel = spec.relative(subdir) or ""
             sub = PrefixMatcher(spec.matcher, rel)
             result = scan(subdir, sub, follow_symlinks=follow)  # type: ignore[arg-type]
-            return Observation(
-                "scanned",
+            return Scanned(
                 spec.index,
                 subdir,
+                reason,
                 tuple(result.files),
-                reason=reason,
                 directories=result.directories,
             )
         if reason == "poll":
@@ -91,13 +91,12 @@ class Scanner(threading.Thread):
                 error=str(err),
                 action="files below it are not seen until it is readable",
             )
-        return Observation(
-            "scanned",
+        return Scanned(
             spec.index,
             spec.root,
+            reason,
             tuple(files),
             full=True,
-            reason=reason,
             directories=result.directories,
         )
 

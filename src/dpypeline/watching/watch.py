@@ -1,6 +1,6 @@
 """Adapter around watchdog: the inotify watches, and the inbox every observation goes to.
 
-Nothing here decides anything: observations (``Observation``) go into one thread-safe
+Nothing here decides anything: observations (``observations``) go into one thread-safe
 inbox that the service loop drains. The observer thread only filters by pattern and
 enqueues; it never sleeps or stats (the original slept a second per file there).
 
@@ -50,14 +50,19 @@ from watchdog.observers.inotify import InotifyObserver
 from dpypeline.config.model import WatchConfig
 from dpypeline.watching import overflow
 from dpypeline.watching.fsinfo import filesystem_type, is_network_fstype
+from dpypeline.watching.observations import (
+    Complete,
+    Created,
+    Deleted,
+    NewDirectory,
+    Observation,
+    Overflow,
+    Unwatched,
+    Writing,
+)
 from dpypeline.watching.patterns import PathMatcher, watch_matcher
-from dpypeline.watching.scan import FileVersion
 
 log = structlog.stdlib.get_logger("dpypeline.watch")
-
-Kind = Literal[
-    "created", "writing", "complete", "deleted", "directory", "unwatched", "overflow", "scanned"
-]
 
 EVENT_TYPES: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
@@ -69,18 +74,6 @@ EVENT_TYPES: list[type[FileSystemEvent]] = [
     DirCreatedEvent,
     DirMovedEvent,
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    kind: Kind
-    watch: int  # index into the configured watches; -1 for all of them
-    path: str = ""
-    files: tuple[FileVersion, ...] = ()  # for "scanned"
-    full: bool = False  # for "scanned": the whole watch was walked
-    failed: bool = False  # for "scanned": the walk failed (logged); nothing was found
-    reason: str = ""
-    directories: int = 0  # for "scanned": the directories walked
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,24 +149,24 @@ class _Handler(FileSystemEventHandler):
     def __init__(self, spec: WatchSpec, inbox: Inbox) -> None:
         self.spec, self.inbox = spec, inbox
 
-    def _file(self, kind: Kind, path: str) -> None:
+    def _file(self, kind: type[Created | Writing | Complete], path: str) -> None:
         rel = self.spec.relative(path)
         if rel is not None and self.spec.matcher.matches(rel):
-            self.inbox.put(Observation(kind, self.spec.index, path))
+            self.inbox.put(kind(self.spec.index, path))
 
     def dispatch(self, event: FileSystemEvent) -> None:
         src = os.fsdecode(event.src_path)
         if isinstance(event, DirMovedEvent | DirCreatedEvent):
             path = os.fsdecode(event.dest_path) if isinstance(event, DirMovedEvent) else src
             if path and self.spec.relative(path) is not None:
-                self.inbox.put(Observation("directory", self.spec.index, path))
+                self.inbox.put(NewDirectory(self.spec.index, path))
         elif isinstance(event, FileMovedEvent):  # src or dest is "" when outside the tree
             if src:
-                self.inbox.put(Observation("deleted", self.spec.index, src))
+                self.inbox.put(Deleted(self.spec.index, src))
             if event.dest_path:
-                self._file("complete", os.fsdecode(event.dest_path))
+                self._file(Complete, os.fsdecode(event.dest_path))
         elif isinstance(event, FileClosedEvent | FileAttribEvent):
-            self._file("complete", src)
+            self._file(Complete, src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
             # watchdog's "created" for each file of a directory moved in, or made before its
             # watch existed (synthetic in watchdog 6, a simulated IN_CREATE in 7), is no sign
@@ -182,13 +175,13 @@ class _Handler(FileSystemEventHandler):
             # An empty file reported created may be one of those too ("created": the loop
             # looks whether this version is known already).
             if isinstance(event, FileModifiedEvent):
-                self._file("writing", src)
+                self._file(Writing, src)
             elif event.is_synthetic or _already_written(event.src_path):
-                self._file("complete", src)
+                self._file(Complete, src)
             else:
-                self._file("created", src)
+                self._file(Created, src)
         elif isinstance(event, FileDeletedEvent):
-            self.inbox.put(Observation("deleted", self.spec.index, src))
+            self.inbox.put(Deleted(self.spec.index, src))
 
 
 class Inbox:
@@ -241,14 +234,14 @@ class Watcher:
                 self._schedule(spec)
 
     def _overflowed(self) -> None:
-        self.inbox.put(Observation("overflow", -1, reason="inotify queue overflow"))
+        self.inbox.put(Overflow("inotify queue overflow"))
 
     def _refused(self, directory: str, error: OSError) -> None:
         """On the thread that asked for the watch (watchdog's, or the loop's in
         ``_schedule``): tell the loop, which polls the directory if its watch uses inotify."""
         for spec in self.specs:
             if directory == spec.root or spec.relative(directory) is not None:
-                self.inbox.put(Observation("unwatched", spec.index, directory, reason=str(error)))
+                self.inbox.put(Unwatched(spec.index, directory, str(error)))
 
     def _schedule(self, spec: WatchSpec) -> None:
         assert self._observer is not None

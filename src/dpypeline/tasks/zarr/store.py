@@ -87,11 +87,6 @@ class Location:
     def remote(self) -> bool:
         return self.url.startswith("s3://")
 
-    @property
-    def lock_key(self) -> str:
-        """The store lock's name, the same in every process (for ``distributed.Lock``)."""
-        return f"dpypeline-zarr:{self.url}"
-
     def open(self) -> ZarrStore:
         """The zarr store. An S3 store's client is made once per process and kept: each
         new s3fs client would open (and leak) an HTTP session of its own."""
@@ -137,7 +132,7 @@ def store_lock(location: Location) -> Iterator[None]:
     a threaded executor; for a local store an ``flock`` on ``STORE.lock`` beside it also
     keeps other processes out. Across the machines of a Dask cluster the dask executor never
     runs two writes to one store at once (``dpypeline.executors.dask``), which also covers S3
-    stores; ``location.lock_key`` names the store for such cluster-wide coordination.
+    stores.
     """
     with _LOCKS_GUARD:
         lock = _LOCKS.setdefault(location.url, threading.Lock())

@@ -167,11 +167,8 @@ class Ledger:
                 f" CAST(? AS TEXT), '{state}', ?, ?, ?, ?, ?)",
                 rows,
             ).rowcount
-            own = [] if done else ownwrites.find(db, after)
-            ownwrites.set_aside(db, own, now)
             superseded = holds.absorb(db, holds.superseding(db, after), now)
         holds.log_superseded(superseded)
-        ownwrites.log_set_aside(own)
         return added
 
     def recover(self, max_attempts: int, now: float) -> Recovery:
@@ -264,8 +261,11 @@ class Ledger:
             ).rowcount
             if moved and state in (JobState.DONE, JobState.SKIPPED):
                 holds.release(db, claim.record.id)
+            done = moved and state is JobState.DONE
+            own = ownwrites.set_aside(db, claim.record, now) if done else []
             superseded = holds.absorb(db, [claim.record.id], now) if moved else []
         holds.log_superseded(superseded)
+        ownwrites.log_set_aside(own)
         return bool(moved)
 
     def release(self, claim: Claim, now: float) -> None:

@@ -7,5 +7,6 @@ BUILTINS: dict[str, str] = {
     "create_bucket": "dpypeline.tasks.upload:create_bucket",
     "open_dataset": "dpypeline.tasks.netcdf:open_dataset",
     "to_zarr": "dpypeline.tasks.zarr.to_zarr:to_zarr",
+    "virtualize": "dpypeline.tasks.virtual.task:virtualize",
     "upload_file": "dpypeline.tasks.upload:upload_file",
 }

@@ -136,13 +136,18 @@ def committed(repo: icechunk.Repository, branch: str, metadata: dict[str, Any]) 
 def commit(session: Any, message: str, metadata: dict[str, Any]) -> str:
     import icechunk as ic
 
+    from dpypeline.tasks.zarr.store import failpoint
+
+    failpoint("virtual_before_commit")
     try:
-        return str(session.commit(message, metadata=metadata))
+        snapshot = str(session.commit(message, metadata=metadata))
     except ic.ConflictError as exc:
         raise PermanentError(
             f"{message}: another writer committed to the repository meanwhile ({exc}); only"
             " one pipeline may write to a repository"
         ) from exc
+    failpoint("virtual_after_commit")
+    return snapshot
 
 
 @contextmanager

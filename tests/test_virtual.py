@@ -241,3 +241,33 @@ def _rewrite(path: Path, change: Any, like: Path) -> None:
 
 def _warmer(nc: netCDF4.Dataset) -> None:
     nc["toce"][:] = nc["toce"][:] + 1.0
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "json"])
+def test_exported_kerchunk_references_read_equal_to_the_repository(
+    files: list[Path], tmp_path: Path, fmt: str
+) -> None:
+    from dpypeline.cli import main
+
+    store = tmp_path / "virtual.icechunk"
+    ingest(files, store)
+    out = tmp_path / f"refs.{fmt}"
+    assert main(["export-references", str(store), str(out), "--format", fmt]) == 0
+    got = xr.open_dataset(
+        "reference://", engine="zarr", decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
+        backend_kwargs={"consolidated": False, "storage_options": {"fo": str(out)}},
+    ).load()  # fmt: skip
+    xr.testing.assert_identical(got, read(store, files[0].parent))
+    assert got[T].dt.calendar == "360_day"
+
+
+def test_export_refuses_a_source_changed_since_its_commit(
+    files: list[Path], tmp_path: Path, series: list[Path]
+) -> None:
+    from dpypeline.tasks.virtual.export import export_references
+
+    store = tmp_path / "virtual.icechunk"
+    ingest(files, store)
+    _rewrite(files[2], _warmer, series[2])
+    with pytest.raises(PermanentError, match=f"{files[2]} changed after it was referenced"):
+        export_references(str(store), tmp_path / "refs.json", fmt="json")

@@ -1,5 +1,5 @@
 """The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue |
-ledger | migrate``.
+ledger | migrate | export-references``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
@@ -88,6 +88,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("old", metavar="OLD.yaml")
     migrate.add_argument("-o", "--output", metavar="NEW.yaml", help="default: stdout")
+    export = sub.add_parser(
+        "export-references",
+        help="write a virtual repository's references as kerchunk, for readers without Icechunk",
+        description="write the latest snapshot of a repository virtualize wrote as kerchunk"
+        " references (parquet, or JSON), which xarray reads through fsspec's reference"
+        " filesystem",
+    )
+    export.add_argument(
+        "store", metavar="STORE", help="the repository: a path or s3://bucket/prefix"
+    )
+    export.add_argument("out", metavar="OUT", help="the parquet directory or JSON file to write")
+    export.add_argument("--format", choices=["parquet", "json"], default="parquet")
+    export.add_argument("--branch", default="main")
+    export.add_argument(
+        "--objectstore",
+        metavar="NAME",
+        help="the config's objectstores: entry that reaches an s3:// repository or files",
+    )
+    export.add_argument("-c", "--config", help=CONFIG_HELP)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -158,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "migrate":
         return _migrate(args.old, args.output)
+    if args.command == "export-references" and not args.objectstore:
+        return _export_references(args, None)
     path = _config_path(args.config)
     try:
         if args.legacy_config:
@@ -176,6 +197,28 @@ def main(argv: list[str] | None = None) -> int:
     except StateError as exc:
         print(f"dpypeline: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _export_references(args: argparse.Namespace, config: PipelineConfig | None) -> int:
+    from dpypeline.errors import PermanentError
+    from dpypeline.tasks.virtual.export import export_references
+    from dpypeline.tasks.virtual.repository import credentials
+
+    try:
+        context = argparse.Namespace(objectstores=config.objectstores if config else {})
+        creds = credentials(args.objectstore, context)
+        files = export_references(
+            args.store, args.out, fmt=args.format, credentials=creds, branch=args.branch
+        )
+    except PermanentError as exc:
+        print(f"dpypeline export-references: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote the references into {files} file(s) to {args.out} ({args.format})")
+    return EXIT_OK
+
+
+def cmd_export_references(config: PipelineConfig, args: argparse.Namespace) -> int:
+    return _export_references(args, config)
 
 
 def _migrate(old: str, new: str | None) -> int:
@@ -470,4 +513,5 @@ COMMANDS = {
     "skip": cmd_skip,
     "enqueue": cmd_enqueue,
     "ledger": cmd_ledger,
+    "export-references": cmd_export_references,
 }

@@ -27,6 +27,7 @@ from dpypeline.errors import ConfigError, PermanentError
 from dpypeline.pipeline import LocalPath
 from dpypeline.tasks.virtual import checks
 from dpypeline.tasks.virtual import repository as vr
+from dpypeline.tasks.virtual.export import APPEND_DIM_ATTR
 from dpypeline.tasks.virtual.sources import Source, locate
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ def _commit(
             event = "virtual_replaced"
     group = zarr.open_group(session.store, mode="r+", zarr_format=3)
     group.attrs[checks.GRID_ATTR] = dict(group.attrs.get(checks.GRID_ATTR) or {}) | grid
+    group.attrs[APPEND_DIM_ATTR] = dim
     snapshot = vr.commit(session, f"virtualize {src.display}", metadata)
     return {"event": event, "file": src.display, "steps": len(steps), "snapshot": snapshot}
 

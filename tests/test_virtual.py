@@ -271,3 +271,35 @@ def test_export_refuses_a_source_changed_since_its_commit(
     _rewrite(files[2], _warmer, series[2])
     with pytest.raises(PermanentError, match=f"{files[2]} changed after it was referenced"):
         export_references(str(store), tmp_path / "refs.json", fmt="json")
+
+
+def test_validate_sample_says_which_variables_would_be_references(
+    series: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import write_config
+    from dpypeline.cli import main
+
+    config = write_config(
+        tmp_path,
+        {
+            "name": "gyre",
+            "cache_dir": str(tmp_path / "cache"),
+            "watch": [{"path": str(series[0].parent), "patterns": ["*.nc"]}],
+            "jobs": [
+                {
+                    "name": "virtual",
+                    "tasks": [
+                        {
+                            "task": "virtualize",
+                            "with": {"store": "gyre.icechunk", "append_dim": T},
+                        }
+                    ],
+                }
+            ],
+        },
+    )
+    assert main(["validate", "-c", str(config), "--sample", str(series[0])]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[-11:]}
+    assert rows["toce"].endswith("reference")
+    assert rows["time_counter"].endswith("in the repository")
+    assert rows["deptht_bounds"].endswith("in the repository")

@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sample",
         metavar="FILE",
         help="also run each job's tasks before to_zarr on FILE and print the chunks and codec"
-        " a new store would get",
+        " a new store would get; for virtualize, which variables would be references and"
+        " which stored in the repository",
     )
     status = command("status", "counts per state, oldest waiting job, recent errors")
     status.add_argument("--json", action="store_true")
@@ -367,17 +368,21 @@ def _layouts(jobs: list[Job], sample: str) -> dict[str, tuple[Any, list[Any] | N
     """Per job, its ``to_zarr`` store and the layout it would give a new store for
     ``sample`` (None: no to_zarr task); None if the sample cannot be read (said on stderr)."""
     from dpypeline.errors import PermanentError
+    from dpypeline.tasks.virtual.task import plan_references, virtualize
     from dpypeline.tasks.zarr.to_zarr import plan_layout, to_zarr
 
     layouts: dict[str, tuple[Any, list[Any] | None]] = {}
     for job in jobs:
-        split = next((i for i, t in enumerate(job.tasks) if t.func is to_zarr), None)
+        split = next((i for i, t in enumerate(job.tasks) if t.func in (to_zarr, virtualize)), None)
         if split is None:
             layouts[job.name] = (None, None)
             continue
         try:
-            value = job.run_tasks(0, split, sample, None)
-            rows = plan_layout(value, **job.tasks[split].kwargs)
+            if job.tasks[split].func is virtualize:  # references the file where it lies
+                rows = plan_references(sample, **job.tasks[split].kwargs)
+            else:
+                value = job.run_tasks(0, split, sample, None)
+                rows = plan_layout(value, **job.tasks[split].kwargs)
         except (PermanentError, ConfigError, OSError) as exc:
             print(f"{job.name}: {sample}: {exc}", file=sys.stderr)
             return None
@@ -392,7 +397,14 @@ def _print_layouts(jobs: list[Job], sample: str) -> int:
         return EXIT_CONFIG
     for name, (store, rows) in layouts.items():
         if rows is None:
-            print(f"{name}: no to_zarr task")
+            print(f"{name}: no to_zarr or virtualize task")
+            continue
+        if rows and "stored" in rows[0]:
+            print(f"{name}: virtualize into {store} would keep, per file:")
+            print(f"  {'variable':<22} {'dimensions':<44} {'bytes':>12}  stored")
+            for r in rows:
+                dims = " x ".join(f"{d}={n}" for d, n in r["dims"].items()) or "-"
+                print(f"  {r['variable']:<22} {dims:<44} {r['bytes']:>12}  {r['stored']}")
             continue
         print(f"{name}: a new store {store} gets (an existing store keeps its own):")
         print(f"  {'variable':<22} {'chunks as read':<32} {'store chunks':<32} {'MiB':>7}  codec")

@@ -98,6 +98,26 @@ def virtualize(
     return vr.normalise(store)
 
 
+def plan_references(
+    sample: str, *, native_below: str | int = DEFAULT_NATIVE_BELOW, **_: Any
+) -> list[dict[str, Any]]:
+    """Which of ``sample``'s variables :func:`virtualize` would reference and which it
+    would store in the repository, and their size per file (``dpypeline validate
+    --sample``)."""
+    from dpypeline.tasks.upload import parse_size
+
+    vds = locate(sample).open(native_below=parse_size(native_below))
+    return [
+        {
+            "variable": str(name),
+            "dims": dict(var.sizes),
+            "bytes": int(var.nbytes),
+            "stored": "reference" if _virtual(var) else "in the repository",
+        }
+        for name, var in sorted(vds.variables.items(), key=lambda item: str(item[0]))
+    ]
+
+
 def _source_creds(source: str, creds: Credentials | None) -> Credentials | None:
     return creds if source.startswith("s3://") else None
 

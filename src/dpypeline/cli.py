@@ -201,17 +201,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_references(args: argparse.Namespace, config: PipelineConfig | None) -> int:
-    from dpypeline.errors import PermanentError
+    from dpypeline.errors import PermanentError, Unavailable
     from dpypeline.tasks.virtual.export import export_references
-    from dpypeline.tasks.virtual.repository import credentials
 
     try:
-        context = argparse.Namespace(objectstores=config.objectstores if config else {})
-        creds = credentials(args.objectstore, context)
         files = export_references(
-            args.store, args.out, fmt=args.format, credentials=creds, branch=args.branch
+            args.store,
+            args.out,
+            fmt=args.format,
+            objectstore=args.objectstore,
+            objectstores=config.objectstores if config else None,
+            branch=args.branch,
         )
-    except PermanentError as exc:
+    except (PermanentError, Unavailable) as exc:
         print(f"dpypeline export-references: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"wrote the references into {files} file(s) to {args.out} ({args.format})")

@@ -9,21 +9,22 @@ repository would refuse to serve).
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
 
 from dpypeline.errors import PermanentError
-from dpypeline.tasks.virtual import repository as vr
+from dpypeline.tasks import repository as ir
+from dpypeline.tasks.virtual import containers
 from dpypeline.tasks.virtual.sources import locate
 
 if TYPE_CHECKING:
     import xarray as xr
 
+    from dpypeline.config import ObjectStoreConfig
     from dpypeline.credentials import Credentials
 
-APPEND_DIM_ATTR = "dpypeline_append_dim"
 Format = Literal["parquet", "json"]
 
 
@@ -32,25 +33,39 @@ def export_references(
     out: str | Path,
     *,
     fmt: Format = "parquet",
-    credentials: Credentials | None = None,
-    branch: str = "main",
+    objectstore: str | None = None,
+    objectstores: Mapping[str, ObjectStoreConfig] | None = None,
+    branch: str = ir.BRANCH,
 ) -> int:
     """Write the references of ``branch``'s latest snapshot of ``store`` to ``out``;
-    return how many files they point into."""
+    return how many files they point into. ``objectstore`` (an entry of
+    ``objectstores``) reaches an s3:// repository and the objects it references."""
+    import argparse
+
     import xarray as xr
     import zarr
 
-    repo = vr.open_repository(store, credentials, [], create=False)
-    session = repo.readonly_session(branch=branch)
-    group = zarr.open_group(session.store, mode="r", zarr_format=3)
+    from dpypeline.tasks.virtual.task import APPEND_DIM_ATTR
+
+    place = ir.locate(store, objectstore, argparse.Namespace(objectstores=objectstores or {}))
+    with ir.classified(place, "reading the virtual repository"):
+        repo = ir.open_repository(place, create=False)
+        session = repo.readonly_session(branch=branch)
+        group = zarr.open_group(session.store, mode="r", zarr_format=3)
+        locations = sorted(set(session.all_virtual_chunk_locations()))
     dim = group.attrs.get(APPEND_DIM_ATTR)
     if not isinstance(dim, str):
-        raise PermanentError(f"{vr.normalise(store)} is not a repository virtualize wrote")
-    recorded = _recorded(repo, branch)
+        raise PermanentError(f"{place.url} is not a repository virtualize wrote")
+    creds = None
+    if objectstore is not None and objectstores:
+        from dpypeline.objectstore import load_credentials
+
+        creds = load_credentials(objectstore, objectstores[objectstore])
+    recorded = containers.recorded(group.attrs)
     parts = []
-    for url in sorted(set(session.all_virtual_chunk_locations())):
-        source = _source(url, credentials)
-        when = recorded.get(source.display)
+    for url in locations:
+        source = _source(url, creds)
+        when = recorded.get(source.url)
         if when is None or source.modified > when:
             raise PermanentError(
                 f"{source.display} changed after it was referenced (the repository refuses"
@@ -58,7 +73,7 @@ def export_references(
             )
         parts.append(source.open())
     if not parts:
-        raise PermanentError(f"{vr.normalise(store)} holds no references yet")
+        raise PermanentError(f"{place.url} holds no references yet")
     parts.sort(key=lambda vds: vds[dim].values[0])
     combined = xr.concat(
         parts, dim=dim, data_vars="minimal", coords="minimal", compat="override",
@@ -103,14 +118,3 @@ def _source(url: str, credentials: Credentials | None) -> Any:
     if url.startswith("file://"):
         return locate(unquote(urlparse(url).path))
     return locate(url, credentials=credentials)
-
-
-def _recorded(repo: Any, branch: str) -> dict[str, datetime]:
-    """Per file, its mtime when its latest commit referenced it."""
-    found: dict[str, datetime] = {}
-    for snapshot in repo.ancestry(branch=branch):
-        meta = snapshot.metadata or {}
-        path, mtime = meta.get("path"), meta.get("mtime")
-        if isinstance(path, str) and isinstance(mtime, str) and path not in found:
-            found[path] = datetime.fromisoformat(mtime)
-    return found

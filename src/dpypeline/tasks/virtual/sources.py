@@ -12,12 +12,14 @@ JASMIN's object store needs).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpypeline.errors import PermanentError
+from dpypeline.errors import DpypelineError, PermanentError, Unavailable
 
 if TYPE_CHECKING:
     import icechunk
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 NETCDF3_SIGNATURES = (b"CDF\x01", b"CDF\x02")
+_OUTAGE = ("error sending request", "connection refused", "connect error", "timed out", "dns error")
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,32 @@ def locate(
         modified=_ceil_seconds(stat.st_mtime),
         kind=_kind(head, str(path)),
     )
+
+
+@contextmanager
+def reading(source: str, objectstore: str | None) -> Iterator[None]:
+    """The object store's failures while a source is read, in dpypeline's terms: an
+    unreachable store is an outage (no attempt spent), a missing object or refused
+    credentials are permanent. (obstore's errors: the object store module knows s3fs's.)"""
+    try:
+        yield
+    except DpypelineError:
+        raise
+    except Exception as exc:
+        kind, text = type(exc).__name__, str(exc)
+        store = f"the object store '{objectstore}'" if objectstore else "the object store"
+        if kind == "NotFoundError":
+            raise PermanentError(f"{source} is not there to reference (it was removed?)") from exc
+        if kind in ("UnauthenticatedError", "PermissionDeniedError"):
+            raise PermanentError(
+                f"{store} refused the credentials while reading {source}: check the"
+                " objectstore's token and secret"
+            ) from exc
+        if any(word in text.lower() for word in _OUTAGE):
+            raise Unavailable(
+                f"{store} is unreachable while reading {source}; waiting until it answers"
+            ) from exc
+        raise
 
 
 def _object(url: str, credentials: Credentials) -> Source:

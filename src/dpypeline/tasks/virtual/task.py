@@ -30,6 +30,7 @@ from dpypeline.pipeline import LocalPath
 from dpypeline.tasks import repository as ir
 from dpypeline.tasks.virtual import checks, containers
 from dpypeline.tasks.virtual.sources import Source, locate
+from dpypeline.tasks.zarr.store import failpoint
 
 if TYPE_CHECKING:
     import numpy as np
@@ -164,7 +165,9 @@ def _commit(repo: Any, file: _File, template: bool, context: Any) -> dict[str, A
     group.attrs[APPEND_DIM_ATTR] = dim
     containers.record(group, src)
     job = job or ir.FileCommit(job_id=0, path=src.display, size=src.size)
+    failpoint("virtual_before_commit")
     snapshot = ir.commit(session, job)
+    failpoint("virtual_after_commit")
     return {"event": event, "file": src.display, "steps": len(steps), "snapshot": snapshot}
 
 

@@ -110,19 +110,23 @@ def measure(quick: bool, repeats: int, work: Path, data: Path) -> dict[str, Any]
     for run in range(repeats):
         zarr_store = str(work / f"native-{run}.zarr")
         repo = str(work / f"virtual-{run}.icechunk")
-        for side, fn in (("to_zarr", lambda: run_side("ours", files, zarr_store, None, None)),
-                         ("virtualize", lambda: run_virtual(files, repo))):  # fmt: skip
-            got = fn()
+        sides = {
+            "to_zarr": run_side("ours", files, zarr_store, None, None),
+            "virtualize": run_virtual(files, repo),
+        }
+        for side, got in sides.items():
             old = best.get(side)
             rss = max(got["rss_mb"], old["rss_mb"] if old else 0)
             if old is None or got["seconds"] < old["seconds"]:
                 best[side] = got
             best[side]["rss_mb"] = rss
         size = sum(f.stat().st_size for f in Path(repo).rglob("*") if f.is_file())
-        for side, read in (("virtual", lambda: read_thetao_virtual(repo, files[0].parent)),
-                           ("zarr", lambda: read_thetao_zarr(zarr_store))):  # fmt: skip
-            seconds = read()
-            reads[side] = min(seconds, reads.get(side, seconds))
+        seconds = {
+            "virtual": read_thetao_virtual(repo, files[0].parent),
+            "zarr": read_thetao_zarr(zarr_store),
+        }
+        for side, value in seconds.items():
+            reads[side] = min(value, reads.get(side, value))
         shutil.rmtree(zarr_store, ignore_errors=True)
         shutil.rmtree(repo, ignore_errors=True)
     netcdf = sum(f.stat().st_size for f in files)

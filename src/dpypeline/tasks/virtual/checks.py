@@ -30,6 +30,11 @@ ADVICE = (
 )
 
 
+def mapping(value: Any) -> dict[str, Any]:
+    """An attribute that should hold a mapping (JSON read back), as a dict."""
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
 def grid_digests(raw: Mapping[str, bytes]) -> dict[str, str]:
     return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(raw.items())}
 
@@ -54,7 +59,7 @@ def check(
         )
     for name in sorted(names):
         _check_variable(name, vds.variables[name], stored[name], dim, where)
-    known = group.attrs.get(GRID_ATTR) or {}
+    known = mapping(group.attrs.get(GRID_ATTR))
     for name, digest in grid.items():
         if name in known and known[name] != digest:
             raise PermanentError(
@@ -68,7 +73,7 @@ def _check_variable(name: str, var: Any, array: zarr.Array, dim: str, where: str
     from virtualizarr.manifests import ManifestArray
 
     dims = tuple(map(str, var.dims))
-    stored_dims = tuple(array.metadata.dimension_names or ())
+    stored_dims = tuple(getattr(array.metadata, "dimension_names", None) or ())
     if dims != stored_dims:
         raise PermanentError(
             f"{where}: variable {name!r} has dimensions {dims} where the repository has"

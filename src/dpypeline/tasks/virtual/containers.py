@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from dpypeline.tasks.virtual.checks import mapping
+
 if TYPE_CHECKING:
     import icechunk
     import zarr
@@ -43,7 +45,7 @@ def prefixes(repo: icechunk.Repository) -> list[str]:
 
 def record(group: zarr.Group, source: Source) -> None:
     """Note in the commit being made when ``source`` was last written."""
-    known = dict(group.attrs.get(SOURCES_ATTR) or {})  # type: ignore[call-overload]
+    known = mapping(group.attrs.get(SOURCES_ATTR))
     known[source.url] = source.modified.isoformat()
     group.attrs[SOURCES_ATTR] = known
 
@@ -51,5 +53,5 @@ def record(group: zarr.Group, source: Source) -> None:
 def recorded(attrs: Mapping[str, Any]) -> dict[str, datetime]:
     """Per referenced file's URL, when it was last written as the repository references it."""
     return {
-        url: datetime.fromisoformat(when) for url, when in (attrs.get(SOURCES_ATTR) or {}).items()
+        url: datetime.fromisoformat(when) for url, when in mapping(attrs.get(SOURCES_ATTR)).items()
     }

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dpypeline.errors import DpypelineError, PermanentError, Unavailable
 
@@ -113,7 +113,8 @@ class Source:
         import zarr
 
         group = zarr.open_group(self._parser()(url=self.url, registry=self._registry()), mode="r")
-        return {name: np.ascontiguousarray(group[name][...]).tobytes() for name in names}
+        arrays = {name: cast("zarr.Array", group[name]) for name in names}
+        return {name: np.ascontiguousarray(a[...]).tobytes() for name, a in arrays.items()}
 
     def _parser(self) -> Any:
         from virtualizarr.parsers import HDFParser, NetCDF3Parser

@@ -161,7 +161,7 @@ def _commit(repo: Any, file: _File, template: bool, context: Any) -> dict[str, A
             event = "virtual_replaced"
     group = _group(session)
     assert group is not None
-    group.attrs[checks.GRID_ATTR] = dict(group.attrs.get(checks.GRID_ATTR) or {}) | file.grid  # type: ignore[call-overload]
+    group.attrs[checks.GRID_ATTR] = checks.mapping(group.attrs.get(checks.GRID_ATTR)) | file.grid
     group.attrs[APPEND_DIM_ATTR] = dim
     containers.record(group, src)
     job = job or ir.FileCommit(job_id=0, path=src.display, size=src.size)

@@ -19,7 +19,7 @@ import xarray as xr
 
 from conftest import ROOT
 from dpypeline.config import ObjectStoreConfig
-from dpypeline.errors import PermanentError
+from dpypeline.errors import PermanentError, Unavailable
 from dpypeline.pipeline import JobContext, SetupContext, Task
 from s3server import KEY, SECRET, S3Server
 
@@ -304,3 +304,25 @@ def test_validate_sample_says_which_variables_would_be_references(
     assert rows["toce"].endswith("reference")
     assert rows["time_counter"].endswith("in the repository")
     assert rows["deptht_bounds"].endswith("in the repository")
+
+
+def test_an_object_store_outage_costs_no_attempt_and_shows_no_secret(
+    series: list[Path], tmp_path: Path, s3: S3Server
+) -> None:
+    stores = {"moto": ObjectStoreConfig(credentials=s3.credentials_file(tmp_path))}
+    Task("create_bucket", bucket="raw", objectstore="moto").run_setup(SetupContext(stores))
+    root = series[0].parent
+    upload = Task("upload_file", objectstore="moto", bucket="raw")
+    url = upload(str(series[0]), context(str(series[0]), 1, root, stores))
+    store = tmp_path / "virtual.icechunk"
+    s3.stop()
+    try:
+        with pytest.raises(Unavailable) as down:
+            virtualize(url, store, 1, root, objectstore="moto", stores=stores)
+    finally:
+        s3.start()
+    assert "unreachable" in str(down.value)
+    assert SECRET not in str(down.value)
+    assert KEY not in str(down.value)
+    virtualize(url, store, 1, root, objectstore="moto", stores=stores)
+    assert [c["job_id"] for c in commits(store)] == [1]

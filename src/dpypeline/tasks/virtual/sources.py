@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import xarray as xr
     from obspec_utils.registry import ObjectStoreRegistry
 
+    from dpypeline.config import ObjectStoreConfig
     from dpypeline.credentials import Credentials
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -43,6 +44,10 @@ class Container:
     endpoint_url: str | None = None
     region: str | None = None
     credentials: Credentials | None = field(default=None, repr=False)
+    # an outage must fail a read within the objectstore's bounds, not obstore's minutes
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    attempts: int = 2
 
     def config(self) -> icechunk.VirtualChunkContainer:
         import icechunk as ic
@@ -143,7 +148,11 @@ class Source:
 
 
 def locate(
-    source: str, *, root: str | None = None, credentials: Credentials | None = None
+    source: str,
+    *,
+    root: str | None = None,
+    credentials: Credentials | None = None,
+    settings: ObjectStoreConfig | None = None,
 ) -> Source:
     """The file a task was given: a local path (its container the watch ``root`` when the
     file lies under it, else its directory), or an ``s3://`` URL read with ``credentials``."""
@@ -153,7 +162,7 @@ def locate(
                 f"{source} is on an object store: give virtualize the `objectstore:` that"
                 " reaches it"
             )
-        return _object(source, credentials)
+        return _object(source, credentials, settings)
     if "://" in source:
         raise PermanentError(f"virtualize reads local paths and s3:// URLs, not {source!r}")
     path = Path(source).resolve()
@@ -202,12 +211,19 @@ def reading(source: str, objectstore: str | None) -> Iterator[None]:
         raise
 
 
-def _object(url: str, credentials: Credentials) -> Source:
+def _object(url: str, credentials: Credentials, settings: ObjectStoreConfig | None) -> Source:
     from dpypeline.objectstore import split_url
 
     bucket, key = split_url(url)
+    bounds: dict[str, Any] = {}
+    if settings is not None:
+        bounds = {
+            "connect_timeout": settings.connect_timeout,
+            "read_timeout": settings.read_timeout,
+            "attempts": settings.attempts,
+        }
     container = Container(
-        f"s3://{bucket}/", credentials.endpoint_url, credentials.region, credentials
+        f"s3://{bucket}/", credentials.endpoint_url, credentials.region, credentials, **bounds
     )
     store = _s3_store(container)
     meta = store.head(key)
@@ -227,10 +243,29 @@ def _s3_store(container: Container) -> Any:
 
     creds = container.credentials
     bucket = container.prefix.removeprefix("s3://").strip("/")
-    options: dict[str, Any] = {"virtual_hosted_style_request": False}
+    from datetime import timedelta
+
+    client: dict[str, Any] = {
+        "connect_timeout": f"{container.connect_timeout}s",
+        "timeout": f"{container.read_timeout}s",
+    }
+    bound = container.attempts * (container.connect_timeout + container.read_timeout)
+    options: dict[str, Any] = {
+        "virtual_hosted_style_request": False,
+        "retry_config": {
+            "max_retries": container.attempts - 1,
+            "retry_timeout": timedelta(seconds=bound),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=2),
+                "base": 2,
+            },
+        },
+    }
     if container.endpoint_url:
         options["endpoint"] = container.endpoint_url
-        options["client_options"] = {"allow_http": container.endpoint_url.startswith("http://")}
+        client["allow_http"] = container.endpoint_url.startswith("http://")
+    options["client_options"] = client
     if creds is not None:
         options["access_key_id"] = creds.key
         options["secret_access_key"] = creds.secret

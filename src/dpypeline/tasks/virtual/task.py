@@ -109,7 +109,7 @@ def virtualize(
 def _read(source: str, objectstore: str | None, context: Any, dim: str, below: int) -> _File:
     from dpypeline.tasks.virtual.sources import reading
 
-    creds = None
+    creds = settings = None
     if source.startswith("s3://"):
         from dpypeline.objectstore import load_credentials
 
@@ -119,9 +119,10 @@ def _read(source: str, objectstore: str | None, context: Any, dim: str, below: i
                 " reaches it"
             )
         bucket = ir.locate(f"s3://{source[5:].partition('/')[0]}", objectstore, context)
-        creds = load_credentials(*bucket.s3())
+        creds, settings = load_credentials(*bucket.s3()), bucket.s3()[1]
     with reading(source, objectstore):
-        src = locate(source, root=getattr(context, "root", None), credentials=creds)
+        root = getattr(context, "root", None)
+        src = locate(source, root=root, credentials=creds, settings=settings)
         vds = src.open(native_below=below)
         if dim not in vds.dims or dim not in vds.variables:
             raise PermanentError(

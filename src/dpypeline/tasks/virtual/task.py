@@ -136,7 +136,11 @@ def _read(source: str, objectstore: str | None, context: Any, dim: str, below: i
 def _commit(repo: Any, file: _File, template: bool, context: Any) -> dict[str, Any]:
     src, vds, dim = file.source, file.vds, file.dim
     job = ir.FileCommit.of(context) if context is not None else None
-    if job is not None and (done := ir.find_commit(repo, job.job_id)) is not None:
+    if (
+        job is not None
+        and job.job_id is not None
+        and (done := ir.find_commit(repo, job.job_id, ordered=not template)) is not None
+    ):
         return {"event": "virtual_replayed", "file": src.display, "snapshot": done}
     session = repo.writable_session(ir.BRANCH)
     steps = vds[dim].values
@@ -165,7 +169,7 @@ def _commit(repo: Any, file: _File, template: bool, context: Any) -> dict[str, A
     group.attrs[checks.GRID_ATTR] = checks.mapping(group.attrs.get(checks.GRID_ATTR)) | file.grid
     group.attrs[APPEND_DIM_ATTR] = dim
     containers.record(group, src)
-    job = job or ir.FileCommit(job_id=0, path=src.display, size=src.size)
+    job = job or ir.FileCommit(job_id=None, path=src.display, size=src.size)
     failpoint("virtual_before_commit")
     snapshot = ir.commit(session, job)
     failpoint("virtual_after_commit")

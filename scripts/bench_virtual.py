@@ -54,18 +54,30 @@ def virtual_side(files: list[str], store: str) -> None:
 
 
 def child(argv: list[str]) -> int:
-    store, *files = argv
-    start = time.perf_counter()
-    virtual_side(files, store)
-    print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    what, store, *rest = argv
+    if what == "read-virtual":
+        seconds = read_thetao_virtual(store, Path(rest[0]))
+    elif what == "read-zarr":
+        seconds = read_thetao_zarr(store)
+    else:
+        start = time.perf_counter()
+        virtual_side(rest, store)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds}), flush=True)
     return 0
 
 
 def run_virtual(files: list[Path], store: str) -> dict[str, float]:
+    return in_child("write", store, *map(str, files))
+
+
+def in_child(*args: str) -> dict[str, float]:
+    """One side in a child process (the parent stays small: a child's peak RSS starts at
+    its parent's, forked): its seconds and its peak RSS (MB), from wait4."""
     import os
     import subprocess
 
-    argv = [sys.executable, __file__, "--child", store, *map(str, files)]
+    argv = [sys.executable, __file__, "--child", *args]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
     os.sync()
@@ -73,7 +85,7 @@ def run_virtual(files: list[Path], store: str) -> dict[str, float]:
     out = proc.stdout.read() if proc.stdout else b""
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"virtualize child failed ({status})")
+        raise RuntimeError(f"bench_virtual child {args[0]} failed ({status})")
     seconds = json.loads(out.decode().strip().splitlines()[-1])["seconds"]
     return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
 
@@ -122,8 +134,8 @@ def measure(quick: bool, repeats: int, work: Path, data: Path) -> dict[str, Any]
             best[side]["rss_mb"] = rss
         size = sum(f.stat().st_size for f in Path(repo).rglob("*") if f.is_file())
         seconds = {
-            "virtual": read_thetao_virtual(repo, files[0].parent),
-            "zarr": read_thetao_zarr(zarr_store),
+            "virtual": in_child("read-virtual", repo, str(files[0].parent))["seconds"],
+            "zarr": in_child("read-zarr", zarr_store)["seconds"],
         }
         for side, value in seconds.items():
             reads[side] = min(value, reads.get(side, value))

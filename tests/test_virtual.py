@@ -329,3 +329,21 @@ def test_an_object_store_outage_costs_no_attempt_and_shows_no_secret(
     assert KEY not in str(down.value)
     virtualize(url, store, 1, root, objectstore="moto", stores=stores)
     assert [c["job_id"] for c in commits(store)] == [1]
+
+
+def test_region_mode_replaces_steps_where_their_values_are_and_refuses_others(
+    files: list[Path], tmp_path: Path, series: list[Path]
+) -> None:
+    store = tmp_path / "virtual.icechunk"
+    root = files[0].parent
+    ingest(files, store)  # the repository whose axis the region writes go into
+    _rewrite(files[0], _warmer, series[0])
+    region = Task("virtualize", store=str(store), region=T)
+    region(str(files[0]), context(str(files[0]), 4, root))
+    xr.testing.assert_equal(read(store, root)["toce"], decoded(files)["toce"])
+    later = make_series(tmp_path / "later", 1, start_year=9)[0]
+    with pytest.raises(PermanentError, match="not all on the template's axis"):
+        region(str(later), context(str(later), 5, later.parent))
+    nowhere = Task("virtualize", store=str(tmp_path / "none.icechunk"), region=T)
+    with pytest.raises(PermanentError, match="no Icechunk repository"):
+        nowhere(str(later), context(str(later), 6, later.parent))

@@ -152,7 +152,7 @@ def _commit(repo: Any, file: _File, template: bool, context: Any) -> dict[str, A
         event = "virtual_appended"
     else:
         checks.check(vds, group, dim, src.display, file.grid)
-        place = _place(_stored_steps(session, dim), steps, src.display, dim)
+        place = _place(_stored_steps(session, dim), steps, src.display, dim, template)
         if place is None:
             vds.vz.to_icechunk(session.store, append_dim=dim, last_updated_at=src.modified)
             event = "virtual_appended"
@@ -219,17 +219,24 @@ def _stored_steps(session: Any, dim: str) -> np.ndarray:
         return ds[dim].values
 
 
-def _place(stored: np.ndarray, steps: np.ndarray, where: str, dim: str) -> slice | None:
+def _place(
+    stored: np.ndarray, steps: np.ndarray, where: str, dim: str, template: bool
+) -> slice | None:
     """None to append; else the slice of the stored steps that the file's steps replace."""
     import numpy as np
 
-    if len(stored) == 0 or steps[0] > stored[-1]:
+    if not template and (len(stored) == 0 or steps[0] > stored[-1]):
         if not all(a < b for a, b in itertools.pairwise(steps)):
             raise PermanentError(f"{where}: its {dim!r} values are not increasing")
         return None
     found = [int(i) for i in np.flatnonzero(np.isin(stored, steps))]
     if len(found) == len(steps) and found == list(range(found[0], found[0] + len(steps))):
         return slice(found[0], found[0] + len(steps))
+    if template:
+        raise PermanentError(
+            f"{where}: its steps along {dim!r} ({steps[0]} … {steps[-1]}) are not all on the"
+            " template's axis, as one run of steps: check the file, or the template"
+        )
     if found:
         raise PermanentError(
             f"{where}: its steps along {dim!r} ({steps[0]} … {steps[-1]}) overlap the"

@@ -44,6 +44,9 @@ that the benchmarks still work, not how fast anything is.
   orca025_*               the README's main job on 3 ORCA025 grid_T files (NEMO namnc4 chunks,
                           or one chunk per field), local and moto S3: seconds and peak RSS vs
                           hand-written xarray with the same store chunks (scripts/bench_orca.py)
+  orca025_*_icechunk      the same job (namnc4) with `icechunk: true`, one commit per file,
+                          local and moto S3, vs the same job into a plain Zarr store: seconds,
+                          peak RSS and store size (scripts/bench_orca.py)
   orca12                  one ORCA12 thetao step (4 GB), namnc4 chunks: seconds and peak RSS;
                           only with --only orca12 (a 1.5 GB file is generated once and kept)
 
@@ -102,6 +105,8 @@ ORCA_CASES = (
     "orca025_s3_namnc4",
     "orca025_s3_whole",
     "orca12",
+    "orca025_local_icechunk",
+    "orca025_s3_icechunk",
 )
 
 NAMES = (

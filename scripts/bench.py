@@ -44,6 +44,9 @@ that the benchmarks still work, not how fast anything is.
   orca025_*               the README's main job on 3 ORCA025 grid_T files (NEMO namnc4 chunks,
                           or one chunk per field), local and moto S3: seconds and peak RSS vs
                           hand-written xarray with the same store chunks (scripts/bench_orca.py)
+  orca025_*_icechunk      the same job (namnc4) with `icechunk: true`, one commit per file,
+                          local and moto S3, vs the same job into a plain Zarr store: seconds,
+                          peak RSS and store size (scripts/bench_orca.py)
   virtual_orca025         virtualize on the 3 ORCA025 namnc4 files, per file, vs to_zarr (the
                           main job) in the same run: seconds and peak RSS; the repository's
                           size vs the NetCDF files' (target <= 1%) (scripts/bench_virtual.py)
@@ -106,6 +109,8 @@ ORCA_CASES = (
     "orca025_s3_namnc4",
     "orca025_s3_whole",
     "orca12",
+    "orca025_local_icechunk",
+    "orca025_s3_icechunk",
 )
 
 NAMES = (

@@ -286,3 +286,20 @@ def test_the_dask_executor_commits_each_file_once_in_queue_order(
     ]
     assert {s.metadata.get("pipeline") for s in repo.ancestry(branch=rp.BRANCH)} >= {"pipeline"}
     xr.testing.assert_identical(branch(repo), expected(files))
+
+
+def test_the_readme_lines_open_the_branch_a_tag_and_a_snapshot(
+    files: list[Path], tmp_path: Path
+) -> None:
+    store = tmp_path / "gyre.icechunk"
+    write(files[:1], str(store), append_dim=T)
+    first = local(store).lookup_branch(rp.BRANCH)
+    local(store).create_tag("v1", first)
+    write(files[1:2], str(store), first_job=2, append_dim=T)
+    # the README's lines, with this store's path
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(store)))
+    ds = xr.open_zarr(repo.readonly_session(branch="main").store, consolidated=False)
+    assert ds.sizes[T] == 2
+    for ref in ({"tag": "v1"}, {"snapshot_id": first}):
+        old = xr.open_zarr(repo.readonly_session(**ref).store, consolidated=False)
+        assert old.sizes[T] == 1

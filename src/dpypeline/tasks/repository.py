@@ -32,6 +32,7 @@ The one module that talks to icechunk (1.1.x). A task that writes to a repositor
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -182,6 +183,7 @@ def open_repository(place: Place, *, create: bool = True) -> icechunk.Repository
     """
     import icechunk
 
+    _quiet_local_storage_warning()
     storage, config = place.storage(), place.repository_config()
     try:  # not Repository.exists, which ignores the config's retries and timeouts
         return icechunk.Repository.open(storage, config=config)
@@ -200,13 +202,27 @@ def open_repository(place: Place, *, create: bool = True) -> icechunk.Repository
     return icechunk.Repository.create(storage, config=config)
 
 
+@functools.cache
+def _quiet_local_storage_warning() -> None:
+    """Icechunk warns, on every opening of a local repository, that concurrent commits
+    are unsafe there; dpypeline's writes to a store hold its lock, so that line would
+    only fill the journal. ``ICECHUNK_LOG``, when set, decides instead."""
+    if "ICECHUNK_LOG" not in os.environ:
+        import icechunk
+
+        icechunk.set_logs_filter("icechunk::storage::object_store=error,warn")
+
+
 def _is_empty(place: Place) -> bool:
     if not place.remote:
         return not os.path.isdir(place.url) or not os.listdir(place.url)
+    fs = place.filesystem()
     try:
-        return not place.filesystem().ls(place.url, detail=False)
+        return not fs.ls(place.url, detail=False)
     except FileNotFoundError:
         return True
+    finally:
+        _close(fs)
 
 
 @dataclass(frozen=True)
@@ -356,14 +372,26 @@ def _ask_the_store(place: Place, what: str) -> DpypelineError | None:
     store module classifies."""
     from dpypeline.objectstore import classify_errors
 
+    fs = place.filesystem()
     try:
         with classify_errors(what, objectstore=place.objectstore, config=place.config):
-            place.filesystem().ls(place.url)
+            fs.ls(place.url)
     except DpypelineError as exc:
         return exc
     except Exception:  # noqa: BLE001 - no clearer answer than icechunk's: let it pass
         return None
+    finally:
+        _close(fs)
     return None
+
+
+def _close(fs: Any) -> None:
+    """Close an s3fs client used once (an open HTTP session is reported at exit)."""
+    if (client := getattr(fs, "_s3", None)) is not None:
+        from fsspec.asyn import sync
+
+        sync(fs.loop, client.close)
+        fs._s3 = None
 
 
 def _by_code(code: str, what: str, place: Place) -> DpypelineError | None:

@@ -44,6 +44,13 @@ that the benchmarks still work, not how fast anything is.
   orca025_*               the README's main job on 3 ORCA025 grid_T files (NEMO namnc4 chunks,
                           or one chunk per field), local and moto S3: seconds and peak RSS vs
                           hand-written xarray with the same store chunks (scripts/bench_orca.py)
+  orca025_*_icechunk      the same job (namnc4) with `icechunk: true`, one commit per file,
+                          local and moto S3, vs the same job into a plain Zarr store: seconds,
+                          peak RSS and store size (scripts/bench_orca.py)
+  virtual_orca025         virtualize on the 3 ORCA025 namnc4 files, per file, vs to_zarr (the
+                          main job) in the same run: seconds and peak RSS; the repository's
+                          size vs the NetCDF files' (target <= 1%) (scripts/bench_virtual.py)
+  virtual_read_thetao     thetao read back through the references vs from the native Zarr store
   orca12                  one ORCA12 thetao step (4 GB), namnc4 chunks: seconds and peak RSS;
                           only with --only orca12 (a 1.5 GB file is generated once and kept)
 
@@ -102,6 +109,8 @@ ORCA_CASES = (
     "orca025_s3_namnc4",
     "orca025_s3_whole",
     "orca12",
+    "orca025_local_icechunk",
+    "orca025_s3_icechunk",
 )
 
 NAMES = (
@@ -121,6 +130,8 @@ NAMES = (
     "dask_cpu",
     "dask_overhead",
     *ORCA_CASES,
+    "virtual_orca025",
+    "virtual_read_thetao",
 )
 OPTIONAL = ("orca12",)  # run only when named with --only: one 4 GB field
 
@@ -693,6 +704,18 @@ def _orca(case: str) -> Callable[[Context], Result]:
 
 
 BENCHMARKS.update({case: _orca(case) for case in ORCA_CASES})
+
+
+def _virtual(name: str) -> Callable[[Context], Result]:
+    def run(ctx: Context) -> Result:
+        from bench_virtual import bench_virtual  # imports xarray: only when wanted
+
+        return bench_virtual(ctx, name)
+
+    return run
+
+
+BENCHMARKS.update({name: _virtual(name) for name in ("virtual_orca025", "virtual_read_thetao")})
 
 
 # -- output ---------------------------------------------------------------------------------

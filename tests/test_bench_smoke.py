@@ -26,6 +26,7 @@ PREFIXES = {
     "orca_s3": "orca025_s3_",
     "zarr": "zarr_",
     "dask": "dask_",
+    "virtual": "virtual_",
 }
 
 

@@ -1,5 +1,5 @@
 """The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue |
-ledger | migrate``.
+ledger | migrate | export-references``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
@@ -96,6 +96,25 @@ def _parser() -> argparse.ArgumentParser:
     tasks_help = "list the tasks a config may name by short name, with their parameters"
     tasks = sub.add_parser("tasks", help=tasks_help, description=tasks_help)
     tasks.add_argument("--json", action="store_true")
+    export = sub.add_parser(
+        "export-references",
+        help="write a virtual repository's references as kerchunk, for readers without Icechunk",
+        description="write the latest snapshot of a repository virtualize wrote as kerchunk"
+        " references (parquet, or JSON), which xarray reads through fsspec's reference"
+        " filesystem",
+    )
+    export.add_argument(
+        "store", metavar="STORE", help="the repository: a path or s3://bucket/prefix"
+    )
+    export.add_argument("out", metavar="OUT", help="the parquet directory or JSON file to write")
+    export.add_argument("--format", choices=["parquet", "json"], default="parquet")
+    export.add_argument("--branch", default="main")
+    export.add_argument(
+        "--objectstore",
+        metavar="NAME",
+        help="the config's objectstores: entry that reaches an s3:// repository or files",
+    )
+    export.add_argument("-c", "--config", help=CONFIG_HELP)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -135,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sample",
         metavar="FILE",
         help="also run each job's tasks before to_zarr on FILE and print the chunks and codec"
-        " a new store would get",
+        " a new store would get; for virtualize, which variables would be references and"
+        " which stored in the repository",
     )
     status = command("status", "counts per state, oldest waiting job, recent errors")
     status.add_argument("--json", action="store_true")
@@ -175,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return _migrate(args.old, args.output)
     if args.command == "tasks":
         return cmd_tasks(args.json)
+    if args.command == "export-references" and not args.objectstore:
+        return _export_references(args, None)
     path = _config_path(args.config)
     cache_dir = _ledger_only(args)
     if cache_dir is not None:
@@ -220,6 +242,30 @@ def _ledger_only(args: argparse.Namespace) -> Path | None:
     if given is None and not named and not any(p.is_file() for p in config_candidates()):
         given = os.environ.get("CACHE_DIR") or None
     return Path(given).expanduser().absolute() if given else None
+
+
+def _export_references(args: argparse.Namespace, config: PipelineConfig | None) -> int:
+    from dpypeline.errors import PermanentError, Unavailable
+    from dpypeline.tasks.virtual.export import export_references
+
+    try:
+        files = export_references(
+            args.store,
+            args.out,
+            fmt=args.format,
+            objectstore=args.objectstore,
+            objectstores=config.objectstores if config else None,
+            branch=args.branch,
+        )
+    except (PermanentError, Unavailable) as exc:
+        print(f"dpypeline export-references: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote the references into {files} file(s) to {args.out} ({args.format})")
+    return EXIT_OK
+
+
+def cmd_export_references(config: PipelineConfig, args: argparse.Namespace) -> int:
+    return _export_references(args, config)
 
 
 def _migrate(old: str, new: str | None) -> int:
@@ -377,17 +423,21 @@ def _layouts(jobs: list[Job], sample: str) -> dict[str, tuple[Any, list[Any] | N
     """Per job, its ``to_zarr`` store and the layout it would give a new store for
     ``sample`` (None: no to_zarr task); None if the sample cannot be read (said on stderr)."""
     from dpypeline.errors import PermanentError
+    from dpypeline.tasks.virtual.task import plan_references, virtualize
     from dpypeline.tasks.zarr.to_zarr import plan_layout, to_zarr
 
     layouts: dict[str, tuple[Any, list[Any] | None]] = {}
     for job in jobs:
-        split = next((i for i, t in enumerate(job.tasks) if t.func is to_zarr), None)
+        split = next((i for i, t in enumerate(job.tasks) if t.func in (to_zarr, virtualize)), None)
         if split is None:
             layouts[job.name] = (None, None)
             continue
         try:
-            value = job.run_tasks(0, split, sample, None)
-            rows = plan_layout(value, **job.tasks[split].kwargs)
+            if job.tasks[split].func is virtualize:  # references the file where it lies
+                rows = plan_references(sample, **job.tasks[split].kwargs)
+            else:
+                value = job.run_tasks(0, split, sample, None)
+                rows = plan_layout(value, **job.tasks[split].kwargs)
         except (PermanentError, ConfigError, OSError) as exc:
             print(f"{job.name}: {sample}: {exc}", file=sys.stderr)
             return None
@@ -402,7 +452,14 @@ def _print_layouts(jobs: list[Job], sample: str) -> int:
         return EXIT_CONFIG
     for name, (store, rows) in layouts.items():
         if rows is None:
-            print(f"{name}: no to_zarr task")
+            print(f"{name}: no to_zarr or virtualize task")
+            continue
+        if rows and "stored" in rows[0]:
+            print(f"{name}: virtualize into {store} would keep, per file:")
+            print(f"  {'variable':<22} {'dimensions':<44} {'bytes':>12}  stored")
+            for r in rows:
+                dims = " x ".join(f"{d}={n}" for d, n in r["dims"].items()) or "-"
+                print(f"  {r['variable']:<22} {dims:<44} {r['bytes']:>12}  {r['stored']}")
             continue
         print(f"{name}: a new store {store} gets (an existing store keeps its own):")
         print(f"  {'variable':<22} {'chunks as read':<32} {'store chunks':<32} {'MiB':>7}  codec")
@@ -523,4 +580,5 @@ COMMANDS = {
     "skip": cmd_skip,
     "enqueue": cmd_enqueue,
     "ledger": cmd_ledger,
+    "export-references": cmd_export_references,
 }

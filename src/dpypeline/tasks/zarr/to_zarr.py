@@ -108,7 +108,8 @@ def to_zarr(
         )
     location = zs.locate(store, _storage_options(objectstore, storage_options, context))
     with _classified(location, objectstore, context), zs.store_lock(location):
-        write = Write(ze.read_along_source(ds), dim, location.url, overlap, consolidated)
+        job_id = getattr(context, "job_id", None)
+        write = Write(ze.read_along_source(ds), dim, location.url, overlap, consolidated, job_id)
         zstore = location.open()
         state = zs.open_store(zstore, location.url)
         if region is not None:

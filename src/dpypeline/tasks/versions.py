@@ -1,0 +1,184 @@
+"""A versioned store's history, its revert to before one file, and its garbage
+collection: what ``dpypeline history``, ``revert`` and ``gc`` do to an Icechunk repository
+(the plain-Zarr side is :mod:`dpypeline.tasks.zarr.history`).
+
+Every file is one commit on the branch ``main`` whose metadata names its job
+(``job_id``). Reverting to before job N resets ``main`` to the parent of N's commit, as a
+compare-and-swap on the tip that was read (Icechunk refuses the reset if anything
+committed meanwhile), after tagging that tip: the reverted snapshots stay readable by id,
+and the tag keeps them from garbage collection until they expire like any other.
+
+Garbage collection is two steps of Icechunk's own: snapshots older than the expiry leave
+the history (the tip of a branch never does; a revert's tag goes once its snapshot has
+expired), then objects no snapshot still reachable uses are deleted, if older than a
+grace period. The grace period is what makes it safe while the service writes (it is
+the only writer): the chunks of a file being ingested are written before its commit and
+are referenced by no snapshot yet, but they are younger than the grace period, so they
+are kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dpypeline.errors import PermanentError
+
+if TYPE_CHECKING:
+    import icechunk
+
+BRANCH = "main"
+REVERTED_TAG = "dpypeline-reverted-{job}-{tip}"
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One commit of one file: its snapshot, when, the job and file, the steps it wrote
+    along the append dimension (``[start, stop)``; None where unknown)."""
+
+    snapshot: str
+    time: dt.datetime
+    job_id: int | None
+    file: str
+    steps: tuple[int, int] | None
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "snapshot": self.snapshot,
+            "time": self.time.isoformat(),
+            "job_id": self.job_id,
+            "file": self.file,
+            "steps": list(self.steps) if self.steps is not None else None,
+            "message": self.message,
+        }
+
+
+def versions(repo: icechunk.Repository, append_dim: str | None) -> Iterator[Version]:
+    """The commits of ``main``, newest first, without the repository's first, empty one.
+    The steps are read off the length of ``append_dim`` in each snapshot and its parent
+    (one metadata read per snapshot)."""
+    snapshots = [s for s in repo.ancestry(branch=BRANCH) if s.parent_id is not None]
+    lengths = {s.id: _length(repo, s.id, append_dim) for s in snapshots}
+    for s in snapshots:
+        meta = s.metadata or {}
+        stop = lengths[s.id]
+        parent = s.parent_id or ""
+        start = lengths[parent] if parent in lengths else _length(repo, parent, append_dim)
+        job = meta.get("job_id")
+        yield Version(
+            snapshot=s.id,
+            time=s.written_at,
+            job_id=int(job) if job is not None else None,
+            file=str(meta.get("path") or s.message),
+            steps=(start or 0, stop) if stop is not None else None,
+            message=s.message,
+        )
+
+
+def _length(repo: icechunk.Repository, snapshot: str, dim: str | None) -> int | None:
+    if dim is None:
+        return None
+    import zarr
+
+    session = repo.readonly_session(snapshot_id=snapshot)
+    try:
+        array = zarr.open_array(session.store, path=dim, mode="r")
+    except (FileNotFoundError, KeyError):
+        return 0  # not created yet
+    return int(array.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Reverted:
+    """``main`` went from ``tip`` back to ``to`` (the parent of ``commit``), and the old
+    tip is kept under ``tag``."""
+
+    commit: Version
+    tip: str
+    to: str
+    tag: str
+
+
+def find_commit(repo: icechunk.Repository, job_id: int) -> tuple[str, str, str]:
+    """``(tip, commit, parent)``: the branch's tip, and job ``job_id``'s commit on it with
+    its parent. PermanentError when the branch holds no commit of that job."""
+    tip = repo.lookup_branch(BRANCH)
+    for s in repo.ancestry(snapshot_id=tip):
+        job = (s.metadata or {}).get("job_id")
+        if job is not None and int(job) == job_id:
+            if s.parent_id is None:
+                break
+            return tip, s.id, s.parent_id
+    raise PermanentError(
+        f"job {job_id} has no commit on the branch {BRANCH!r}: it never committed to this"
+        " repository, or its commit was reverted or has expired (see `dpypeline history`)"
+    )
+
+
+def revert(repo: icechunk.Repository, job_id: int, tip: str, parent: str) -> str:
+    """Reset ``main`` from ``tip`` to ``parent`` (a compare-and-swap: refused if the
+    branch moved since ``tip`` was read), after tagging ``tip``; returns the tag."""
+    import icechunk
+
+    tag = REVERTED_TAG.format(job=job_id, tip=tip)
+    if tag not in repo.list_tags():
+        repo.create_tag(tag, tip)
+    try:
+        repo.reset_branch(BRANCH, parent, from_snapshot_id=tip)
+    except icechunk.IcechunkError as exc:
+        if "conflict" not in str(exc):
+            raise
+        raise PermanentError(
+            f"the branch {BRANCH!r} moved while it was being reverted: something else"
+            " committed to the repository. Nothing was reverted; look at `dpypeline history`"
+            " and run the revert again"
+        ) from None
+    return tag
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """What one garbage collection did."""
+
+    expired: int  # snapshots that left the history
+    snapshots: int  # objects deleted, by kind
+    manifests: int
+    chunks: int
+    bytes: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "expired": self.expired,
+            "snapshots_deleted": self.snapshots,
+            "manifests_deleted": self.manifests,
+            "chunks_deleted": self.chunks,
+            "bytes_deleted": self.bytes,
+        }
+
+
+def collect(
+    repo: icechunk.Repository,
+    now: dt.datetime,
+    expire_after: float | None,
+    grace: float,
+    *,
+    dry_run: bool = False,
+) -> Collected:
+    """Expire the snapshots older than ``expire_after`` seconds (none when None), then
+    delete the objects no kept snapshot uses that are older than ``grace`` seconds."""
+    expired: set[str] = set()
+    if expire_after is not None and not dry_run:
+        expired = repo.expire_snapshots(
+            now - dt.timedelta(seconds=expire_after), delete_expired_tags=True
+        )
+    summary = repo.garbage_collect(now - dt.timedelta(seconds=grace), dry_run=dry_run)
+    return Collected(
+        expired=len(expired),
+        snapshots=summary.snapshots_deleted,
+        manifests=summary.manifests_deleted,
+        chunks=summary.chunks_deleted,
+        bytes=summary.bytes_deleted,
+    )

@@ -1,0 +1,213 @@
+"""`dpypeline history`, `revert` and `gc` on real stores: GYRE files ingested by the
+pipeline in this process (plain Zarr and Icechunk), the CLI run on them, the store read
+back and compared with the source files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from conftest import ROOT, write_config
+from dpypeline import cli
+from dpypeline.api import Pipeline
+from dpypeline.state.ledger import JobState, Ledger
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_nemo import make_series  # scripts, not a package
+
+CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
+
+
+def config(tmp_path: Path, **to_zarr: Any) -> tuple[Path, Path, Path]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    store = tmp_path / "out" / "gyre_T.zarr"
+    data = {
+        "name": "gyre",
+        "cache_dir": str(tmp_path / "state"),
+        "monitor": False,
+        "watch": [{"path": str(inbox), "patterns": ["*.nc"], "settle": "50ms"}],
+        "jobs": [
+            {
+                "name": "to-zarr",
+                "tasks": [
+                    {"task": "open_dataset"},
+                    {
+                        "task": "to_zarr",
+                        "with": {"store": str(store), "append_dim": "time_counter", **to_zarr},
+                    },
+                ],
+            }
+        ],
+        "logging": {"format": "json", "level": "warning"},
+    }
+    return write_config(tmp_path, data), inbox, store
+
+
+def ingest(cfg: Path) -> None:
+    assert Pipeline.from_yaml(cfg).run(once=True) == 0
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def open_store(store: Path, icechunk: bool) -> xr.Dataset:
+    if not icechunk:
+        return xr.open_zarr(store, decode_times=CODER, consolidated=None, chunks=None)
+    import icechunk as ic
+
+    repo = ic.Repository.open(ic.local_filesystem_storage(str(store)))
+    session = repo.readonly_session(branch="main")
+    return xr.open_zarr(session.store, decode_times=CODER, consolidated=False, chunks=None)
+
+
+def assert_store_is(ds: xr.Dataset, files: list[Path]) -> None:
+    want = xr.concat(
+        [xr.open_dataset(f, decode_times=CODER) for f in files],
+        "time_counter",
+        data_vars="minimal",
+        coords="minimal",
+        compat="override",
+    )
+    assert list(ds.time_counter.values) == list(want.time_counter.values)
+    for name, var in want.data_vars.items():
+        if "time_counter" in var.dims:
+            np.testing.assert_array_equal(ds[name].values, var.values, err_msg=name)
+
+
+def job_states(cfg: Path) -> dict[int, JobState]:
+    ledger = Ledger(cfg.parent / "state", read_only=True)
+    try:
+        return {r.id: r.state for r in ledger.jobs(limit=-1)}
+    finally:
+        ledger.close()
+
+
+KINDS = [pytest.param(False, id="plain-zarr")]
+
+
+@pytest.mark.parametrize("icechunk", KINDS)
+def test_history_lists_each_file_commit_newest_first_in_text_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], icechunk: bool
+) -> None:
+    cfg, inbox, store = config(tmp_path, **({"icechunk": True} if icechunk else {}))
+    files = sorted(make_series(inbox, 3))
+    ingest(cfg)
+
+    code, out, _ = run_cli(capsys, "history", "-c", str(cfg), "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["job_id"] for r in rows] == [3, 2, 1]
+    assert [Path(r["file"]).name for r in rows] == [f.name for f in reversed(files)]
+    assert [r["steps"] for r in rows] == [[2, 3], [1, 2], [0, 1]]
+    assert {r["store"] for r in rows} == {str(store)}
+    assert all(r["time"] for r in rows)
+    assert all(bool(r["snapshot"]) == icechunk for r in rows)
+
+    code, out, _ = run_cli(capsys, "history", str(store), "-c", str(cfg))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"{store}:"
+    assert "snapshot" in lines[1]
+    assert "file" in lines[1]
+    assert [line.split()[-1] for line in lines[2:]] == [str(f) for f in reversed(files)]
+    assert [line.split()[-2] for line in lines[2:]] == ["2..2", "1..1", "0..0"]
+
+
+@pytest.mark.parametrize("icechunk", KINDS)
+def test_revert_of_the_first_file_writes_it_and_the_later_ones_again_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], icechunk: bool
+) -> None:
+    cfg, inbox, store = config(tmp_path, **({"icechunk": True} if icechunk else {}))
+    files = sorted(make_series(inbox, 3))
+    ingest(cfg)
+
+    code, out, err = run_cli(capsys, "revert", "1", "-c", str(cfg))
+
+    assert code == 0, err
+    assert "3 job(s) queued" in out
+    assert job_states(cfg) == {1: JobState.QUEUED, 2: JobState.QUEUED, 3: JobState.QUEUED}
+    assert open_store(store, icechunk).sizes["time_counter"] == 0
+    ingest(cfg)
+    assert job_states(cfg) == {1: JobState.DONE, 2: JobState.DONE, 3: JobState.DONE}
+    assert_store_is(open_store(store, icechunk), files)
+    code, out, _ = run_cli(capsys, "history", "-c", str(cfg), "--json")
+    assert [r["job_id"] for r in json.loads(out)] == [3, 2, 1]
+
+
+@pytest.mark.parametrize("icechunk", KINDS)
+def test_revert_skip_leaves_the_file_out_and_writes_the_later_ones_after_the_earlier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], icechunk: bool
+) -> None:
+    cfg, inbox, store = config(tmp_path, **({"icechunk": True} if icechunk else {}))
+    files = sorted(make_series(inbox, 3))
+    ingest(cfg)
+
+    code, _out, err = run_cli(capsys, "revert", "2", "--skip", "-c", str(cfg))
+
+    assert code == 0, err
+    assert job_states(cfg) == {1: JobState.DONE, 2: JobState.SKIPPED, 3: JobState.QUEUED}
+    assert_store_is(open_store(store, icechunk), files[:1])
+    ingest(cfg)
+    assert_store_is(open_store(store, icechunk), [files[0], files[2]])
+    ledger = Ledger(tmp_path / "state", read_only=True)
+    try:
+        skipped = ledger.get(2)
+    finally:
+        ledger.close()
+    assert skipped is not None
+    assert skipped.error is not None
+    assert "reverted by the operator" in skipped.error
+
+
+def test_revert_refuses_an_unknown_job_and_one_that_never_committed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, inbox, store = config(tmp_path)
+    make_series(inbox, 1)
+    ingest(cfg)
+    code, _, err = run_cli(capsys, "revert", "7", "-c", str(cfg))
+    assert (code, "job 7 does not exist") == (1, err.strip().split(" (")[0].split(": ", 1)[1])
+    ledger = Ledger(tmp_path / "state")
+    try:  # a job the service has not run yet
+        ledger.enqueue([_Version(inbox / "late.nc")], str(inbox), ["to-zarr"], "cli", 1.0)
+    finally:
+        ledger.close()
+    code, _, err = run_cli(capsys, "revert", "2", "-c", str(cfg))
+    assert code == 1
+    assert "job 2 has no commit recorded" in err
+    assert job_states(cfg) == {1: JobState.DONE, 2: JobState.QUEUED}
+    assert open_store(store, False).sizes["time_counter"] == 1
+
+
+def test_revert_refuses_while_the_service_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, inbox, store = config(tmp_path)
+    make_series(inbox, 1)
+    ingest(cfg)
+    service = Ledger(tmp_path / "state", service=True)  # holds the lock, as the service does
+    try:
+        code, _, err = run_cli(capsys, "revert", "1", "-c", str(cfg))
+    finally:
+        service.close()
+    assert code == 1
+    assert "the service is running" in err
+    assert "stop it first" in err
+    assert job_states(cfg) == {1: JobState.DONE}
+    assert open_store(store, False).sizes["time_counter"] == 1
+
+
+class _Version:
+    def __init__(self, path: Path) -> None:
+        self.path, self.size, self.mtime_ns = str(path), 1, 1

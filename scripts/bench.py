@@ -44,6 +44,11 @@ that the benchmarks still work, not how fast anything is.
   orca025_*               the README's main job on 3 ORCA025 grid_T files (NEMO namnc4 chunks,
                           or one chunk per field), local and moto S3: seconds and peak RSS vs
                           hand-written xarray with the same store chunks (scripts/bench_orca.py)
+  revert_first_of_three   `dpypeline revert` of the first of three ingested files, then `run
+                          --once`, vs deleting the store and the ledger and `run --once`
+                          (scripts/bench_versions.py)
+  gc_after_20_replaced    `dpypeline gc` of an Icechunk repository after one file was written
+                          again 20 times, vs one commit of that file (scripts/bench_versions.py)
   orca12                  one ORCA12 thetao step (4 GB), namnc4 chunks: seconds and peak RSS;
                           only with --only orca12 (a 1.5 GB file is generated once and kept)
 
@@ -121,6 +126,8 @@ NAMES = (
     "dask_cpu",
     "dask_overhead",
     *ORCA_CASES,
+    "revert_first_of_three",
+    "gc_after_20_replaced",
 )
 OPTIONAL = ("orca12",)  # run only when named with --only: one 4 GB field
 
@@ -693,6 +700,21 @@ def _orca(case: str) -> Callable[[Context], Result]:
 
 
 BENCHMARKS.update({case: _orca(case) for case in ORCA_CASES})
+
+
+def _versions(name: str) -> Callable[[Context], Result]:
+    def run(ctx: Context) -> Result:
+        import bench_versions  # imports xarray and icechunk: only when such a row is wanted
+
+        bench = bench_versions.bench_revert if name == "revert" else bench_versions.bench_gc
+        return bench(ctx)
+
+    return run
+
+
+BENCHMARKS.update(
+    {"revert_first_of_three": _versions("revert"), "gc_after_20_replaced": _versions("gc")}
+)
 
 
 # -- output ---------------------------------------------------------------------------------

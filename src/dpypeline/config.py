@@ -175,6 +175,10 @@ class ObjectStoreConfig(_Section):
     connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
     read_timeout: Annotated[Duration, Field(gt=0)] = 20.0
     attempts: int = Field(default=2, ge=1)
+    # Whether the store honours conditional writes (If-Match / If-None-Match), which
+    # Icechunk uses to detect a second writer. JASMIN's object store does not: set false,
+    # and an Icechunk repository there is safe only with one writer (dpypeline).
+    conditional_writes: bool = True
 
 
 class LoggingConfig(_Section):

@@ -208,6 +208,9 @@ class JobContext:
     job: str
     log: Any
     objectstores: Mapping[str, ObjectStoreConfig] = field(default_factory=dict)
+    pipeline: str | None = None  # the pipeline's name, recorded with what a job commits
+    size: int | None = None  # the file as it was queued (bytes, mtime)
+    mtime_ns: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without its logger (bound to this process's logging); a copy that

@@ -195,6 +195,9 @@ class Worker:
             job=rec.job,
             log=jlog,
             objectstores=self.config.objectstores,
+            pipeline=self.config.name,
+            size=rec.size,
+            mtime_ns=rec.mtime_ns,
         )
         self._active[rec.id] = (claim, jlog)
         waited = self.clock.wall(now) - rec.created

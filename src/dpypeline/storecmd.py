@@ -22,12 +22,13 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from dpypeline.errors import ConfigError, PermanentError
+from dpypeline.errors import ConfigError, DpypelineError, PermanentError, Unavailable
 from dpypeline.paths import shown
 from dpypeline.report import iso
 from dpypeline.state.cachedir import service_pid
@@ -119,19 +120,33 @@ def _chosen(config: PipelineConfig, store: str | None) -> list[Target]:
     return chosen
 
 
-def open_repository(config: PipelineConfig, target: Target) -> icechunk.Repository:
-    """The Icechunk repository of ``target``, reached as ``to_zarr`` reaches it."""
-    import icechunk
+@contextmanager
+def opened(config: PipelineConfig, target: Target, what: str) -> Iterator[icechunk.Repository]:
+    """The Icechunk repository of ``target``, reached as ``to_zarr`` reaches it (locally
+    or through its ``objectstore:``; one that is not there is refused, never made), with
+    Icechunk's failures inside translated (an outage: Unavailable)."""
+    from dpypeline.tasks import repository
 
-    if target.url.startswith("s3://"):
-        raise ConfigError(f"{target.url}: history, revert and gc reach local repositories only")
-    return icechunk.Repository.open(icechunk.local_filesystem_storage(target.url))
+    context = SimpleNamespace(objectstores=config.objectstores)
+    place = repository.locate(target.url, target.kwargs.get("objectstore"), context)
+    with repository.classified(place, what):
+        yield repository.open_repository(place, create=False)
 
 
 # -- history ------------------------------------------------------------------------------
 
 
 def cmd_history(config: PipelineConfig, args: argparse.Namespace) -> int:
+    try:
+        return _print_history(config, args)
+    except DpypelineError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        print(f"dpypeline history: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _print_history(config: PipelineConfig, args: argparse.Namespace) -> int:
     rows = []
     ledger = Ledger(config.cache_dir, read_only=True)
     try:
@@ -159,12 +174,13 @@ def _history(config: PipelineConfig, target: Target, ledger: Ledger) -> list[dic
     if target.icechunk:
         from dpypeline.tasks.versions import versions
 
-        repo = open_repository(config, target)
-        return [v.as_dict() for v in versions(repo, target.append_dim)]
+        with opened(config, target, "reading the history of") as repo:
+            return [v.as_dict() for v in versions(repo, target.append_dim)]
     from dpypeline.tasks.zarr import history as zh
     from dpypeline.tasks.zarr import store as zs
 
-    state = zs.open_store(zs.locate(target.url).open(), target.url)
+    location = zs.locate(target.url, _storage_options(config, target))
+    state = zs.open_store(location.open(), target.url)
     if state is None:
         return []
     rows = []
@@ -219,8 +235,8 @@ def cmd_revert(config: PipelineConfig, args: argparse.Namespace) -> int:
         try:
             undo = _prepare(config, target, n)
             moved = ledger.revert(n, target.jobs, now, withdraw=note, before_commit=undo)
-        except PermanentError as exc:
-            print(f"dpypeline revert: {exc}", file=sys.stderr)
+        except (PermanentError, Unavailable) as exc:
+            print(f"dpypeline revert: {exc}; nothing was changed", file=sys.stderr)
             return EXIT_FAILURE
     finally:
         ledger.close()
@@ -261,11 +277,12 @@ def _prepare(config: PipelineConfig, target: Target, n: int) -> _Undo:
     if target.icechunk:
         from dpypeline.tasks import versions
 
-        repo = open_repository(config, target)
-        tip, _, parent = versions.find_commit(repo, n)
+        with opened(config, target, "reading") as repo:
+            tip, _, parent = versions.find_commit(repo, n)
 
         def reset() -> str:
-            tag = versions.revert(repo, n, tip, parent)
+            with opened(config, target, "reverting") as repo:
+                tag = versions.revert(repo, n, tip, parent)
             return f"branch main reset to snapshot {parent}; the old tip is tagged {tag}"
 
         return _Undo(reset)
@@ -305,6 +322,14 @@ def grace(config: PipelineConfig) -> float:
 
 
 def cmd_gc(config: PipelineConfig, args: argparse.Namespace) -> int:
+    try:
+        return _gc(config, args)
+    except (PermanentError, Unavailable) as exc:
+        print(f"dpypeline gc: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _gc(config: PipelineConfig, args: argparse.Namespace) -> int:
     from dpypeline.tasks.versions import collect
 
     chosen = [t for t in _chosen(config, args.store) if t.icechunk]
@@ -314,8 +339,9 @@ def cmd_gc(config: PipelineConfig, args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.UTC)
     report = {}
     for target in chosen:
-        repo = open_repository(config, target)
-        done = collect(repo, now, config.snapshot_expiry, grace(config), dry_run=args.dry_run)
+        with opened(config, target, "collecting the garbage of") as repo:
+            expiry, keep = config.snapshot_expiry, grace(config)
+            done = collect(repo, now, expiry, keep, dry_run=args.dry_run)
         report[target.url] = done.as_dict()
     if args.json:
         print(json.dumps(report, indent=2))

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dpypeline.errors import PermanentError
+from dpypeline.tasks.repository import BRANCH, JOB_ID
 
 if TYPE_CHECKING:
     import icechunk
 
-BRANCH = "main"
 REVERTED_TAG = "dpypeline-reverted-{job}-{tip}"
 
 
@@ -67,7 +67,7 @@ def versions(repo: icechunk.Repository, append_dim: str | None) -> Iterator[Vers
         stop = lengths[s.id]
         parent = s.parent_id or ""
         start = lengths[parent] if parent in lengths else _length(repo, parent, append_dim)
-        job = meta.get("job_id")
+        job = meta.get(JOB_ID)
         yield Version(
             snapshot=s.id,
             time=s.written_at,
@@ -107,7 +107,7 @@ def find_commit(repo: icechunk.Repository, job_id: int) -> tuple[str, str, str]:
     its parent. PermanentError when the branch holds no commit of that job."""
     tip = repo.lookup_branch(BRANCH)
     for s in repo.ancestry(snapshot_id=tip):
-        job = (s.metadata or {}).get("job_id")
+        job = (s.metadata or {}).get(JOB_ID)
         if job is not None and int(job) == job_id:
             if s.parent_id is None:
                 break

@@ -211,3 +211,77 @@ def test_revert_refuses_while_the_service_runs(
 class _Version:
     def __init__(self, path: Path) -> None:
         self.path, self.size, self.mtime_ns = str(path), 1, 1
+
+
+def _icechunk_store_of_three(
+    tmp_path: Path,
+) -> tuple[Path, list[Path], Any, list[str]]:
+    """An Icechunk store of three GYRE files, one commit per file with its job id, as the
+    service writes it (through dpypeline's repository adapter), and the ledger's jobs for
+    them, done."""
+    from dpypeline.tasks import repository
+
+    cfg, inbox, store = config(tmp_path, icechunk=True)
+    files = sorted(make_series(inbox, 3))
+    ledger = Ledger(tmp_path / "state", service=True)
+    try:
+        ledger.enqueue([_Version(f) for f in files], str(inbox), ["to-zarr"], "watch", 1.0)
+        repo = repository.open_repository(repository.locate(str(store)))
+        snapshots = []
+        for f in files:
+            claim = ledger.claim(2.0)
+            assert claim is not None
+            session = repo.writable_session("main")
+            ds = xr.open_dataset(f, decode_times=CODER)
+            first = claim.record.id == 1
+            ds.to_zarr(session.store, consolidated=False, **({} if first else {"append_dim": DIM}))
+            file = repository.FileCommit(claim.record.id, f.name)
+            snapshots.append(repository.commit(session, file))
+            ledger.finish(claim, JobState.DONE, 3.0)
+    finally:
+        ledger.close()
+    return cfg, files, repo, snapshots
+
+
+DIM = "time_counter"
+
+
+def test_history_and_revert_of_an_icechunk_store_reset_the_branch_and_queue_the_jobs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, files, repo, snapshots = _icechunk_store_of_three(tmp_path)
+
+    code, out, _ = run_cli(capsys, "history", "-c", str(cfg), "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [(r["snapshot"], r["job_id"], r["file"], r["steps"]) for r in rows] == [
+        (snapshots[2], 3, files[2].name, [2, 3]),
+        (snapshots[1], 2, files[1].name, [1, 2]),
+        (snapshots[0], 1, files[0].name, [0, 1]),
+    ]
+    code, out, _ = run_cli(capsys, "history", "-c", str(cfg))
+    assert [line.split()[0] for line in out.splitlines()[2:]] == snapshots[::-1]
+
+    code, out, err = run_cli(capsys, "revert", "2", "-c", str(cfg))
+
+    assert code == 0, err
+    assert f"reset to snapshot {snapshots[0]}" in out
+    assert repo.lookup_branch("main") == snapshots[0]
+    assert job_states(cfg) == {1: JobState.DONE, 2: JobState.QUEUED, 3: JobState.QUEUED}
+    session = repo.readonly_session(snapshot_id=snapshots[2])  # the old tip, by id
+    assert xr.open_zarr(session.store, consolidated=False).sizes[DIM] == 3
+    code, _, err = run_cli(capsys, "revert", "2", "-c", str(cfg))
+    assert code == 1
+    assert "job 2 has no commit on the branch" in err
+
+
+def test_revert_skip_of_an_icechunk_store_skips_the_job_and_queues_the_later_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, _, repo, snapshots = _icechunk_store_of_three(tmp_path)
+
+    code, _, err = run_cli(capsys, "revert", "1", "--skip", "-c", str(cfg))
+
+    assert code == 0, err
+    assert repo.lookup_branch("main") not in snapshots  # the empty repository's snapshot
+    assert job_states(cfg) == {1: JobState.SKIPPED, 2: JobState.QUEUED, 3: JobState.QUEUED}

@@ -52,8 +52,10 @@ __all__ = [
     "classified",
     "commit",
     "find_commit",
+    "is_repository_store",
     "locate",
     "open_repository",
+    "store_dask",
     "translate_error",
 ]
 
@@ -212,7 +214,7 @@ class FileCommit:
     """What a file's commit records: the message names the file, the metadata says which
     job wrote it, from which file version, under which pipeline and dpypeline version."""
 
-    job_id: int
+    job_id: int | None  # None: written outside a pipeline, by no job
     path: str  # relative to the watch root: the name users know the file by
     size: int | None = None
     mtime: float | None = None
@@ -232,7 +234,7 @@ class FileCommit:
 
     @property
     def message(self) -> str:
-        return f"{self.path} (job {self.job_id})"
+        return self.path if self.job_id is None else f"{self.path} (job {self.job_id})"
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -254,13 +256,47 @@ def commit(session: icechunk.Session, file: FileCommit) -> str:
     return session.commit(file.message, metadata=file.metadata)
 
 
-def find_commit(repo: icechunk.Repository, job_id: int, branch: str = BRANCH) -> str | None:
+def find_commit(
+    repo: icechunk.Repository, job_id: int, branch: str = BRANCH, *, ordered: bool = False
+) -> str | None:
     """The snapshot id of job ``job_id``'s commit on ``branch``, or None. Reads the
-    branch's history, newest first; a job replayed after a crash is normally the last."""
+    branch's history, newest first; a job replayed after a crash is normally the last.
+
+    ``ordered``: the store takes files in queue order (an append store), so the search
+    stops at the first commit of an earlier job, rather than reading the whole history.
+    """
     for snapshot in repo.ancestry(branch=branch):
-        if snapshot.metadata.get(JOB_ID) == job_id:
+        found = snapshot.metadata.get(JOB_ID)
+        if found == job_id:
             return str(snapshot.id)
+        if ordered and isinstance(found, int) and found < job_id:
+            return None
     return None
+
+
+def is_repository_store(zstore: Any) -> bool:
+    """Whether a zarr store is a session's store of an Icechunk repository."""
+    from icechunk import IcechunkStore
+
+    return isinstance(zstore, IcechunkStore)
+
+
+def store_dask(sources: list[Any], targets: list[Any], regions: list[Any]) -> bool:
+    """Write dask ``sources`` into zarr ``targets`` (``dask.array.store``) if they are
+    arrays of a forked session's store (:meth:`icechunk.Session.fork`); False, writing
+    nothing, for any other store.
+
+    The chunks may be written on other machines (dask.distributed): each write's changes
+    come back in a copy of the session, and Icechunk merges them into the fork, whose
+    owner merges it into the session it commits. This is what ``to_icechunk`` does.
+    """
+    if not targets or not is_repository_store(targets[0].store):
+        return False
+    from icechunk.dask import store_dask as ice_store_dask
+
+    fork = targets[0].store.session
+    fork.merge(ice_store_dask(sources=sources, targets=targets, regions=regions))
+    return True
 
 
 @contextmanager

@@ -54,6 +54,10 @@ def write_new(
         var.encoding = encoding
         out[name] = var
     out.attrs = {k: v for k, v in ds.attrs.items() if k not in MARKERS} | dict(attrs)
+    from dpypeline.tasks import repository
+
+    versioned = repository.is_repository_store(zstore)
+    options: dict[str, Any] = {"compute": not versioned}  # versioned: metadata only, here
     try:
         out.to_zarr(
             zstore,
@@ -61,11 +65,29 @@ def write_new(
             consolidated=False,
             zarr_format=zarr_format,
             write_empty_chunks=WRITE_EMPTY_CHUNKS,
+            **options,
         )
     except (ValueError, TypeError):
         _name_the_culprit(out, zarr_format)
         with _about(None, None):
             raise
+    if versioned:  # the metadata and the data in memory are written; the rest goes here
+        _write_lazy(out, zstore, layout.along)
+
+
+def _write_lazy(ds: xr.Dataset, zstore: ZarrStore, dim: str | None) -> None:
+    """The dask-backed variables of ``ds``, into the arrays just made for them, in the
+    way that keeps a repository session's changes wherever the chunks are written
+    (:func:`dpypeline.tasks.repository.store_dask`)."""
+    from dpypeline.tasks.zarr.store import open_store
+
+    state = open_store(zstore, "")
+    lazy = [str(n) for n, v in ds.variables.items() if v.chunks is not None]
+    if state is None or not lazy:
+        return
+    stored = open_lazy(state)
+    variables = [(n, ds[n].variable, stored[n].variable) for n in lazy]
+    write_arrays(variables, state, dim=dim or "", start=0)
 
 
 def _name_the_culprit(ds: xr.Dataset, zarr_format: int) -> None:
@@ -196,7 +218,7 @@ def write_arrays(
     sources, targets, regions = [], [], []
     for name, var, stored in variables:
         array = state.arrays[name]
-        where = _region(state, name, dim, start, var.sizes[dim])
+        where = _region(state, name, dim, start, var.sizes.get(dim, 0))
         with _about(name, var):
             encoded = encode_like(var, stored)
             if encoded.chunks is None:
@@ -208,8 +230,11 @@ def write_arrays(
     if sources:
         import dask.array
 
+        from dpypeline.tasks import repository
+
         with _about(None, None):
-            dask.array.store(sources, targets, regions=regions, lock=False)  # type: ignore[arg-type]
+            if not repository.store_dask(sources, targets, regions):
+                dask.array.store(sources, targets, regions=regions, lock=False)  # type: ignore[arg-type]
 
 
 @contextmanager

@@ -62,11 +62,12 @@ def to_zarr(
     region: str | None = None,
     objectstore: str | None = None,
     storage_options: dict[str, Any] | None = None,
-    zarr_format: int = 2,
+    zarr_format: int | None = None,
     overlap: Overlap = "replace",
     consolidated: bool = True,
     chunks: dict[str, int] | None = None,
     compressor: str | dict[str, Any] | None = None,
+    icechunk: bool = False,
     context: Any = None,
 ) -> str:
     """Write ``ds`` into the Zarr store ``store`` (a local path or ``s3://bucket/key``);
@@ -91,14 +92,17 @@ def to_zarr(
     ``zstd``, ``zlib``, ``none``) or ``{codec, level, shuffle}``; the default is
     ``{codec: blosc-zstd, level: 3, shuffle: byte}``. An existing store keeps its chunks
     and codecs, whatever these say.
+    ``icechunk``: ``store`` is an Icechunk repository (created by the first file), written
+    on its branch ``main``, one commit per file; readers of the branch see whole files
+    only (:mod:`dpypeline.tasks.zarr.versioned`). Zarr format 3 only; ``consolidated``
+    does not apply (Icechunk serves the metadata itself).
     Logs ``zarr_appended``, ``zarr_region_written`` or ``zarr_replayed`` with the steps.
     """
     if (append_dim is None) == (region is None):
         raise ConfigError("to_zarr: set exactly one of append_dim (append) or region (template)")
     if overlap not in OVERLAPS:
         raise ConfigError(f"to_zarr: overlap must be one of {', '.join(OVERLAPS)}, not {overlap!r}")
-    if zarr_format not in (2, 3):
-        raise ConfigError(f"to_zarr: zarr_format must be 2 or 3, not {zarr_format!r}")
+    zarr_format = _format(zarr_format, icechunk=icechunk, storage_options=storage_options)
     dim = str(append_dim or region)
     layout = ze.Layout(dim, dict(chunks or {}), Compressor.parse(compressor))
     if dim not in ds.dims or dim not in ds.variables or not ds.sizes[dim]:
@@ -106,6 +110,11 @@ def to_zarr(
             f"the dataset has no steps along a coordinate {dim!r} (dimensions:"
             f" {dict(ds.sizes)}): check append_dim or region, or the file"
         )
+    if icechunk:
+        return _to_repository(
+            ds, store, dim, layout, append=append_dim is not None, objectstore=objectstore,
+            overlap=overlap, context=context,
+        )  # fmt: skip
     location = zs.locate(store, _storage_options(objectstore, storage_options, context))
     with _classified(location, objectstore, context), zs.store_lock(location):
         job_id = getattr(context, "job_id", None)
@@ -121,6 +130,49 @@ def to_zarr(
     return location.url
 
 
+def _to_repository(
+    ds: xr.Dataset,
+    store: str,
+    dim: str,
+    layout: ze.Layout,
+    *,
+    append: bool,
+    objectstore: str | None,
+    overlap: Overlap,
+    context: Any,
+) -> str:
+    from dpypeline.tasks import repository
+    from dpypeline.tasks.zarr import versioned
+
+    place = repository.locate(store, objectstore, context)
+    with repository.classified(place, "writing"), zs.store_lock(zs.Location(place.url)):
+        write = Write(ze.read_along_source(ds), dim, place.url, overlap, consolidated=False)
+        event = versioned.write(write, place, append=append, layout=layout, context=context)
+    if (log := getattr(context, "log", None)) is not None:
+        log.info(event.pop("event"), store=place.url, **event)
+    return place.url
+
+
+def _format(zarr_format: int | None, *, icechunk: bool, storage_options: Any) -> int:
+    """The Zarr format of a new store: 2 by default, 3 for an Icechunk repository, which
+    holds only that."""
+    if zarr_format not in (None, 2, 3):
+        raise ConfigError(f"to_zarr: zarr_format must be 2 or 3, not {zarr_format!r}")
+    if not icechunk:
+        return zarr_format or 2
+    if zarr_format == 2:
+        raise ConfigError(
+            "to_zarr: an Icechunk repository holds Zarr format 3 only: remove zarr_format: 2"
+            " (or set it to 3), or write a plain Zarr store (icechunk: false)"
+        )
+    if storage_options:
+        raise ConfigError(
+            "to_zarr: an Icechunk repository on S3 is reached through `objectstore:` (an"
+            " entry of `objectstores:`), not storage_options"
+        )
+    return 3
+
+
 def create_template(
     ds: xr.Dataset,
     store: LocalPath,
@@ -128,10 +180,13 @@ def create_template(
     values: Any,
     *,
     chunks: dict[str, int] | None = None,
-    zarr_format: int = 2,
+    zarr_format: int | None = None,
     storage_options: dict[str, Any] | None = None,
     consolidated: bool = True,
     compressor: str | dict[str, Any] | None = None,
+    icechunk: bool = False,
+    objectstore: str | None = None,
+    context: Any = None,
 ) -> str:
     """Create a template store for ``to_zarr(region=dim)``; return its URL.
 
@@ -141,33 +196,61 @@ def create_template(
     data: a step reads as fill values (NaN for float variables) until a file with it is
     written. ``chunks`` and ``compressor`` as for :func:`to_zarr`; along ``dim`` the
     default is the sample's number of steps. Replaces whatever Zarr store is at ``store``.
+    With ``icechunk``, the template is the first commit of an Icechunk repository (S3:
+    through ``objectstore``, an entry of the ``context``'s ``objectstores``).
     """
     import xarray as xr
 
-    location = zs.locate(store, storage_options)
+    zarr_format = _format(zarr_format, icechunk=icechunk, storage_options=storage_options)
     axis = xr.Variable((dim,), np.asarray(values))
     along = (chunks or {}).get(dim) or ds.sizes[dim]
     layout = ze.Layout(dim, dict(chunks or {}) | {dim: along}, Compressor.parse(compressor))
+    if icechunk:
+        from dpypeline.tasks import repository
+
+        place = repository.locate(store, objectstore, context)
+        with repository.classified(place, "creating"), zs.store_lock(zs.Location(place.url)):
+            session = repository.open_repository(place).writable_session(repository.BRANCH)
+            fork = session.fork()
+            _fill_template(
+                ds, fork.store, place.url, axis, layout=layout, zarr_format=zarr_format,
+                consolidated=False,
+            )  # fmt: skip
+            session.merge(fork)
+            source = ds.encoding.get("source", "a sample")
+            message = f"template along {dim} ({len(axis)} steps) from {source}"
+            repository.commit(session, repository.FileCommit(None, message))
+        return place.url
+    location = zs.locate(store, storage_options)
     with zs.store_lock(location):
-        zstore = location.open()
-        old = zs.open_store(zstore, location.url)
-        ze.write_new(
-            ds,
-            zstore,
-            old,
-            zarr_format,
-            layout=layout,
-            attrs={zs.WRITTEN: []},
-        )
-        state = zs.open_store(zstore, location.url)
-        assert state is not None
-        for name in state.along(dim):
-            zs.resize(state, name, dim, 0)  # drops the sample's chunks
-            zs.resize(state, name, dim, len(axis))
-        stored = ze.open_lazy(state)[dim].variable
-        ze.write_arrays([(dim, axis, stored)], state, dim=dim, start=0)
-        zs.save_group(state, {}, consolidated)
+        _fill_template(
+            ds, location.open(), location.url, axis, layout=layout, zarr_format=zarr_format,
+            consolidated=consolidated,
+        )  # fmt: skip
     return location.url
+
+
+def _fill_template(
+    ds: xr.Dataset,
+    zstore: Any,
+    url: str,
+    axis: xr.Variable,
+    *,
+    layout: ze.Layout,
+    zarr_format: int,
+    consolidated: bool,
+) -> None:
+    dim = str(layout.along)
+    old = zs.open_store(zstore, url)
+    ze.write_new(ds, zstore, old, zarr_format, layout=layout, attrs={zs.WRITTEN: []})
+    state = zs.open_store(zstore, url)
+    assert state is not None
+    for name in state.along(dim):
+        zs.resize(state, name, dim, 0)  # drops the sample's chunks
+        zs.resize(state, name, dim, len(axis))
+    stored = ze.open_lazy(state)[dim].variable
+    ze.write_arrays([(dim, axis, stored)], state, dim=dim, start=0)
+    zs.save_group(state, {}, consolidated)
 
 
 def plan_layout(

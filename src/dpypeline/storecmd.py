@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -191,7 +192,7 @@ def _history(config: PipelineConfig, target: Target, ledger: Ledger) -> list[dic
                 "snapshot": None,
                 "time": iso(rec.finished) if rec else None,
                 "job_id": c.job_id,
-                "file": rec.path if rec else None,
+                "file": os.path.relpath(rec.path, rec.root) if rec else None,
                 "steps": [c.start, c.stop],
                 "message": None,
             }

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
+import yaml
 
 from conftest import ROOT, write_config
 from dpypeline import cli
@@ -175,6 +176,28 @@ def test_revert_skip_leaves_the_file_out_and_writes_the_later_ones_after_the_ear
     assert skipped is not None
     assert skipped.error is not None
     assert "reverted by the operator" in skipped.error
+
+
+def test_files_written_again_after_a_revert_follow_the_config_as_it_is_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, inbox, store = config(tmp_path, icechunk=True)
+    files = sorted(make_series(inbox, 3))
+    ingest(cfg)
+    fixed = yaml.safe_load(cfg.read_text())
+    correction = {"task": "taskbox.offset", "with": {"variable": "soce", "by": 1.0}}
+    fixed["jobs"][0]["tasks"].insert(1, correction)
+    cfg.write_text(yaml.safe_dump(fixed))
+
+    code, _, err = run_cli(capsys, "revert", "2", "-c", str(cfg))
+    assert code == 0, err
+    ingest(cfg)
+
+    stored = open_store(store, icechunk=True)["soce"].values
+    sources = [xr.open_dataset(f)["soce"].values[0] for f in files]
+    np.testing.assert_array_equal(stored[0], sources[0])  # before N: as written then
+    np.testing.assert_array_equal(stored[1], sources[1] + 1)  # from N on: the fixed config
+    np.testing.assert_array_equal(stored[2], sources[2] + 1)
 
 
 def test_revert_refuses_an_unknown_job_and_one_that_never_committed(

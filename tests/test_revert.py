@@ -4,6 +4,7 @@ back and compared with the source files."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -198,6 +199,35 @@ def test_files_written_again_after_a_revert_follow_the_config_as_it_is_now(
     np.testing.assert_array_equal(stored[0], sources[0])  # before N: as written then
     np.testing.assert_array_equal(stored[1], sources[1] + 1)  # from N on: the fixed config
     np.testing.assert_array_equal(stored[2], sources[2] + 1)
+
+
+def test_revert_refuses_when_the_snapshot_before_the_job_has_expired(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import icechunk as ic
+
+    from dpypeline.tasks.versions import collect
+
+    cfg, inbox, store = config(tmp_path, icechunk=True)
+    make_series(inbox, 1)
+    ingest(cfg)
+    repo = ic.Repository.open(ic.local_filesystem_storage(str(store)))
+    first = repo.lookup_snapshot(repo.lookup_branch("main")).written_at
+    make_series(inbox, 3)
+    ingest(cfg)
+    collect(repo, first + dt.timedelta(microseconds=1), expire_after=0, grace=DAY)  # job 1's
+
+    code, _, err = run_cli(capsys, "revert", "2", "-c", str(cfg))
+    assert code == 1
+    assert "the snapshot just before job 2's commit has expired" in err
+    assert job_states(cfg) == {1: JobState.DONE, 2: JobState.DONE, 3: JobState.DONE}
+    assert steps(store, icechunk=True) == 3
+    code, _, err = run_cli(capsys, "revert", "3", "-c", str(cfg))  # its parent is kept
+    assert code == 0, err
+    assert steps(store, icechunk=True) == 2
+
+
+DAY = 86400.0
 
 
 def test_revert_refuses_an_unknown_job_and_one_that_never_committed(

@@ -111,11 +111,41 @@ def find_commit(repo: icechunk.Repository, job_id: int) -> tuple[str, str, str]:
         if job is not None and int(job) == job_id:
             if s.parent_id is None:
                 break
+            _require_parent_kept(repo, job_id, s.id, s.parent_id)
             return tip, s.id, s.parent_id
     raise PermanentError(
         f"job {job_id} has no commit on the branch {BRANCH!r}: it never committed to this"
         " repository, or its commit was reverted or has expired (see `dpypeline history`)"
     )
+
+
+def _require_parent_kept(repo: icechunk.Repository, job_id: int, commit: str, parent: str) -> None:
+    """Refuse when the snapshot just before job ``job_id``'s commit has expired: Icechunk
+    then names an older snapshot (the repository's first) as its parent, and a reset to
+    it would drop more than the job's steps. The store's own commit record in the job's
+    snapshot says where its steps start; the parent must end there."""
+    from dpypeline.tasks.zarr import history as zh
+    from dpypeline.tasks.zarr import store as zs
+
+    mine = [c for c in zh.commits(_attrs(repo, commit)) if c.job_id == job_id]
+    before = int(_attrs(repo, parent).get(zs.COMMITTED, 0))
+    if mine and mine[-1].start != before:
+        raise PermanentError(
+            f"the snapshot just before job {job_id}'s commit has expired (snapshot_expiry,"
+            f" `dpypeline gc`): the store can no longer go back to exactly before it (its"
+            f" steps start at {mine[-1].start}; the oldest snapshot kept before it has"
+            f" {before})"
+        )
+
+
+def _attrs(repo: icechunk.Repository, snapshot: str) -> dict[str, Any]:
+    import zarr
+
+    session = repo.readonly_session(snapshot_id=snapshot)
+    try:
+        return dict(zarr.open_group(session.store, mode="r").attrs)
+    except FileNotFoundError:  # the empty repository
+        return {}
 
 
 def revert(repo: icechunk.Repository, job_id: int, tip: str, parent: str) -> str:

@@ -19,6 +19,7 @@ from conftest import ROOT, write_config
 from dpypeline import cli
 from dpypeline.api import Pipeline
 from dpypeline.state.ledger import JobState, Ledger
+from s3server import SECRET, S3Server
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_nemo import make_series  # scripts, not a package
@@ -30,6 +31,7 @@ def config(tmp_path: Path, **to_zarr: Any) -> tuple[Path, Path, Path]:
     inbox = tmp_path / "inbox"
     inbox.mkdir(exist_ok=True)
     store = tmp_path / "out" / "gyre_T.zarr"
+    where = to_zarr.pop("store", str(store))
     data = {
         "name": "gyre",
         "cache_dir": str(tmp_path / "state"),
@@ -42,7 +44,7 @@ def config(tmp_path: Path, **to_zarr: Any) -> tuple[Path, Path, Path]:
                     {"task": "open_dataset"},
                     {
                         "task": "to_zarr",
-                        "with": {"store": str(store), "append_dim": "time_counter", **to_zarr},
+                        "with": {"store": where, "append_dim": "time_counter", **to_zarr},
                     },
                 ],
             }
@@ -345,3 +347,30 @@ def test_revert_skip_of_an_icechunk_store_skips_the_job_and_queues_the_later_one
     assert code == 0, err
     assert repo.lookup_branch("main") not in snapshots  # the empty repository's snapshot
     assert job_states(cfg) == {1: JobState.SKIPPED, 2: JobState.QUEUED, 3: JobState.QUEUED}
+
+
+def test_history_revert_and_gc_reach_an_icechunk_store_on_s3_through_its_objectstore(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], s3: S3Server
+) -> None:
+    bucket = "versions"
+    url = f"s3://{bucket}/gyre_T.icechunk"
+    cfg, inbox, _ = config(tmp_path, icechunk=True, store=url, objectstore="moto")
+    data = yaml.safe_load(cfg.read_text())
+    data["objectstores"] = {"moto": {"credentials": str(s3.credentials_file(tmp_path))}}
+    data["setup"] = [{"task": "create_bucket", "with": {"objectstore": "moto", "bucket": bucket}}]
+    cfg.write_text(yaml.safe_dump(data))
+    files = sorted(make_series(inbox, 2))
+    ingest(cfg)
+
+    code, out, err = run_cli(capsys, "history", url, "-c", str(cfg), "--json")
+    assert code == 0, err
+    assert [(r["job_id"], r["steps"]) for r in json.loads(out)] == [(2, [1, 2]), (1, [0, 1])]
+    code, _, err = run_cli(capsys, "revert", "2", "-c", str(cfg))
+    assert code == 0, err
+    ingest(cfg)
+    code, out, err = run_cli(capsys, "gc", "-c", str(cfg), "--json")
+    assert code == 0, err
+    assert json.loads(out)[url]["expired"] == 0  # nothing is 30 days old
+    code, out, _ = run_cli(capsys, "history", "-c", str(cfg), "--json")
+    assert [Path(r["file"]).name for r in json.loads(out)] == [files[1].name, files[0].name]
+    assert SECRET not in out + err

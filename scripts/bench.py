@@ -44,6 +44,9 @@ that the benchmarks still work, not how fast anything is.
   orca025_*               the README's main job on 3 ORCA025 grid_T files (NEMO namnc4 chunks,
                           or one chunk per field), local and moto S3: seconds and peak RSS vs
                           hand-written xarray with the same store chunks (scripts/bench_orca.py)
+  orca025_*_icechunk      the same job (namnc4) with `icechunk: true`, one commit per file,
+                          local and moto S3, vs the same job into a plain Zarr store: seconds,
+                          peak RSS and store size (scripts/bench_orca.py)
   revert_first_of_three   `dpypeline revert` of the first of three ingested files, then `run
                           --once`, vs deleting the store and the ledger and `run --once`
                           (scripts/bench_versions.py)
@@ -107,6 +110,8 @@ ORCA_CASES = (
     "orca025_s3_namnc4",
     "orca025_s3_whole",
     "orca12",
+    "orca025_local_icechunk",
+    "orca025_s3_icechunk",
 )
 
 NAMES = (

@@ -49,7 +49,11 @@ CASES: dict[str, tuple[str, str, list[str], int, str]] = {
     "orca025_s3_namnc4": ("orca025", "namnc4", VARIABLES, 3, "s3"),
     "orca025_s3_whole": ("orca025", "whole", VARIABLES, 3, "s3"),
     "orca12": ("orca12", "namnc4", ["thetao"], 1, "local"),
+    "orca025_local_icechunk": ("orca025", "namnc4", VARIABLES, 3, "local"),
+    "orca025_s3_icechunk": ("orca025", "namnc4", VARIABLES, 3, "s3"),
 }
+# ours with icechunk: true, against ours into a plain Zarr store (not hand-written xarray)
+ICECHUNK_CASES = ("orca025_local_icechunk", "orca025_s3_icechunk")
 DEFAULT_CASES = [c for c in CASES if c != "orca12"]
 QUICK_GRID = (120, 100, 25)  # --quick: the same layouts on a small grid
 CODEC_CANDIDATES: list[Any] = [
@@ -71,6 +75,39 @@ def ours(files: list[str], store: str, options: dict[str, Any] | None, compresso
     for f in files:
         ds = clean_dataset(open_dataset(f, chunks={T: 1}), missing_value=1.0e20)
         to_zarr(ds, store, append_dim=T, storage_options=options, compressor=compressor)
+
+
+def icechunk(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
+    """The same job with ``icechunk: true``: one commit per file, as the service makes them
+    (a job's context: its id, the file; an S3 store through an ``objectstores:`` entry)."""
+    from types import SimpleNamespace
+
+    from dpypeline.tasks.netcdf import clean_dataset, open_dataset
+    from dpypeline.tasks.zarr.to_zarr import to_zarr
+
+    stores = _objectstores(options, Path(tempfile.mkdtemp(prefix="bench-creds-")))
+    for i, f in enumerate(files, 1):
+        context = SimpleNamespace(
+            job_id=i, path=f, relpath=Path(f).name, size=None, mtime_ns=None,
+            pipeline="bench", log=None, objectstores=stores,
+        )  # fmt: skip
+        ds = clean_dataset(open_dataset(f, chunks={T: 1}), missing_value=1.0e20)
+        to_zarr(ds, store, append_dim=T, compressor=compressor, icechunk=True,
+                objectstore="bench" if stores else None, context=context)  # fmt: skip
+
+
+def _objectstores(options: dict[str, Any] | None, directory: Path) -> dict[str, Any]:
+    """The ``objectstores:`` entry that reaches the moto server of ``options``."""
+    if not options:
+        return {}
+    from dpypeline.config import ObjectStoreConfig
+
+    path = directory / "s3.json"
+    endpoint = options["client_kwargs"]["endpoint_url"]
+    path.write_text(json.dumps({"token": options["key"], "secret": options["secret"],
+                                "endpoint_url": endpoint}))  # fmt: skip
+    path.chmod(0o600)
+    return {"bench": ObjectStoreConfig(credentials=path)}
 
 
 def baseline(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
@@ -103,7 +140,7 @@ def baseline(files: list[str], store: str, options: dict[str, Any] | None, compr
 
 def child(argv: list[str]) -> int:
     side, store, options, compressor, *files = argv
-    fn = ours if side == "ours" else baseline
+    fn = {"ours": ours, "baseline": baseline, "icechunk": icechunk}[side]
     start = time.perf_counter()
     fn(files, store, json.loads(options), json.loads(compressor))
     print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
@@ -149,9 +186,21 @@ def store_facts(store: str, options: dict[str, Any] | None) -> dict[str, float]:
 
         fs = s3fs.S3FileSystem(**(options or {}))
         size = fs.du(store)
-        group = zarr.open_group(store, mode="r", storage_options=options)
     else:
         size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
+    if store.endswith(".icechunk"):
+        from types import SimpleNamespace
+
+        from dpypeline.tasks import repository
+
+        stores = _objectstores(options, Path(tempfile.mkdtemp(prefix="bench-creds-")))
+        context = SimpleNamespace(objectstores=stores)
+        place = repository.locate(store, "bench" if stores else None, context)
+        session = repository.open_repository(place, create=False).readonly_session(branch="main")
+        group = zarr.open_group(session.store, mode="r")
+    elif store.startswith("s3://"):
+        group = zarr.open_group(store, mode="r", storage_options=options)
+    else:
         group = zarr.open_group(store, mode="r")
     chunk_mib = [
         _prod(a.chunks) * a.dtype.itemsize / 2**20
@@ -194,13 +243,18 @@ def measure(
     where = CASES[case][4]
     best: dict[str, dict[str, float]] = {}
     facts: dict[str, float] = {}
+    base_facts: dict[str, float] = {}
+    versioned = case in ICECHUNK_CASES
     for run in range(repeats):
         for side in ("baseline", "ours"):
+            # icechunk rows: the baseline is ours into plain Zarr, ours is icechunk: true
+            job = ("ours" if side == "baseline" else "icechunk") if versioned else side
+            suffix = "icechunk" if job == "icechunk" else "zarr"
             if where == "s3":
-                store, options = f"s3://bench-bucket/{case}-{side}-{run}.zarr", s3
+                store, options = f"s3://bench-bucket/{case}-{side}-{run}.{suffix}", s3
             else:
-                store, options = str(work / f"{case}-{side}-{run}.zarr"), None
-            got = run_side(side, files, store, options, None)
+                store, options = str(work / f"{case}-{side}-{run}.{suffix}"), None
+            got = run_side(job, files, store, options, None)
             if side not in best or got["seconds"] < best[side]["seconds"]:
                 best[side] = {
                     **got,
@@ -210,9 +264,12 @@ def measure(
                 best[side]["rss_mb"] = max(best[side]["rss_mb"], got["rss_mb"])
             if side == "ours" and run == 0:
                 facts = store_facts(store, options)
+            if side == "baseline" and run == 0 and versioned:
+                base_facts = store_facts(store, options)
             _remove(store, options)
     netcdf = sum(f.stat().st_size for f in files)
-    return {"files": len(files), "best": best, "facts": facts, "netcdf": netcdf, "repeats": repeats}
+    return {"files": len(files), "best": best, "facts": facts, "netcdf": netcdf,
+            "repeats": repeats, "base_facts": base_facts}  # fmt: skip
 
 
 def _remove(store: str, options: dict[str, Any] | None) -> None:
@@ -224,6 +281,7 @@ def _remove(store: str, options: dict[str, Any] | None) -> None:
         import shutil
 
         shutil.rmtree(store, ignore_errors=True)
+        Path(store + ".lock").unlink(missing_ok=True)
 
 
 def result(case: str, m: dict[str, Any]) -> Result:
@@ -237,7 +295,9 @@ def result(case: str, m: dict[str, Any]) -> Result:
         ours=ours_s,
         unit="s",
         baseline=base_s,
-        baseline_unit="s (xarray, same chunks)",
+        baseline_unit="s (plain Zarr, same job)"
+        if case in ICECHUNK_CASES
+        else "s (xarray, same chunks)",
         ratio=ratio,
         ratio_kind="time",
         target=f"<= 1.1x time, RSS <= {rss_limit / 1000:.1f} GB",
@@ -253,6 +313,11 @@ def result(case: str, m: dict[str, Any]) -> Result:
         f" {facts['bytes'] / 2**20:,.0f} MiB = {facts['bytes'] / m['netcdf']:.2f}x the NetCDF"
         f" files' {m['netcdf'] / 2**20:,.0f} MiB"
     )
+    if base := m.get("base_facts"):
+        r.notes.append(
+            f"plain Zarr store {base['bytes'] / 2**20:,.0f} MiB; the repository is"
+            f" {facts['bytes'] / base['bytes']:.3f}x its size"
+        )
     return r
 
 

@@ -255,3 +255,51 @@ def test_chunks_written_on_a_dask_cluster_are_all_in_the_one_commit(
             to_zarr(ds, str(store), append_dim=T, icechunk=True, context=job(i, files[i - 1]))
     assert len(commits(local(store))) == 2
     xr.testing.assert_identical(branch(local(store)), expected(files[:2]))
+
+
+@pytest.mark.slow
+def test_the_dask_executor_commits_each_file_once_in_queue_order(
+    files: list[Path], tmp_path: Path
+) -> None:
+    """The service, with jobs on a LocalCluster of two worker processes: each file's
+    commit is made on a worker, one at a time, in queue order."""
+    import shutil
+
+    from conftest import status
+    from test_dask import pipeline, run_once
+
+    store = tmp_path / "gyre.icechunk"
+    cfg, inbox = pipeline(
+        tmp_path,
+        [
+            {"task": "open_dataset"},
+            {"task": "to_zarr", "with": {"store": str(store), "append_dim": T, "icechunk": True}},
+        ],
+    )
+    for f in files:
+        shutil.copy2(f, inbox / f.name)
+    run_once(cfg, timeout=180)
+    assert status(cfg)["done"] == 4
+    repo = local(store)
+    assert [s.metadata.get("path") for s in repo.ancestry(branch=rp.BRANCH)][-2::-1] == [
+        f.name for f in files
+    ]
+    assert {s.metadata.get("pipeline") for s in repo.ancestry(branch=rp.BRANCH)} >= {"pipeline"}
+    xr.testing.assert_identical(branch(repo), expected(files))
+
+
+def test_the_readme_lines_open_the_branch_a_tag_and_a_snapshot(
+    files: list[Path], tmp_path: Path
+) -> None:
+    store = tmp_path / "gyre.icechunk"
+    write(files[:1], str(store), append_dim=T)
+    first = local(store).lookup_branch(rp.BRANCH)
+    local(store).create_tag("v1", first)
+    write(files[1:2], str(store), first_job=2, append_dim=T)
+    # the README's lines, with this store's path
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(store)))
+    ds = xr.open_zarr(repo.readonly_session(branch="main").store, consolidated=False)
+    assert ds.sizes[T] == 2
+    for ref in ({"tag": "v1"}, {"snapshot_id": first}):
+        old = xr.open_zarr(repo.readonly_session(**ref).store, consolidated=False)
+        assert old.sizes[T] == 1

@@ -203,10 +203,13 @@ def open_repository(place: Place, *, create: bool = True) -> icechunk.Repository
 def _is_empty(place: Place) -> bool:
     if not place.remote:
         return not os.path.isdir(place.url) or not os.listdir(place.url)
+    fs = place.filesystem()
     try:
-        return not place.filesystem().ls(place.url, detail=False)
+        return not fs.ls(place.url, detail=False)
     except FileNotFoundError:
         return True
+    finally:
+        _close(fs)
 
 
 @dataclass(frozen=True)
@@ -356,14 +359,26 @@ def _ask_the_store(place: Place, what: str) -> DpypelineError | None:
     store module classifies."""
     from dpypeline.objectstore import classify_errors
 
+    fs = place.filesystem()
     try:
         with classify_errors(what, objectstore=place.objectstore, config=place.config):
-            place.filesystem().ls(place.url)
+            fs.ls(place.url)
     except DpypelineError as exc:
         return exc
     except Exception:  # noqa: BLE001 - no clearer answer than icechunk's: let it pass
         return None
+    finally:
+        _close(fs)
     return None
+
+
+def _close(fs: Any) -> None:
+    """Close an s3fs client used once (an open HTTP session is reported at exit)."""
+    if (client := getattr(fs, "_s3", None)) is not None:
+        from fsspec.asyn import sync
+
+        sync(fs.loop, client.close)
+        fs._s3 = None
 
 
 def _by_code(code: str, what: str, place: Place) -> DpypelineError | None:

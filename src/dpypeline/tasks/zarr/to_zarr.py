@@ -261,12 +261,14 @@ def plan_layout(
     region: str | None = None,
     chunks: dict[str, int] | None = None,
     compressor: str | dict[str, Any] | None = None,
-    zarr_format: int = 2,
+    zarr_format: int | None = None,
+    icechunk: bool = False,
     **_: Any,
 ) -> list[dict[str, Any]]:
     """How :func:`to_zarr` with these arguments lays out a new store for ``ds``: per
     variable its dimensions, its chunks as read, the store's chunks, a chunk's size
     uncompressed and the codec (``dpypeline validate --sample``)."""
+    zarr_format = _format(zarr_format, icechunk=icechunk, storage_options=None)
     layout = ze.Layout(append_dim or region, dict(chunks or {}), Compressor.parse(compressor))
     ds = ze.read_along_source(ds)
     rows = []

@@ -335,6 +335,11 @@ def test_history_and_revert_of_an_icechunk_store_reset_the_branch_and_queue_the_
     code, _, err = run_cli(capsys, "revert", "2", "-c", str(cfg))
     assert code == 1
     assert "job 2 has no commit on the branch" in err
+    code, out, _ = run_cli(capsys, "gc", "-c", str(cfg), "--dry-run")
+    assert code == 0
+    assert out.startswith(
+        f"{tmp_path / 'out' / 'gyre_T.zarr'}: 0 snapshot(s) expired; would delete"
+    )
 
 
 def test_revert_skip_of_an_icechunk_store_skips_the_job_and_queues_the_later_ones(

@@ -58,22 +58,33 @@ class Version:
 
 def versions(repo: icechunk.Repository, append_dim: str | None) -> Iterator[Version]:
     """The commits of ``main``, newest first, without the repository's first, empty one.
-    The steps are read off the length of ``append_dim`` in each snapshot and its parent
-    (one metadata read per snapshot)."""
-    snapshots = [s for s in repo.ancestry(branch=BRANCH) if s.parent_id is not None]
-    lengths = {s.id: _length(repo, s.id, append_dim) for s in snapshots}
+    The steps come from the store's own record of its appends in the tip (one read); for
+    a commit the record does not name (a replay, a template, a store written before the
+    record), from the length of ``append_dim`` in its snapshot and its parent."""
+    from dpypeline.tasks.zarr import history as zh
+
+    tip = repo.lookup_branch(BRANCH)
+    recorded = {c.job_id: (c.start, c.stop) for c in zh.commits(_attrs(repo, tip))}
+    snapshots = [s for s in repo.ancestry(snapshot_id=tip) if s.parent_id is not None]
+    lengths: dict[str, int | None] = {}
+
+    def length(snapshot: str) -> int | None:
+        if snapshot not in lengths:
+            lengths[snapshot] = _length(repo, snapshot, append_dim)
+        return lengths[snapshot]
+
     for s in snapshots:
         meta = s.metadata or {}
-        stop = lengths[s.id]
-        parent = s.parent_id or ""
-        start = lengths[parent] if parent in lengths else _length(repo, parent, append_dim)
-        job = meta.get(JOB_ID)
+        job = int(meta[JOB_ID]) if meta.get(JOB_ID) is not None else None
+        steps = recorded.get(job) if job is not None else None
+        if steps is None and (stop := length(s.id)) is not None:
+            steps = (length(s.parent_id or "") or 0, stop)
         yield Version(
             snapshot=s.id,
             time=s.written_at,
-            job_id=int(job) if job is not None else None,
+            job_id=job,
             file=str(meta.get("path") or s.message),
-            steps=(start or 0, stop) if stop is not None else None,
+            steps=steps,
             message=s.message,
         )
 

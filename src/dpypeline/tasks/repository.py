@@ -32,6 +32,7 @@ The one module that talks to icechunk (1.1.x). A task that writes to a repositor
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -182,6 +183,7 @@ def open_repository(place: Place, *, create: bool = True) -> icechunk.Repository
     """
     import icechunk
 
+    _quiet_local_storage_warning()
     storage, config = place.storage(), place.repository_config()
     try:  # not Repository.exists, which ignores the config's retries and timeouts
         return icechunk.Repository.open(storage, config=config)
@@ -198,6 +200,17 @@ def open_repository(place: Place, *, create: bool = True) -> icechunk.Repository
     if not create:
         raise PermanentError(f"there is no Icechunk repository at {place.url}")
     return icechunk.Repository.create(storage, config=config)
+
+
+@functools.cache
+def _quiet_local_storage_warning() -> None:
+    """Icechunk warns, on every opening of a local repository, that concurrent commits
+    are unsafe there; dpypeline's writes to a store hold its lock, so that line would
+    only fill the journal. ``ICECHUNK_LOG``, when set, decides instead."""
+    if "ICECHUNK_LOG" not in os.environ:
+        import icechunk
+
+        icechunk.set_logs_filter("icechunk::storage::object_store=error,warn")
 
 
 def _is_empty(place: Place) -> bool:

@@ -51,6 +51,11 @@ that the benchmarks still work, not how fast anything is.
                           main job) in the same run: seconds and peak RSS; the repository's
                           size vs the NetCDF files' (target <= 1%) (scripts/bench_virtual.py)
   virtual_read_thetao     thetao read back through the references vs from the native Zarr store
+  revert_first_of_three   `dpypeline revert` of the first of three ingested files, then `run
+                          --once`, vs deleting the store and the ledger and `run --once`
+                          (scripts/bench_versions.py)
+  gc_after_20_replaced    `dpypeline gc` of an Icechunk repository after one file was written
+                          again 20 times, vs one commit of that file (scripts/bench_versions.py)
   orca12                  one ORCA12 thetao step (4 GB), namnc4 chunks: seconds and peak RSS;
                           only with --only orca12 (a 1.5 GB file is generated once and kept)
 
@@ -132,6 +137,8 @@ NAMES = (
     *ORCA_CASES,
     "virtual_orca025",
     "virtual_read_thetao",
+    "revert_first_of_three",
+    "gc_after_20_replaced",
 )
 OPTIONAL = ("orca12",)  # run only when named with --only: one 4 GB field
 
@@ -715,7 +722,20 @@ def _virtual(name: str) -> Callable[[Context], Result]:
     return run
 
 
+def _versions(name: str) -> Callable[[Context], Result]:
+    def run(ctx: Context) -> Result:
+        import bench_versions  # imports xarray and icechunk: only when such a row is wanted
+
+        bench = bench_versions.bench_revert if name == "revert" else bench_versions.bench_gc
+        return bench(ctx)
+
+    return run
+
+
 BENCHMARKS.update({name: _virtual(name) for name in ("virtual_orca025", "virtual_read_thetao")})
+BENCHMARKS.update(
+    {"revert_first_of_three": _versions("revert"), "gc_after_20_replaced": _versions("gc")}
+)
 
 
 # -- output ---------------------------------------------------------------------------------

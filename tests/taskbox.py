@@ -210,3 +210,9 @@ def work(path: str, log: str, seconds: float, context: JobContext | None = None)
     if "flaky" in os.path.basename(path) and context.attempt == 1:
         raise TransientError(f"flaky failure on attempt {context.attempt}")
     return path
+
+
+def offset(ds: Any, variable: str, by: float) -> Any:
+    """``variable`` plus ``by``: a correction a fixed config applies to the files it
+    writes again."""
+    return ds.assign({variable: ds[variable] + by})

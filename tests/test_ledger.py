@@ -863,3 +863,50 @@ def test_a_clock_step_moves_every_backoff_end_with_it(service: Ledger) -> None:
         1005.0 + 86400,
         1000.0 + 86400 + 300,
     ]
+
+
+# -- revert -------------------------------------------------------------------------------
+
+
+def test_revert_queues_the_job_and_the_later_ones_of_its_store_in_order(service: Ledger) -> None:
+    service.enqueue([fv(f"{c}.nc") for c in "abcd"], ROOT, ["ingest"], "watch", 1.0)
+    service.enqueue([fv("x.nc")], ROOT, ["other"], "watch", 1.0)
+    for c in claim_all(service, 2.0):
+        service.finish(c, JobState.DONE, 3.0)
+    a, b, c, d, x = (r.id for r in sorted(service.jobs(), key=lambda r: r.id))
+
+    moved = service.revert(b, ["ingest"], 4.0)
+
+    assert [r.id for r in moved] == [b, c, d]
+    assert {r.state for r in moved} == {JobState.QUEUED}
+    assert all(r.attempts == 0 and r.finished is None for r in moved)
+    untouched = [service.get(i) for i in (a, x)]
+    assert [r.state for r in untouched if r] == [JobState.DONE, JobState.DONE]
+    assert names(claim_all(service, 5.0)) == ["b.nc", "c.nc", "d.nc"]
+
+
+def test_revert_with_withdraw_skips_the_job_and_queues_only_the_later_ones(
+    service: Ledger,
+) -> None:
+    service.enqueue([fv(f"{c}.nc") for c in "abc"], ROOT, ["ingest"], "watch", 1.0)
+    for c in claim_all(service, 2.0):
+        service.finish(c, JobState.DONE, 3.0)
+    a, b, c = (r.id for r in sorted(service.jobs(), key=lambda r: r.id))
+
+    moved = service.revert(a, ["ingest"], 4.0, withdraw="reverted by the operator")
+
+    assert [(r.id, r.state) for r in moved] == [
+        (a, JobState.SKIPPED),
+        (b, JobState.QUEUED),
+        (c, JobState.QUEUED),
+    ]
+    assert moved[0].error == "reverted by the operator"
+    assert names(claim_all(service, 5.0)) == ["b.nc", "c.nc"]
+
+
+def test_revert_is_refused_to_a_process_without_the_service_lock(
+    open_ledger: Callable[..., Ledger],
+) -> None:
+    cli = open_ledger()
+    with pytest.raises(RuntimeError):
+        cli.revert(1, ["ingest"], 1.0)

@@ -1,5 +1,5 @@
 """The command line: ``dpypeline run | validate | status | jobs | retry | skip | enqueue |
-ledger | migrate | export-references``.
+ledger | history | revert | gc | migrate | export-references``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad config or usage (so systemd's
 ``RestartPreventExitStatus=2`` stops a config error from restart-looping), 3 ``run --once``
@@ -7,7 +7,8 @@ finished but some job of the run ended dead (``service.EXIT_JOBS_DEAD``), 4 the 
 damaged or lost (``LedgerRefused``; also in ``RestartPreventExitStatus=``), 75 ``run
 --max-runtime`` stopped at its time budget with work left (``service.EXIT_TIME_BUDGET``).
 status, jobs, retry, skip and enqueue work while the service runs: they only touch the
-ledger, through SQLite, and the service picks up what they changed.
+ledger, through SQLite, and the service picks up what they changed. So do history and gc
+(see ``storecmd``); revert refuses while the service runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpypeline.commands.ledger import add_parser, cmd_ledger
 from dpypeline.commands.report import cmd_jobs, cmd_status, error_of, iso
+from dpypeline.commands.store import add_parsers, cmd_gc, cmd_history, cmd_revert
 from dpypeline.commands.tasks import cmd_tasks
 from dpypeline.config.durations import parse_duration
 from dpypeline.config.model import PipelineConfig, load_config
@@ -176,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     enqueue = command("enqueue", "queue files (or directories) by hand, deduplicated")
     enqueue.add_argument("paths", nargs="+", metavar="PATH")
     add_parser(command("ledger", "back up the ledger, restore a copy, or start over"))
+    add_parsers(command)
     return p
 
 
@@ -581,4 +584,7 @@ COMMANDS = {
     "enqueue": cmd_enqueue,
     "ledger": cmd_ledger,
     "export-references": cmd_export_references,
+    "history": cmd_history,
+    "revert": cmd_revert,
+    "gc": cmd_gc,
 }

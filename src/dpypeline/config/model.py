@@ -224,6 +224,9 @@ class PipelineConfig(_Section):
     monitor: bool = True
     retention: Duration = 30 * 86400.0  # how long jobs of files gone from disk stay in the ledger
     stop_grace: Duration = 30.0  # on stop, running jobs get this long, then go back to the queue
+    # snapshots of Icechunk stores older than this leave their history at `dpypeline gc`
+    # (a branch's tip never does); None keeps them all
+    snapshot_expiry: Duration | None = 30 * 86400.0
     watch: list[WatchConfig] = Field(min_length=1)
     executor: ExecutorConfig = ExecutorConfig()
     retry: RetryConfig = RetryConfig()

@@ -316,6 +316,55 @@ class Ledger:
                 holds.release(db, job_id)
         return record(row) if row is not None else None
 
+    def revert(
+        self,
+        first: int,
+        jobs: Sequence[str],
+        now: float,
+        *,
+        withdraw: str | None = None,
+        before_commit: Callable[[], object] | None = None,
+    ) -> list[JobRecord]:
+        """After ``dpypeline revert`` took a store back to before job ``first``: that job
+        and every later job of the store (the jobs named ``jobs``) not skipped go to the
+        end of the line with fresh attempts, to be written again in order; with
+        ``withdraw`` (the reason) ``first`` ends skipped instead. Holds that named them go:
+        the service holds them again as it takes them. The service's lock must be held (no
+        job runs meanwhile). ``before_commit`` (the store's reset) runs inside the
+        transaction: if it raises, nothing changes. Returns the jobs moved, by id."""
+        self._service_only()
+        marks = ", ".join(f":j{i}" for i in range(len(jobs)))
+        with self._tx() as db:
+            params = {"now": now, "first": first, "tail": db.execute(TAIL).fetchone()[0]}
+            params |= {f"j{i}": name for i, name in enumerate(jobs)}
+            moved = []
+            if withdraw is not None:
+                moved += apply(
+                    db,
+                    Event.WITHDRAW,
+                    "id = :first",
+                    params | {"note": withdraw},
+                    assign="error = :note, not_before = NULL, finished = :now",
+                    returning=COLUMNS,
+                ).fetchall()
+            moved += apply(
+                db,
+                Event.REWRITE,
+                f"id {'>' if withdraw is not None else '>='} :first AND job IN ({marks})",
+                params,
+                assign="attempts = 0, error = NULL, not_before = NULL, started = NULL,"
+                " finished = NULL, position = :tail",
+                returning=COLUMNS,
+            ).fetchall()
+            ids = [row[0] for row in moved]
+            for chunk in range(0, len(ids), 500):
+                some = ids[chunk : chunk + 500]
+                q = ",".join("?" * len(some))
+                db.execute(f"DELETE FROM holds WHERE job_id IN ({q}) OR behind IN ({q})", some * 2)
+            if before_commit is not None:
+                before_commit()
+        return sorted(map(record, moved), key=lambda r: r.id)
+
     def retry(self, job_ids: Sequence[int] | None, now: float) -> int:
         """Move ``dead`` jobs (the given ids, or all with None) back to ``queued`` with a
         fresh attempt count, at the end of the line."""

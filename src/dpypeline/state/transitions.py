@@ -10,6 +10,8 @@ each event may move it to which.
       │                  │────exhaust───► dead      (at start-up, out of attempts)
       └──────────────────┴──release | park | resume  (a stop, a hold, a crash)
     queued | retrying | dead ──supersede──► queued  (a new version of its file)
+    done | queued | running | retrying | dead ──rewrite──► queued   (dpypeline revert)
+    done | queued | running | retrying | dead ──withdraw──► skipped (dpypeline revert --skip)
 
 The states themselves are :class:`dpypeline.jobstate.JobState`, below this package so that
 the ordering rule can name them too. Every change of a job's state is made by
@@ -50,6 +52,8 @@ class Event(StrEnum):
     RETRY = "retry"  # the operator revives a dead job
     SKIP = "skip"  # the operator accepts the gap a dead job leaves
     SUPERSEDE = "supersede"  # a new version of its file takes its place, with fresh attempts
+    REWRITE = "rewrite"  # the operator reverted its store to before it or an earlier job
+    WITHDRAW = "withdraw"  # the operator reverted its commit and accepts the gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,10 @@ TRANSITIONS: Mapping[Event, Transition] = {
     Event.RETRY: Transition((JobState.DEAD,), Q),
     Event.SKIP: Transition((JobState.DEAD,), JobState.SKIPPED),
     Event.SUPERSEDE: Transition((Q, W, JobState.DEAD), Q),
+    # only with the service stopped (``dpypeline revert`` holds its lock), so a job found
+    # running is one the service died under: it is written again like the others
+    Event.REWRITE: Transition((JobState.DONE, Q, R, W, JobState.DEAD), Q),
+    Event.WITHDRAW: Transition((JobState.DONE, Q, R, W, JobState.DEAD), JobState.SKIPPED),
 }
 
 # how an attempt ends, by the state it ends in (``Ledger.finish``)

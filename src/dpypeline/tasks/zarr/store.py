@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 COMMITTED = "dpypeline_committed"
 APPEND_DIM = "dpypeline_append_dim"
 WRITTEN = "dpypeline_written"
-MARKERS = (COMMITTED, APPEND_DIM, WRITTEN)
+COMMITS = "dpypeline_commits"  # which job appended which steps (``history``)
+MARKERS = (COMMITTED, APPEND_DIM, WRITTEN, COMMITS)
 # Every chunk is written, even one holding nothing but the fill value: zarr's test for
 # such a chunk compares it with the fill value value by value, NaN equal to NaN, through
 # masked copies of the chunk. With NEMO's 1e20 fill value that test took a fifth of an

@@ -117,7 +117,8 @@ def to_zarr(
         )  # fmt: skip
     location = zs.locate(store, _storage_options(objectstore, storage_options, context))
     with _classified(location, objectstore, context), zs.store_lock(location):
-        write = Write(ze.read_along_source(ds), dim, location.url, overlap, consolidated)
+        job_id = getattr(context, "job_id", None)
+        write = Write(ze.read_along_source(ds), dim, location.url, overlap, consolidated, job_id)
         zstore = location.open()
         state = zs.open_store(zstore, location.url)
         if region is not None:
@@ -145,7 +146,8 @@ def _to_repository(
 
     place = repository.locate(store, objectstore, context)
     with repository.classified(place, "writing"), zs.store_lock(zs.Location(place.url)):
-        write = Write(ze.read_along_source(ds), dim, place.url, overlap, consolidated=False)
+        job_id = getattr(context, "job_id", None)  # recorded with its steps (``history``)
+        write = Write(ze.read_along_source(ds), dim, place.url, overlap, False, job_id)
         event = versioned.write(write, place, append=append, layout=layout, context=context)
     if (log := getattr(context, "log", None)) is not None:
         log.info(event.pop("event"), store=place.url, **event)

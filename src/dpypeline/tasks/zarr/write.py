@@ -13,6 +13,7 @@ import numpy as np
 
 from dpypeline.errors import PermanentError
 from dpypeline.tasks.zarr import encoding as ze
+from dpypeline.tasks.zarr import history as zh
 from dpypeline.tasks.zarr import store as zs
 from dpypeline.tasks.zarr.store import StoreState, failpoint
 
@@ -31,6 +32,7 @@ class Write:
     url: str
     overlap: Overlap
     consolidated: bool
+    job_id: int | None = None  # recorded with the steps it appends (``history``)
     state: StoreState = field(init=False)
     stored: xr.Dataset = field(init=False)  # the store as xarray decodes it, lazily
 
@@ -44,7 +46,8 @@ class Write:
             ze.write_new(ds, zstore, state, zarr_format, layout=layout, attrs=attrs)
             created = zs.open_store(zstore, self.url)
             assert created is not None
-            zs.commit(created, {zs.COMMITTED: n}, self.consolidated)
+            record = zh.recorded({}, self.job_id, 0, n)
+            zs.commit(created, {zs.COMMITTED: n} | record, self.consolidated)
             return {"event": "zarr_appended", "created": True} | info
         if state.attrs.get(zs.APPEND_DIM, dim) != dim:
             raise PermanentError(
@@ -63,7 +66,9 @@ class Write:
         self.check_alignment(start, start + n)
         zs.grow(state, dim, start + n)
         self.write_arrays(start, write_index=True)
-        zs.commit(state, {zs.APPEND_DIM: dim, zs.COMMITTED: start + n}, self.consolidated)
+        record = zh.recorded(state.attrs, self.job_id, start, start + n)
+        markers = {zs.APPEND_DIM: dim, zs.COMMITTED: start + n} | record
+        zs.commit(state, markers, self.consolidated)
         return {"event": "zarr_appended"} | info
 
     def region(self, state: StoreState | None) -> dict[str, Any]:

@@ -86,6 +86,31 @@ def dpypeline(
     return proc
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """What ``dpypeline ARGS`` exits with and prints, from the CLI's own ``main()`` in this
+    process, in the environment ``dpypeline(...)`` gives a process: the same parsing,
+    config loading, checks and messages without an interpreter's start-up (a second of CPU
+    each). For the commands that read and report; ``run`` (signal handlers, logging set up
+    for the process) and what only a process shows run ``dpypeline(...)``."""
+    from dpypeline import cli as command_line
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    for name in ("CACHE_DIR", "DPYPELINE_CONFIG"):
+        os.environ.pop(name, None)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = command_line.main(list(args))
+            except SystemExit as exc:  # argparse: --version, usage errors
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["dpypeline", *args], code, out.getvalue(), err.getvalue())
+
+
 def _cli_json(command: str, config: Path, **args: Any) -> Any:
     """What ``dpypeline COMMAND -c CONFIG --json`` prints, from the CLI's own function run
     in this process: the same config loading and ledger reads, without the interpreter

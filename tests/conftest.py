@@ -311,7 +311,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     slow or systemd): run side by side, they then end together rather than one of them
     holding the whole run up at its end. The machine-wide ones last. xdist hands the tests
     out in this order (``--no-loadscope-reorder``)."""
-    took: dict[str, float] = config.cache.get(DURATIONS, {}) if config.cache else {}
+    cache = getattr(config, "cache", None)  # none with -p no:cacheprovider
+    took: dict[str, float] = cache.get(DURATIONS, {}) if cache is not None else {}
 
     def order(item: pytest.Item) -> tuple[int, float]:
         marks = {m.name for m in item.iter_markers()}
@@ -333,7 +334,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    cache = session.config.cache
+    cache = getattr(session.config, "cache", None)
     if cache is None or _took == {} or hasattr(session.config, "workerinput"):
         return  # a worker: the controller, which saw every report, keeps them
     cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_took})

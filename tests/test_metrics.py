@@ -21,8 +21,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from dpypeline.jobstate import JobState
 from dpypeline.observability.metrics import LedgerCollector, Metrics
-from dpypeline.state.transitions import JobState
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -176,8 +176,14 @@ def test_an_upgrade_that_fails_leaves_the_database_as_it_was(
     monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
     monkeypatch.setattr(schema, "SCHEMA_VERSION", broken.version)
     db_path = old_cache / DB_FILE
-    with pytest.raises(StateError, match="cannot open the state database"):
+    with pytest.raises(StateError) as refused:
         Ledger(old_cache, service=True)
+    said = str(refused.value)
+    assert f"upgrading the ledger {db_path} from schema version 0 to {broken.version}" in said
+    assert "no such table: nowhere" in said
+    assert "Nothing was changed" in said
+    assert f"A copy made before it is {schema.backup_path(db_path, 0)}" in said
+    assert "writable" not in said  # the directory was writable: the upgrade failed
     assert service_pid(old_cache) is None
     assert version(db_path) == 0
     assert "admitted" in columns(db_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dpypeline.commits import Commit, commits, declared
-from dpypeline.executors.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
+from dpypeline.ordering import CommitOrder, Hold, Pending, held_summary, hold_for
 from dpypeline.pipeline import Job, JobCall, JobContext, Task
 from dpypeline.state.cachedir import DB_FILE
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger

@@ -20,11 +20,11 @@ from typing import Any, ClassVar
 import pytest
 
 from conftest import dpypeline, env_for_subprocess, runs, status, wait_for, write_config
-from dpypeline.executors.ordering import Hold
+from dpypeline.jobstate import JobState
 from dpypeline.loop.progress import Meter, Observers, View, progress_line, watch
+from dpypeline.ordering import Hold
 from dpypeline.state import holds
 from dpypeline.state.ledger import Ledger
-from dpypeline.state.transitions import JobState
 from test_notify import NotifySocket, notify_socket, start  # noqa: F401 - the fixture
 from test_service import Harness, make  # noqa: F401 - the fixture
 

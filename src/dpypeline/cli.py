@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpypeline.commands.ledger import add_parser, cmd_ledger
 from dpypeline.commands.report import cmd_jobs, cmd_status, error_of, iso
+from dpypeline.commands.tasks import cmd_tasks
 from dpypeline.config.durations import parse_duration
 from dpypeline.config.model import PipelineConfig, load_config
 from dpypeline.errors import ConfigError, LedgerRefused, StateError
@@ -88,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("old", metavar="OLD.yaml")
     migrate.add_argument("-o", "--output", metavar="NEW.yaml", help="default: stdout")
+    tasks_help = "list the tasks a config may name by short name, with their parameters"
+    tasks = sub.add_parser("tasks", help=tasks_help, description=tasks_help)
+    tasks.add_argument("--json", action="store_true")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "migrate":
         return _migrate(args.old, args.output)
+    if args.command == "tasks":
+        return cmd_tasks(args.json)
     path = _config_path(args.config)
     try:
         if args.legacy_config:
@@ -399,7 +405,7 @@ def _why_not_retried(ledger: Ledger, job_id: int) -> str:
 def cmd_skip(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The operator's decision that a dead job's file is never written: recorded in the
     ledger (the job ends ``skipped``, the reason says so) and logged; the later jobs of
-    its store that were held behind it go on."""
+    its resource that were held behind it go on."""
     from dpypeline.observability import logs
 
     logs.configure(config.logging.format, config.logging.level)

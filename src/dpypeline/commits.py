@@ -8,11 +8,11 @@ when it makes none. The core never looks at which task it is, only at this decla
 - A job's chain splits at its first committing task. The tasks before it are the job's
   *compute* stage, which an executor may run for several files at once; the committing
   task and those after it are its *commit* stage, which runs one job at a time per
-  resource, earliest job first (:class:`dpypeline.executors.ordering.CommitOrder`).
+  resource, earliest job first (:class:`dpypeline.ordering.CommitOrder`).
 - An *ordered* resource (an append-mode store, an append-only log) takes the files in
   queue order only: a job whose earlier job of the same resource failed is held behind
   it, spending no attempt, until that one commits or is skipped
-  (:func:`dpypeline.executors.ordering.hold_for`).
+  (:func:`dpypeline.ordering.hold_for`).
 
 A user's task declares it the same way::
 

@@ -5,19 +5,20 @@ each next task receives the previous task's return value as its first argument; 
 gives keyword arguments. A task that declares a ``context`` parameter also receives the
 ``JobContext``. Tasks are plain functions: a built-in short name (``open_dataset``) or a
 dotted path (``mypkg.tasks.fix_units``); only the tasks named in a config are imported.
-The core knows no task by name: the built-ins' short names are looked up in the table of
-:data:`BUILTIN_TASKS`, imported by its dotted path like any user's task, and a task that
+The core knows no task by name: short names are entry points of the group
+:data:`TASK_GROUP` — dpypeline's own built-ins are registered there like any installed
+package's tasks — imported by their dotted path like any user's task, and a task that
 writes to a shared resource says so itself (:mod:`dpypeline.commits`).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,28 +31,57 @@ from dpypeline.config.trust import import_checked, refuse_process_spawning
 from dpypeline.errors import ConfigError
 from dpypeline.outages import disk_full_is_outage
 
-BUILTIN_TASKS = "dpypeline.tasks:BUILTINS"  # short name -> "module:function"
+TASK_GROUP = "dpypeline.tasks"  # entry points: short name -> "module:function"
 
 
-def builtin_tasks() -> Mapping[str, str]:
-    """The built-in tasks' short names and where each one lives."""
-    module_name, _, attr = BUILTIN_TASKS.partition(":")
-    table: Mapping[str, str] = getattr(importlib.import_module(module_name), attr)
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A task registered under a short name by an installed distribution."""
+
+    name: str
+    target: str  # "module:function"
+    distribution: str
+
+
+def registered_tasks() -> dict[str, Registered]:
+    """The short names installed packages register in the ``dpypeline.tasks`` entry-point
+    group (dpypeline's own built-ins among them). A name registered by two distributions
+    is refused where it is used: which one runs must not depend on install order."""
+    found: dict[str, list[Registered]] = {}
+    for ep in entry_points(group=TASK_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        found.setdefault(ep.name, []).append(Registered(ep.name, ep.value, dist))
+    table: dict[str, Registered] = {}
+    for name, regs in found.items():
+        targets = {r.target for r in regs}
+        if len(targets) > 1:
+            owners = ", ".join(sorted(f"{r.distribution} ({r.target})" for r in regs))
+            table[name] = Registered(name, "", owners)  # ambiguous: refused by task_module
+        else:
+            table[name] = regs[0]
     return table
 
 
 def task_module(name: str) -> tuple[str, str]:
     """(module, function) a task name refers to. Raises ImportError for a name that is
-    neither a built-in task nor a dotted path."""
-    builtins = builtin_tasks()
-    target = builtins.get(name, name)
+    neither a registered short name nor a dotted path, ConfigError for a short name two
+    installed packages register."""
+    registered = registered_tasks()
+    reg = registered.get(name)
+    if reg is not None and not reg.target:
+        raise ConfigError(
+            f"task '{name}' is registered by more than one installed package: "
+            f"{reg.distribution}; name the one you mean by its dotted path"
+        )
+    target = reg.target if reg is not None else name
     module_name, sep, attr = target.partition(":")
     if not sep:
         module_name, _, attr = target.rpartition(".")
     if not module_name or not attr:
         raise ImportError(
-            f"'{name}' is neither a built-in task ({', '.join(sorted(builtins))}) "
-            "nor a dotted path such as mypkg.tasks.fix_units"
+            f"'{name}' is neither a registered task ({', '.join(sorted(registered))}) "
+            "nor a dotted path such as mypkg.tasks.fix_units; `dpypeline tasks` lists "
+            "the registered ones"
         )
     return module_name, attr
 
@@ -155,8 +185,8 @@ class Job:
 
     def ordered_resource(self) -> str | None:
         """The resource, when it takes files in queue order only: an earlier job that
-        failed holds the later ones (see ``ordering``). None for an unordered resource
-        (a template store, an upload prefix) or none."""
+        failed holds the later ones (:mod:`dpypeline.ordering`). None for an unordered
+        resource (a template store, an upload prefix) or none."""
         commit = self.commit()
         return commit.resource if commit is not None and commit.ordered else None
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dpypeline.config.model import PipelineConfig
-from dpypeline.executors.ordering import Hold, held_summary
+from dpypeline.ordering import Hold, held_summary
 from dpypeline.paths import shown
 from dpypeline.state.cachedir import read_executor_status, service_pid
 from dpypeline.state.ledger import JobRecord, JobState, Ledger

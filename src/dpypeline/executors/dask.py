@@ -26,7 +26,7 @@ prefix, a user's database) runs in two stages: *compute* (every task before the 
 opening, cleaning, encoding) is submitted at once and runs in parallel with others;
 *commit* (the committing task and anything after it) is submitted only when the job is
 the earliest one in flight for that resource and no other commit to it is running
-(:class:`dpypeline.executors.ordering.CommitOrder`). So commits to one resource never
+(:class:`dpypeline.ordering.CommitOrder`). So commits to one resource never
 overlap and happen in queue order, exactly as with the serial executor; commits to
 different resources and jobs that commit nothing run freely. When a job of an ordered
 resource (an append store) fails, the later jobs of that resource in flight are withdrawn
@@ -59,9 +59,9 @@ from dpypeline.executors.cluster import (
     scale,
     tls_security,
 )
-from dpypeline.executors.ordering import CommitOrder, Held
 from dpypeline.executors.serial import Finished
 from dpypeline.observability.logs import get_logger, quiet_libraries, settings
+from dpypeline.ordering import CommitOrder, Held
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -89,7 +89,7 @@ def run_commit(call: Staged, value: Any) -> None:
 class _InFlight:
     job_id: int
     call: Staged
-    key: str | None  # the resource it commits to: commits with one key run one at a time
+    resource: str | None  # what it commits to: commits to one resource run one at a time
     started: float
     timeout: float | None
     future: Future
@@ -135,7 +135,7 @@ class DaskExecutor:
         self._counted = 0.0
         self._jobs: dict[int, _InFlight] = {}
         self._commits = CommitOrder()
-        self._fenced: dict[str, threading.Event] = {}  # stores waiting for a worker restart
+        self._fenced: dict[str, threading.Event] = {}  # resources waiting for a worker restart
         self._finished: list[Finished] = []
         self._lost = ""
         self._address: str | None = None
@@ -276,7 +276,7 @@ class DaskExecutor:
             job.stage, job.computed = "computed", future
             job.waiting_since = time.monotonic()
             self._commits.computed(job.job_id)
-            self._next_commit(job.key)
+            self._next_commit(job.resource)
             return
         if future.status == "finished":
             self._finish(job, Finished(job.job_id))
@@ -292,15 +292,15 @@ class DaskExecutor:
         result.duration = time.monotonic() - job.started
         self._jobs.pop(job.job_id, None)
         self._finished.append(result)
-        if job.key is not None:
+        if job.resource is not None:
             failed = result.error is not None
             for job_id in self._commits.finished(job.job_id, failed=failed):
                 self._withdraw(self._jobs.pop(job_id), behind=job.job_id)
-            self._next_commit(job.key)
+            self._next_commit(job.resource)
         self._wake.set()
 
     def _withdraw(self, job: _InFlight, behind: int) -> None:
-        """A later job of an append store whose earlier job failed: dropped before its
+        """A later job of an ordered resource whose earlier job failed: dropped before its
         commit (its computed value is released), and reported as held."""
         for future in (job.future, job.computed):
             if future is not None:
@@ -309,17 +309,17 @@ class DaskExecutor:
             Finished(job.job_id, error=Held(behind), duration=time.monotonic() - job.started)
         )
 
-    def _next_commit(self, key: str | None) -> None:
-        """Start the earliest job's write to ``key`` once it is computed and nothing else
-        writes there: writes to a store never overlap and keep queue order."""
-        if key is None or self._client is None:
+    def _next_commit(self, resource: str | None) -> None:
+        """Start the earliest job's commit to ``resource`` once it is computed and nothing
+        else commits there: commits to a resource never overlap and keep queue order."""
+        if resource is None or self._client is None:
             return
-        fence = self._fenced.get(key)
+        fence = self._fenced.get(resource)
         if fence is not None:
             if not fence.is_set():
                 return
-            del self._fenced[key]
-        job_id = self._commits.next_commit(key)
+            del self._fenced[resource]
+        job_id = self._commits.next_commit(resource)
         if job_id is None:
             return
         head = self._jobs[job_id]
@@ -341,14 +341,14 @@ class DaskExecutor:
     def enforce_timeouts(self, now: float) -> list[int]:
         """Cancel jobs past their timeout and restart the workers that ran them; the
         attempts are reported as timeouts by the next ``completed``. Never stuck."""
-        for key in [k for k, fence in self._fenced.items() if fence.is_set()]:
-            self._next_commit(key)
+        for resource in [r for r, fence in self._fenced.items() if fence.is_set()]:
+            self._next_commit(resource)
         late = [j for j in self._timed() if now >= j.started + (j.timeout or 0.0)]
         for job in late:
             futures = [f for f in (job.future, job.computed) if f is not None]
             fence = threading.Event()
-            if job.stage == "commit" and job.key is not None:
-                self._fenced[job.key] = fence
+            if job.stage == "commit" and job.resource is not None:
+                self._fenced[job.resource] = fence
             threading.Thread(
                 target=self._restart_workers_of,
                 args=(futures, fence),

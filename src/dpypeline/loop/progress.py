@@ -37,11 +37,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from dpypeline.executors.ordering import Hold
+from dpypeline.jobstate import JobState
+from dpypeline.ordering import Hold
 from dpypeline.paths import shown
 from dpypeline.signals import StopSignals
 from dpypeline.state.cachedir import write_executor_status
-from dpypeline.state.transitions import TERMINAL, WAITING, JobState
+from dpypeline.state.transitions import TERMINAL, WAITING
 from dpypeline.wakeup import Wakeup
 
 if TYPE_CHECKING:

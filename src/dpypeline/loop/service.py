@@ -27,7 +27,6 @@ from typing import Any
 from dpypeline.clock import Clock
 from dpypeline.config.model import PipelineConfig
 from dpypeline.config.taskpath import task_dirs
-from dpypeline.executors.ordering import held_summary
 from dpypeline.executors.serial import Executor, SerialExecutor
 from dpypeline.loop.arrivals import Arrivals
 from dpypeline.loop.health import Health, Snapshot, Verdict, status_line
@@ -39,6 +38,7 @@ from dpypeline.objectstore import close_clients
 from dpypeline.observability.logs import get_logger
 from dpypeline.observability.metrics import Metrics
 from dpypeline.observability.systemd import Notifier
+from dpypeline.ordering import held_summary
 from dpypeline.outages import PendingSetup
 from dpypeline.pipeline import Job, SetupContext, Task
 from dpypeline.signals import Previous, StopSignals

@@ -20,10 +20,10 @@ from dpypeline.errors import (
     TransientError,
     Unavailable,
 )
-from dpypeline.executors.ordering import Held, hold_for
 from dpypeline.executors.serial import Executor, Finished
 from dpypeline.observability.logs import get_logger
 from dpypeline.observability.metrics import Metrics
+from dpypeline.ordering import Held, behind_dead, hold_for
 from dpypeline.paths import refusal
 from dpypeline.pipeline import Job, JobCall, JobContext
 from dpypeline.state.ledger import Claim, JobRecord, JobState, Ledger
@@ -103,12 +103,13 @@ class Worker:
         self.clock = clock or Clock()  # the ledger's times are the wall clock's
         self.metrics = metrics or Metrics()
         self.jobs = {job.name: job for job in jobs}
-        self.stores = {job.name: key for job in jobs if (key := job.ordered_resource()) is not None}
-        self._writers: dict[str, list[str]] = {}  # append store -> the jobs writing it
-        for name, key in self.stores.items():
-            self._writers.setdefault(key, []).append(name)
-        # asked by the ledger before it counts a job's attempt; only append stores hold
-        self.gate = self._gate if self.stores else None
+        # job name -> the ordered resource it commits to (an append store), if any
+        self.ordered = {j.name: r for j in jobs if (r := j.ordered_resource()) is not None}
+        self._writers: dict[str, list[str]] = {}  # ordered resource -> the jobs writing it
+        for name, resource in self.ordered.items():
+            self._writers.setdefault(resource, []).append(name)
+        # asked by the ledger before it counts a job's attempt; only ordered resources hold
+        self.gate = self._gate if self.ordered else None
         # a job's root is its watch's resolved path (or a watch since removed: never follow)
         self._follows = {os.path.realpath(w.path): w.follow_symlinks for w in config.watch}
         self._active: dict[int, tuple[Claim, Any]] = {}
@@ -208,8 +209,9 @@ class Worker:
     def _changed(self, claim: Claim, st: os.stat_result, now: float) -> Decision:
         """The file changed since its job was queued. A version the ledger knows has its
         own job: this one is skipped. An unknown one is still settling; once it settles it
-        takes this job's place (``holds.absorb``), so the job waits for it, as after a
-        transient failure, and keeps holding the later files of its store meanwhile."""
+        takes this job's place (:func:`dpypeline.ordering.takeover`), so the job waits for
+        it, as after a transient failure, and keeps holding the later files of its resource
+        meanwhile."""
         rec = claim.record
         version = FileVersion(rec.path, st.st_size, st.st_mtime_ns)
         if not self.ledger.unknown([version], [rec.job]):
@@ -244,12 +246,12 @@ class Worker:
         return None if at is None else self.clock.monotonic(at)
 
     def _gate(self, rec: JobRecord) -> int | None:
-        """The job ``rec`` must wait behind (an earlier job of its append store that has
-        not committed and is not running), or None: it may start."""
-        key = self.stores.get(rec.job)
-        if key is None:
+        """The job ``rec`` must wait behind (an earlier job of its ordered resource that
+        has not committed and is not running), or None: it may start."""
+        resource = self.ordered.get(rec.job)
+        if resource is None:
             return None
-        hold = hold_for(rec.id, self.ledger.ahead(rec.id, self._writers[key]))
+        hold = hold_for(rec.id, self.ledger.ahead(rec.id, self._writers[resource]))
         if hold is None:
             return None
         level = "warning" if hold.needs_operator else "info"
@@ -258,7 +260,7 @@ class Worker:
             job_id=rec.id,
             file=rec.path,
             job=rec.job,
-            store=key,
+            store=resource,
             behind=hold.behind,
             behind_state=hold.behind_state,
             state=JobState.QUEUED.value,
@@ -310,16 +312,15 @@ class Worker:
         )
 
     def _park(self, claim: Claim, held: Held, jlog: Any, now: float) -> None:
-        """Withdrawn before its commit: an earlier job of the same append store failed.
+        """Withdrawn before its commit: an earlier job of the same ordered resource failed.
         Back to the queue without spending an attempt, held behind that job."""
         self.ledger.park(claim, held.behind, self.clock.wall(now))
         jlog.info(
             "job_held",
-            store=self.stores.get(claim.record.job),
+            store=self.ordered.get(claim.record.job),
             behind=held.behind,
             state=JobState.QUEUED.value,
-            reason=f"held behind job {held.behind}, an earlier file of the same append store"
-            " that failed; it runs once that one is written",
+            reason=held.reason,
         )
 
     def abandon_stuck(self, job_id: int, now: float) -> None:
@@ -374,15 +375,12 @@ class Worker:
         if exc is not None and d.state is JobState.DEAD:
             fields["exc_info"] = exc
         getattr(jlog, level)(f"job_{d.state.value}", **fields)
-        if d.state is JobState.DEAD and claim.record.job in self.stores:
+        if d.state is JobState.DEAD and claim.record.job in self.ordered:
             rid = claim.record.id
             if held := sum(h.behind == rid for h in self.ledger.held()):
                 jlog.warning(
                     "store_held",
-                    store=self.stores[claim.record.job],
+                    store=self.ordered[claim.record.job],
                     held=held,
-                    reason=f"{held} later job(s) of the store wait behind dead job {rid}:"
-                    " a new version of its file takes its place by itself; else fix its cause"
-                    f" and run `dpypeline retry {rid}`, or accept the gap with"
-                    f" `dpypeline skip {rid}`",
+                    reason=behind_dead(rid, held),
                 )

@@ -28,10 +28,10 @@ from prometheus_client.registry import Collector
 
 from dpypeline.config.model import PipelineConfig, listen_address
 from dpypeline.errors import ConfigError
+from dpypeline.jobstate import JobState
 from dpypeline.observability.logs import get_logger
 from dpypeline.observability.metrics_endpoint import MetricsEndpoint
 from dpypeline.state.ledger import Ledger
-from dpypeline.state.transitions import JobState
 
 OUTCOMES = (JobState.DONE, JobState.RETRYING, JobState.DEAD, JobState.SKIPPED)
 COMPONENTS = ("watch", "job_timeout", "executor")  # what a health check looks at

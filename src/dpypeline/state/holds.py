@@ -1,17 +1,15 @@
 """Held jobs in the ledger: the ``holds`` table, one row per ``queued`` job that waits for
-an earlier job of its append-mode store to commit (the rule is in :mod:`ordering`).
+an earlier job of its ordered resource to commit. The rule is :mod:`dpypeline.ordering`;
+this module keeps the SQL that supplies its facts and records its decisions.
 
 A held job is passed over when the service takes the next job in line, so it is neither
 taken nor counted again while it waits. Its row goes when the job it waits for commits or
 is skipped (by the service, or by ``dpypeline skip``). The functions take the ledger's
 connection and run inside the caller's transaction.
 
-A job's place in its store's order is its id, and a new version of a file takes the place
-of the file's job that is not written yet (:func:`absorb`): the job that a dead, held,
-queued or retrying version had is given the new version, with fresh attempts, and the jobs
-held behind it stay held behind it. A superseded version therefore never holds anything,
-and re-sending a file that went dead is enough: it is written in its place, then the
-files after it.
+When a new version of a file takes the place of the file's job that is not written yet
+(:func:`absorb`, as :func:`dpypeline.ordering.takeover` decides), the jobs held behind it
+stay held behind it.
 """
 
 from __future__ import annotations
@@ -22,17 +20,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from dpypeline.executors.ordering import Hold, Pending
-from dpypeline.state.transitions import Event, JobState, apply, is_state
+from dpypeline.jobstate import JobState
+from dpypeline.ordering import AHEAD, HOLDING, OPEN, Hold, Pending, takeover
+from dpypeline.state.transitions import Event, apply, is_state
 
 log = structlog.stdlib.get_logger("dpypeline.state")
 
-# states in which a job keeps the later jobs of its store from committing
-HOLDING = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.DEAD)
-# the same, without "running": jobs in flight commit first, so they hold no start
-AHEAD = (JobState.QUEUED, JobState.RETRYING, JobState.DEAD)
-# a job of a file not written yet and not running: a new version of the file takes it
-OPEN = AHEAD
 # what a job taken over by a new version of its file starts again with
 FRESH = (
     "size = :size, mtime_ns = :mtime_ns, source = :source, attempts = 0, error = NULL,"
@@ -48,8 +41,8 @@ HELD_BEHIND_DEAD = (
 
 def ahead(db: sqlite3.Connection, job_id: int, jobs: Sequence[str]) -> list[Pending]:
     """The earliest job before ``job_id`` among the jobs named ``jobs`` (the jobs writing
-    one store), in each state that holds a start. One index walk per state, stopped at
-    the first match, so it costs the same however long the store's history is."""
+    one resource), in each state that holds a start. One index walk per state, stopped at
+    the first match, so it costs the same however long the resource's history is."""
     marks = ",".join("?" * len(jobs))
     found = []
     for state in AHEAD:
@@ -87,8 +80,8 @@ def sweep(db: sqlite3.Connection) -> int:
 
 def listing(db: sqlite3.Connection) -> list[Hold]:
     return [
-        Hold(*row)
-        for row in db.execute(
+        Hold(job_id, behind, JobState(state))
+        for job_id, behind, state in db.execute(
             "SELECT h.job_id, h.behind, b.state FROM holds AS h JOIN jobs AS b"
             " ON b.id = h.behind ORDER BY h.job_id"
         )
@@ -103,7 +96,7 @@ class Superseded:
 
     job_id: int
     path: str
-    state: str
+    state: JobState
     error: str | None
     size: int
     dropped: tuple[int, ...]
@@ -131,21 +124,18 @@ def absorb(db: sqlite3.Connection, job_ids: Iterable[int], now: float) -> list[S
     jobs go. Nothing happens while a job of that file runs: its end calls this again."""
     done: list[Superseded] = []
     for job_id in job_ids:
-        rows = sorted(
-            db.execute(
+        rows = {
+            row[0]: row
+            for row in db.execute(
                 "SELECT id, state, path, error FROM jobs WHERE (path, job) ="
                 " (SELECT path, job FROM jobs WHERE id = ?)",
                 (job_id,),
             )
-        )
-        if any(state == JobState.RUNNING for _, state, _, _ in rows):
+        }
+        took = takeover((i, JobState(state)) for i, state, _, _ in rows.values())
+        if took is None:
             continue
-        place = next((r for r in rows if r[1] in OPEN), None)
-        if place is None:
-            continue
-        later = [i for i, state, _, _ in rows if i > place[0] and state == JobState.QUEUED]
-        if not later:
-            continue
+        place, later = rows[took.place], took.later
         size, mtime_ns, source = db.execute(
             "SELECT size, mtime_ns, source FROM jobs WHERE id = ?", (later[-1],)
         ).fetchone()
@@ -159,7 +149,7 @@ def absorb(db: sqlite3.Connection, job_ids: Iterable[int], now: float) -> list[S
         db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", later)
         params = {"now": now, "id": place[0], "size": size, "mtime_ns": mtime_ns}
         apply(db, Event.SUPERSEDE, "id = :id", params | {"source": source}, assign=FRESH)
-        done.append(Superseded(place[0], place[2], place[1], place[3], size, tuple(later)))
+        done.append(Superseded(place[0], place[2], JobState(place[1]), place[3], size, later))
     return done
 
 

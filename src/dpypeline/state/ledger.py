@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpypeline.errors import StateError
-from dpypeline.executors.ordering import Hold, Pending
+from dpypeline.jobstate import JobState
+from dpypeline.ordering import Hold, Pending
 from dpypeline.paths import from_db, shown, to_db
 from dpypeline.state import holds, integrity, reconcile, schema
 from dpypeline.state.cachedir import lock_service, prepare_cache_dir
@@ -39,7 +40,6 @@ from dpypeline.state.transitions import (
     OUTCOMES,
     WAITING,
     Event,
-    JobState,
     apply,
     is_state,
 )
@@ -144,7 +144,7 @@ class Ledger:
         """Add a job per (file version, job name) unless that version is known. Returns how
         many jobs are new. Files keep the order given (ids grow in that order) and go to
         the end of the line, except a new version of a file whose job is not written yet:
-        it takes that job's place (``holds.absorb``)."""
+        it takes that job's place (:func:`dpypeline.ordering.takeover`)."""
         root_b = to_db(root)
         with self._tx() as db:
             tail = db.execute(TAIL).fetchone()[0]
@@ -204,8 +204,9 @@ class Ledger:
         self, now: float, hold: Callable[[JobRecord], int | None] | None = None
     ) -> Claim | None:
         """Take the next job in line and count its attempt (committed before it runs).
-        ``hold`` is asked first: when it names a job, the job is held behind that one
-        instead (it stays queued, without an attempt counted) and the next is taken."""
+        ``hold`` (the ordering rule's start decision, :func:`dpypeline.ordering.hold_for`)
+        is asked first: when it names a job, the job is held behind that one instead (it
+        stays queued, without an attempt counted) and the next is taken."""
         self._service_only()
         while True:
             with self._tx() as db:
@@ -273,8 +274,8 @@ class Ledger:
         holds.log_superseded(superseded)
 
     def park(self, claim: Claim, behind: int, now: float) -> None:
-        """Hold a job that was running behind ``behind`` (an earlier job of its store that
-        failed): queued again, its attempt not counted, not taken until ``behind`` commits
+        """Hold a job that was running behind ``behind`` (an earlier job of its resource
+        that failed): queued again, its attempt not counted, not taken until ``behind`` commits
         or is skipped."""
         with self._tx() as db:
             moved = apply(
@@ -394,7 +395,7 @@ class Ledger:
         return row is not None
 
     def ahead(self, job_id: int, jobs: Sequence[str]) -> list[Pending]:
-        """Jobs of one store (the jobs named ``jobs``) before ``job_id`` that hold its
+        """Jobs of one resource (the jobs named ``jobs``) before ``job_id`` that hold its
         start: the earliest queued, retrying and dead one."""
         return holds.ahead(self._db, job_id, jobs)
 

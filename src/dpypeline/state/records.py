@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from dpypeline.state.transitions import JobState
+from dpypeline.jobstate import JobState
 
 
 class FileVersionLike(Protocol):

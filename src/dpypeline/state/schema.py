@@ -22,7 +22,6 @@ from pathlib import Path
 import structlog
 
 from dpypeline.errors import StateError
-from dpypeline.state.transitions import JobState, is_state
 
 log = structlog.stdlib.get_logger("dpypeline.state")
 
@@ -60,8 +59,9 @@ MIGRATIONS = (
                 finished REAL,
                 UNIQUE (path, size, mtime_ns, job)
             )""",
+            # migrations are frozen: literal SQL, never built from today's code
             "CREATE INDEX IF NOT EXISTS jobs_retrying ON jobs (not_before)"
-            f" WHERE {is_state([JobState.RETRYING])}",
+            " WHERE state = 'retrying'",
             "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id)",
             "CREATE TABLE IF NOT EXISTS holds (job_id INTEGER PRIMARY KEY,"
             " behind INTEGER NOT NULL)",
@@ -152,8 +152,7 @@ def upgrade(db: sqlite3.Connection, db_path: Path) -> int:
             backup = _backup(db, db_path, found)
             for migration in MIGRATIONS:
                 if migration.version > found:
-                    for statement in migration.statements:
-                        db.execute(statement)
+                    _migrate(db, db_path, migration, found, backup)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         db.execute("ROLLBACK")
@@ -168,6 +167,25 @@ def upgrade(db: sqlite3.Connection, db_path: Path) -> int:
             backup=str(backup),
         )
     return found
+
+
+def _migrate(
+    db: sqlite3.Connection, db_path: Path, migration: Migration, found: int, backup: Path | None
+) -> None:
+    try:
+        for statement in migration.statements:
+            db.execute(statement)
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise  # a damaged ledger: refused as such by the caller
+        kept = f" A copy made before it is {backup}." if backup is not None else ""
+        raise StateError(
+            f"upgrading the ledger {db_path} from schema version {found} to"
+            f" {SCHEMA_VERSION} failed at step {migration.version} ({migration.what}): {exc}."
+            f" Nothing was changed: the upgrade is one transaction.{kept} Fix the cause"
+            " (a full disk, a read-only file) and start again, or run the dpypeline that"
+            " wrote this ledger."
+        ) from exc
 
 
 def _version(db: sqlite3.Connection) -> int:

@@ -11,12 +11,14 @@ each event may move it to which.
       └──────────────────┴──release | park | resume  (a stop, a hold, a crash)
     queued | retrying | dead ──supersede──► queued  (a new version of its file)
 
-Every change of a job's state is made by :func:`apply`, which writes the event's
-from-states into the SQL (``UPDATE jobs ... WHERE state IN (...)``): an event that does
-not apply to the job as it is now changes nothing, whichever process (the service, a CLI
-command) acted first. States are written into SQL as literals taken from :class:`JobState`,
-never as typed-out names, and never as bound parameters (SQLite uses a partial index such
-as ``WHERE state = 'queued'`` only when the query names the same literal).
+The states themselves are :class:`dpypeline.jobstate.JobState`, below this package so that
+the ordering rule can name them too. Every change of a job's state is made by
+:func:`apply`, which writes the event's from-states into the SQL (``UPDATE jobs ... WHERE
+state IN (...)``): an event that does not apply to the job as it is now changes nothing,
+whichever process (the service, a CLI command) acted first. States are written into SQL
+as literals taken from ``JobState``, never as typed-out names, and never as bound
+parameters (SQLite uses a partial index such as ``WHERE state = 'queued'`` only when the
+query names the same literal).
 """
 
 from __future__ import annotations
@@ -27,15 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    DONE = "done"
-    DEAD = "dead"
-    SKIPPED = "skipped"
-
+from dpypeline.jobstate import JobState
 
 TERMINAL = (JobState.DONE, JobState.DEAD, JobState.SKIPPED)
 WAITING = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
@@ -43,7 +37,7 @@ WAITING = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
 
 class Event(StrEnum):
     CLAIM = "claim"  # the service takes the job to run it; the attempt is counted
-    HOLD = "hold"  # it must wait behind an earlier job of its store; stays queued
+    HOLD = "hold"  # it must wait behind an earlier job of its resource; stays queued
     SUCCEED = "succeed"
     FAIL = "fail"  # a transient failure: it waits out a backoff
     GIVE_UP = "give_up"  # a permanent failure, or its last attempt failed

@@ -1,11 +1,2 @@
-"""Built-in tasks, by the short names a config may use."""
-
-from __future__ import annotations
-
-BUILTINS: dict[str, str] = {
-    "clean_dataset": "dpypeline.tasks.netcdf:clean_dataset",
-    "create_bucket": "dpypeline.tasks.upload:create_bucket",
-    "open_dataset": "dpypeline.tasks.netcdf:open_dataset",
-    "to_zarr": "dpypeline.tasks.zarr.to_zarr:to_zarr",
-    "upload_file": "dpypeline.tasks.upload:upload_file",
-}
+"""Built-in tasks. Each is registered by its short name in the ``dpypeline.tasks``
+entry-point group (``pyproject.toml``), as an installed package registers its own."""

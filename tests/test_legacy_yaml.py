@@ -145,6 +145,7 @@ def test_migrated_parallel_example_keeps_the_dask_consumer_and_says_why(tmp_path
     assert checked.returncode == 0, checked.stderr
 
 
+@pytest.mark.slow
 def test_example_2_style_yaml_creates_the_bucket_and_uploads(tmp_path: Path, s3: S3Server) -> None:
     shutil.copy(FIXTURES / "example_2_s3.yaml", tmp_path)
     s3.credentials_file(tmp_path, "credentials.json")

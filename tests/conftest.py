@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,31 @@ def dpypeline(
     return proc
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """What ``dpypeline ARGS`` exits with and prints, from the CLI's own ``main()`` in this
+    process, in the environment ``dpypeline(...)`` gives a process: the same parsing,
+    config loading, checks and messages without an interpreter's start-up (a second of CPU
+    each). For the commands that read and report; ``run`` (signal handlers, logging set up
+    for the process) and what only a process shows run ``dpypeline(...)``."""
+    from dpypeline import cli as command_line
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    for name in ("CACHE_DIR", "DPYPELINE_CONFIG"):
+        os.environ.pop(name, None)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = command_line.main(list(args))
+            except SystemExit as exc:  # argparse: --version, usage errors
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["dpypeline", *args], code, out.getvalue(), err.getvalue())
+
+
 def _cli_json(command: str, config: Path, **args: Any) -> Any:
     """What ``dpypeline COMMAND -c CONFIG --json`` prints, from the CLI's own function run
     in this process: the same config loading and ledger reads, without the interpreter
@@ -111,14 +137,15 @@ def jobs(config: Path, state: str | None = None) -> list[dict[str, Any]]:
 
 
 class ServiceProcess:
-    """``dpypeline run`` as a real child process, with its stderr kept in a file."""
+    """``dpypeline run`` as a real child process, with its stderr kept in a file; ``prefix``
+    is a command it runs under (one that ends by exec'ing it, so the pid is the service's)."""
 
-    def __init__(self, config: Path, *extra: str) -> None:
+    def __init__(self, config: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
         self.config = config
         self.log = config.parent / "service.log"
         self._err = self.log.open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dpypeline", "run", "-c", str(config), *extra],
+            [*prefix, sys.executable, "-m", "dpypeline", "run", "-c", str(config), *extra],
             stdout=subprocess.DEVNULL,
             stderr=self._err,
             env=env_for_subprocess(),
@@ -207,11 +234,14 @@ def threads_left(before: set[threading.Thread]) -> list[threading.Thread]:
 
 
 # The tests run in parallel (pytest-xdist). One marked ``machine_wide`` (it lowers a kernel
-# inotify limit) runs alone: from when it asks, no test starts, and it begins when the
-# running ones have ended. The lock files are the machine's, as the settings are. Those
-# tests come last and on one worker, which keeps the machine from one to the next.
-_ALONE = Path(tempfile.gettempdir()) / f"dpypeline-tests-{os.getuid()}.alone"
-_RUNNING = Path(tempfile.gettempdir()) / f"dpypeline-tests-{os.getuid()}.running"
+# setting for a moment) runs alone among this checkout's tests: from when it asks, no test
+# of the run starts, and it begins when the running ones have ended. The lock files are the
+# checkout's: another checkout's run (other branches, on a shared machine) neither waits for
+# this one nor holds it up. Those tests come last and on one worker, which keeps the
+# checkout from one to the next.
+_CHECKOUT = hashlib.sha256(str(ROOT.resolve()).encode()).hexdigest()[:12]
+_ALONE = Path(tempfile.gettempdir()) / f"dpypeline-tests-{_CHECKOUT}.alone"
+_RUNNING = Path(tempfile.gettempdir()) / f"dpypeline-tests-{_CHECKOUT}.running"
 _held: list[Any] = []  # this process's exclusive hold: the two open lock files
 
 
@@ -273,15 +303,41 @@ def uncached_loggers() -> Iterator[None]:
     structlog.configure = real
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests first: run side by side, they then end together rather than one
-    of them holding the whole run up at its end. The machine-wide ones last."""
+DURATIONS = "dpypeline/durations"  # seconds each test took in the last run that ran it
 
-    def order(item: pytest.Item) -> int:
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest tests first (as long as they took last time; before any run, those marked
+    slow or systemd): run side by side, they then end together rather than one of them
+    holding the whole run up at its end. The machine-wide ones last. xdist hands the tests
+    out in this order (``--no-loadscope-reorder``)."""
+    cache = getattr(config, "cache", None)  # none with -p no:cacheprovider
+    took: dict[str, float] = cache.get(DURATIONS, {}) if cache is not None else {}
+
+    def order(item: pytest.Item) -> tuple[int, float]:
         marks = {m.name for m in item.iter_markers()}
-        return 2 if "machine_wide" in marks else 0 if marks & {"slow", "systemd"} else 1
+        if "machine_wide" in marks:
+            return 2, 0.0
+        if item.nodeid in took:
+            return 0, -took[item.nodeid]
+        return (0, -60.0) if marks & {"slow", "systemd"} else (1, 0.0)
 
     items.sort(key=order)
+
+
+_took: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Where the reports of every worker arrive: each test's setup, call and teardown."""
+    _took[report.nodeid] = _took.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cache = getattr(session.config, "cache", None)
+    if cache is None or _took == {} or hasattr(session.config, "workerinput"):
+        return  # a worker: the controller, which saw every report, keeps them
+    cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_took})
 
 
 pytest_plugins = ["s3server", "sandbox", "tcpproxy"]

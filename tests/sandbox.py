@@ -9,13 +9,16 @@ modules are importable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -272,6 +275,44 @@ def _comm(pid: str) -> str:
         return ""
 
 
+# the dependencies' wheels, made once for each set of requirements and kept between runs:
+# resolving and fetching them takes minutes, the checkout's own wheel seconds
+WHEEL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpypeline-tests"
+
+
+def _dependency_wheels() -> Path:
+    """Wheels of what ``dpypeline[dask]`` requires, from the cache (made on first use)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = sorted([*project["dependencies"], *project["optional-dependencies"]["dask"]])
+    key = hashlib.sha256("\n".join([sys.version, *requirements]).encode()).hexdigest()[:16]
+    kept = WHEEL_CACHE / f"wheels-{key}"
+    if kept.is_dir():
+        return kept
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    making = Path(tempfile.mkdtemp(prefix="wheels-", dir=WHEEL_CACHE))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", *requirements, "-w", str(making)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        shutil.rmtree(making, ignore_errors=True)
+        pytest.fail(f"pip wheel of the dependencies failed: {built.stderr[-3000:]}")
+    try:
+        making.rename(kept)  # whole or not at all; another run may have made it meanwhile
+    except OSError:
+        shutil.rmtree(making, ignore_errors=True)
+    return kept
+
+
+def _link_or_copy(src: str, dest: str) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # the cache on another file system
+        shutil.copy2(src, dest)
+
+
 @pytest.fixture(scope="session")
 def wheelhouse() -> Iterator[Path]:
     """This checkout and everything it needs as wheels, for install.sh --wheelhouse."""
@@ -279,8 +320,9 @@ def wheelhouse() -> Iterator[Path]:
     if reason:
         pytest.skip(reason)
     path = WORK / f"wheelhouse-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(_dependency_wheels(), path, copy_function=_link_or_copy)
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", f"{ROOT}[dask]", "-w", str(path)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(path)],
         capture_output=True,
         text=True,
         check=False,

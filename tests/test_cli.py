@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 import dpypeline as dpypeline_package
-from conftest import ROOT, dpypeline, env_for_subprocess, runs, write_config
+from conftest import ROOT, cli, dpypeline, env_for_subprocess, runs, write_config
 
 
 @pytest.fixture
@@ -72,21 +72,21 @@ def test_config_errors_exit_2_naming_field_and_line(
 ) -> None:
     (tmp_path / "inbox").mkdir()
     cfg = _broken(tmp_path, text.format(inbox=tmp_path / "inbox", task="taskbox.noop"))
-    proc = dpypeline(command, "-c", str(cfg))
+    proc = (cli if command == "validate" else dpypeline)(command, "-c", str(cfg))
     assert proc.returncode == 2, proc.stderr
     for fragment in expected:
         assert fragment in proc.stderr
 
 
 def test_missing_config_file_exits_2_and_says_how_to_give_one(tmp_path: Path) -> None:
-    proc = dpypeline("status", "-c", str(tmp_path / "nope.yaml"))
+    proc = cli("status", "-c", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2
     assert "nope.yaml" in proc.stderr
 
 
 def test_validate_accepts_a_good_config(tmp_path: Path, good: dict) -> None:
     cfg = write_config(tmp_path, good)
-    proc = dpypeline("validate", "-c", str(cfg))
+    proc = cli("validate", "-c", str(cfg))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok: pipeline: 1 watch(es), 1 job(s) of 1 task(s)")
 
@@ -109,7 +109,7 @@ def test_status_json_has_the_counts_and_config_from_environment(tmp_path: Path, 
     for name in ("a.nc", "b.nc"):
         (tmp_path / "inbox" / name).write_bytes(b"x")
     assert dpypeline("run", "-c", str(cfg)).returncode == 0
-    report = json.loads(dpypeline("status", "-c", str(cfg), "--json").stdout)
+    report = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
     assert {k: report[k] for k in ("queued", "running", "retrying", "done", "dead", "skipped")} == {
         "queued": 0,
         "running": 0,
@@ -123,7 +123,7 @@ def test_status_json_has_the_counts_and_config_from_environment(tmp_path: Path, 
 
 def test_retry_without_ids_is_a_usage_error(tmp_path: Path, good: dict) -> None:
     cfg = write_config(tmp_path, good)
-    assert dpypeline("retry", "-c", str(cfg)).returncode == 2
+    assert cli("retry", "-c", str(cfg)).returncode == 2
 
 
 def test_the_readme_example_runs_and_converts_every_file(tmp_path: Path) -> None:
@@ -157,9 +157,7 @@ def test_enqueue_of_a_file_applies_the_watch_patterns_as_a_directory_does(
     cfg = write_config(tmp_path, good)
     for name in ("a.nc", "notes.txt", ".hidden.nc"):
         (inbox / name).write_bytes(b"x")
-    refused = dpypeline(
-        "enqueue", "-c", str(cfg), str(inbox / "notes.txt"), str(inbox / ".hidden.nc")
-    )
+    refused = cli("enqueue", "-c", str(cfg), str(inbox / "notes.txt"), str(inbox / ".hidden.nc"))
     assert refused.returncode == 1
     lines = refused.stderr.splitlines()
     assert len(lines) == 2
@@ -169,12 +167,13 @@ def test_enqueue_of_a_file_applies_the_watch_patterns_as_a_directory_does(
     assert refused.stdout.startswith("0 new job(s) from 0 file(s)")
     fifo = inbox / "pipe.nc"
     os.mkfifo(fifo)
-    not_regular = dpypeline("enqueue", "-c", str(cfg), str(fifo))
+    not_regular = cli("enqueue", "-c", str(cfg), str(fifo))
     assert (not_regular.returncode, not_regular.stderr.strip()) == (
         1,
         f"not queued: {fifo} is not a regular file",
     )
-    taken = dpypeline("enqueue", "-c", str(cfg), str(inbox / "a.nc"), str(inbox), check=True)
+    taken = cli("enqueue", "-c", str(cfg), str(inbox / "a.nc"), str(inbox))
+    assert taken.returncode == 0, taken.stderr
     assert taken.stdout.startswith("1 new job(s) from 2 file(s)")  # a.nc, then deduplicated
 
 
@@ -203,10 +202,10 @@ def test_retry_of_a_job_that_is_not_dead_or_does_not_exist_says_why(
     cfg = write_config(tmp_path, good)
     (tmp_path / "inbox" / "a.nc").write_bytes(b"a")
     assert dpypeline("run", "-c", str(cfg)).returncode == 0
-    proc = dpypeline("retry", "-c", str(cfg), "1")
+    proc = cli("retry", "-c", str(cfg), "1")
     assert proc.returncode == 1
     assert "job 1 is done, not dead" in proc.stderr
-    proc = dpypeline("retry", "-c", str(cfg), "999")
+    proc = cli("retry", "-c", str(cfg), "999")
     assert proc.returncode == 1
     assert "job 999 does not exist" in proc.stderr
 
@@ -298,7 +297,9 @@ def test_what_would_kill_every_job_is_refused_at_validate_and_run_naming_field_a
     _private(tmp_path / "open.json", 0o644)
     (tmp_path / "dir.json").mkdir()
     cfg = _broken(tmp_path, text.replace("{inbox}", str(inbox)))
-    proc = dpypeline(command, "-c", str(cfg), *(["--once"] if command == "run" else []))
+    proc = (cli if command == "validate" else dpypeline)(
+        command, "-c", str(cfg), *(["--once"] if command == "run" else [])
+    )
     assert proc.returncode == 2, proc.stderr
     for fragment in expected:
         assert fragment in proc.stderr
@@ -317,11 +318,11 @@ def test_config_is_taken_before_or_after_the_command(tmp_path: Path, good: dict)
 
 
 def test_v_prints_the_version_and_bare_dpypeline_prints_the_help_as_a_usage_error() -> None:
-    short, long = dpypeline("-v"), dpypeline("--version")
+    short, long = cli("-v"), cli("--version")
     assert short.returncode == long.returncode == 0
     assert short.stdout == long.stdout
     assert short.stdout.startswith("dpypeline ")
-    bare = dpypeline()
+    bare = cli()
     assert bare.returncode == 2
     assert bare.stdout == ""
     assert bare.stderr.startswith("usage: dpypeline")

@@ -116,6 +116,7 @@ def assert_store_is(store: Path, files: list[Path]) -> None:
     assert got.attrs["dpypeline_committed"] == len(files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "executor",
     [pytest.param(None, id="serial"), pytest.param(DASK, id="dask", marks=pytest.mark.slow)],
@@ -145,6 +146,7 @@ def test_a_year_that_fails_once_is_written_in_its_place_and_nothing_goes_dead(
     assert [e["job_id"] for e in withdrawn] == ([state[4]["id"]] if executor else [])
 
 
+@pytest.mark.slow
 def test_a_dead_year_holds_the_later_ones_until_the_operator_skips_it(
     tmp_path: Path, years: list[Path]
 ) -> None:
@@ -224,6 +226,7 @@ def test_a_dead_year_holds_the_later_ones_until_the_operator_skips_it(
     assert status(cfg)["held"] == []
 
 
+@pytest.mark.slow
 def test_a_dead_year_retried_after_its_fix_is_written_before_the_later_ones(
     tmp_path: Path, years: list[Path]
 ) -> None:
@@ -243,6 +246,7 @@ def test_a_dead_year_retried_after_its_fix_is_written_before_the_later_ones(
     assert_store_is(store, years)
 
 
+@pytest.mark.slow
 def test_a_template_store_takes_the_later_years_while_one_is_dead(
     tmp_path: Path, years: list[Path]
 ) -> None:

@@ -267,6 +267,7 @@ def ledgers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ledg
         ledger.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("read", list(READS))
 def test_what_the_loop_reads_costs_the_same_at_any_ledger_size(
     ledgers: dict[str, Ledger], read: str

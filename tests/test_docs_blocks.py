@@ -129,6 +129,7 @@ def test_the_block_runs_as_written(block: Block, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr, f"{block.where}:\n{proc.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_the_readme_python_api_block_converts_every_station_file_and_only_those(
     tmp_path: Path,
 ) -> None:

@@ -200,6 +200,7 @@ def test_a_running_service_survives_every_kind_of_bad_input_and_does_every_good_
     assert dpypeline("status", "-c", str(cfg)).returncode == 0
 
 
+@pytest.mark.slow
 def test_unreadable_files_and_directories_end_dead_or_logged_when_permissions_really_apply(
     tmp_path: Path,
 ) -> None:

@@ -79,6 +79,7 @@ def outputs(workdir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (workdir / "celsius_2023").iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["example_1_serial.py", "example_1_parallel.py"])
 def test_original_example_1_converts_every_file_once_and_a_rerun_repeats_nothing(
     tmp_path: Path, script: str
@@ -99,6 +100,7 @@ def test_original_example_1_converts_every_file_once_and_a_rerun_repeats_nothing
     assert ledger_counts(tmp_path) == {"done": FILES + 2}  # one job per file, ever
 
 
+@pytest.mark.slow
 def test_monitoring_akita_takes_new_files_until_sigterm(tmp_path: Path) -> None:
     names = gsod(tmp_path, 0, 2)
     proc = start_script(tmp_path, "example_1_serial.py", monitor=True)

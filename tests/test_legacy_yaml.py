@@ -84,6 +84,7 @@ def _assert_converted(outputs: Path) -> None:
         assert out["STATION"].equals(source["STATION"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["example_1_serial.yaml", "example_1_parallel.yaml"])
 def test_original_example_1_yaml_runs_with_dash_i_and_a_rerun_repeats_nothing(
     tmp_path: Path, name: str
@@ -107,6 +108,7 @@ def test_original_example_1_yaml_runs_with_dash_i_and_a_rerun_repeats_nothing(
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "celsius_2023").iterdir()} == written
 
 
+@pytest.mark.slow
 def test_migrated_example_1_validates_and_gives_the_same_result(tmp_path: Path) -> None:
     original, migrated = tmp_path / "original", tmp_path / "migrated"
     config = _example(original, "example_1_serial.yaml")
@@ -136,6 +138,7 @@ def test_migrated_example_1_validates_and_gives_the_same_result(tmp_path: Path) 
         assert produced == (original / "celsius_2023" / csv.name).read_bytes()
 
 
+@pytest.mark.slow
 def test_migrated_parallel_example_keeps_the_dask_consumer_and_says_why(tmp_path: Path) -> None:
     _example(tmp_path, "example_1_parallel.yaml")
     proc = _dpypeline(tmp_path, "migrate", "example_1_parallel.yaml", "-o", "new.yaml")
@@ -149,6 +152,7 @@ def test_migrated_parallel_example_keeps_the_dask_consumer_and_says_why(tmp_path
     assert checked.returncode == 0, checked.stderr
 
 
+@pytest.mark.slow
 def test_example_2_style_yaml_creates_the_bucket_and_uploads(tmp_path: Path, s3: S3Server) -> None:
     shutil.copy(FIXTURES / "example_2_s3.yaml", tmp_path)
     s3.credentials_file(tmp_path, "credentials.json")

@@ -1,5 +1,7 @@
 """sd_notify as systemd sees it: a real datagram socket as NOTIFY_SOCKET, the real service
-process on the other end. (The full systemd round trip is tested in the systemd sandbox.)"""
+process on the other end, or the service loop driven in this process with a clock the test
+moves, where how long the pings stay away is the point. (The full systemd round trip is
+tested in the systemd sandbox.)"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,7 @@ from structlog.testing import capture_logs
 from conftest import env_for_subprocess, wait_for, write_config
 from dpypeline.observability import systemd
 from dpypeline.observability.systemd import Notifier
-
-pytestmark = pytest.mark.slow
+from test_service import Harness, make  # noqa: F401 - the fixture
 
 
 class NotifySocket:
@@ -87,6 +88,7 @@ def start(
     )
 
 
+@pytest.mark.slow
 def test_ready_status_pings_and_stopping(tmp_path: Path, notify_socket: NotifySocket) -> None:
     proc = start(tmp_path, notify_socket, watchdog_usec=2_000_000)  # ping every second
     try:
@@ -111,46 +113,66 @@ def test_ready_status_pings_and_stopping(tmp_path: Path, notify_socket: NotifySo
             proc.kill()
 
 
+@pytest.fixture
+def under_watchdog(
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+    notify_socket: NotifySocket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> NotifySocket:
+    """The environment systemd gives a unit with WatchdogSec=2s, for a service made in
+    this process (after ``make`` has cleared it)."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # a ping every second
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    return notify_socket
+
+
+def advance(h: Harness, seconds: float, step: float = 0.1) -> None:
+    """Move the service's clock on by ``seconds``, one pass of its loop every ``step``."""
+    for _ in range(round(seconds / step)):
+        h.clock.advance(step)
+        assert h.step(), "the service stopped"
+
+
 def test_a_job_stuck_past_its_timeout_stops_the_pings(
-    tmp_path: Path, notify_socket: NotifySocket
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+    under_watchdog: NotifySocket,
 ) -> None:
-    proc = start(tmp_path, notify_socket, watchdog_usec=2_000_000)
-    try:
-        wait_for(lambda: notify_socket.sent("READY=1"), message="READY=1")
-        wait_for(lambda: notify_socket.sent("WATCHDOG=1"), message="a first ping")
-        (tmp_path / "inbox" / "hang.nc").write_bytes(b"h")  # blocks where no exception reaches
-        wait_for(
-            lambda: any("UNHEALTHY" in m for _, m in notify_socket.poll()),
-            timeout=20,
-            message="the unhealthy status",
-        )
-        last_ping = notify_socket.sent("WATCHDOG=1")[-1]
-        time.sleep(3)  # 3 s: six ping intervals, and well past systemd's 2 s watchdog
-        assert notify_socket.sent("WATCHDOG=1")[-1] == last_ping
-        assert proc.poll() is None  # no self-restart under a watchdog: systemd does it
-    finally:
-        proc.kill()
-        proc.wait(10)
+    sock = under_watchdog
+    h = make("hang.nc", retry={"max_attempts": 2, "job_timeout": "1s"})
+    h.executor.ignores_timeout = True  # blocks where no exception reaches
+    assert sock.sent("READY=1")
+    h.settle()
+    h.running()
+    advance(h, 1.0)
+    assert sock.sent("WATCHDOG=1"), "a first ping"
+    wait_for(
+        lambda: advance(h, 0.5) or any("UNHEALTHY" in m for _, m in sock.poll()),
+        message="the unhealthy status",
+    )
+    last_ping = len(sock.sent("WATCHDOG=1"))
+    advance(h, 3.0)  # 3 s: six ping intervals, and well past systemd's 2 s watchdog
+    assert len(sock.sent("WATCHDOG=1")) == last_ping
+    assert not h.service.stuck  # no self-restart under a watchdog: systemd does it
 
 
 def test_a_watched_directory_that_disappears_stops_the_pings(
-    tmp_path: Path, notify_socket: NotifySocket
+    make: Callable[..., Harness],  # noqa: F811 - the fixture imported above
+    under_watchdog: NotifySocket,
 ) -> None:
-    proc = start(tmp_path, notify_socket, watchdog_usec=2_000_000)
-    try:
-        wait_for(lambda: len(notify_socket.sent("WATCHDOG=1")) >= 2, message="pings")
-        shutil.rmtree(tmp_path / "inbox")  # its inotify watch dies with it
-        wait_for(
-            lambda: any("UNHEALTHY: watched directory" in m for _, m in notify_socket.poll()),
-            timeout=20,
-            message="the unhealthy status",
-        )
-        last_ping = notify_socket.sent("WATCHDOG=1")[-1]
-        time.sleep(3)
-        assert notify_socket.sent("WATCHDOG=1")[-1] == last_ping
-    finally:
-        proc.kill()
-        proc.wait(10)
+    sock = under_watchdog
+    h = make()
+    h.settle()
+    advance(h, 2.0)
+    assert len(sock.sent("WATCHDOG=1")) >= 2, "pings"
+    shutil.rmtree(h.inbox)  # its inotify watch dies with it
+    wait_for(
+        lambda: advance(h, 0.1) or any("UNHEALTHY: watched directory" in m for _, m in sock.poll()),
+        message="the unhealthy status",
+    )
+    last_ping = len(sock.sent("WATCHDOG=1"))
+    advance(h, 3.0)
+    assert len(sock.sent("WATCHDOG=1")) == last_ping
 
 
 def test_notifier_is_silent_without_systemd_and_computes_half_the_watchdog() -> None:

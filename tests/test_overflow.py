@@ -3,8 +3,6 @@ and whatever watchdog makes of it (6.0 drops it silently, 7.x logs a warning).""
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import signal
 import struct
@@ -22,22 +20,33 @@ from dpypeline.watching import overflow
 from dpypeline.watching.observations import Overflow, Writing
 from dpypeline.watching.watch import Inbox, Watcher, build_specs
 from test_service import SETTLE, Harness, make  # noqa: F401 - the fixture
+from userns import (
+    lower_watch_limit,
+    own_user_namespace,
+    require_user_namespaces,
+    watches_in_use,
+)
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
 @pytest.fixture
-def tiny_inotify_queue() -> Iterator[None]:
-    """Shrink the kernel's per-instance event queue (read when an inotify instance is made,
-    so only the service started inside this fixture gets it)."""
+def tiny_inotify_queue() -> Iterator[Callable[[], None]]:
+    """Shrink the kernel's per-instance event queue. It is read when an inotify instance is
+    made: the test puts it back (the function yielded) once its service's instance exists,
+    so that the machine has it for a second, not for the whole test."""
     if not os.access(MAX_QUEUED, os.W_OK):
         pytest.skip(f"needs root to lower {MAX_QUEUED} (CI runs as root)")
     old = MAX_QUEUED.read_text()
+
+    def restore() -> None:
+        MAX_QUEUED.write_text(old)
+
     MAX_QUEUED.write_text("16")
     try:
-        yield
+        yield restore
     finally:
-        MAX_QUEUED.write_text(old)
+        restore()
 
 
 @pytest.mark.slow
@@ -45,7 +54,10 @@ def tiny_inotify_queue() -> Iterator[None]:
 @pytest.mark.xdist_group("machine_wide")
 @pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
 def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost_at_every_log_level(
-    tmp_path: Path, tiny_inotify_queue: None, service_processes: list[ServiceProcess], level: str
+    tmp_path: Path,
+    tiny_inotify_queue: Callable[[], None],
+    service_processes: list[ServiceProcess],
+    level: str,
 ) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -66,6 +78,7 @@ def test_inotify_overflow_triggers_a_rescan_and_no_file_is_lost_at_every_log_lev
     # above "info" the service says nothing when it is ready: a first file done proves it
     (inbox / "probe.nc").write_bytes(b"x")
     wait_for(lambda: runs(log), message="the first file", detail=svc.log.read_text)
+    tiny_inotify_queue()  # the service's inotify instance has its tiny queue by now
     svc.signal(signal.SIGSTOP)  # events pile up in the kernel while nobody reads them
     n = 300
     for i in range(n):
@@ -146,45 +159,6 @@ def test_listening_without_the_hook_installed_is_refused(monkeypatch: pytest.Mon
         overflow.listen(lambda: None)
 
 
-MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
-
-
-def inotify_watches_in_use() -> int:
-    """Inotify watches this user holds, as the kernel counts them against
-    ``max_user_watches``: one less than the lowest limit under which a watch can still be
-    added (a binary search, the limit put back after). Adding up the watches listed in
-    /proc/*/fdinfo miscounts both ways: an inotify instance shared by processes (a fork
-    inherits it) is listed once per process, and the same user's processes in another PID
-    namespace (the host, other containers) are not listed at all."""
-    old = MAX_WATCHES.read_text()
-    fd = inotify_c.inotify_init()
-    assert fd >= 0, f"no inotify instance: {os.strerror(ctypes.get_errno())}"
-
-    def room_under(limit: int) -> bool:
-        MAX_WATCHES.write_text(str(limit))
-        wd = inotify_c.inotify_add_watch(fd, b"/", inotify_c.InotifyConstants.IN_DELETE_SELF)
-        if wd < 0:
-            assert ctypes.get_errno() == errno.ENOSPC, os.strerror(ctypes.get_errno())
-            return False
-        inotify_c.inotify_rm_watch(fd, wd)
-        return True
-
-    try:
-        low, high = 1, int(old)  # the lowest limit with room is in [low, high]
-        if not room_under(high):
-            return high
-        while low < high:
-            mid = (low + high) // 2
-            if room_under(mid):
-                high = mid
-            else:
-                low = mid + 1
-        return low - 1
-    finally:
-        os.close(fd)
-        MAX_WATCHES.write_text(old)
-
-
 HOLDER = """
 import os, sys, time
 from watchdog.observers import inotify_c
@@ -200,25 +174,23 @@ time.sleep(600)
 """
 
 
-@pytest.mark.machine_wide
-@pytest.mark.xdist_group("machine_wide")
 def test_watches_of_an_inotify_instance_two_processes_share_are_counted_once(
     tmp_path: Path,
 ) -> None:
-    if not os.access(MAX_WATCHES, os.W_OK):
-        pytest.skip(f"needs root to lower {MAX_WATCHES} (CI runs as root)")
+    require_user_namespaces()
     dirs = [tmp_path / str(i) for i in range(50)]
     for d in dirs:
         d.mkdir()
-    before = inotify_watches_in_use()
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, *map(str, dirs)], stdout=subprocess.PIPE, text=True
+        [*own_user_namespace(), sys.executable, "-c", HOLDER, *map(str, dirs)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout is not None
     child = int(holder.stdout.readline())
     try:
-        # other processes of this user may add or drop a few watches meanwhile
-        assert abs(inotify_watches_in_use() - before - len(dirs)) < len(dirs) // 2
+        # the holder's namespace counts its watches alone: none of any other process
+        assert watches_in_use(holder.pid) == len(dirs)
     finally:
         os.kill(child, signal.SIGKILL)
         holder.kill()
@@ -226,13 +198,10 @@ def test_watches_of_an_inotify_instance_two_processes_share_are_counted_once(
 
 
 @pytest.mark.slow
-@pytest.mark.machine_wide
-@pytest.mark.xdist_group("machine_wide")
 def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
-    if not os.access(MAX_WATCHES, os.W_OK):
-        pytest.skip(f"needs root to lower {MAX_WATCHES} (CI runs as root)")
+    require_user_namespaces()
     inbox = tmp_path / "inbox"
     for sub in ("a", "b", "c"):
         (inbox / sub).mkdir(parents=True)
@@ -255,20 +224,15 @@ def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
             "logging": {"format": "json"},
         },
     )
-    old = MAX_WATCHES.read_text()
-    # room for the root's watch only, not one per directory of the tree (the limit counts
-    # every watch of this user, other processes' too)
-    MAX_WATCHES.write_text(str(inotify_watches_in_use() + 1))
-    try:
-        svc = ServiceProcess(cfg)
-        service_processes.append(svc)
-        svc.wait_ready()
-        wait_for(
-            lambda: any(e.get("event") == "scan_done" for e in svc.events()),
-            message="the start-up scan",
-        )
-    finally:
-        MAX_WATCHES.write_text(old)
+    # room for the root's watch only, not one per directory of the tree: the service runs
+    # in a user namespace of its own, whose watch limit is lowered (the machine's is not)
+    svc = ServiceProcess(cfg, prefix=own_user_namespace(watches=1))
+    service_processes.append(svc)
+    svc.wait_ready()
+    wait_for(
+        lambda: any(e.get("event") == "scan_done" for e in svc.events()),
+        message="the start-up scan",
+    )
     # watchdog (6.x and 7.x) gives up the whole tree when a subdirectory cannot be watched
     # as the watch is set up: the service polls it instead, and says so
     [failed] = svc.events("watch_failed")
@@ -285,13 +249,10 @@ def test_directories_inotify_cannot_watch_are_noticed_and_polled_instead(
 
 
 @pytest.mark.slow
-@pytest.mark.machine_wide
-@pytest.mark.xdist_group("machine_wide")
 def test_a_new_directory_refused_a_watch_after_start_is_polled_at_once(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
-    if not os.access(MAX_WATCHES, os.W_OK):
-        pytest.skip(f"needs root to lower {MAX_WATCHES} (CI runs as root)")
+    require_user_namespaces()
     inbox = tmp_path / "inbox"
     (inbox / "old").mkdir(parents=True)
     log = tmp_path / "runs.log"
@@ -313,21 +274,18 @@ def test_a_new_directory_refused_a_watch_after_start_is_polled_at_once(
             "logging": {"format": "json"},
         },
     )
-    svc = ServiceProcess(cfg)
+    svc = ServiceProcess(cfg, prefix=own_user_namespace())  # a watch limit of its own
     service_processes.append(svc)
     svc.wait_ready()
     wait_for(lambda: svc.events("scan_done"), message="the start-up scan")
-    old = MAX_WATCHES.read_text()
-    MAX_WATCHES.write_text(str(inotify_watches_in_use()))  # not one watch more, for anyone
-    try:
-        (inbox / "new").mkdir()
-        wait_for(
-            lambda: [e for e in svc.events("scan_done") if e["reason"] == "new directory"],
-            message="the new directory to be scanned",
-            detail=svc.log.read_text,
-        )
-    finally:
-        MAX_WATCHES.write_text(old)
+    # not one watch more in the service's namespace (the machine's limit is not touched)
+    lower_watch_limit(svc.proc.pid, watches_in_use(svc.proc.pid))
+    (inbox / "new").mkdir()
+    wait_for(
+        lambda: [e for e in svc.events("scan_done") if e["reason"] == "new directory"],
+        message="the new directory to be scanned",
+        detail=svc.log.read_text,
+    )
     # written after the new directory's scan: no event and no scan but a poll can find it
     (inbox / "new" / "late.nc").write_bytes(b"x")
     (inbox / "old" / "evented.nc").write_bytes(b"y")  # the rest of the tree keeps its events

@@ -202,6 +202,7 @@ def year2_dead_and_the_rest_held(cfg: Path) -> int:
     return int(by_year(cfg)[2]["id"])
 
 
+@pytest.mark.slow
 def test_a_truncated_year_re_sent_whole_is_written_in_its_place_and_the_held_years_follow(
     tmp_path: Path, years: list[Path]
 ) -> None:
@@ -219,6 +220,7 @@ def test_a_truncated_year_re_sent_whole_is_written_in_its_place_and_the_held_yea
     assert [state[y]["attempts"] for y in (3, 4, 5)] == [1, 1, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fill", ["in place", "replaced"])
 def test_an_empty_placeholder_filled_later_is_written_in_its_place(
     tmp_path: Path, years: list[Path], fill: str
@@ -236,6 +238,7 @@ def test_an_empty_placeholder_filled_later_is_written_in_its_place(
     assert_store_is(store, years)
 
 
+@pytest.mark.slow
 def test_retry_of_a_dead_year_re_sent_while_the_service_was_stopped_leaves_no_hole(
     tmp_path: Path, years: list[Path]
 ) -> None:

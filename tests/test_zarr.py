@@ -142,6 +142,7 @@ def bucket(s3: S3Server) -> str:
     return "nemo"
 
 
+@pytest.mark.slow
 def test_six_files_appended_to_s3_equal_their_concat(
     files: list[Path], s3: S3Server, bucket: str, tmp_path: Path
 ) -> None:
@@ -157,6 +158,7 @@ def test_six_files_appended_to_s3_equal_their_concat(
     assert_store_equals(url, six, storage_options=s3.storage_options())
 
 
+@pytest.mark.slow
 def test_s3_outage_is_unavailable_and_the_store_is_intact_after(
     files: list[Path], s3: S3Server, bucket: str, tmp_path: Path
 ) -> None:

@@ -172,7 +172,9 @@ def test_a_watched_directory_that_disappears_stops_the_pings(
     )
     last_ping = len(sock.sent("WATCHDOG=1"))
     advance(h, 3.0)
-    assert len(sock.sent("WATCHDOG=1")) == last_ping
+    # a ping of the pass that found it unhealthy may be read after the status: at most
+    # that one; pinging on would send one every half-second of the 3 s
+    assert len(sock.sent("WATCHDOG=1")) <= last_ping + 1
 
 
 def test_notifier_is_silent_without_systemd_and_computes_half_the_watchdog() -> None:

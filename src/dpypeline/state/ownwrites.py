@@ -51,8 +51,10 @@ def set_aside(db: sqlite3.Connection, done: JobRecord, now: float) -> list[OwnWr
     except OSError:
         return []  # gone or unreadable: nothing of it to take
     started_ns = int((done.started or done.created) * 1e9)
-    if (st.st_size, st.st_mtime_ns) == (done.size, done.mtime_ns) or st.st_mtime_ns < started_ns:
+    if (st.st_size, st.st_mtime_ns) == (done.size, done.mtime_ns):
         return []
+    if not started_ns <= st.st_mtime_ns <= int(now * 1e9):
+        return []  # written before the job started, or after it ended: not the job's
     note = NOTE.format(by=done.id)
     identity = (to_db(done.path), st.st_size, st.st_mtime_ns, done.job)
     row = db.execute(

@@ -59,8 +59,11 @@ def check_log(db_path: Path, left_open: bool, refuse: Refuse) -> None:
                 f" `dpypeline ledger restore {db_path}`",
             )
         return
-    with log.open("rb") as f:
-        head = f.read(HEADER)
+    try:
+        with log.open("rb") as f:
+            head = f.read(HEADER)
+    except FileNotFoundError:
+        return  # checkpointed and removed by its last connection since the stat: nothing lost
     magic, _, page_size = struct.unpack(">3I", head[:12]) if len(head) == HEADER else (0, 0, 0)
     if magic not in MAGIC or page_size < 512:
         raise refuse(db_path, f"its write-ahead log {log.name} has no valid header")

@@ -304,15 +304,28 @@ def uncached_loggers() -> Iterator[None]:
 
 
 DURATIONS = "dpypeline/durations"  # seconds each test took in the last run that ran it
+# what a fresh clone orders by before its first run: a run's durations, kept with the tests
+# (``python -m pytest --keep-durations`` writes them)
+KEPT_DURATIONS = TESTS / "durations.json"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--keep-durations",
+        action="store_true",
+        help=f"write the durations of this run to {KEPT_DURATIONS.name} (a fresh clone's order)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest tests first (as long as they took last time; before any run, those marked
-    slow or systemd): run side by side, they then end together rather than one of them
-    holding the whole run up at its end. The machine-wide ones last. xdist hands the tests
-    out in this order (``--no-loadscope-reorder``)."""
+    """The longest tests first (as long as they took last time, else in the run that wrote
+    ``tests/durations.json``; a test in neither: first if marked slow or systemd): run side by
+    side, they then end together rather than one of them holding the whole run up at its end.
+    The machine-wide ones last. xdist hands the tests out in this order
+    (``--no-loadscope-reorder``)."""
     cache = getattr(config, "cache", None)  # none with -p no:cacheprovider
-    took: dict[str, float] = cache.get(DURATIONS, {}) if cache is not None else {}
+    kept = json.loads(KEPT_DURATIONS.read_text()) if KEPT_DURATIONS.exists() else {}
+    took: dict[str, float] = {**kept, **(cache.get(DURATIONS, {}) if cache is not None else {})}
 
     def order(item: pytest.Item) -> tuple[int, float]:
         marks = {m.name for m in item.iter_markers()}
@@ -338,10 +351,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    cache = getattr(session.config, "cache", None)
-    if cache is None or _took == {} or hasattr(session.config, "workerinput"):
+    if _took == {} or hasattr(session.config, "workerinput"):
         return  # a worker: the controller, which saw every report, keeps them
-    cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_took})
+    cache = getattr(session.config, "cache", None)
+    if cache is not None:
+        cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **_took})
+    if session.config.getoption("--keep-durations"):
+        rounded = {nodeid: round(seconds, 1) for nodeid, seconds in sorted(_took.items())}
+        KEPT_DURATIONS.write_text(json.dumps(rounded, indent=0) + "\n")
 
 
 pytest_plugins = ["s3server", "sandbox", "tcpproxy"]

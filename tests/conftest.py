@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -197,6 +198,120 @@ def service_processes() -> Iterator[list[ServiceProcess]]:
     yield started
     for p in started:
         p.kill()
+
+
+class ServiceThread:
+    """``dpypeline run`` in a thread of this process, as the command runs it: the config
+    loaded in the environment ``dpypeline(...)`` gives a process, its tasks imported, the
+    same ``Service`` loop on the real serial executor, inotify, SQLite and metrics port,
+    and its log the JSON lines the command writes (``events``, as ``ServiceProcess``'s).
+    Without an interpreter's start-up and imports (a second or more of CPU each). What only
+    a process shows (a real signal, a crash, SIGKILL, a second process on the cache dir,
+    the command's own exit) runs ``ServiceProcess``. One runs at a time: the log set-up is
+    the process's, put back by ``close``."""
+
+    def __init__(self, config: Path, *, once: bool | None = None) -> None:
+        import structlog
+
+        from dpypeline.config.model import load_config
+        from dpypeline.loop.service import Service
+        from dpypeline.observability import logs
+        from dpypeline.observability.redact import known_secrets
+        from dpypeline.pipeline import import_tasks
+
+        self.config = config
+        self.pid = os.getpid()  # what ``status`` names as the service's
+        loaded = load_config(config, environ=env_for_subprocess())
+        root = logging.getLogger()
+        configured = structlog.get_config() if structlog.is_configured() else None
+        self._logging = (configured, logs.settings(), root.handlers[:], root.level)
+        self._stream = io.StringIO()
+        logs.configure(
+            "json", loaded.logging.level, stream=self._stream, secrets=known_secrets(loaded)
+        )
+        jobs, setup = import_tasks(loaded)
+        self.service = Service(loaded, jobs, setup, once=once)
+        self.code: int | None = None
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="test-service")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.code = self.service.run()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the test, by wait()
+            self._error = exc
+
+    def log_text(self) -> str:
+        return self._stream.getvalue()
+
+    def events(self, *names: str) -> list[dict[str, Any]]:
+        """The service's JSON log lines so far; with names, only those events."""
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not names or event.get("event") in names:
+                out.append(event)
+        return out
+
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_for(
+            lambda: self.events("service_ready") or not self.running(),
+            timeout,
+            message="service_ready",
+        )
+        if not self.running():
+            pytest.fail(f"service ended ({self.code}, {self._error!r}):\n{self.log_text()}")
+
+    def stop(self) -> None:
+        """What SIGTERM does to the process (``StopSignals``): the first stops taking work
+        and gives running jobs ``stop_grace``; a second puts them back at once."""
+        self.service.request_stop()
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """The exit code ``dpypeline run`` would end with (``Service.run``'s)."""
+        self.thread.join(timeout)
+        if self.running():
+            pytest.fail(f"the service still runs after {timeout}s:\n{self.log_text()[-3000:]}")
+        if self._error is not None:
+            raise self._error
+        assert self.code is not None
+        return self.code
+
+    def close(self) -> None:
+        """Stop now if still running, and put back the logging found at start."""
+        import structlog
+
+        from dpypeline.observability import logs
+
+        if self.running():
+            self.stop()
+            self.stop()
+            self.thread.join(30)
+        configured, settings, handlers, level = self._logging
+        if configured is None:
+            structlog.reset_defaults()
+        else:
+            structlog.configure(**configured)
+        logs._settings.clear()
+        logs._settings.update(settings)
+        root = logging.getLogger()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.fixture
+def service_threads() -> Iterator[list[ServiceThread]]:
+    started: list[ServiceThread] = []
+    yield started
+    for s in reversed(started):  # the last one's logging first: the first put back last
+        s.close()
 
 
 # Threads that live for the rest of the process by design, by name prefix, each with its

@@ -1,12 +1,16 @@
 """A bad input never takes the service down: a running service, fed every kind of bad file
 and name an operator meets, stays up, does every good file, and ends each bad one dead or
-skipped with a reason, or leaves it alone (not a regular file, a link, not matching)."""
+skipped with a reason, or leaves it alone (not a regular file, a link, not matching).
+
+The service loop runs in a thread of this process: an input that took it down would end
+the loop (or this very process) as it would end ``dpypeline run``. Unreadable files are
+also tried with a real process, one that runs without the capabilities that let root read
+them: a process's capabilities cannot be dropped for a thread of this one."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import stat
 import sys
 from collections.abc import Callable
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from conftest import ROOT, ServiceThread, cli, jobs, status, wait_for, write_config
 from dpypeline.paths import shown
 
 NEMO = ROOT / "examples" / "data" / "nemo-gyre"
@@ -129,7 +133,7 @@ def make_all(directory: Path, secret: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_running_service_survives_every_kind_of_bad_input_and_does_every_good_file(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     if os.getuid() != 0:
         pytest.skip("makes a device file and reads chmod 000 files as root")
@@ -157,8 +161,8 @@ def test_a_running_service_survives_every_kind_of_bad_input_and_does_every_good_
         },
     )
     expected = make_all(inbox / "before", secret)  # found by the start-up scan
-    svc = ServiceProcess(cfg)
-    service_processes.append(svc)
+    svc = ServiceThread(cfg)
+    service_threads.append(svc)
     svc.wait_ready()
     expected |= make_all(inbox / "after", secret)  # seen by inotify
     junk = inbox / "after" / "junk"
@@ -173,15 +177,15 @@ def test_a_running_service_survives_every_kind_of_bad_input_and_does_every_good_
         }
 
     wait_for(
-        lambda: svc.proc.poll() is not None or set(ended()) >= set(jobbed),
+        lambda: not svc.running() or set(ended()) >= set(jobbed),
         timeout=120,
         interval=0.5,
         message="every file to end",
-        detail=lambda: f"{sorted(set(jobbed) - set(ended()))}\n{svc.log.read_text()[-3000:]}",
+        detail=lambda: f"{sorted(set(jobbed) - set(ended()))}\n{svc.log_text()[-3000:]}",
     )
-    assert svc.proc.poll() is None, svc.log.read_text()[-5000:]
+    assert svc.running(), svc.log_text()[-5000:]
     report = status(cfg)
-    assert report["service_pid"] == svc.proc.pid
+    assert report["service_pid"] == svc.pid
     assert report["queued"] == report["running"] == report["retrying"] == 0
     listed = jobs(cfg)
     assert {j["path"]: j["state"] for j in listed} == jobbed
@@ -192,12 +196,12 @@ def test_a_running_service_survives_every_kind_of_bad_input_and_does_every_good_
     assert refused == {e for e, end in expected.items() if end == "refused"}
     # the link to the service's credentials was never opened as an input
     assert not any(j["path"].endswith("credentials.nc") for j in listed)
-    svc.signal(signal.SIGTERM)
+    svc.stop()
     assert svc.wait(30) == 0
     # the unreadable directory, back to normal for tmp_path's clean-up
     for d in ("before", "after"):
         (inbox / d / "locked").chmod(0o755)
-    assert dpypeline("status", "-c", str(cfg)).returncode == 0
+    assert cli("status", "-c", str(cfg)).returncode == 0
 
 
 @pytest.mark.slow

@@ -1,12 +1,14 @@
-"""The Prometheus endpoint, scraped over HTTP from a real ``dpypeline run`` process, and the
-shipped dashboard and alert rules checked against what the service exports."""
+"""The Prometheus endpoint, scraped over HTTP from the service loop running in this process
+(its endpoint serves from its own thread, as in ``dpypeline run``), and the shipped dashboard
+and alert rules checked against what the service exports. A port in use is tried with a real
+``dpypeline run`` process: its point is the command's exit 2 and message, and ``run`` in this
+process would leave the stop signals ignored here and the process's logging set up as its."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from conftest import ROOT, ServiceThread, cli, dpypeline, jobs, status, wait_for, write_config
 from dpypeline.jobstate import JobState
 from dpypeline.observability.metrics import LedgerCollector, Metrics
 
@@ -85,32 +87,31 @@ def by_state(samples: Samples) -> dict[str, float]:
     return totals
 
 
-def start(tmp_path: Path, cfg: Path, started: list[ServiceProcess]) -> ServiceProcess:
-    service = ServiceProcess(cfg)
+def start(tmp_path: Path, cfg: Path, started: list[ServiceThread]) -> ServiceThread:
+    service = ServiceThread(cfg)
     started.append(service)
     service.wait_ready()
     return service
 
 
-def wait_ended(service: ServiceProcess, n: int) -> None:
+def wait_ended(service: ServiceThread, n: int) -> None:
     """Until n job ends are logged. A job's end is written to the ledger, which the job gauges
     read, before it is counted: a gauge can show a job done whose counters are not yet moved."""
     ends = ("job_done", "job_retrying", "job_dead", "job_skipped")
     wait_for(
         lambda: len(service.events(*ends)) >= n,
         message=f"{n} job end(s) logged",
-        detail=service.log.read_text,
+        detail=service.log_text,
     )
 
 
-@pytest.mark.slow
 def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     port = free_port()
     cfg, inbox = make_pipeline(tmp_path, port)
     (inbox / "early.nc").write_bytes(b"x" * 1000)  # found by the start-up scan
-    service = start(tmp_path, cfg, service_processes)
+    service = start(tmp_path, cfg, service_threads)
     wait_for(lambda: value(scrape(port), "dpypeline_jobs", pipeline_job="work", state="done") == 1)
     wait_for(lambda: any(e.get("event") == "scan_done" for e in service.events()))
     before = scrape(port)
@@ -151,15 +152,14 @@ def test_scraped_values_move_as_files_are_processed_and_agree_with_status(
     }
     assert value(scraped, "dpypeline_oldest_waiting_seconds") == 0
 
-    service.signal(signal.SIGTERM)
+    service.stop()
     assert service.wait(30) == 0
     with pytest.raises(urllib.error.URLError, match="Connection refused"):
         scrape(port, timeout=2)  # the endpoint closed with the service
 
 
-@pytest.mark.slow
 def test_retries_and_dead_jobs_are_counted_by_error_class(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     port = free_port()
     cfg, inbox = make_pipeline(tmp_path, port)
@@ -172,7 +172,7 @@ def test_retries_and_dead_jobs_are_counted_by_error_class(
     )
     for name in ("bad.nc", "corrupt.nc", "good.nc"):
         (inbox / name).write_bytes(b"q")
-    service = start(tmp_path, cfg, service_processes)
+    service = start(tmp_path, cfg, service_threads)
     wait_for(lambda: value(scrape(port), "dpypeline_jobs", pipeline_job="work", state="dead") == 2)
     wait_ended(service, 4)  # bad.nc: retrying, then dead
     samples = scrape(port)
@@ -218,13 +218,16 @@ def test_health_names_the_failing_component() -> None:
     assert get("dpypeline_healthy") == 1
 
 
-@pytest.mark.slow
 def test_a_scrape_answers_while_a_slow_job_runs(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     port = free_port()
     cfg, inbox = make_pipeline(tmp_path, port, delay=6.0)
-    start(tmp_path, cfg, service_processes)
+    # the same six seconds in short waits: a job the stop at the test's end interrupts
+    cfg.write_text(
+        cfg.read_text().replace("taskbox.record", "taskbox.work").replace("delay:", "seconds:")
+    )
+    start(tmp_path, cfg, service_threads)
     (inbox / "slow.nc").write_bytes(b"z" * 10)
     wait_for(
         lambda: value(scrape(port), "dpypeline_jobs", pipeline_job="work", state="running") == 1
@@ -259,7 +262,7 @@ def test_a_port_in_use_stops_start_up_with_exit_2_naming_field_and_line(tmp_path
 def test_listen_must_be_host_and_port(tmp_path: Path) -> None:
     cfg, _ = make_pipeline(tmp_path, 9464)
     cfg.write_text(cfg.read_text().replace("127.0.0.1:9464", "localhost"))
-    proc = dpypeline("validate", "-c", str(cfg))
+    proc = cli("validate", "-c", str(cfg))
     assert proc.returncode == 2
     assert "metrics.listen: 'localhost' is not host:port" in proc.stderr
 

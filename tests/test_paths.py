@@ -1,10 +1,10 @@
 """File names are bytes: a name that is not valid UTF-8 is processed like any other, on the
-real file, shown escaped to people, and never stops the service."""
+real file, shown escaped to people, and never stops the service (the service loop in a
+thread of this process, its log the JSON lines `dpypeline run` writes)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from conftest import ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from conftest import ServiceThread, cli, jobs, status, wait_for, write_config
 from dpypeline.loop import intake
 from dpypeline.paths import shown
 from dpypeline.state.cachedir import DB_FILE
@@ -50,12 +50,12 @@ def config(tmp_path: Path, **extra: Any) -> tuple[Path, Path, Path]:
 
 
 def test_names_that_are_not_utf8_are_processed_on_the_real_file_and_never_stop_the_service(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     cfg, inbox, log = config(tmp_path)
     (inbox / BAD).write_bytes(b"at start")  # found by the start-up scan
-    svc = ServiceProcess(cfg)
-    service_processes.append(svc)
+    svc = ServiceThread(cfg)
+    service_threads.append(svc)
     svc.wait_ready()
     (inbox / BAD_DIR).mkdir()
     (inbox / BAD_DIR / BAD).write_bytes(b"in a bad directory")  # seen by inotify
@@ -66,11 +66,11 @@ def test_names_that_are_not_utf8_are_processed_on_the_real_file_and_never_stop_t
         "good.dat": b"good".hex(),
     }
     wait_for(  # job_done is logged after the task's own write to `log`
-        lambda: len(svc.events("job_done")) >= len(expected) or svc.proc.poll() is not None,
+        lambda: len(svc.events("job_done")) >= len(expected) or not svc.running(),
         message="every job done",
-        detail=svc.log.read_text,
+        detail=svc.log_text,
     )
-    assert svc.proc.poll() is None, svc.log.read_text()
+    assert svc.running(), svc.log_text()
     assert read_log(log) == expected
     # people see the bytes escaped, in the log and on the command line
     assert sorted(e["file"] for e in svc.events("job_done")) == sorted(
@@ -80,19 +80,21 @@ def test_names_that_are_not_utf8_are_processed_on_the_real_file_and_never_stop_t
             f"{inbox}/good.dat",
         ]
     )
-    listing = dpypeline("jobs", "-c", str(cfg), check=True).stdout
+    listed = cli("jobs", "-c", str(cfg))
+    assert listed.returncode == 0, listed.stderr
+    listing = listed.stdout
     assert "d\\xfe\\xfd/bad\\xff.dat" in listing
     assert {j["state"] for j in jobs(cfg)} == {"done"}
     # dpypeline enqueue of such a path: deduplicated like any other
-    enq = dpypeline("enqueue", "-c", str(cfg), str(inbox / BAD))
+    enq = cli("enqueue", "-c", str(cfg), str(inbox / BAD))
     assert enq.returncode == 0, enq.stderr
     assert enq.stdout.startswith("0 new job(s) from 1 file(s)")
-    svc.signal(signal.SIGTERM)
+    svc.stop()
     assert svc.wait(30) == 0
     # a restart finds the same names known: nothing runs again, nothing fails
-    again = ServiceProcess(cfg, "--once")
-    service_processes.append(again)
-    assert again.wait(30) == 0, again.log.read_text()
+    again = ServiceThread(cfg, once=True)
+    service_threads.append(again)
+    assert again.wait(30) == 0, again.log_text()
     assert status(cfg)["done"] == 3
     assert len(log.read_bytes().splitlines()) == 3
 

@@ -1,4 +1,23 @@
-"""Crash, restart and stop behaviour with real `dpypeline run` processes and real signals."""
+"""Crash, restart and stop behaviour of the service, and what it does with bad, flaky and
+vanishing inputs and an outage.
+
+Real `dpypeline run` processes, for what only a process shows:
+
+- a stop by SIGTERM and a start again: the process exits 0, and the next one finds what
+  was made while none ran and reruns nothing;
+- SIGKILL at random moments: nothing but the ledger on disk survives a kill (the start
+  after the last one, which drains the queue, runs here);
+- tasks that crash the process (SIGKILL from inside) or hang it past its timeout (only a
+  re-executed process gets the thread back): the supervisor's restarts end them dead;
+- the CLI against a running process: ``status`` names its pid, ``enqueue`` and ``retry``
+  reach it from another process;
+- a second process on the same cache dir: refused, with exit 2.
+
+The others drive the same service loop in a thread of this process (``ServiceThread``):
+their point is what the loop does, not the process around it. What a first or second stop
+signal and ``stop_grace`` do to a running job is proved step by step in test_service.py,
+and that a real SIGTERM stops a real process cleanly in test_signals.py.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +31,17 @@ from typing import Any
 
 import pytest
 
-from conftest import ServiceProcess, dpypeline, jobs, runs, status, wait_for, write_config
-
-pytestmark = pytest.mark.slow
+from conftest import (
+    ServiceProcess,
+    ServiceThread,
+    cli,
+    dpypeline,
+    jobs,
+    runs,
+    status,
+    wait_for,
+    write_config,
+)
 
 
 def make_pipeline(
@@ -63,6 +90,17 @@ def run_until_drained(cfg: Path, restarts: int = 10) -> list[int]:
     pytest.fail(f"the service did not drain after {restarts} runs: exit codes {codes}")
 
 
+def drain(cfg: Path, started: list[ServiceThread]) -> int:
+    """``dpypeline run --once`` in this process, until it drains: exit 0, or 3 when some job
+    of the run ended dead."""
+    svc = ServiceThread(cfg, once=True)
+    started.append(svc)
+    code = svc.wait(120)
+    assert code in (0, 3), f"the service did not drain: exit code {code}\n{svc.log_text()}"
+    return code
+
+
+@pytest.mark.slow
 def test_stop_start_reruns_nothing_and_takes_files_made_while_stopped_in_path_order(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
@@ -97,8 +135,11 @@ def test_stop_start_reruns_nothing_and_takes_files_made_while_stopped_in_path_or
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_no_file_and_runs_each_done_once(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path,
+    service_processes: list[ServiceProcess],
+    service_threads: list[ServiceThread],
 ) -> None:
     cfg, inbox, log = make_pipeline(tmp_path, delay=0.01)
     n_files = 240
@@ -127,7 +168,7 @@ def test_sigkill_at_random_moments_loses_no_file_and_runs_each_done_once(
         kills += 1
     thread.join()
     assert writer_done.is_set()
-    run_until_drained(cfg)
+    drain(cfg, service_threads)  # the start after the last kill: the ledger as it left it
 
     counts = status(cfg)
     assert counts["done"] == n_files, counts
@@ -140,6 +181,7 @@ def test_sigkill_at_random_moments_loses_no_file_and_runs_each_done_once(
     assert len(runs(log)) - n_files <= kills
 
 
+@pytest.mark.slow
 def test_tasks_that_crash_or_hang_the_process_end_dead_and_others_finish(tmp_path: Path) -> None:
     cfg, inbox, log = make_pipeline(
         tmp_path,
@@ -166,7 +208,7 @@ def test_tasks_that_crash_or_hang_the_process_end_dead_and_others_finish(tmp_pat
 
 
 def test_flaky_task_is_done_after_three_attempts_without_delaying_other_jobs(
-    tmp_path: Path,
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     cfg, inbox, log = make_pipeline(
         tmp_path, task="taskbox.behave", retry={"max_attempts": 5, "backoff": {"initial": "1s"}}
@@ -174,7 +216,7 @@ def test_flaky_task_is_done_after_three_attempts_without_delaying_other_jobs(
     (inbox / "a-flaky.nc").write_bytes(b"f")
     for i in range(5):
         (inbox / f"b{i}.nc").write_bytes(b"x")
-    run_until_drained(cfg)
+    drain(cfg, service_threads)
     by_name = {Path(j["path"]).name: j for j in jobs(cfg)}
     flaky = by_name["a-flaky.nc"]
     assert (flaky["state"], flaky["attempts"]) == ("done", 3)
@@ -183,13 +225,15 @@ def test_flaky_task_is_done_after_three_attempts_without_delaying_other_jobs(
     assert order == ["b0.nc", "b1.nc", "b2.nc", "b3.nc", "b4.nc", "a-flaky.nc"]
 
 
-def test_bad_input_ends_dead_or_skipped_with_a_reason_and_the_rest_go_on(tmp_path: Path) -> None:
+def test_bad_input_ends_dead_or_skipped_with_a_reason_and_the_rest_go_on(
+    tmp_path: Path, service_threads: list[ServiceThread]
+) -> None:
     cfg, inbox, _log = make_pipeline(
         tmp_path, task="taskbox.behave", retry={"max_attempts": 2, "backoff": {"initial": "100ms"}}
     )
     for name in ["bad.nc", "corrupt.nc", "good.nc"]:
         (inbox / name).write_bytes(name.encode())
-    run_until_drained(cfg)
+    drain(cfg, service_threads)
     by_name = {Path(j["path"]).name: j for j in jobs(cfg)}
     assert by_name["good.nc"]["state"] == "done"
     assert by_name["bad.nc"]["state"] == "dead"
@@ -197,19 +241,21 @@ def test_bad_input_ends_dead_or_skipped_with_a_reason_and_the_rest_go_on(tmp_pat
     assert "dpypeline retry" in by_name["bad.nc"]["error"]
     assert (by_name["corrupt.nc"]["state"], by_name["corrupt.nc"]["attempts"]) == ("dead", 1)
     assert "permanent" in by_name["corrupt.nc"]["error"]
-    text = dpypeline("jobs", "-c", str(cfg), "--state", "dead", check=True).stdout
+    listed = cli("jobs", "-c", str(cfg), "--state", "dead")
+    assert listed.returncode == 0, listed.stderr
+    text = listed.stdout
     assert "bad.nc" in text
     assert "cannot make sense" in text
 
 
 def test_a_file_that_vanished_before_its_job_ran_is_skipped(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     cfg, inbox, _log = make_pipeline(tmp_path, delay=1.0)
     (inbox / "a.nc").write_bytes(b"a")
     (inbox / "b.nc").write_bytes(b"b")
-    svc = ServiceProcess(cfg)
-    service_processes.append(svc)
+    svc = ServiceThread(cfg)
+    service_threads.append(svc)
     svc.wait_ready()
     wait_for(lambda: any(j["state"] == "running" for j in jobs(cfg)), message="a running job")
     (inbox / "b.nc").unlink()  # removed while a.nc's job runs
@@ -217,72 +263,11 @@ def test_a_file_that_vanished_before_its_job_ran_is_skipped(
     skipped = jobs(cfg, "skipped")
     assert Path(skipped[0]["path"]).name == "b.nc"
     assert "vanished" in skipped[0]["error"]
-    svc.signal(signal.SIGTERM)
+    svc.stop()
     assert svc.wait(30) == 0
 
 
-def test_first_sigterm_lets_the_running_job_finish(
-    tmp_path: Path, service_processes: list[ServiceProcess]
-) -> None:
-    cfg, inbox, log = make_pipeline(
-        tmp_path, delay=2.0, retry={"max_attempts": 3, "job_timeout": "1m"}
-    )
-    (inbox / "long.nc").write_bytes(b"l")
-    (inbox / "next.nc").write_bytes(b"n")
-    svc = ServiceProcess(cfg)
-    service_processes.append(svc)
-    svc.wait_ready()
-    wait_for(lambda: status(cfg)["running"] == 1, message="the long job to start")
-    svc.signal(signal.SIGTERM)
-    assert svc.wait(30) == 0
-    counts = status(cfg)
-    assert (counts["done"], counts["queued"]) == (1, 1)  # finished; the next one not taken
-    assert [r[0] for r in runs(log)] == ["long.nc"]
-
-
-def test_second_sigterm_puts_the_running_job_back_without_counting_the_attempt(
-    tmp_path: Path, service_processes: list[ServiceProcess]
-) -> None:
-    cfg, inbox, log = make_pipeline(
-        tmp_path, delay=30.0, retry={"max_attempts": 3, "job_timeout": "2m"}
-    )
-    (inbox / "long.nc").write_bytes(b"l")
-    svc = ServiceProcess(cfg)
-    service_processes.append(svc)
-    svc.wait_ready()
-    wait_for(lambda: status(cfg)["running"] == 1, message="the long job to start")
-    svc.signal(signal.SIGTERM)
-    wait_for(
-        lambda: any(e.get("event") == "service_stopping" for e in svc.events()),
-        message="the first signal taken",
-    )
-    svc.signal(signal.SIGTERM)
-    assert svc.wait(15) == 0
-    [job] = jobs(cfg)
-    assert (job["state"], job["attempts"]) == ("queued", 0)
-    assert runs(log) == []
-
-
-def test_a_job_still_running_after_stop_grace_goes_back_to_the_queue(
-    tmp_path: Path, service_processes: list[ServiceProcess]
-) -> None:
-    cfg, inbox, log = make_pipeline(
-        tmp_path, delay=60.0, stop_grace="1s", retry={"max_attempts": 3, "job_timeout": "2m"}
-    )
-    (inbox / "long.nc").write_bytes(b"l")
-    svc = ServiceProcess(cfg)
-    service_processes.append(svc)
-    svc.wait_ready()
-    wait_for(lambda: status(cfg)["running"] == 1, message="the long job to start")
-    t0 = time.monotonic()
-    svc.signal(signal.SIGTERM)  # one signal only, as systemctl stop sends
-    assert svc.wait(15) == 0
-    assert time.monotonic() - t0 < 10  # the grace, not the job's 60 s
-    [job] = jobs(cfg)
-    assert (job["state"], job["attempts"]) == ("queued", 0)
-    assert runs(log) == []
-
-
+@pytest.mark.slow
 def test_cli_works_against_a_running_service(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
@@ -318,6 +303,7 @@ def test_cli_works_against_a_running_service(
     assert svc.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_a_second_service_on_the_same_cache_dir_is_refused(
     tmp_path: Path, service_processes: list[ServiceProcess]
 ) -> None:
@@ -333,7 +319,9 @@ def test_a_second_service_on_the_same_cache_dir_is_refused(
     assert svc.wait(30) == 0
 
 
-def test_once_drains_including_files_arriving_meanwhile_and_exits_0(tmp_path: Path) -> None:
+def test_once_drains_including_files_arriving_meanwhile_and_exits_0(
+    tmp_path: Path, service_threads: list[ServiceThread]
+) -> None:
     cfg, inbox, log = make_pipeline(tmp_path, monitor=False, delay=0.3)
     for i in range(3):
         (inbox / f"a{i}.nc").write_bytes(b"a")
@@ -344,14 +332,16 @@ def test_once_drains_including_files_arriving_meanwhile_and_exits_0(tmp_path: Pa
 
     thread = threading.Thread(target=late)
     thread.start()
-    proc = dpypeline("run", "-c", str(cfg), timeout=60)  # monitor: false == --once
+    svc = ServiceThread(cfg)  # monitor: false == --once
+    service_threads.append(svc)
+    code = svc.wait(60)
     thread.join()
-    assert proc.returncode == 0, proc.stderr
+    assert code == 0, svc.log_text()
     assert sorted(r[0] for r in runs(log)) == ["a0.nc", "a1.nc", "a2.nc", "late.nc"]
 
 
 def test_an_outage_pauses_the_service_without_spending_attempts(
-    tmp_path: Path, service_processes: list[ServiceProcess]
+    tmp_path: Path, service_threads: list[ServiceThread]
 ) -> None:
     down = tmp_path / "store-is-down"
     down.touch()
@@ -359,12 +349,12 @@ def test_an_outage_pauses_the_service_without_spending_attempts(
         tmp_path,
         task="taskbox.needs_service",
         down=str(down),
-        retry={"max_attempts": 2, "backoff": {"initial": "200ms", "max": "1s"}},
+        retry={"max_attempts": 2, "backoff": {"initial": "100ms", "max": "400ms"}},
     )
     for name in ("a.nc", "b.nc", "c.nc"):
         (inbox / name).write_bytes(b"x")
-    svc = ServiceProcess(cfg)
-    service_processes.append(svc)
+    svc = ServiceThread(cfg)
+    service_threads.append(svc)
     svc.wait_ready()
     wait_for(
         lambda: sum(e.get("event") == "service_paused" for e in svc.events()) >= 4,
@@ -377,5 +367,5 @@ def test_an_outage_pauses_the_service_without_spending_attempts(
     wait_for(lambda: status(cfg)["done"] == 3, message="every job after the outage")
     assert [r[0] for r in runs(log)] == ["a.nc", "b.nc", "c.nc"]  # order kept
     assert all(j["attempts"] == 1 for j in jobs(cfg))
-    svc.signal(signal.SIGTERM)
+    svc.stop()
     assert svc.wait(30) == 0

@@ -156,6 +156,11 @@ class Harness:
         self.steps_until(lambda: len(self.executor.running) == n, f"{n} running job(s)")
         return list(self.executor.running)
 
+    def exit_code(self) -> int:
+        """Once the loop has ended: what ``run`` returns, the process's exit code."""
+        self.service.close()
+        return self.service._exit_code()
+
     def jobs(self) -> dict[str, tuple[JobState, int]]:
         """File name -> (state, attempts), read from the ledger as `dpypeline jobs` would."""
         ledger = Ledger(self.cache_dir)
@@ -219,8 +224,10 @@ def test_first_signal_lets_the_running_job_finish_and_starts_no_other(
     assert h.service.status is Status.STOPPING
     h.executor.finish(job)
     assert not h.step()
+    assert not h.executor.interrupted  # the job ran to its end
     assert h.executor.running == {}
     assert h.jobs() == {"a.nc": (JobState.DONE, 1), "b.nc": (JobState.QUEUED, 0)}
+    assert h.exit_code() == 0
 
 
 def test_a_job_still_running_when_stop_grace_ends_goes_back_uncounted(
@@ -237,9 +244,10 @@ def test_a_job_still_running_when_stop_grace_ends_goes_back_uncounted(
     h.clock.advance(0.01)
     with capture_logs() as captured:
         assert not h.step()
-    assert h.executor.interrupted
+    assert h.executor.interrupted  # the grace, not the job's time
     assert events(captured, "job_released")
     assert h.jobs() == {"long.nc": (JobState.QUEUED, 0)}
+    assert h.exit_code() == 0
 
 
 def test_a_second_signal_puts_the_running_job_back_at_once_uncounted(
@@ -250,10 +258,12 @@ def test_a_second_signal_puts_the_running_job_back_at_once_uncounted(
     h.running()
     h.service.on_signal(signal.SIGTERM, None)
     assert h.step()
+    assert h.service.status is Status.STOPPING  # the first signal taken
     h.service.on_signal(signal.SIGTERM, None)
     assert not h.step()  # the same instant: no grace for a second signal
-    assert h.executor.interrupted
+    assert h.executor.interrupted  # the job did not run to its end
     assert h.jobs() == {"long.nc": (JobState.QUEUED, 0)}
+    assert h.exit_code() == 0
 
 
 def test_a_job_that_honours_its_timeout_is_retried_and_the_loop_goes_on(

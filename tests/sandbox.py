@@ -306,6 +306,34 @@ def _dependency_wheels() -> Path:
     return kept
 
 
+def _build_python() -> Path:
+    """An interpreter with the checkout's build backend, from the cache (made on first use):
+    the checkout's wheel is built with it, not in an isolated environment that pip would
+    make and install the backend into anew on every run."""
+    requires = sorted(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    )
+    key = hashlib.sha256("\n".join([sys.version, *requires]).encode()).hexdigest()[:16]
+    kept = WHEEL_CACHE / f"build-{key}"
+    if not kept.is_dir():
+        WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+        making = Path(tempfile.mkdtemp(prefix="build-", dir=WHEEL_CACHE))
+        python = str(making / "bin" / "python")
+        for cmd in (
+            [sys.executable, "-m", "venv", "--without-pip", str(making)],
+            [sys.executable, "-m", "pip", "--python", python, "install", "-q", *requires],
+        ):
+            made = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if made.returncode != 0:
+                shutil.rmtree(making, ignore_errors=True)
+                pytest.fail(f"the build environment failed: {made.stderr[-3000:]}")
+        try:
+            making.rename(kept)  # as the wheels above
+        except OSError:
+            shutil.rmtree(making, ignore_errors=True)
+    return kept / "bin" / "python"
+
+
 def _link_or_copy(src: str, dest: str) -> None:
     try:
         os.link(src, dest)
@@ -321,8 +349,9 @@ def wheelhouse() -> Iterator[Path]:
         pytest.skip(reason)
     path = WORK / f"wheelhouse-{uuid.uuid4().hex[:8]}"
     shutil.copytree(_dependency_wheels(), path, copy_function=_link_or_copy)
+    wheel = ["wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(path)]
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(path)],
+        [sys.executable, "-m", "pip", "--python", str(_build_python()), *wheel],
         capture_output=True,
         text=True,
         check=False,

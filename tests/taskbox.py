@@ -32,6 +32,15 @@ def record(path: str, log: str, delay: float = 0.0, context: JobContext | None =
     return path
 
 
+def record_gated(path: str, log: str, gate: str, context: JobContext | None = None) -> str:
+    """As ``record``, once the file ``gate`` exists: a job that runs until the test lets
+    it end, however busy the machine."""
+    assert context is not None
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+    return record(path, log, context=context)
+
+
 def record_held(path: str, log: str, context: JobContext | None = None) -> str:
     """As ``record``; but the first attempt on a file named ``*held*`` holds on for a
     minute first: a job surely running when the test strikes."""

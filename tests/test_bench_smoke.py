@@ -41,6 +41,15 @@ def _every_benchmark() -> list[str]:
 
 
 ICECHUNK = "_icechunk"  # the Icechunk rows of both ORCA groups run as a group of their own
+# the rows that start the service and wait for it run as a group of their own too
+SERVICE = (
+    "reconcile_1m",
+    "ingest_noop_once",
+    "ingest_history",
+    "inotify_latency",
+    "start_ready",
+    "memory",
+)
 
 
 def _group(group: str) -> list[str]:
@@ -48,6 +57,9 @@ def _group(group: str) -> list[str]:
     if group == "icechunk":
         return [n for n in names if n.endswith(ICECHUNK)]
     names = [n for n in names if not n.endswith(ICECHUNK)]
+    if group == "service":
+        return [n for n in names if n in SERVICE]
+    names = [n for n in names if n not in SERVICE]
     if group == "others":
         return [n for n in names if not n.startswith(sum(PREFIXES.values(), ()))]
     return [n for n in names if n.startswith(PREFIXES[group])]
@@ -58,7 +70,7 @@ def _positive(value: object) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", [*PREFIXES, "icechunk", "others"])
+@pytest.mark.parametrize("group", [*PREFIXES, "icechunk", "service", "others"])
 def test_quick_suite_produces_every_figure(tmp_path: Path, group: str) -> None:
     names = _group(group)
     assert names, f"no benchmark in group {group}"

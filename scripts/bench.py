@@ -6,8 +6,10 @@ Every benchmark works in a fresh temporary directory under ``--dir`` (default: $
 the system's temporary directory), and its baseline runs in the same place, interleaved with
 the measurement, so the disk, the page cache and the machine's noise are shared and cancel
 in the ratio. Times come from ``time.perf_counter``; each side is the best of 1 to 3 runs
-depending on its cost. ``--quick`` runs small sizes in about two and a half minutes: it shows
-that the benchmarks still work, not how fast anything is.
+depending on its cost. ``--quick`` runs small sizes once each in about a minute and a half:
+the ORCA and virtual sides in this process rather than a child each, one moto server for
+the run's S3 rows, answering S3 only. It shows that the benchmarks still work, not how fast
+anything is.
 
   enqueue_one             durable enqueue of one event per transaction (Ledger.enqueue)
                           vs raw sqlite3 (WAL, synchronous=FULL), one INSERT per transaction
@@ -585,7 +587,7 @@ logging: {{format: json, level: info}}
 def bench_ingest_noop_once(ctx: Context) -> Result:
     n = ctx.size("ingest_noop_once")
     timeout = 120.0 if ctx.quick else 300.0
-    startup_s = python_startup(3)
+    startup_s = python_startup(ctx.repeats(3))
     with workdir(ctx, "ingest") as d:
         inbox = d / "inbox"
         inbox.mkdir()
@@ -827,19 +829,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: list[Result] = []
     failures: dict[str, str] = {}
-    for name in selected:
-        print(f"  {name} ...", end="", flush=True)
-        t0 = time.perf_counter()
-        try:
-            result = BENCHMARKS[name](ctx)
-        except Exception as exc:  # noqa: BLE001  (report it, go on with the others)
-            failures[name] = f"{type(exc).__name__}: {exc}"
-            print(" FAILED", flush=True)
-            traceback.print_exc()
-            continue
-        result.seconds = time.perf_counter() - t0
-        results.append(result)
-        print(f" {result.seconds:.1f} s", flush=True)
+    with ctx.resources:
+        for name in selected:
+            print(f"  {name} ...", end="", flush=True)
+            t0 = time.perf_counter()
+            try:
+                result = BENCHMARKS[name](ctx)
+            except Exception as exc:  # noqa: BLE001  (report it, go on with the others)
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                print(" FAILED", flush=True)
+                traceback.print_exc()
+                continue
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
+            print(f" {result.seconds:.1f} s", flush=True)
     total = time.perf_counter() - started
 
     print()

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,8 @@ CASES: dict[str, tuple[str, str, list[str], int, str]] = {
 # ours with icechunk: true, against ours into a plain Zarr store (not hand-written xarray)
 ICECHUNK_CASES = ("orca025_local_icechunk", "orca025_s3_icechunk")
 DEFAULT_CASES = [c for c in CASES if c != "orca12"]
-QUICK_GRID = (120, 100, 25)  # --quick: the same layouts on a small grid
+QUICK_GRID = (48, 40, 9)  # --quick: the same layouts on a small grid,
+QUICK_VARIABLES = ["thetao", "tos"]  # with one 3-D and one 2-D field
 CODEC_CANDIDATES: list[Any] = [
     {"codec": "blosc-lz4", "level": 5, "shuffle": "byte"},
     {"codec": "blosc-zstd", "level": 3, "shuffle": "byte"},
@@ -148,11 +149,21 @@ def child(argv: list[str]) -> int:
 
 
 def run_side(
-    side: str, files: list[Path], store: str, options: dict[str, Any] | None, compressor: Any
+    side: str,
+    files: list[Path],
+    store: str,
+    options: dict[str, Any] | None,
+    compressor: Any,
+    *,
+    in_process: bool = False,
 ) -> dict[str, float]:
-    """One side in a child process: its seconds and its peak RSS (MB), from wait4."""
+    """One side in a child process: its seconds and its peak RSS (MB), from wait4.
+    ``in_process`` (--quick) runs the same child's work here instead, the peak RSS being
+    this process's: no interpreter and imports to start for every side."""
     argv = [sys.executable, __file__, "--child", side, store, json.dumps(options)]
     argv += [json.dumps(compressor), *map(str, files)]
+    if in_process:
+        return in_this_process(child, argv[3:])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH")) if p)
     os.sync()  # the last side's store is on disk: neither side pays for the other's writeback
@@ -165,14 +176,28 @@ def run_side(
     return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
 
 
+def in_this_process(run: Callable[[list[str]], int], argv: list[str]) -> dict[str, float]:
+    """What a child given ``argv`` would print and its peak RSS, running ``run`` here."""
+    import io
+    import resource
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = run(argv)
+    check(code == 0, f"{argv[0]} exit code", code)
+    seconds = json.loads(out.getvalue().strip().splitlines()[-1])["seconds"]
+    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 # -- stores: where they are, what they hold ---------------------------------------------------
 
 
 @contextmanager
-def moto_s3() -> Iterator[dict[str, Any]]:
+def moto_s3(s3_only: bool = False) -> Iterator[dict[str, Any]]:
     from bench_zarr import moto_s3 as server
 
-    with server() as options:
+    with server(s3_only) as options:
         yield options
 
 
@@ -230,6 +255,8 @@ def inputs(case: str, quick: bool, data: Path) -> list[Path]:
     from make_orca import make_files
 
     grid, layout, variables, n, _ = CASES[case]
+    if quick and len(variables) > 1:
+        variables = QUICK_VARIABLES
     where = data / f"{'quick' if quick else grid}-{layout}-{'-'.join(variables)}"
     if quick:  # a new store and one append: every path the full run takes
         return make_files(where, min(n, 2), grid=QUICK_GRID, layout=layout, variables=variables)
@@ -254,7 +281,7 @@ def measure(
                 store, options = f"s3://bench-bucket/{case}-{side}-{run}.{suffix}", s3
             else:
                 store, options = str(work / f"{case}-{side}-{run}.{suffix}"), None
-            got = run_side(job, files, store, options, None)
+            got = run_side(job, files, store, options, None, in_process=quick)
             if side not in best or got["seconds"] < best[side]["seconds"]:
                 best[side] = {
                     **got,
@@ -324,7 +351,13 @@ def result(case: str, m: dict[str, Any]) -> Result:
 def bench_orca(ctx: Context, case: str) -> Result:
     data = data_dir(None)
     with workdir(ctx, "orca") as work, ExitStack() as stack:
-        s3 = stack.enter_context(moto_s3()) if CASES[case][4] == "s3" else None
+        s3 = None
+        if CASES[case][4] == "s3" and ctx.quick:  # one server for every row of the run
+            if "moto" not in ctx.cache:
+                ctx.cache["moto"] = ctx.resources.enter_context(moto_s3(s3_only=True))
+            s3 = ctx.cache["moto"]
+        elif CASES[case][4] == "s3":
+            s3 = stack.enter_context(moto_s3())
         m = measure(case, ctx.quick, ctx.repeats(2 if case != "orca12" else 1), work, data, s3=s3)
     return result(case, m)
 

@@ -13,9 +13,9 @@
   --once`. Both in this process, alternately; seconds, best of two (lower is better; the
   target is <= 1.1x). The revert alone is in the notes.
 - ``gc_after_20_replaced``: an Icechunk repository of one such file, then the file written
-  again 20 times (a corrected version each time: 20 commits whose chunks replace the
-  last); ours = `expire_snapshots` + `garbage_collect` as `dpypeline gc` runs them (every
-  snapshot but the tip expired); baseline = one more commit of the file. Seconds (lower
+  again 20 times (4 with --quick; a corrected version each time: commits whose chunks
+  replace the last); ours = `expire_snapshots` + `garbage_collect` as `dpypeline gc` runs
+  them (every snapshot but the tip expired); baseline = one more commit of the file. Seconds (lower
   is better), with the repository's size before and after in the notes.
 """
 
@@ -150,6 +150,7 @@ def bench_gc(ctx: Context) -> Result:
 
     from dpypeline.tasks.versions import collect
 
+    replaced = 4 if ctx.quick else 20  # --quick: a few replacements
     with workdir(ctx, "gc") as work:
         (file,) = make_series(work / "inbox", 1, size="small" if ctx.quick else "large")
         ds = xr.open_dataset(file, decode_times=CODER).load()
@@ -168,7 +169,7 @@ def bench_gc(ctx: Context) -> Result:
             session.commit(f"correction {i}", metadata={"job_id": i + 1})
             return time.perf_counter() - t0
 
-        commits = [replace(i) for i in range(1, 21)]
+        commits = [replace(i) for i in range(1, replaced + 1)]
         before = _size(work / "repo")
         time.sleep(0.01)  # the cut-off must come after the last commit's time
         t0 = time.perf_counter()
@@ -187,12 +188,12 @@ def bench_gc(ctx: Context) -> Result:
         ratio_kind="time",
         target="report",
         met=None,
-        n=20,
+        n=replaced,
         repeats=1,
         notes=[
             f"repository {before / 2**20:.1f} MiB before, {after / 2**20:.1f} MiB after;"
             f" {done.expired} snapshots expired, {done.chunks} chunks deleted;"
-            " baseline: one commit of the file (best of the 20)"
+            f" baseline: one commit of the file (best of the {replaced})"
         ],
     )
 

@@ -31,7 +31,7 @@ from typing import Any
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 from bench_common import Context, Result, workdir  # noqa: E402
-from bench_orca import data_dir, inputs, run_side  # noqa: E402
+from bench_orca import data_dir, in_this_process, inputs, run_side  # noqa: E402
 
 T = "time_counter"
 CASE = "orca025_local_namnc4"
@@ -67,15 +67,19 @@ def child(argv: list[str]) -> int:
     return 0
 
 
-def run_virtual(files: list[Path], store: str) -> dict[str, float]:
-    return in_child("write", store, *map(str, files))
+def run_virtual(files: list[Path], store: str, *, in_process: bool = False) -> dict[str, float]:
+    return in_child("write", store, *map(str, files), in_process=in_process)
 
 
-def in_child(*args: str) -> dict[str, float]:
+def in_child(*args: str, in_process: bool = False) -> dict[str, float]:
     """One side in a child process (the parent stays small: a child's peak RSS starts at
-    its parent's, forked): its seconds and its peak RSS (MB), from wait4."""
+    its parent's, forked): its seconds and its peak RSS (MB), from wait4. ``in_process``
+    (--quick) runs the same child's work here instead."""
     import os
     import subprocess
+
+    if in_process:
+        return in_this_process(child, list(args))
 
     argv = [sys.executable, __file__, "--child", *args]
     env = dict(os.environ)
@@ -123,8 +127,8 @@ def measure(quick: bool, repeats: int, work: Path, data: Path) -> dict[str, Any]
         zarr_store = str(work / f"native-{run}.zarr")
         repo = str(work / f"virtual-{run}.icechunk")
         sides = {
-            "to_zarr": run_side("ours", files, zarr_store, None, None),
-            "virtualize": run_virtual(files, repo),
+            "to_zarr": run_side("ours", files, zarr_store, None, None, in_process=quick),
+            "virtualize": run_virtual(files, repo, in_process=quick),
         }
         for side, got in sides.items():
             old = best.get(side)
@@ -134,8 +138,10 @@ def measure(quick: bool, repeats: int, work: Path, data: Path) -> dict[str, Any]
             best[side]["rss_mb"] = rss
         size = sum(f.stat().st_size for f in Path(repo).rglob("*") if f.is_file())
         seconds = {
-            "virtual": in_child("read-virtual", repo, str(files[0].parent))["seconds"],
-            "zarr": in_child("read-zarr", zarr_store)["seconds"],
+            "virtual": in_child("read-virtual", repo, str(files[0].parent), in_process=quick)[
+                "seconds"
+            ],
+            "zarr": in_child("read-zarr", zarr_store, in_process=quick)["seconds"],
         }
         for side, value in seconds.items():
             reads[side] = min(value, reads.get(side, value))

@@ -1,6 +1,7 @@
 """SIGKILL during a write into an Icechunk repository, before the data, between the data and
 the commit, and between the commit and the ledger; then the job runs again, as the worker
-replays it: exactly one commit per file, and the branch is the concatenation of the files."""
+replays it: exactly one commit per file, and the branch is the concatenation of the files.
+The killed job runs in a process of its own; the others run here, as a worker runs its jobs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import xarray as xr
 from conftest import env_for_subprocess
 from dpypeline.config.model import ObjectStoreConfig
 from dpypeline.tasks import repository as rp
+from dpypeline.tasks.netcdf import open_dataset
+from dpypeline.tasks.zarr.to_zarr import to_zarr
 from s3server import S3Server
 from test_repository import BUCKET, make_bucket
 from test_zarr_icechunk import T, branch, expected, local, make_series, write
@@ -76,6 +79,19 @@ def run(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
 
 
+def replay(
+    store: str, paths: Sequence[Path], first_job: int, *, stores: dict[str, Any] | None = None
+) -> None:
+    """RUNNER's jobs, here."""
+    configs = {k: ObjectStoreConfig(**v) for k, v in (stores or {}).items()}
+    for i, path in enumerate(paths):
+        context = SimpleNamespace(job_id=first_job + i, path=str(path), relpath=path.name,
+                                  size=None, mtime_ns=None, pipeline="crash", log=None,
+                                  objectstores=configs)  # fmt: skip
+        to_zarr(open_dataset(str(path)), store, append_dim=T, icechunk=True,
+                objectstore=next(iter(configs), None), context=context)  # fmt: skip
+
+
 def job_ids(repo: Any) -> list[int]:
     """The job ids of the branch's commits, oldest first (not the repository's root)."""
     return [s.metadata["job_id"] for s in list(repo.ancestry(branch=rp.BRANCH))[-2::-1]]
@@ -83,7 +99,7 @@ def job_ids(repo: Any) -> list[int]:
 
 @pytest.mark.parametrize("failpoint", list(KILLED_AT))
 def test_sigkill_at_any_point_then_replay_leaves_exactly_one_commit_per_file(
-    files: list[Path], tmp_path: Path, failpoint: str
+    files: list[Path], tmp_path: Path, failpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = tmp_path / "gyre.icechunk"
     write(files[:2], str(store), append_dim=T)
@@ -96,15 +112,18 @@ def test_sigkill_at_any_point_then_replay_leaves_exactly_one_commit_per_file(
     held = KILLED_AT[failpoint]
     assert job_ids(local(store)) == list(range(1, held + 1))
     xr.testing.assert_identical(branch(local(store)), expected(files[:held]))
-    # the worker runs job 3 again (the ledger never heard it finish), then job 4
-    proc = run(str(store), files[2:], 3, failpoint=failpoint, once=once)
-    assert proc.returncode == 0, proc.stderr
+    # the worker runs job 3 again (the ledger never heard it finish), then job 4, with the
+    # failpoint still configured but spent
+    assert not once.exists()
+    monkeypatch.setenv("DPYPELINE_FAILPOINT", failpoint)
+    monkeypatch.setenv("DPYPELINE_FAILPOINT_ONCE_FILE", str(once))
+    replay(str(store), files[2:], 3)
     assert job_ids(local(store)) == [1, 2, 3, 4]
     xr.testing.assert_identical(branch(local(store)), expected(files))
 
 
 def test_sigkill_between_data_and_commit_on_s3_then_replay_commits_each_file_once(
-    files: list[Path], s3: S3Server, tmp_path: Path
+    files: list[Path], s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without conditional writes, as on JASMIN (the other mode's writes are tested in
     tests/test_zarr_icechunk.py)."""
@@ -112,11 +131,12 @@ def test_sigkill_between_data_and_commit_on_s3_then_replay_commits_each_file_onc
     creds = s3.credentials_file(tmp_path)
     stores = {"moto": {"credentials": str(creds), "conditional_writes": False}}
     url = f"s3://{BUCKET}/gyre.icechunk"
-    assert run(url, files[:1], 1, stores=stores).returncode == 0
+    replay(url, files[:1], 1, stores=stores)
     proc = run(url, files[1:2], 2, failpoint="before_repository_commit", stores=stores)
     assert proc.returncode == -9, proc.stderr
-    proc = run(url, files[1:3], 2, failpoint="after_commit", once=tmp_path / "gone", stores=stores)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setenv("DPYPELINE_FAILPOINT", "after_commit")  # with its once-file gone
+    monkeypatch.setenv("DPYPELINE_FAILPOINT_ONCE_FILE", str(tmp_path / "gone"))
+    replay(url, files[1:3], 2, stores=stores)
     context = SimpleNamespace(objectstores={"moto": ObjectStoreConfig(**stores["moto"])})
     repo = rp.open_repository(rp.locate(url, "moto", context))
     assert job_ids(repo) == [1, 2, 3]

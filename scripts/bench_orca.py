@@ -81,12 +81,18 @@ def ours(files: list[str], store: str, options: dict[str, Any] | None, compresso
 def icechunk(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
     """The same job with ``icechunk: true``: one commit per file, as the service makes them
     (a job's context: its id, the file; an S3 store through an ``objectstores:`` entry)."""
+    with _objectstores(options) as stores:
+        _icechunk_appends(files, store, compressor, stores)
+
+
+def _icechunk_appends(
+    files: list[str], store: str, compressor: Any, stores: dict[str, Any]
+) -> None:
     from types import SimpleNamespace
 
     from dpypeline.tasks.netcdf import clean_dataset, open_dataset
     from dpypeline.tasks.zarr.to_zarr import to_zarr
 
-    stores = _objectstores(options, Path(tempfile.mkdtemp(prefix="bench-creds-")))
     for i, f in enumerate(files, 1):
         context = SimpleNamespace(
             job_id=i, path=f, relpath=Path(f).name, size=None, mtime_ns=None,
@@ -97,18 +103,26 @@ def icechunk(files: list[str], store: str, options: dict[str, Any] | None, compr
                 objectstore="bench" if stores else None, context=context)  # fmt: skip
 
 
-def _objectstores(options: dict[str, Any] | None, directory: Path) -> dict[str, Any]:
-    """The ``objectstores:`` entry that reaches the moto server of ``options``."""
+@contextmanager
+def _objectstores(options: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+    """The ``objectstores:`` entry that reaches the moto server of ``options``, its
+    credentials file removed when done."""
     if not options:
-        return {}
+        yield {}
+        return
     from dpypeline.config.model import ObjectStoreConfig
 
+    with tempfile.TemporaryDirectory(prefix="bench-creds-") as directory:
+        yield {"bench": ObjectStoreConfig(credentials=_credentials(options, Path(directory)))}
+
+
+def _credentials(options: dict[str, Any], directory: Path) -> Path:
     path = directory / "s3.json"
     endpoint = options["client_kwargs"]["endpoint_url"]
     path.write_text(json.dumps({"token": options["key"], "secret": options["secret"],
                                 "endpoint_url": endpoint}))  # fmt: skip
     path.chmod(0o600)
-    return {"bench": ObjectStoreConfig(credentials=path)}
+    return path
 
 
 def baseline(files: list[str], store: str, options: dict[str, Any] | None, compressor: Any) -> None:
@@ -218,11 +232,11 @@ def store_facts(store: str, options: dict[str, Any] | None) -> dict[str, float]:
 
         from dpypeline.tasks import repository
 
-        stores = _objectstores(options, Path(tempfile.mkdtemp(prefix="bench-creds-")))
-        context = SimpleNamespace(objectstores=stores)
-        place = repository.locate(store, "bench" if stores else None, context)
-        session = repository.open_repository(place, create=False).readonly_session(branch="main")
-        group = zarr.open_group(session.store, mode="r")
+        with _objectstores(options) as stores:
+            context = SimpleNamespace(objectstores=stores)
+            place = repository.locate(store, "bench" if stores else None, context)
+            repo = repository.open_repository(place, create=False)
+            group = zarr.open_group(repo.readonly_session(branch="main").store, mode="r")
     elif store.startswith("s3://"):
         group = zarr.open_group(store, mode="r", storage_options=options)
     else:

@@ -44,6 +44,7 @@ LOCAL_CLUSTER = {
     }
 }
 DASK = {"kind": "dask", "cluster": LOCAL_CLUSTER}
+POLL = 0.2  # seconds between looks at a running service (each one loads the config)
 
 
 def pipeline(
@@ -76,6 +77,25 @@ def pipeline(
 def run_once(cfg: Path, timeout: float = 120.0, exit_code: int = 0) -> None:
     proc = dpypeline("run", "-c", str(cfg), "--once", timeout=timeout)
     assert proc.returncode == exit_code, proc.stderr[-3000:]
+
+
+def run_serial_here(cfg: Path) -> None:
+    """`dpypeline run --once` of a serial pipeline in this process: the reference a dask
+    run is compared with, without an interpreter's start-up and imports (two seconds of
+    CPU). The jobs' reads compute in the job's own thread: dask's threaded scheduler keeps
+    a pool for each thread that calls it, and the job threads of a service run in this
+    process would leave theirs behind (a service process ends with its own)."""
+    import dask
+
+    from dpypeline.config.model import load_config
+    from dpypeline.loop.service import Service
+    from dpypeline.pipeline import import_tasks
+
+    config = load_config(cfg, environ=env_for_subprocess())
+    assert config.executor.kind == "serial"
+    job_list, setup = import_tasks(config)
+    with dask.config.set(scheduler="synchronous"):
+        assert Service(config, job_list, setup, once=True).run() == 0
 
 
 def test_fifty_files_on_two_workers_are_each_done_once(tmp_path: Path) -> None:
@@ -192,7 +212,10 @@ def test_twelve_nemo_files_computed_in_parallel_append_in_queue_order_as_serial_
         )
         for f in files:
             shutil.copy2(f, inbox / f.name)
-        run_once(cfg, timeout=180)
+        if kind == "serial":
+            run_serial_here(cfg)
+        else:
+            run_once(cfg, timeout=180)
         assert status(cfg)["done"] == 12, jobs(cfg)
         stores[kind] = store
     computed = {
@@ -210,9 +233,11 @@ def test_twelve_nemo_files_computed_in_parallel_append_in_queue_order_as_serial_
 
 def test_the_dask_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
+    # one worker: the script runs end to end; the suite's rows run it on two
+    # (tests/test_bench_smoke.py)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_dask.py"), "--quick", "--json", str(report),
-         "--dir", str(tmp_path / "work")],
+        [sys.executable, str(ROOT / "scripts/bench_dask.py"), "--quick", "--workers", "1",
+         "--json", str(report), "--dir", str(tmp_path / "work")],
         env=env_for_subprocess(), capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -246,7 +271,8 @@ def test_losing_the_scheduler_makes_the_service_unhealthy_then_restart_and_recon
     port = address.rsplit(":", 1)[1]
     scheduler_cmd = ("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", port,
                      "--no-dashboard")  # fmt: skip
-    worker_cmd = ("distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard")
+    worker_cmd = ("distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard",
+                  "--no-nanny")  # fmt: skip
     started = [_dask(*scheduler_cmd), _dask(*worker_cmd)]
     try:
         log = tmp_path / "runs.log"
@@ -292,13 +318,15 @@ def test_the_readme_dask_example_appends_what_the_serial_example_does(tmp_path: 
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "examples", work / "examples")
     make_series(work / "inbox" / "nemo", 6)
-    for example in ("netcdf-to-zarr.yaml", "netcdf-to-zarr-dask.yaml"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "dpypeline", "run", "--once", "-c", f"examples/{example}"],
-            cwd=work, env=env_for_subprocess(), capture_output=True, text=True, timeout=120,
-            check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # the serial example as the reference (the README's command for it: test_ingest_nemo)
+    run_serial_here(work / "examples" / "netcdf-to-zarr.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpypeline", "run", "--once", "-c",
+         "examples/netcdf-to-zarr-dask.yaml"],
+        cwd=work, env=env_for_subprocess(), capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     serial = xr.open_zarr(work / "output" / "nemo_T.zarr", decode_times=False).load()
     dask = xr.open_zarr(work / "output" / "nemo_T_dask.zarr", decode_times=False).load()
     xr.testing.assert_identical(serial, dask)
@@ -318,7 +346,10 @@ def test_a_first_sigterm_lets_jobs_on_the_cluster_finish_a_second_puts_them_back
     for name in ("a.nc", "b.nc"):
         (inbox / name).write_text("x")
     wait_for(
-        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2, message="two jobs running"
+        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2,
+        timeout=60,
+        interval=POLL,
+        message="two jobs running",
     )
     service.signal(signal.SIGTERM)
     assert service.wait(30) == 0
@@ -334,7 +365,10 @@ def test_a_first_sigterm_lets_jobs_on_the_cluster_finish_a_second_puts_them_back
     service_processes.append(service)
     service.wait_ready()
     wait_for(
-        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2, message="two jobs running"
+        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2,
+        timeout=60,
+        interval=POLL,
+        message="two jobs running",
     )
     service.signal(signal.SIGTERM)
     wait_for(
@@ -427,7 +461,10 @@ def test_sigkill_of_the_service_with_jobs_on_the_cluster_loses_nothing(
     for name in names:
         (inbox / name).write_text("x")
     wait_for(
-        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2, message="two jobs running"
+        lambda: (s := status(cfg)["executor"]) and s["in_flight"] == 2,
+        timeout=60,
+        interval=POLL,
+        message="two jobs running",
     )
     service.kill()
     service = ServiceProcess(cfg)

@@ -15,7 +15,17 @@ import pytest
 import s3fs
 import xarray as xr
 
-from conftest import ROOT, ServiceProcess, dpypeline, jobs, status, wait_for, write_config
+from conftest import (
+    ROOT,
+    ServiceProcess,
+    cli,
+    dpypeline,
+    env_for_subprocess,
+    jobs,
+    status,
+    wait_for,
+    write_config,
+)
 from s3server import S3Server
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -24,6 +34,8 @@ from make_nemo import make_series  # scripts, not a package
 pytestmark = pytest.mark.slow
 BUCKET = "nemo-test"
 STORE = f"s3://{BUCKET}/gyre_T.zarr"
+BACKOFF = {"initial": "200ms", "max": "1s"}
+POLL = 0.2  # seconds between looks at a running service (each one loads the config)
 
 
 def nemo_config(tmp_path: Path, s3: S3Server, **extra: Any) -> tuple[Path, Path]:
@@ -58,6 +70,26 @@ def nemo_config(tmp_path: Path, s3: S3Server, **extra: Any) -> tuple[Path, Path]
     return write_config(tmp_path, data), inbox
 
 
+def run_here(cfg: Path) -> int:
+    """What ``dpypeline run -c CFG`` exits with, run in this process to the end of its queue
+    (the configs here have ``monitor: false``): the same service loop, ledger, tasks and
+    store, without an interpreter's start-up and imports (two seconds of CPU a run). The
+    runs whose process matters (its exit code, its output, a SIGKILL) run
+    ``dpypeline(...)``. The jobs' reads compute in the job's own thread: dask's threaded
+    scheduler keeps a pool for each thread that calls it, and the job threads of a service
+    run in this process would leave theirs behind (a service process ends with its own)."""
+    import dask
+
+    from dpypeline.config.model import load_config
+    from dpypeline.loop.service import Service
+    from dpypeline.pipeline import import_tasks
+
+    config = load_config(cfg, environ=env_for_subprocess())
+    job_list, setup = import_tasks(config)
+    with dask.config.set(scheduler="synchronous"):
+        return Service(config, job_list, setup).run()
+
+
 def read_store(s3: S3Server) -> xr.Dataset:
     return xr.open_zarr(
         STORE,
@@ -90,15 +122,16 @@ def assert_store_is(store: xr.Dataset, files: list[Path]) -> None:
 def test_s3_outage_longer_than_every_retry_mid_ingest_costs_no_job(
     tmp_path: Path, s3: S3Server, service_processes: list[ServiceProcess]
 ) -> None:
-    cfg, inbox = nemo_config(tmp_path, s3)
-    files = make_series(tmp_path / "made", 8)
+    # pauses of 0.2, 0.4, 0.8, 1 s: more of them than max_attempts in a few seconds
+    cfg, inbox = nemo_config(tmp_path, s3, retry={"max_attempts": 3, "backoff": BACKOFF})
+    files = make_series(tmp_path / "made", 6)
     svc = ServiceProcess(cfg)
     service_processes.append(svc)
     svc.wait_ready()
     for f in files[:3]:
         shutil.copy(f, inbox / f".{f.name}.part")
         (inbox / f".{f.name}.part").rename(inbox / f.name)
-    wait_for(lambda: status(cfg)["done"] >= 2, timeout=60, message="two files ingested")
+    wait_for(lambda: status(cfg)["done"] >= 2, 60, POLL, message="two files ingested")
     s3.stop()
     try:
         for f in files[3:]:  # the rest arrive during the outage
@@ -108,13 +141,14 @@ def test_s3_outage_longer_than_every_retry_mid_ingest_costs_no_job(
         wait_for(
             lambda: sum(e.get("event") == "service_paused" for e in svc.events()) > 3,
             timeout=60,
+            interval=POLL,
             message="a fourth pause in the outage",
         )
         during = status(cfg)
         assert during["dead"] == 0
     finally:
         s3.start()
-    wait_for(lambda: status(cfg)["done"] == 8, timeout=120, message="all files after the outage")
+    wait_for(lambda: status(cfg)["done"] == 6, 120, POLL, message="all files after the outage")
     assert status(cfg)["dead"] == 0
     paused = [e for e in svc.events() if e.get("event") == "service_paused"]
     assert paused, "the outage was never noticed"
@@ -158,8 +192,8 @@ def test_bad_inputs_end_dead_with_clear_reasons_and_good_files_go_on(
         dead = [str(j["id"]) for j in jobs(cfg, "dead")]
         if not dead:
             break
-        dpypeline("skip", "-c", str(cfg), *dead)
-        dpypeline("run", "-c", str(cfg), timeout=240)
+        assert cli("skip", "-c", str(cfg), *dead).returncode == 0
+        run_here(cfg)
 
     zarr_jobs = {Path(j["path"]).name: j for j in jobs(cfg) if j["job"] == "to-zarr"}
     for f in files[:4]:
@@ -235,12 +269,12 @@ def test_validate_refuses_a_credentials_file_readable_by_others(
     cfg, _ = nemo_config(tmp_path, s3)
     creds = tmp_path / "s3.json"
     creds.chmod(0o644)
-    proc = dpypeline("validate", "-c", str(cfg))
+    proc = cli("validate", "-c", str(cfg))
     assert proc.returncode == 2
     assert str(creds) in proc.stderr
     assert "chmod 600" in proc.stderr
     creds.chmod(0o600)
-    assert dpypeline("validate", "-c", str(cfg)).returncode == 0
+    assert cli("validate", "-c", str(cfg)).returncode == 0
 
 
 def test_replays_and_retry_never_duplicate_a_step(tmp_path: Path, s3: S3Server) -> None:
@@ -248,10 +282,10 @@ def test_replays_and_retry_never_duplicate_a_step(tmp_path: Path, s3: S3Server) 
     files = make_series(tmp_path / "made", 3)
     for f in files:
         shutil.copy(f, inbox / f.name)
-    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    assert run_here(cfg) == 0
     # the same file again under another name (a replay), then a forced retry of a done job
     shutil.copy(files[1], inbox / "again.nc")
-    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    assert run_here(cfg) == 0
     fs = s3fs.S3FileSystem(**s3.storage_options())
     assert fs.exists(f"{BUCKET}/gyre_T.zarr")
     assert_store_is(read_store(s3), files)
@@ -293,7 +327,7 @@ def test_the_readme_main_job_ingests_nemo_namnc4_chunked_files_unchanged(tmp_pat
         got, exp = store[name].values, want[name].where(want[name] != 1e20).values
         np.testing.assert_array_equal(got, exp, err_msg=name)
     # validate --sample shows what the store got: whole small fields, one step per chunk
-    sample = dpypeline_in(work, "validate", "-c", str(config), "--sample", str(made[0]))
+    sample = cli("validate", "-c", str(config), "--sample", str(made[0]))
     assert sample.returncode == 0, sample.stderr
     line = next(ln for ln in sample.stdout.splitlines() if ln.split()[:1] == ["thetao"])
     assert line.split()[1:3] == ["1x3x12x16", "1x10x48x64"], line
@@ -303,8 +337,6 @@ def test_the_readme_first_command_run_again_repeats_nothing(tmp_path: Path) -> N
     """The README's first line, twice: make_nemo leaves identical files alone (mtimes
     too), so the second `run --once` finds no new file version and runs no job."""
     import subprocess
-
-    from conftest import env_for_subprocess
 
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "examples", work / "examples")
@@ -328,8 +360,6 @@ def test_the_readme_first_command_run_again_repeats_nothing(tmp_path: Path) -> N
 
 def dpypeline_in(cwd: Path, *args: str) -> Any:
     import subprocess
-
-    from conftest import env_for_subprocess
 
     return subprocess.run(
         [sys.executable, "-m", "dpypeline", *args],
@@ -360,13 +390,13 @@ def test_sigkill_of_the_service_during_an_append_then_restart_leaves_the_store_e
     )
     files = make_series(tmp_path / "made", 3)
     shutil.copy(files[0], inbox / files[0].name)
-    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0  # the store is made
+    assert run_here(cfg) == 0  # the store is made
     for f in files[1:]:
         shutil.copy(f, inbox / f.name)
     killed = dpypeline("run", "-c", str(cfg), timeout=120, env=_crash_env(tmp_path, point))
     assert killed.returncode == -signal.SIGKILL  # died inside the second file's append
     assert not (tmp_path / "crash-once").exists()
-    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0  # the restart
+    assert run_here(cfg) == 0  # the restart, on what the killed process left
     assert status(cfg)["done"] == 3  # the killed file, then one after it
     [second] = [j for j in jobs(cfg) if j["path"].endswith(files[1].name)]
     assert second["attempts"] == 2  # the killed attempt counted, then the replay
@@ -386,8 +416,7 @@ def test_a_job_dead_after_writing_its_data_is_retried_without_duplicating_steps(
         shutil.copy(f, inbox / f.name)
     env = _crash_env(tmp_path, "before_commit")  # the last file's data is in, uncommitted
     (tmp_path / "crash-once").unlink()
-    first = dpypeline("run", "-c", str(cfg), timeout=120)
-    assert first.returncode == 0
+    assert run_here(cfg) == 0
     (tmp_path / "crash-once").touch()
     extra = make_series(tmp_path / "more", 1, start_year=4)[0]
     shutil.copy(extra, inbox / extra.name)
@@ -397,8 +426,8 @@ def test_a_job_dead_after_writing_its_data_is_retried_without_duplicating_steps(
     [dead] = jobs(cfg, "dead")
     assert dead["path"].endswith(extra.name)
     assert "stopped during each of its 1 attempts" in dead["error"]
-    assert dpypeline("retry", "-c", str(cfg), "--dead").returncode == 0
-    assert dpypeline("run", "-c", str(cfg), timeout=120).returncode == 0
+    assert cli("retry", "-c", str(cfg), "--dead").returncode == 0
+    assert run_here(cfg) == 0
     assert status(cfg)["done"] == 4
     assert_store_is(read_store(s3), [*files, extra])
 
@@ -408,19 +437,12 @@ def test_the_store_follows_the_config_file_whichever_directory_the_service_start
 ) -> None:
     """Every relative path of a config, a task's path arguments included, is relative to
     the config file: a run from examples/ appends to the same store as one from the top."""
-    import subprocess
-
-    from conftest import env_for_subprocess
-
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "examples", work / "examples")
     inbox = work / "inbox" / "nemo"
 
     def make(files: int) -> int:
-        argv = [sys.executable, str(ROOT / "scripts/make_nemo.py"), str(inbox), "--files"]
-        subprocess.run(
-            [*argv, str(files)], check=True, env=env_for_subprocess(), capture_output=True
-        )
+        make_series(inbox, files)  # what scripts/make_nemo.py INBOX --files N does
         return len(list(inbox.glob("*_grid_T.nc")))
 
     first_files = make(1)

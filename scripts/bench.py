@@ -6,7 +6,7 @@ Every benchmark works in a fresh temporary directory under ``--dir`` (default: $
 the system's temporary directory), and its baseline runs in the same place, interleaved with
 the measurement, so the disk, the page cache and the machine's noise are shared and cancel
 in the ratio. Times come from ``time.perf_counter``; each side is the best of 1 to 3 runs
-depending on its cost. ``--quick`` runs small sizes once each in about a minute and a half:
+depending on its cost. ``--quick`` runs small sizes once each in about a minute:
 the ORCA and virtual sides in this process rather than a child each, one moto server for
 the run's S3 rows, answering S3 only. It shows that the benchmarks still work, not how fast
 anything is.

@@ -28,13 +28,16 @@ ROOT = TESTS.parent
 def wait_for(
     predicate: Callable[[], Any],
     timeout: float = 20.0,
-    interval: float = 0.05,
+    interval: float | None = None,
     message: str = "condition",
     detail: Callable[[], str] | None = None,
 ) -> Any:
     """Poll until ``predicate()`` is truthy; fail the test with ``message`` (and what
-    ``detail()`` says about the state of things) on timeout."""
+    ``detail()`` says about the state of things) on timeout. Without ``interval``, the
+    polls start 20 ms apart and spread out to a quarter of a second: a quick condition is
+    seen at once, and a long wait (a process, a container) costs few polls."""
     deadline = time.monotonic() + timeout
+    pause = 0.02 if interval is None else interval
     while True:
         value = predicate()
         if value:
@@ -42,7 +45,9 @@ def wait_for(
         if time.monotonic() > deadline:
             extra = f"\n{detail()}" if detail is not None else ""
             pytest.fail(f"timed out after {timeout}s waiting for {message}{extra}")
-        time.sleep(interval)
+        time.sleep(pause)
+        if interval is None:
+            pause = min(pause * 1.5, 0.25)
 
 
 def write_config(directory: Path, data: dict[str, Any], name: str = "pipeline.yaml") -> Path:

@@ -141,13 +141,17 @@ def burn(path: str, seconds: float = 0.2) -> str:
     return path
 
 
-def stamp(path: str, out: str, context: JobContext | None = None) -> str:
-    """Write "PID START END" to ``out/JOB_ID``; odd job ids take 0.3 s, so a job often
-    finishes this step before the job queued ahead of it."""
+def stamp(path: str, out: str, overtake: bool = False, context: JobContext | None = None) -> str:
+    """Write "PID START END" to ``out/JOB_ID``. With ``overtake``, an odd job id ends this
+    step only once the job queued after it has written its own (at most a minute): run side
+    by side, the later job finishes first."""
     assert context is not None
     start = time.time()
-    if context.job_id % 2:
-        time.sleep(0.3)
+    if overtake and context.job_id % 2:
+        after = os.path.join(out, str(context.job_id + 1))
+        deadline = time.monotonic() + 60
+        while not os.path.exists(after) and time.monotonic() < deadline:
+            time.sleep(0.01)
     with open(os.path.join(out, str(context.job_id)), "w") as f:
         f.write(f"{os.getpid()} {start} {time.time()}")
     return path

@@ -178,6 +178,7 @@ def results(workdir: Path) -> tuple[Counter[str], dict[str, str]]:
     return calls, {p.name: p.read_text() for p in sorted((workdir / "out").iterdir())}
 
 
+@pytest.mark.slow  # both implementations run end to end, each in processes
 def test_a_consumer_script_does_on_our_engine_what_it_did_on_the_original(tmp_path: Path) -> None:
     workdirs = {"original": tmp_path / "original", "ours": tmp_path / "ours"}
     for workdir in workdirs.values():

@@ -228,6 +228,7 @@ def dataset(data: bytes) -> xr.Dataset:
     return xr.open_dataset(io.BytesIO(data), engine="h5netcdf").load()
 
 
+@pytest.mark.slow  # both implementations run end to end, each in processes
 def test_example_2_tasks_get_the_object_store_itself_as_the_original_passed_it(
     tmp_path: Path, s3: S3Server
 ) -> None:
@@ -290,6 +291,7 @@ def dpypeline_cli(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # both implementations run end to end, each in processes
 def test_a_script_sees_its_dead_jobs_and_retries_them_with_its_cache_dir_alone(
     tmp_path: Path,
 ) -> None:

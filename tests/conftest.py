@@ -50,6 +50,19 @@ def wait_for(
             pause = min(pause * 1.5, 0.25)
 
 
+def log_events(text: str, names: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The JSON log lines of ``text`` (other lines left out); with names, only those events."""
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not names or event.get("event") in names:
+            events.append(event)
+    return events
+
+
 def write_config(directory: Path, data: dict[str, Any], name: str = "pipeline.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -159,15 +172,7 @@ class ServiceProcess:
 
     def events(self, *names: str) -> list[dict[str, Any]]:
         """The service's JSON log lines so far; with names, only those events."""
-        out = []
-        for line in self.log.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not names or event.get("event") in names:
-                out.append(event)
-        return out
+        return log_events(self.log.read_text(), names)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         wait_for(
@@ -252,15 +257,7 @@ class ServiceThread:
 
     def events(self, *names: str) -> list[dict[str, Any]]:
         """The service's JSON log lines so far; with names, only those events."""
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not names or event.get("event") in names:
-                out.append(event)
-        return out
+        return log_events(self.log_text(), names)
 
     def running(self) -> bool:
         return self.thread.is_alive()

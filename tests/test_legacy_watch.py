@@ -138,12 +138,8 @@ def read_csv(path):
     return df
 
 def write_csv(df, prefix):
-    # whole or not at all (a name the patterns do not take, then renamed): a half-written
-    # output left alone longer than the settle time would be a version of its own
     os.makedirs(prefix, exist_ok=True)
-    path = os.path.join(prefix, df.attrs["filename"])
-    df.to_csv(path + ".part", index=False)
-    os.replace(path + ".part", path)
+    df.to_csv(os.path.join(prefix, df.attrs["filename"]), index=False)
 """
 
 

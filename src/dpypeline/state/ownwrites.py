@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from dataclasses import dataclass
 
 import structlog
@@ -54,10 +53,7 @@ def set_aside(db: sqlite3.Connection, done: JobRecord, now: float) -> list[OwnWr
     started_ns = int((done.started or done.created) * 1e9)
     if (st.st_size, st.st_mtime_ns) == (done.size, done.mtime_ns):
         return []
-    # ``now`` is the loop pass's, which can be read before a job that ran during the pass
-    # wrote its file: the job has ended by the time of this stat, so that bounds it too
-    ended_ns = max(int(now * 1e9), time.time_ns())
-    if not started_ns <= st.st_mtime_ns <= ended_ns:
+    if not started_ns <= st.st_mtime_ns <= int(now * 1e9):
         return []  # written before the job started, or after it ended: not the job's
     note = NOTE.format(by=done.id)
     identity = (to_db(done.path), st.st_size, st.st_mtime_ns, done.job)
